@@ -1,0 +1,472 @@
+"""Real test guests: install QEMU, fetch the Debian cloud kernel, boot tiny busybox VMs.
+
+Tests, the demo and `perf/` all boot their guests through this module, so there is
+one place that knows how a kscan test guest looks:
+
+* QEMU under TCG (KVM does not run nested on these hosts; kscan does not care),
+* RAM in a `memory-backend-file` on /dev/shm with share=on (what kscan maps),
+* a QMP unix socket, the serial console in a log file,
+* the Debian cloud kernel (version pinned in `KERNEL_PACKAGE`) and a busybox
+  initramfs whose init prints `READY_LINE` once userspace runs.
+
+Command line (see `python -m tools.guests --help`):
+
+    python -m tools.guests setup                  # install QEMU/busybox, fetch kernel
+    python -m tools.guests up --count 2           # boot two guests, wait until ready
+    python -m tools.guests status
+    python -m tools.guests down                   # stop them, remove their files
+
+Downloads are cached under $XDG_CACHE_HOME/kscan (default ~/.cache/kscan) so repeat
+runs are quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The Debian package of the guest kernel. Pinned here and nowhere else.
+KERNEL_PACKAGE = "linux-image-6.1.0-56-cloud-amd64"
+#: Used only if the pinned package has left the archive (Debian drops old ABIs).
+KERNEL_FALLBACK_META = "linux-image-cloud-amd64"
+#: Host packages the guests need, by the command that proves each is installed.
+HOST_PACKAGES = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "/bin/busybox": "busybox-static",
+    "cpio": "cpio",
+}
+READY_LINE = "KSCAN-GUEST-READY"
+QEMU = "qemu-system-x86_64"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    path = Path(base) / "kscan"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_run_dir() -> Path:
+    return Path(os.environ.get("KSCAN_GUEST_DIR") or f"/tmp/kscan-guests-{os.getuid()}")
+
+
+class GuestError(RuntimeError):
+    """A guest could not be prepared or booted; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- host setup
+
+
+def _missing_host_packages() -> list[str]:
+    missing = []
+    for probe, package in HOST_PACKAGES.items():
+        found = Path(probe).exists() if probe.startswith("/") else shutil.which(probe)
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def _privileged(cmd: list[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return cmd
+    if shutil.which("sudo"):
+        return ["sudo", "-n", *cmd]
+    raise GuestError(f"need root to run {' '.join(cmd)}: run it yourself or as root")
+
+
+def ensure_host_packages(log: bool = True) -> None:
+    """apt-get install whatever of QEMU, busybox-static and cpio is missing."""
+    missing = _missing_host_packages()
+    if not missing:
+        return
+    if log:
+        print(f"[guests] installing {' '.join(missing)}", file=sys.stderr)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(_privileged(["apt-get", "update", "-qq"]), check=True, env=env)
+    subprocess.run(
+        _privileged(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]),
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    still = _missing_host_packages()
+    if still:
+        raise GuestError(f"apt-get install did not provide {' '.join(still)}")
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    """The guest kernel as unpacked from its Debian package."""
+
+    package: str
+    vmlinuz: Path
+    config: Path | None
+
+    @property
+    def release(self) -> str:
+        return self.vmlinuz.name.removeprefix("vmlinuz-")
+
+
+def _resolve_fallback_package() -> str:
+    out = subprocess.run(
+        ["apt-cache", "depends", KERNEL_FALLBACK_META],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    for line in out.splitlines():
+        name = line.strip().removeprefix("Depends:").strip()
+        if name.startswith("linux-image-") and name.endswith("-cloud-amd64"):
+            return name
+    raise GuestError(f"cannot resolve {KERNEL_FALLBACK_META} to a kernel package")
+
+
+def ensure_kernel(package: str = KERNEL_PACKAGE) -> KernelFiles:
+    """Download (once) and unpack the Debian cloud kernel package; return its files."""
+    root = cache_dir() / "kernel"
+    root.mkdir(parents=True, exist_ok=True)
+    unpacked = root / package
+    vmlinuz = next(iter(sorted((unpacked / "boot").glob("vmlinuz-*"))), None) if unpacked.exists() else None
+    if vmlinuz is None:
+        debs = sorted(root.glob(f"{package}_*.deb"))
+        if not debs:
+            got = subprocess.run(
+                ["apt-get", "download", package], cwd=root, capture_output=True, text=True
+            )
+            if got.returncode != 0:
+                subprocess.run(_privileged(["apt-get", "update", "-qq"]), check=False)
+                got = subprocess.run(
+                    ["apt-get", "download", package], cwd=root, capture_output=True, text=True
+                )
+            if got.returncode != 0:
+                if package == KERNEL_PACKAGE:
+                    fallback = _resolve_fallback_package()
+                    print(f"[guests] {package} is no longer in the archive; using {fallback}",
+                          file=sys.stderr)
+                    return ensure_kernel(fallback)
+                raise GuestError(f"apt-get download {package} failed: {got.stderr.strip()}")
+            debs = sorted(root.glob(f"{package}_*.deb"))
+        tmp = root / f".{package}.unpack"
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], check=True)
+        # Keep only /boot: the modules tree is large and the guests load no modules.
+        keep = tmp / "boot"
+        shutil.rmtree(unpacked, ignore_errors=True)
+        unpacked.mkdir()
+        shutil.move(str(keep), str(unpacked / "boot"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        vmlinuz = next(iter(sorted((unpacked / "boot").glob("vmlinuz-*"))))
+    config = next(iter(sorted((unpacked / "boot").glob("config-*"))), None)
+    return KernelFiles(package=package, vmlinuz=vmlinuz, config=config)
+
+
+# --------------------------------------------------------------------------- initramfs
+
+INIT_SCRIPT = f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo {READY_LINE} $(cat /proc/sys/kernel/osrelease)
+# Keep a little userspace activity going, like a real guest would.
+while true; do sleep 5; done
+"""
+
+
+def _cpio_newc(entries: Iterable[tuple[str, int, bytes]]) -> bytes:
+    """Write a newc cpio archive (the format the kernel unpacks as initramfs)."""
+    out = bytearray()
+    ino = 1
+
+    def put(name: str, mode: int, data: bytes) -> None:
+        nonlocal ino
+        raw = name.encode() + b"\0"
+        hdr = "070701" + "".join(
+            f"{v:08x}"
+            for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(raw), 0)
+        )
+        ino += 1
+        out.extend(hdr.encode() + raw)
+        out.extend(b"\0" * (-len(out) % 4))
+        out.extend(data)
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for name, mode, data in entries:
+        put(name, mode, data)
+    put("TRAILER!!!", 0, b"")
+    return bytes(out)
+
+
+def ensure_initramfs() -> Path:
+    """Build (once per busybox/init version) the busybox initramfs."""
+    busybox = Path("/bin/busybox").read_bytes()
+    import hashlib
+
+    tag = hashlib.sha256(busybox + INIT_SCRIPT.encode()).hexdigest()[:12]
+    path = cache_dir() / f"initramfs-{tag}.cpio"
+    if path.exists():
+        return path
+    d = stat.S_IFDIR | 0o755
+    entries = [
+        ("bin", d, b""), ("dev", d, b""), ("proc", d, b""), ("sys", d, b""),
+        ("tmp", d, b""), ("root", d, b""),
+        ("bin/busybox", stat.S_IFREG | 0o755, busybox),
+        ("init", stat.S_IFREG | 0o755, INIT_SCRIPT.encode()),
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(_cpio_newc(entries))
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------- guests
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """How to boot one guest."""
+
+    name: str
+    mem_mb: int = 512
+    smp: int = 1
+    cpu: str = "qemu64"
+    append: str = ""
+
+
+@dataclass
+class Guest:
+    """One booted (or booting) guest and its files."""
+
+    spec: GuestSpec
+    dir: Path
+    pid: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def serial(self) -> Path:
+        return self.dir / "serial.log"
+
+    @property
+    def mem_path(self) -> Path:
+        return Path("/dev/shm") / f"{self.dir.parent.name}-{self.name}"
+
+    def is_running(self) -> bool:
+        if self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        # A zombie child still "exists"; reap it if it is ours.
+        with contextlib.suppress(ChildProcessError):
+            done, _ = os.waitpid(self.pid, os.WNOHANG)
+            if done == self.pid:
+                return False
+        return True
+
+    def ready(self) -> bool:
+        try:
+            return READY_LINE in self.serial.read_text(errors="replace")
+        except FileNotFoundError:
+            return False
+
+    def stop(self, remove: bool = True) -> None:
+        if self.is_running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while self.is_running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.is_running():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+        if remove:
+            with contextlib.suppress(FileNotFoundError):
+                self.mem_path.unlink()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def qemu_command(spec: GuestSpec, guest: Guest, kernel: KernelFiles, initrd: Path) -> list[str]:
+    size = f"{spec.mem_mb}M"
+    append = f"console=ttyS0 panic=-1 loglevel=4 {spec.append}".strip()
+    return [
+        QEMU,
+        "-name", spec.name,
+        "-accel", "tcg",
+        "-machine", "q35,memory-backend=ram0",
+        "-object", f"memory-backend-file,id=ram0,size={size},mem-path={guest.mem_path},share=on",
+        "-m", size,
+        "-smp", str(spec.smp),
+        "-cpu", spec.cpu,
+        "-kernel", str(kernel.vmlinuz),
+        "-initrd", str(initrd),
+        "-append", append,
+        "-display", "none",
+        "-vga", "none",
+        "-nodefaults",
+        "-serial", f"file:{guest.serial}",
+        "-qmp", f"unix:{guest.qmp},server=on,wait=off",
+        "-no-reboot",
+    ]
+
+
+def start(specs: Sequence[GuestSpec], run_dir: Path | None = None) -> list[Guest]:
+    """Start guests without waiting for them (see `wait_ready`)."""
+    run_dir = run_dir or default_run_dir()
+    ensure_host_packages()
+    kernel = ensure_kernel()
+    initrd = ensure_initramfs()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    guests = []
+    for spec in specs:
+        gdir = run_dir / spec.name
+        old = load(gdir)
+        if old is not None:
+            old.stop()
+        gdir.mkdir(parents=True, exist_ok=True)
+        guest = Guest(spec=spec, dir=gdir)
+        cmd = qemu_command(spec, guest, kernel, initrd)
+        (gdir / "cmdline").write_text("\0".join(cmd))
+        with open(gdir / "qemu.log", "wb") as log:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        guest.pid = proc.pid
+        (gdir / "pid").write_text(str(proc.pid))
+        (gdir / "spec").write_text(
+            f"{spec.name}\n{spec.mem_mb}\n{spec.smp}\n{spec.cpu}\n{spec.append}\n"
+        )
+        guests.append(guest)
+    return guests
+
+
+def wait_ready(guests: Sequence[Guest], timeout: float = 300.0) -> None:
+    """Wait until every guest printed its ready line; raise naming the laggards."""
+    deadline = time.monotonic() + timeout
+    pending = list(guests)
+    while pending:
+        for g in list(pending):
+            if g.ready():
+                pending.remove(g)
+            elif not g.is_running():
+                log = (g.dir / "qemu.log").read_text(errors="replace")[-2000:]
+                raise GuestError(f"guest {g.name} exited before it was ready:\n{log}")
+        if pending and time.monotonic() > deadline:
+            tails = {g.name: g.serial.read_text(errors="replace")[-500:] for g in pending}
+            raise GuestError(f"guests not ready after {timeout:.0f}s: {tails}")
+        if pending:
+            time.sleep(0.25)
+
+
+def boot(specs: Sequence[GuestSpec], run_dir: Path | None = None,
+         timeout: float = 300.0) -> list[Guest]:
+    """Start guests and wait until each runs userspace. Stops them all on failure."""
+    guests = start(specs, run_dir)
+    try:
+        wait_ready(guests, timeout)
+    except BaseException:
+        for g in guests:
+            g.stop()
+        raise
+    return guests
+
+
+def load(gdir: Path) -> Guest | None:
+    """A guest previously started in `gdir` (None if there is none)."""
+    try:
+        lines = (gdir / "spec").read_text().split("\n")
+        pid = int((gdir / "pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    spec = GuestSpec(name=lines[0], mem_mb=int(lines[1]), smp=int(lines[2]), cpu=lines[3],
+                     append=lines[4] if len(lines) > 4 else "")
+    return Guest(spec=spec, dir=gdir, pid=pid)
+
+
+def existing(run_dir: Path | None = None) -> list[Guest]:
+    run_dir = run_dir or default_run_dir()
+    if not run_dir.exists():
+        return []
+    return [g for d in sorted(run_dir.iterdir()) if (g := load(d)) is not None]
+
+
+def stop_all(run_dir: Path | None = None) -> int:
+    run_dir = run_dir or default_run_dir()
+    guests = existing(run_dir)
+    for g in guests:
+        g.stop()
+    if run_dir.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return len(guests)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.guests",
+        description="Boot and stop kscan's test guests (QEMU/TCG, busybox, Debian cloud kernel).",
+        epilog="examples:\n"
+        "  python -m tools.guests setup\n"
+        "  python -m tools.guests up --count 2 --prefix demo\n"
+        "  python -m tools.guests up --count 1 --mem 4096 --cpu max --prefix big\n"
+        "  python -m tools.guests down\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--dir", type=Path, default=None,
+                    help=f"where guests keep their sockets and logs (default {default_run_dir()})")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("setup", help="install QEMU/busybox if missing, fetch the kernel, build initramfs")
+    up = sub.add_parser("up", help="boot guests and wait until they are ready")
+    up.add_argument("--count", type=int, default=1)
+    up.add_argument("--prefix", default="guest")
+    up.add_argument("--mem", type=int, default=512, help="RAM in MiB (default 512)")
+    up.add_argument("--smp", type=int, default=1)
+    up.add_argument("--cpu", default="qemu64", help="QEMU CPU model (max: 5-level paging)")
+    up.add_argument("--timeout", type=float, default=300.0)
+    sub.add_parser("status", help="list guests and whether they run")
+    sub.add_parser("down", help="stop all guests and remove their files")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "setup":
+            ensure_host_packages()
+            k = ensure_kernel()
+            print(f"kernel {k.vmlinuz}\ninitramfs {ensure_initramfs()}")
+        elif args.cmd == "up":
+            specs = [GuestSpec(name=f"{args.prefix}{i}", mem_mb=args.mem, smp=args.smp,
+                               cpu=args.cpu) for i in range(args.count)]
+            for g in boot(specs, args.dir, args.timeout):
+                print(f"{g.name} pid={g.pid} qmp={g.qmp} mem={g.mem_path}")
+        elif args.cmd == "status":
+            for g in existing(args.dir):
+                state = "running" if g.is_running() else "stopped"
+                ready = "ready" if g.ready() else "booting"
+                print(f"{g.name} {state} {ready} qmp={g.qmp}")
+        elif args.cmd == "down":
+            print(f"stopped {stop_all(args.dir)} guest(s)")
+    except (GuestError, subprocess.CalledProcessError) as err:
+        print(f"tools.guests: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
