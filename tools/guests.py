@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -134,7 +135,9 @@ def ensure_kernel(package: str = KERNEL_PACKAGE) -> KernelFiles:
     root = cache_dir() / "kernel"
     root.mkdir(parents=True, exist_ok=True)
     unpacked = root / package
-    vmlinuz = next(iter(sorted((unpacked / "boot").glob("vmlinuz-*"))), None) if unpacked.exists() else None
+    vmlinuz = None
+    if unpacked.exists():
+        vmlinuz = next(iter(sorted((unpacked / "boot").glob("vmlinuz-*"))), None)
     if vmlinuz is None:
         debs = sorted(root.glob(f"{package}_*.deb"))
         if not debs:
@@ -208,8 +211,6 @@ def _cpio_newc(entries: Iterable[tuple[str, int, bytes]]) -> bytes:
 def ensure_initramfs() -> Path:
     """Build (once per busybox/init version) the busybox initramfs."""
     busybox = Path("/bin/busybox").read_bytes()
-    import hashlib
-
     tag = hashlib.sha256(busybox + INIT_SCRIPT.encode()).hexdigest()[:12]
     path = cache_dir() / f"initramfs-{tag}.cpio"
     if path.exists():
@@ -264,7 +265,9 @@ class Guest:
 
     @property
     def mem_path(self) -> Path:
-        return Path("/dev/shm") / f"{self.dir.parent.name}-{self.name}"
+        # Unique per run directory, so two test runs never share a RAM file.
+        tag = hashlib.sha1(str(self.dir.parent.resolve()).encode()).hexdigest()[:8]
+        return Path("/dev/shm") / f"kscan-{tag}-{self.name}"
 
     def is_running(self) -> bool:
         if self.pid <= 0:
@@ -432,9 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--dir", type=Path, default=None,
-                    help=f"where guests keep their sockets and logs (default {default_run_dir()})")
+                    help=f"where guests keep sockets and logs (default {default_run_dir()})")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("setup", help="install QEMU/busybox if missing, fetch the kernel, build initramfs")
+    sub.add_parser("setup", help="install QEMU/busybox, fetch the kernel, build initramfs")
     up = sub.add_parser("up", help="boot guests and wait until they are ready")
     up.add_argument("--count", type=int, default=1)
     up.add_argument("--prefix", default="guest")

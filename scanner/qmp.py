@@ -1,0 +1,264 @@
+"""QMP access to one VM: registers, run state, memory backends and RAM layout.
+
+This lives in `scanner/`, not `translate/`: it is I/O with QEMU (asyncio, sockets,
+timeouts), and `translate/` stays a pure library that is fed the layout and register
+values it needs, so it can be unit-tested on synthetic memory without a QEMU.
+
+Built on `qemu.qmp.QMPClient`. Its default event listener keeps an unbounded queue and
+history and cannot be removed, so we give it a name filter no event matches: kscan
+never reads QMP events through it, and a long-running watcher must not grow without
+bound. Every call has a timeout chosen at the call site, and every
+qemu.qmp error is converted here, once, into `QmpError` naming the socket and command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+from qemu.qmp.protocol import ConnectError
+from qemu.qmp.qmp_client import ExecuteError
+
+from scanner.errors import QmpError, VmStateError
+from scanner.hmp import FlatRange, ParseError, VcpuState, parse_flatview, parse_registers
+from translate.physmem import RamRange
+
+__all__ = ["Memdev", "QmpVm", "RunState"]
+
+log = logging.getLogger("kscan.qmp")
+# qemu.qmp logs every failed connect at ERROR with a traceback; our errors say enough.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+CONNECT_TIMEOUT = 5.0
+COMMAND_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class RunState:
+    status: str  # QEMU's RunState: running, paused, shutdown, internal-error, ...
+    running: bool
+
+
+@dataclass(frozen=True)
+class Memdev:
+    """A memory backend object of the VM."""
+
+    id: str
+    size: int
+    path: str | None  # mem-path for file backends, None for anonymous RAM
+    share: bool
+    offset: int  # newer QEMU: where in the file the backend starts
+
+
+class QmpVm:
+    """An open QMP session with one QEMU. Use `async with await QmpVm.connect(...)`."""
+
+    def __init__(self, socket: str, client: QMPClient) -> None:
+        self.socket = socket
+        self._client = client
+        self._lock = asyncio.Lock()  # HMP commands are not re-entrant per monitor
+
+    # -- lifecycle -------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, socket: str | os.PathLike[str],
+                      timeout: float = CONNECT_TIMEOUT) -> QmpVm:
+        path = os.fspath(socket)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise QmpError("no such socket", socket=path,
+                           hint="is QEMU running with -qmp unix:PATH,server=on,wait=off?") from None
+        except OSError as err:
+            raise QmpError(f"cannot stat: {err.strerror}", socket=path) from err
+        if not stat.S_ISSOCK(st.st_mode):
+            raise QmpError("not a unix socket", socket=path,
+                           hint="pass the path given to QEMU's -qmp unix:PATH option")
+        client = QMPClient(os.path.basename(path))
+        # The default listener cannot be removed; make it accept no event at all.
+        client.events.names = {"kscan: no events"}
+        try:
+            async with asyncio.timeout(timeout):
+                await client.connect(path)
+        except TimeoutError:
+            await _quiet_disconnect(client)
+            raise QmpError(f"no QMP greeting within {timeout:g}s", socket=path,
+                           hint="is this a QEMU QMP socket (not HMP or a serial port)?") from None
+        except ConnectError as err:
+            await _quiet_disconnect(client)
+            raise QmpError(f"cannot connect: {err.exc if err.exc else err}", socket=path,
+                           hint="is this a QEMU QMP socket, and is that QEMU still running?"
+                           ) from err
+        except (QMPError, OSError, EOFError) as err:
+            await _quiet_disconnect(client)
+            raise QmpError(f"not a QMP peer: {err}", socket=path,
+                           hint="pass QEMU's -qmp socket") from err
+        return cls(path, client)
+
+    async def close(self) -> None:
+        await _quiet_disconnect(self._client)
+
+    async def __aenter__(self) -> QmpVm:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- commands --------------------------------------------------------------------
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None,
+                      timeout: float = COMMAND_TIMEOUT) -> Any:
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._client.execute(cmd, args)
+        except TimeoutError:
+            raise QmpError(f"no reply within {timeout:g}s", socket=self.socket,
+                           command=cmd) from None
+        except ExecuteError as err:
+            raise QmpError(f"{err.error_class}: {err}", socket=self.socket,
+                           command=cmd) from err
+        except (QMPError, OSError, EOFError) as err:
+            raise QmpError(f"connection lost: {err or type(err).__name__}", socket=self.socket,
+                           command=cmd, hint="the VM may have exited") from err
+
+    async def hmp(self, command_line: str, timeout: float = COMMAND_TIMEOUT) -> str:
+        async with self._lock:
+            out = await self.execute("human-monitor-command",
+                                     {"command-line": command_line}, timeout)
+        if not isinstance(out, str):
+            raise QmpError("human-monitor-command returned no text", socket=self.socket,
+                           command=command_line)
+        return out
+
+    async def name(self) -> str:
+        reply = await self.execute("query-name")
+        name = reply.get("name") if isinstance(reply, dict) else None
+        if isinstance(name, str) and name:
+            return name
+        return os.path.basename(os.path.dirname(self.socket)) or self.socket
+
+    async def run_state(self) -> RunState:
+        reply = await self.execute("query-status")
+        if not isinstance(reply, dict) or not isinstance(reply.get("status"), str):
+            raise QmpError("query-status reply has no status", socket=self.socket,
+                           command="query-status")
+        return RunState(reply["status"], bool(reply.get("running")))
+
+    async def stop(self) -> None:
+        await self.execute("stop")
+
+    async def cont(self) -> None:
+        await self.execute("cont")
+
+    async def vcpus(self) -> list[VcpuState]:
+        text = await self.hmp("info registers -a")
+        try:
+            return parse_registers(text)
+        except ParseError as err:
+            raise QmpError(str(err), socket=self.socket, command="info registers -a") from err
+
+    async def flatview(self) -> list[FlatRange]:
+        text = await self.hmp("info mtree -f")
+        try:
+            return parse_flatview(text)
+        except ParseError as err:
+            raise QmpError(str(err), socket=self.socket, command="info mtree -f") from err
+
+    async def memdevs(self) -> list[Memdev]:
+        reply = await self.execute("query-memdev")
+        if not isinstance(reply, list):
+            raise QmpError("query-memdev reply is not a list", socket=self.socket,
+                           command="query-memdev")
+        out = []
+        for dev in reply:
+            if not isinstance(dev, dict) or not isinstance(dev.get("id"), str):
+                continue
+            mid, size = dev["id"], int(dev.get("size", 0))
+            path = await self._qom_get(f"/objects/{mid}", "mem-path")
+            share = dev.get("share")
+            if share is None:
+                share = await self._qom_get(f"/objects/{mid}", "share")
+            offset = await self._qom_get(f"/objects/{mid}", "offset")
+            out.append(Memdev(mid, size, path if isinstance(path, str) else None,
+                              bool(share), offset if isinstance(offset, int) else 0))
+        return out
+
+    async def _qom_get(self, path: str, prop: str) -> Any:
+        try:
+            return await self.execute("qom-get", {"path": path, "property": prop})
+        except QmpError as err:
+            if isinstance(err.__cause__, ExecuteError):
+                return None  # property absent: not a file backend, or an older QEMU
+            raise
+
+    async def ram_layout(self, vm: str | None = None) -> list[RamRange]:
+        """GPA → (file, offset) for all of the VM's RAM that lives in backend files."""
+        vm = vm or self.socket
+        devs = await self.memdevs()
+        files = {d.id: d for d in devs if d.path}
+        if not files:
+            raise VmStateError(
+                "guest RAM is not in a memory-backend-file (kscan maps that file)", vm=vm,
+                hint="start QEMU with -object memory-backend-file,id=ram0,size=...,"
+                     "mem-path=/dev/shm/NAME,share=on -machine memory-backend=ram0")
+        private = [d.id for d in files.values() if not d.share]
+        if private:
+            raise VmStateError(
+                f"memory backend {', '.join(private)} has share=off: the file does not see "
+                "the guest's writes", vm=vm, hint="add share=on to -object memory-backend-file")
+        return layout_from_flatview(await self.flatview(), files)
+
+    async def gva2gpa(self, va: int, cpu: int = 0) -> int | None:
+        """QEMU's own translation (HMP gva2gpa) — kscan's test oracle."""
+        if cpu:
+            await self.hmp(f"cpu {cpu}")
+        text = await self.hmp(f"gva2gpa {va:#x}")
+        if cpu:
+            await self.hmp("cpu 0")
+        text = text.strip()
+        if text.startswith("gpa:"):
+            return int(text.split(":", 1)[1].strip(), 16)
+        return None
+
+    async def cpu_model(self) -> tuple[str, list[Any]]:
+        """(QOM type, feature words) of vCPU 0: what boot-time code patching depends on."""
+        cpus = await self.execute("query-cpus-fast")
+        if not isinstance(cpus, list) or not cpus or "qom-path" not in cpus[0]:
+            raise QmpError("query-cpus-fast gave no vCPU", socket=self.socket,
+                           command="query-cpus-fast")
+        path = cpus[0]["qom-path"]
+        kind = await self._qom_get(path, "type")
+        words = await self._qom_get(path, "feature-words")
+        return (str(kind), words if isinstance(words, list) else [])
+
+
+def layout_from_flatview(ranges: Sequence[FlatRange], files: dict[str, Memdev]) -> list[RamRange]:
+    """Keep the flat-view ranges that belong to file backends; merge those that continue
+    each other in both GPA and file offset."""
+    out: list[RamRange] = []
+    for fr in ranges:
+        dev = files.get(fr.name)
+        if dev is None or dev.path is None:
+            continue
+        if fr.offset + fr.size > dev.size:
+            raise VmStateError(f"flat view maps {fr.name}+{fr.offset:#x} past its size "
+                               f"{dev.size:#x}", vm=dev.id)
+        r = RamRange(fr.start, fr.size, dev.path, dev.offset + fr.offset)
+        if out and out[-1].path == r.path and out[-1].end == r.gpa and \
+                out[-1].offset + out[-1].size == r.offset:
+            last = out[-1]
+            out[-1] = RamRange(last.gpa, last.size + r.size, last.path, last.offset)
+        else:
+            out.append(r)
+    return out
+
+
+async def _quiet_disconnect(client: QMPClient) -> None:
+    with contextlib.suppress(Exception):
+        await client.disconnect()

@@ -1,0 +1,70 @@
+"""Shared fixtures: real QEMU test guests (booted once per session) and small helpers.
+
+Guests boot lazily, all at once, the first time a test asks for any of them, so unit
+test runs never start QEMU. They are stopped and their files removed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tools.guests import Guest, GuestSpec, start, wait_ready
+
+T = TypeVar("T")
+
+#: The standard guests. a/b: same kernel, default CPU (4-level), for baseline pairs;
+#: big: >3 GiB so RAM is split below/above 4 GiB; la57: -cpu max → 5-level paging.
+STANDARD = (
+    GuestSpec("a"),
+    GuestSpec("b"),
+    GuestSpec("big", mem_mb=4096),
+    GuestSpec("la57", cpu="max"),
+)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+class GuestPool:
+    """Boots the standard guests on first use; can boot extra ones on demand."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.guests: dict[str, Guest] = {}
+
+    def _ensure_standard(self) -> None:
+        if not self.guests:
+            started = start(STANDARD, self.run_dir)
+            self.guests.update({g.name: g for g in started})
+            wait_ready(started, timeout=float(os.environ.get("KSCAN_BOOT_TIMEOUT", "400")))
+
+    def __getitem__(self, name: str) -> Guest:
+        self._ensure_standard()
+        return self.guests[name]
+
+    def boot(self, *specs: GuestSpec) -> list[Guest]:
+        """Boot extra guests (e.g. ones a test will tamper with or kill)."""
+        started = start(specs, self.run_dir)
+        self.guests.update({g.name: g for g in started})
+        wait_ready(started, timeout=float(os.environ.get("KSCAN_BOOT_TIMEOUT", "400")))
+        return started
+
+    def stop_all(self) -> None:
+        for g in self.guests.values():
+            g.stop()
+
+
+@pytest.fixture(scope="session")
+def guests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestPool]:
+    pool = GuestPool(tmp_path_factory.mktemp("guests"))
+    try:
+        yield pool
+    finally:
+        pool.stop_all()

@@ -1,0 +1,44 @@
+"""translate: guest-virtual → guest-physical → host memory, read-only and zero-copy.
+
+* `physmem.GuestMemory` maps QEMU memory-backend files read-only and hands out
+  memoryviews by guest-physical address (the host-side "EPT step").
+* `paging.PageWalker` walks x86-64 4- and 5-level page tables in that memory,
+  reporting page sizes and effective permissions, bounded against hostile tables.
+
+This package does no I/O beyond mmap and knows nothing of QMP or the database; the
+scanner feeds it the RAM layout and vCPU registers it reads from QEMU.
+"""
+
+from translate.errors import BackendError, PageFaultError, PhysicalAddressError, TranslationError
+from translate.paging import (
+    FIVE_LEVEL,
+    FOUR_LEVEL,
+    Mapping,
+    PageWalker,
+    PagingMode,
+    Run,
+    Translation,
+    coalesce,
+    kernel_pgd_candidates,
+    paging_mode,
+)
+from translate.physmem import GuestMemory, RamRange
+
+__all__ = [
+    "FIVE_LEVEL",
+    "FOUR_LEVEL",
+    "BackendError",
+    "GuestMemory",
+    "Mapping",
+    "PageFaultError",
+    "PageWalker",
+    "PagingMode",
+    "PhysicalAddressError",
+    "RamRange",
+    "Run",
+    "Translation",
+    "TranslationError",
+    "coalesce",
+    "kernel_pgd_candidates",
+    "paging_mode",
+]

@@ -1,0 +1,173 @@
+"""Guest physical memory: QEMU memory-backend files mapped read-only into kscan.
+
+This is the patent's "EPT step" done on the host side. QEMU places each guest-physical
+RAM range at an offset of a memory-backend file (`info mtree -f` tells where); kscan
+mmaps each file once, PROT_READ + MAP_SHARED, so it sees the guest's writes as they
+happen and can never write back. `view(gpa, size)` returns a zero-copy memoryview
+into the mapping: no dump to disk, no copy on the hot path.
+
+Everything about the layout comes from QEMU (trusted host side) but the addresses we
+are asked to read come from guest page tables (hostile): every read is range-checked
+and a GPA in a hole or past RAM raises `PhysicalAddressError` naming it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import itertools
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from translate.errors import BackendError, PhysicalAddressError
+
+__all__ = ["GuestMemory", "RamRange"]
+
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class RamRange:
+    """A guest-physical range [gpa, gpa+size) stored at `offset` in backend file `path`."""
+
+    gpa: int
+    size: int
+    path: str
+    offset: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class _Mapping:
+    """One backend file, mapped read-only in full."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise BackendError(path, f"cannot open: {err.strerror}",
+                               hint="run kscan as a user that can read QEMU's memory file") from err
+        try:
+            size = os.fstat(fd).st_size
+            if size <= 0:
+                raise BackendError(path, "file is empty")
+            self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except OSError as err:
+            raise BackendError(path, f"cannot mmap read-only: {err}") from err
+        finally:
+            os.close(fd)
+        self.path = path
+        self.size = size
+        self.view = memoryview(self.mm)
+
+    def close(self) -> None:
+        self.view.release()
+        # Views handed out to callers keep the buffer exported; then the mapping is
+        # freed when the last of them goes away.
+        with contextlib.suppress(BufferError):
+            self.mm.close()
+
+
+class GuestMemory:
+    """Read-only, zero-copy access to a VM's RAM by guest-physical address."""
+
+    def __init__(self, ranges: Iterable[RamRange], *, name: str = "vm") -> None:
+        self.name = name
+        self._maps: dict[str, _Mapping] = {}
+        rs = sorted(ranges, key=lambda r: r.gpa)
+        try:
+            for prev, cur in itertools.pairwise(rs):
+                if cur.gpa < prev.end:
+                    raise BackendError(cur.path, f"RAM ranges overlap at gpa {cur.gpa:#x}")
+            for r in rs:
+                if r.size <= 0 or r.gpa < 0 or r.offset < 0:
+                    raise BackendError(r.path, f"bad RAM range gpa={r.gpa:#x} size={r.size:#x}")
+                m = self._maps.get(r.path)
+                if m is None:
+                    m = self._maps[r.path] = _Mapping(r.path)
+                if r.offset + r.size > m.size:
+                    raise BackendError(
+                        r.path,
+                        f"RAM range gpa {r.gpa:#x}+{r.size:#x} at file offset {r.offset:#x} "
+                        f"ends past the file's size {m.size:#x}",
+                    )
+        except BaseException:
+            self.close()
+            raise
+        self.ranges: tuple[RamRange, ...] = tuple(rs)
+        self._starts = [r.gpa for r in rs]
+        # Per range: (host memoryview of the whole file, file offset of range start).
+        self._slots = [(self._maps[r.path], r.offset) for r in rs]
+
+    # -- lifecycle -------------------------------------------------------------------
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- lookups ---------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Total bytes of RAM (sum of ranges)."""
+        return sum(r.size for r in self.ranges)
+
+    @property
+    def top(self) -> int:
+        """One past the highest RAM GPA."""
+        return self.ranges[-1].end if self.ranges else 0
+
+    def _locate(self, gpa: int, size: int) -> tuple[_Mapping, int]:
+        """The mapping and host offset of [gpa, gpa+size), which must be in one range."""
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0 or gpa < 0:
+            raise PhysicalAddressError(gpa, size, "below the first RAM range")
+        r = self.ranges[i]
+        if gpa >= r.end:
+            raise PhysicalAddressError(gpa, size, f"not RAM on {self.name} (in a hole or past "
+                                       f"the top of RAM {self.top:#x})")
+        if size < 0 or gpa + size > r.end:
+            raise PhysicalAddressError(gpa, size, f"crosses the end of RAM range "
+                                       f"{r.gpa:#x}-{r.end - 1:#x}")
+        m, off = self._slots[i]
+        return m, off + (gpa - r.gpa)
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        try:
+            self._locate(gpa, size)
+        except PhysicalAddressError:
+            return False
+        return True
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """Zero-copy read-only view of guest RAM [gpa, gpa+size) (one RAM range)."""
+        m, off = self._locate(gpa, size)
+        return m.view[off:off + size]
+
+    def views(self, runs: Sequence[tuple[int, int]]) -> list[memoryview]:
+        """Views of several (gpa, size) runs."""
+        return [self.view(g, s) for g, s in runs]
+
+    def read_u64(self, gpa: int) -> int:
+        m, off = self._locate(gpa, 8)
+        return int(_U64.unpack_from(m.mm, off)[0])
+
+    def host_range(self, gpa: int, size: int) -> tuple[str, int]:
+        """(backend file, file offset) of a GPA range: where the bytes live on the host."""
+        m, off = self._locate(gpa, size)
+        return m.path, off
+
+    def iter_ranges(self) -> Iterator[RamRange]:
+        return iter(self.ranges)
