@@ -95,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KscanError as err:
         if os.environ.get("KSCAN_DEBUG") == "1":
             raise
-        print(f"kscan: {err}", file=sys.stderr)
+        one_line = " ".join(str(err).split())  # third-party text may hold newlines
+        print(f"kscan: {one_line}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -19,11 +19,12 @@ from tools.guests import Guest, GuestSpec, start, wait_ready
 T = TypeVar("T")
 
 #: The standard guests. a/b: same kernel, default CPU (4-level), for baseline pairs;
-#: big: >3 GiB so RAM is split below/above 4 GiB; la57: -cpu max → 5-level paging.
+#: big: >3 GiB so RAM is split below/above 4 GiB, and page-table isolation forced on
+#: (the default CPU model is not Meltdown-affected); la57: -cpu max → 5-level paging.
 STANDARD = (
     GuestSpec("a"),
     GuestSpec("b"),
-    GuestSpec("big", mem_mb=4096),
+    GuestSpec("big", mem_mb=4096, append="pti=on"),
     GuestSpec("la57", cpu="max"),
 )
 
