@@ -1,0 +1,37 @@
+"""kscan's database: kernel profiles, golden baselines, per-VM state and the event log.
+
+`store` keeps plain data (str, int, float, bytes, dicts of those) in one SQLite file,
+through aiosqlite, and hands back frozen dataclasses. It knows nothing of page tables,
+QMP or hashing: `scanner` decides what the bytes mean, `store` keeps them safe.
+
+    async with Store.open() as st:          # $XDG_STATE_HOME/kscan/kscan.db
+        await st.add_profile(build_id, release, version, data)
+        await st.put_golden(build_id, boot_profile, {".text": region, ...}, source_vm)
+        await st.append_event({"ts": time.time(), "event": "mismatch", "vm": "vm-a"})
+
+The file is private (0600, directory 0700), in WAL mode so several kscan processes can
+share it, versioned with `PRAGMA user_version` and migrated forward on open. The event
+log is append-only, enforced by SQLite triggers. Failures raise `StoreError`.
+
+Modules: `db` (Store), `models` (records), `schema` (migrations), `codec` (JSON with
+bytes), `paths` (XDG default path, private file creation), `errors`.
+"""
+
+from store.db import Store
+from store.errors import SchemaError, StoreError
+from store.models import EventRow, GoldenInfo, GoldenRegion, ProfileInfo, ProfileRow
+from store.paths import default_db_path
+from store.schema import SCHEMA_VERSION
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EventRow",
+    "GoldenInfo",
+    "GoldenRegion",
+    "ProfileInfo",
+    "ProfileRow",
+    "SchemaError",
+    "Store",
+    "StoreError",
+    "default_db_path",
+]

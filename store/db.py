@@ -1,0 +1,461 @@
+"""`Store`: kscan's SQLite database, through one aiosqlite connection.
+
+    async with Store.open(path) as st:      # None: the XDG default path
+        await st.add_profile(build_id, release, version, data)
+        await st.put_golden(build_id, boot_profile, regions, source_vm="vm-a")
+        golden = await st.get_golden(build_id, boot_profile)
+
+One connection, one worker thread (aiosqlite's), in autocommit mode: every write runs
+in an explicit `BEGIN IMMEDIATE ... COMMIT`, so it takes the write lock up front and
+waits up to `busy_timeout` for another process instead of failing mid-transaction.
+WAL journal mode lets readers in other processes run while one process writes.
+
+Calls from several tasks on one `Store` are serialized by an asyncio lock, so a
+transaction never interleaves with another task's statements. If a caller is cancelled
+during a write, the statements already queued to the worker thread finish, the
+transaction is rolled back, and the CancelledError propagates (it is never wrapped).
+
+Run states: OPEN after `Store.open` succeeds, CLOSED after the context exits; any call
+on a closed store raises StoreError naming the operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from store import codec, schema
+from store.errors import SchemaError, StoreError
+from store.models import EventRow, GoldenInfo, GoldenRegion, ProfileInfo, ProfileRow
+from store.paths import default_db_path, prepare_db_file
+
+__all__ = ["Store"]
+
+DEFAULT_BUSY_TIMEOUT = 10.0   # seconds
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def _check_str(name: str, value: object, *, empty_ok: bool = False) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be str, got {type(value).__name__}")
+    if not empty_ok and not value:
+        raise ValueError(f"{name} must not be empty")
+
+
+class Store:
+    """The kscan database. Create with `Store.open(...)`, not directly."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path, schema_version: int) -> None:
+        self._conn = conn
+        self._path = path
+        self._schema_version = schema_version
+        self._state = _State.OPEN
+        self._lock = asyncio.Lock()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: str | Path | None = None, *,
+                   busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> AsyncIterator[Store]:
+        """Open (creating and migrating as needed) the database at `path`.
+
+        `None` means `default_db_path()`. `busy_timeout` (seconds) is how long a
+        statement waits for another process's lock before failing with SQLITE_BUSY.
+        Raises StoreError (SchemaError for a newer or foreign schema).
+        """
+        st = await cls._connect(default_db_path() if path is None else Path(path),
+                                busy_timeout)
+        try:
+            yield st
+        finally:
+            await st.close()
+
+    @classmethod
+    async def _connect(cls, path: Path, busy_timeout: float) -> Store:
+        where = str(path)
+        with cls._guard_at(where, "open"):
+            prepare_db_file(path)
+            conn = aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
+            try:
+                await conn      # starts the worker thread
+            except BaseException:
+                # aiosqlite queues the thread's stop without waiting for it; wait here, or
+                # the thread may report to an event loop that has closed meanwhile.
+                conn._thread.join(timeout=5.0)
+                raise
+        try:
+            with cls._guard_at(where, "open"):
+                await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+                await conn.execute("PRAGMA foreign_keys = ON")
+                # The first read of the file: a non-SQLite file fails here (NOTADB),
+                # and a newer or foreign schema is refused before anything is written.
+                # One read transaction, so the checks see one snapshot even while
+                # another process is creating the schema.
+                try:
+                    await conn.execute("BEGIN")
+                    version = await cls._check_schema(conn, where)
+                finally:
+                    with suppress(sqlite3.Error):
+                        await conn.execute("ROLLBACK")
+                rows = list(await conn.execute_fetchall("PRAGMA journal_mode = WAL"))
+                mode = str(rows[0][0]).lower() if rows else "?"
+                if mode != "wal":
+                    raise StoreError(f"cannot switch to WAL journal mode (got {mode!r})",
+                                     path=where, operation="open",
+                                     hint="put the database on a local file system")
+            if version < schema.MIGRATIONS[-1].version:
+                with cls._guard_at(where, "migrate"):
+                    version = await cls._migrate(conn, where)
+        except BaseException:
+            with suppress(Exception):
+                await conn.close()
+            raise
+        return cls(conn, path, version)
+
+    async def close(self) -> None:
+        """Close the connection and stop its thread. Idempotent."""
+        if self._state is _State.CLOSED:
+            return
+        async with self._lock:
+            if self.closed:   # closed by another task while we waited
+                return
+            self._state = _State.CLOSED
+            with self._guard("close"):
+                await self._conn.close()
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the file (after migrations)."""
+        return self._schema_version
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    # ------------------------------------------------------- schema and migrations
+
+    @staticmethod
+    async def _check_schema(conn: aiosqlite.Connection, where: str) -> int:
+        """Return the file's schema version; refuse newer or foreign databases.
+
+        Run inside a transaction: its reads must come from one snapshot.
+        """
+        supported = schema.MIGRATIONS[-1].version
+        version = await _pragma_int(conn, "user_version")
+        app_id = await _pragma_int(conn, "application_id")
+        if app_id not in (0, schema.APPLICATION_ID):
+            raise SchemaError(f"not a kscan database (application_id {app_id:#x})",
+                              path=where, found=version, supported=supported,
+                              hint="choose another database path")
+        if version == 0 or app_id == 0:
+            # A kscan database always has both set (by the same transaction); a file
+            # with tables but without them belongs to something else: leave it alone.
+            tables = [str(r[0]) for r in await conn.execute_fetchall(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+                " AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+            if tables:
+                shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+                raise SchemaError(
+                    f"not a kscan database (tables {shown}; user_version {version}, "
+                    f"application_id {app_id:#x})", path=where, found=version,
+                    supported=supported, hint="choose another database path")
+        if version > supported:
+            raise SchemaError(
+                f"database schema version {version} is newer than this kscan supports "
+                f"({supported})", path=where, found=version, supported=supported,
+                hint="upgrade kscan to open this database")
+        return version
+
+    @classmethod
+    async def _migrate(cls, conn: aiosqlite.Connection, where: str) -> int:
+        """Apply pending migrations in one transaction; return the resulting version."""
+        migrations = schema.MIGRATIONS
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            version = await cls._check_schema(conn, where)
+            pending = [m for m in migrations if m.version > version]
+            for m in pending:
+                for statement in m.statements:
+                    await conn.execute(statement)
+            if pending:
+                violations = list(await conn.execute_fetchall("PRAGMA foreign_key_check"))
+                if violations:
+                    raise StoreError(f"migration to v{pending[-1].version} leaves "
+                                     f"{len(violations)} broken references",
+                                     path=where, operation="migrate",
+                                     hint="report this as a kscan bug")
+                await conn.execute(f"PRAGMA user_version = {int(pending[-1].version)}")
+                await conn.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
+                version = pending[-1].version
+            await conn.execute("COMMIT")
+        except BaseException:
+            with suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            raise
+        return version
+
+    # ------------------------------------------------ the one error conversion
+
+    @staticmethod
+    @contextmanager
+    def _guard_at(where: str, operation: str) -> Iterator[None]:
+        """Convert sqlite3 and OS errors into StoreError. The only place that does."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as err:
+            raise StoreError.from_exception(err, path=where, operation=operation) from err
+
+    def _guard(self, operation: str) -> AbstractContextManager[None]:
+        return self._guard_at(str(self._path), operation)
+
+    def _require_open(self, operation: str) -> aiosqlite.Connection:
+        if self._state is not _State.OPEN:
+            raise StoreError(f"store is {self._state.value}, needs to be open",
+                             path=str(self._path), operation=operation,
+                             hint="use the store inside its `async with Store.open(...)`")
+        return self._conn
+
+    @asynccontextmanager
+    async def _reading(self, operation: str) -> AsyncIterator[aiosqlite.Connection]:
+        conn = self._require_open(operation)
+        async with self._lock:
+            conn = self._require_open(operation)
+            with self._guard(operation):
+                yield conn
+
+    @asynccontextmanager
+    async def _writing(self, operation: str) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction: BEGIN IMMEDIATE, body, COMMIT; ROLLBACK on any error."""
+        conn = self._require_open(operation)
+        async with self._lock:
+            conn = self._require_open(operation)
+            with self._guard(operation):
+                try:
+                    # Inside the try: a caller cancelled while BEGIN is queued still gets
+                    # its transaction begun by the worker thread, and must roll it back.
+                    await conn.execute("BEGIN IMMEDIATE")
+                    yield conn
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    # Queued behind any statement still running for a cancelled caller.
+                    with suppress(sqlite3.Error):
+                        await conn.execute("ROLLBACK")
+                    raise
+
+    # ----------------------------------------------------------------- profiles
+
+    async def add_profile(self, build_id: str, release: str, version: str,
+                          data: bytes) -> bool:
+        """Store a kernel profile. False (and no change) if `build_id` is already stored."""
+        _check_str("build_id", build_id)
+        _check_str("release", release, empty_ok=True)
+        _check_str("version", version, empty_ok=True)
+        if not isinstance(data, bytes):
+            raise TypeError(f"data must be bytes, got {type(data).__name__}")
+        async with self._writing("add_profile") as conn:
+            cur = await conn.execute(
+                "INSERT INTO profile (build_id, release, version, data, added_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (build_id) DO NOTHING",
+                (build_id, release, version, data, time.time()))
+            added = cur.rowcount == 1
+            await cur.close()
+        return added
+
+    async def get_profile(self, build_id: str) -> ProfileRow | None:
+        """The profile with this build id, or None."""
+        async with self._reading("get_profile") as conn:
+            rows = list(await conn.execute_fetchall(
+                "SELECT build_id, release, version, data, added_at FROM profile"
+                " WHERE build_id = ?", (build_id,)))
+        return _profile_row(rows[0]) if rows else None
+
+    async def list_profiles(self) -> list[ProfileInfo]:
+        """Every profile without its data (`size` gives its length), oldest first."""
+        async with self._reading("list_profiles") as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT build_id, release, version, added_at, length(data) FROM profile"
+                " ORDER BY added_at, build_id")
+        return [ProfileInfo(str(r[0]), str(r[1]), str(r[2]), float(r[3]), int(r[4]))
+                for r in rows]
+
+    async def find_profiles_by_release(self, release: str) -> list[ProfileRow]:
+        """Profiles (with data) whose release (`uname -r`) equals `release`, oldest first."""
+        async with self._reading("find_profiles_by_release") as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT build_id, release, version, data, added_at FROM profile"
+                " WHERE release = ? ORDER BY added_at, build_id", (release,))
+        return [_profile_row(r) for r in rows]
+
+    # ----------------------------------------------------------- golden baselines
+
+    async def put_golden(self, build_id: str, boot_profile: str,
+                         regions: Mapping[str, GoldenRegion], source_vm: str) -> None:
+        """Store the golden baseline of (build_id, boot_profile), replacing any old one.
+
+        Atomic: readers see the old baseline or the new one, never a mix. The profile of
+        `build_id` must be stored first (StoreError otherwise).
+        """
+        _check_str("build_id", build_id)
+        _check_str("boot_profile", boot_profile, empty_ok=True)
+        _check_str("source_vm", source_vm, empty_ok=True)
+        if not regions:
+            raise ValueError("a golden baseline needs at least one region")
+        params = []
+        for name, region in regions.items():
+            _check_str("region name", name)
+            if not isinstance(region, GoldenRegion):
+                raise TypeError(f"region {name!r} must be a GoldenRegion, "
+                                f"got {type(region).__name__}")
+            params.append((build_id, boot_profile, name, region.size, region.region_hash,
+                           region.page_hashes, region.per_boot, region.boots,
+                           codec.encode(region.meta, f"regions[{name!r}].meta")))
+        async with self._writing("put_golden") as conn:
+            key = (build_id, boot_profile)
+            await conn.execute("DELETE FROM golden_region WHERE build_id = ?"
+                               " AND boot_profile = ?", key)
+            await conn.execute("DELETE FROM golden WHERE build_id = ? AND boot_profile = ?",
+                               key)
+            await conn.execute("INSERT INTO golden (build_id, boot_profile, source_vm,"
+                               " created_at) VALUES (?, ?, ?, ?)",
+                               (*key, source_vm, time.time()))
+            await conn.executemany(
+                "INSERT INTO golden_region (build_id, boot_profile, name, size, region_hash,"
+                " page_hashes, per_boot, boots, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                params)
+
+    async def get_golden(self, build_id: str,
+                         boot_profile: str) -> dict[str, GoldenRegion] | None:
+        """The regions of the golden baseline, by region name; None if there is none."""
+        async with self._reading("get_golden") as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT name, size, region_hash, page_hashes, per_boot, boots, meta"
+                " FROM golden_region WHERE build_id = ? AND boot_profile = ?"
+                " ORDER BY name", (build_id, boot_profile))
+        regions = {
+            str(r[0]): GoldenRegion(size=int(r[1]), region_hash=bytes(r[2]),
+                                    page_hashes=bytes(r[3]), per_boot=bytes(r[4]),
+                                    boots=int(r[5]), meta=codec.decode(r[6]))
+            for r in rows}
+        return regions or None
+
+    async def list_golden(self) -> list[GoldenInfo]:
+        """Every stored golden baseline, without hashes, by build id and boot profile."""
+        async with self._reading("list_golden") as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT g.build_id, g.boot_profile, g.source_vm, g.created_at, r.name"
+                " FROM golden g JOIN golden_region r"
+                " ON r.build_id = g.build_id AND r.boot_profile = g.boot_profile"
+                " ORDER BY g.build_id, g.boot_profile, r.name")
+        grouped: dict[tuple[str, str], tuple[str, float, list[str]]] = {}
+        for r in rows:
+            entry = grouped.setdefault((str(r[0]), str(r[1])), (str(r[2]), float(r[3]), []))
+            entry[2].append(str(r[4]))
+        return [GoldenInfo(build_id=b, boot_profile=p, source_vm=vm, created_at=at,
+                           regions=tuple(names))
+                for (b, p), (vm, at, names) in grouped.items()]
+
+    # --------------------------------------------------------------- per-VM state
+
+    async def put_vm_state(self, vm_id: str, state: Mapping[str, Any]) -> None:
+        """Replace the state of VM `vm_id` (plain data, bytes allowed; see store.codec)."""
+        _check_str("vm_id", vm_id)
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        text = codec.encode(dict(state), f"state of {vm_id}")
+        async with self._writing("put_vm_state") as conn:
+            await conn.execute(
+                "INSERT INTO vm_state (vm_id, state, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (vm_id) DO UPDATE SET state = excluded.state,"
+                " updated_at = excluded.updated_at", (vm_id, text, time.time()))
+
+    async def get_vm_state(self, vm_id: str) -> dict[str, Any] | None:
+        """The state last put for `vm_id`, or None."""
+        async with self._reading("get_vm_state") as conn:
+            rows = list(await conn.execute_fetchall(
+                "SELECT state FROM vm_state WHERE vm_id = ?", (vm_id,)))
+        if not rows:
+            return None
+        state = codec.decode(rows[0][0])
+        if not isinstance(state, dict):
+            raise StoreError(f"state of VM {vm_id} is not a JSON object", path=str(self._path),
+                             operation="get_vm_state", hint="delete the VM's state")
+        return state
+
+    async def delete_vm_state(self, vm_id: str) -> bool:
+        """Forget the state of `vm_id`; True if there was one."""
+        async with self._writing("delete_vm_state") as conn:
+            cur = await conn.execute("DELETE FROM vm_state WHERE vm_id = ?", (vm_id,))
+            deleted = cur.rowcount > 0
+            await cur.close()
+        return deleted
+
+    # ------------------------------------------------------------------ event log
+
+    async def append_event(self, event: Mapping[str, Any]) -> int:
+        """Append an event (needs `ts` float, `event` str, `vm` str); return its id."""
+        ts = event.get("ts")
+        if isinstance(ts, bool) or not isinstance(ts, int | float):
+            raise TypeError(f"event['ts'] must be a float (Unix time), got {ts!r}")
+        if not math.isfinite(ts):
+            raise ValueError(f"event['ts'] must be finite, got {ts!r}")
+        kind, vm = event.get("event"), event.get("vm")
+        _check_str("event['event']", kind)
+        _check_str("event['vm']", vm, empty_ok=True)
+        detail = {k: v for k, v in event.items() if k not in ("ts", "event", "vm")}
+        text = codec.encode(detail, "event")
+        async with self._writing("append_event") as conn:
+            cur = await conn.execute(
+                "INSERT INTO event (ts, event, vm, detail) VALUES (?, ?, ?, ?)",
+                (float(ts), kind, vm, text))
+            row_id = cur.lastrowid
+            await cur.close()
+        if row_id is None:   # pragma: no cover - SQLite always sets it after an INSERT
+            raise StoreError("INSERT gave no row id", path=str(self._path),
+                             operation="append_event")
+        return row_id
+
+    async def events(self, vm: str | None = None, since_id: int = 0,
+                     limit: int = 1000) -> list[EventRow]:
+        """Events with id > `since_id` (of `vm` only, if given), oldest first, at most
+        `limit`. Page on with `since_id=rows[-1].id`."""
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        sql = "SELECT id, ts, event, vm, detail FROM event WHERE id > ?"
+        params: tuple[Any, ...] = (since_id,)
+        if vm is not None:
+            sql += " AND vm = ?"
+            params += (vm,)
+        async with self._reading("events") as conn:
+            rows = await conn.execute_fetchall(sql + " ORDER BY id LIMIT ?", (*params, limit))
+        return [EventRow(id=int(r[0]), ts=float(r[1]), event=str(r[2]), vm=str(r[3]),
+                         detail=codec.decode(r[4])) for r in rows]
+
+
+async def _pragma_int(conn: aiosqlite.Connection, name: str) -> int:
+    rows = list(await conn.execute_fetchall(f"PRAGMA {name}"))
+    return int(rows[0][0])
+
+
+def _profile_row(r: Any) -> ProfileRow:
+    return ProfileRow(build_id=str(r[0]), release=str(r[1]), version=str(r[2]),
+                      data=bytes(r[3]), added_at=float(r[4]))

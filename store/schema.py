@@ -1,0 +1,96 @@
+"""The database schema as an ordered list of migrations.
+
+`PRAGMA user_version` holds the number of the last migration applied; `PRAGMA
+application_id` marks the file as kscan's. `Store.open` applies every migration newer
+than the file's version, in order, in one `BEGIN IMMEDIATE` transaction, and refuses a
+file whose version is newer than `SCHEMA_VERSION`.
+
+To change the schema, append a `Migration` with the next version number; never edit
+one that has shipped. Statements run one by one inside the transaction (so no
+`executescript`, which would commit), with foreign keys enforced: a migration that
+rebuilds a table must keep the references valid (`PRAGMA foreign_key_check` runs
+before the commit).
+
+Tables (v1):
+    profile        build_id → release, version, data (opaque profile bytes)
+    golden         (build_id, boot_profile) → source_vm, created_at; FK → profile
+    golden_region  (build_id, boot_profile, name) → size, hashes, per_boot, boots, meta
+    vm_state       vm_id → state (JSON, store.codec)
+    event          append-only log; UPDATE and DELETE are refused by triggers
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "Migration"]
+
+#: "kscn" as a big-endian int32, in the SQLite header at offset 68.
+APPLICATION_ID = 0x6B73636E
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """Statements taking the schema from `version - 1` to `version`."""
+
+    version: int
+    summary: str
+    statements: tuple[str, ...]
+
+
+_V1 = Migration(1, "initial schema", (
+    """CREATE TABLE profile (
+        build_id  TEXT PRIMARY KEY NOT NULL CHECK (length(build_id) > 0),
+        release   TEXT NOT NULL,
+        version   TEXT NOT NULL,
+        data      BLOB NOT NULL CHECK (typeof(data) = 'blob'),
+        added_at  REAL NOT NULL
+    )""",
+    "CREATE INDEX profile_by_release ON profile (release)",
+    """CREATE TABLE golden (
+        build_id      TEXT NOT NULL REFERENCES profile (build_id),
+        boot_profile  TEXT NOT NULL,
+        source_vm     TEXT NOT NULL,
+        created_at    REAL NOT NULL,
+        PRIMARY KEY (build_id, boot_profile)
+    )""",
+    """CREATE TABLE golden_region (
+        build_id      TEXT NOT NULL,
+        boot_profile  TEXT NOT NULL,
+        name          TEXT NOT NULL,
+        size          INTEGER NOT NULL CHECK (typeof(size) = 'integer' AND size >= 0),
+        region_hash   BLOB NOT NULL
+                      CHECK (typeof(region_hash) = 'blob' AND length(region_hash) = 16),
+        page_hashes   BLOB NOT NULL
+                      CHECK (typeof(page_hashes) = 'blob' AND length(page_hashes) % 8 = 0),
+        per_boot      BLOB NOT NULL CHECK (typeof(per_boot) = 'blob'),
+        boots         INTEGER NOT NULL CHECK (typeof(boots) = 'integer' AND boots >= 1),
+        meta          TEXT NOT NULL,
+        PRIMARY KEY (build_id, boot_profile, name),
+        FOREIGN KEY (build_id, boot_profile) REFERENCES golden (build_id, boot_profile)
+            ON DELETE CASCADE
+    )""",
+    """CREATE TABLE vm_state (
+        vm_id       TEXT PRIMARY KEY NOT NULL,
+        state       TEXT NOT NULL,
+        updated_at  REAL NOT NULL
+    )""",
+    """CREATE TABLE event (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts      REAL NOT NULL,
+        event   TEXT NOT NULL,
+        vm      TEXT NOT NULL,
+        detail  TEXT NOT NULL
+    )""",
+    "CREATE INDEX event_by_vm ON event (vm, id)",
+    """CREATE TRIGGER event_no_update BEFORE UPDATE ON event
+       BEGIN SELECT RAISE(ABORT, 'event log is append-only: UPDATE refused'); END""",
+    """CREATE TRIGGER event_no_delete BEFORE DELETE ON event
+       BEGIN SELECT RAISE(ABORT, 'event log is append-only: DELETE refused'); END""",
+))
+
+#: In order, versions 1, 2, 3, ... with no gaps (checked by the tests).
+MIGRATIONS: tuple[Migration, ...] = (_V1,)
+
+#: The newest schema this code knows.
+SCHEMA_VERSION = MIGRATIONS[-1].version
