@@ -23,8 +23,13 @@ EXIT_OK, EXIT_TAMPERED, EXIT_ERROR = 0, 1, 2
 
 EPILOG = """\
 examples:
-  kscan inspect --qmp /run/vm1/qmp.sock            memory layout, vCPU registers, IDT page
+  kscan profile add /boot/vmlinuz-6.1.0-56-cloud-amd64    store a kernel's profile
+  kscan profile list
+  kscan inspect --qmp /run/vm1/qmp.sock            layout, registers, kernel, regions
   kscan inspect --qmp /run/vm1/qmp.sock --json     the same as one JSON object
+
+The database defaults to $XDG_STATE_HOME/kscan/kscan.db (~/.local/state/kscan/kscan.db);
+--db PATH chooses another.
 """
 
 
@@ -46,12 +51,54 @@ def _print_json(obj: Any) -> None:
 
 async def cmd_inspect(args: argparse.Namespace) -> int:
     from scanner.inspect import inspect_vm
+    from store.paths import default_db_path
 
-    report = await inspect_vm(args.qmp, db=getattr(args, "db", None))
+    db = args.db
+    if db is None and default_db_path().exists():
+        db = str(default_db_path())
+    report = await inspect_vm(args.qmp, db=db)
     if args.json:
         _print_json(report.to_json())
     else:
         print(report.to_text())
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+async def cmd_profile_add(args: argparse.Namespace) -> int:
+    from scanner.profile import profile_from_path
+    from store import Store
+
+    prof = profile_from_path(args.path, system_map=args.system_map)
+    async with Store.open(args.db) as st:
+        added = await st.add_profile(prof.build_id, prof.release, prof.version,
+                                     prof.to_bytes())
+    relocs = sum(r.count for r in prof.relocs.values())
+    if added:
+        print(f"added profile {prof.build_id} ({prof.release}): "
+              + ", ".join(f"{s.name} {s.size} B" for s in prof.protected())
+              + f", {relocs} relocation sites in them"
+              + (f", {len(prof.symbols)} symbols" if prof.symbols else ", no symbols"))
+    else:
+        print(f"profile {prof.build_id} ({prof.release}) is already stored; nothing to do")
+    return EXIT_OK
+
+
+async def cmd_profile_list(args: argparse.Namespace) -> int:
+    from store import Store
+
+    async with Store.open(args.db) as st:
+        rows = await st.list_profiles()
+    if args.json:
+        _print_json([{"build_id": r.build_id, "release": r.release, "version": r.version,
+                      "added_at": r.added_at, "size": r.size} for r in rows])
+        return EXIT_OK
+    if not rows:
+        print("no profiles stored; add one with: kscan profile add /path/to/vmlinuz")
+    for r in rows:
+        print(f"{r.build_id}  {r.release}  ({r.size} B)")
     return EXIT_OK
 
 
@@ -75,8 +122,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--qmp", required=True, metavar="SOCK", help="the VM's QMP unix socket")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _db_arg(p)
     p.set_defaults(func=cmd_inspect)
+
+    prof = sub.add_parser("profile", help="kernel profiles: add a kernel image, list them")
+    psub = prof.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
+    p = psub.add_parser(
+        "add", help="read a vmlinuz/bzImage or vmlinux and store its profile",
+        epilog="examples:\n  kscan profile add /boot/vmlinuz-6.1.0-56-cloud-amd64\n"
+               "  kscan profile add vmlinux --system-map System.map-6.1.0-56-cloud-amd64",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", help="kernel image: bzImage/vmlinuz or vmlinux")
+    p.add_argument("--system-map", metavar="FILE",
+                   help="a real System.map, to name symbols in reports (optional)")
+    _db_arg(p)
+    p.set_defaults(func=cmd_profile_add)
+    p = psub.add_parser("list", help="list stored profiles")
+    p.add_argument("--json", action="store_true")
+    _db_arg(p)
+    p.set_defaults(func=cmd_profile_list)
     return ap
+
+
+def _db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", metavar="PATH", default=None,
+                   help="database file (default $XDG_STATE_HOME/kscan/kscan.db)")
 
 
 def run_async(coro_fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],

@@ -1,7 +1,9 @@
 """`kscan inspect`: what kscan sees of one VM, for operators and for debugging.
 
-Memory layout (GPA → backend file and offset), each vCPU's control registers, and the
-translation of the IDT page (VA → GPA, page size, permissions).
+Memory layout (GPA → backend file and offset), each vCPU's control registers, the
+translation of the IDT page (VA → GPA, page size, permissions) and, when a database
+with kernel profiles is at hand, the kernel: version, build id, KASLR slide, and each
+protected region's VA, GPA runs, size and permissions, with the IDT gate check.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from scanner.errors import ProfileError, VmStateError
 from scanner.hmp import VcpuState
+from scanner.kernel import LiveKernel, locate_kernel
+from scanner.profile import KernelProfile
 from scanner.vm import AttachedVm
 from translate import RamRange, Run, TranslationError
 from translate.paging import CR0_WP, CR4_LA57
@@ -83,13 +88,65 @@ class InspectReport:
                              f"{r.page_size >> 10} KiB pages  {r.perms}")
         else:
             lines.append(f"  va {self.idt_va:#x}: not translated: {self.idt_error}")
-        for key, val in self.extra.items():
-            if isinstance(val, str | int):
-                lines.append(f"{key}: {val}")
+        k = self.extra.get("kernel")
+        if k is not None:
+            lines.extend(kernel_text(k) if "error" not in k else [f"kernel: {k['error']}"])
         return "\n".join(lines)
 
 
+async def load_profiles(db: str | None) -> list[KernelProfile]:
+    from store import Store
+
+    async with Store.open(db) as st:
+        infos = await st.list_profiles()
+        rows = [await st.get_profile(i.build_id) for i in infos]
+    return [KernelProfile.from_bytes(r.data) for r in rows if r is not None]
+
+
+def kernel_section(lk: LiveKernel) -> dict[str, Any]:
+    """The `kernel` object of inspect's JSON."""
+    regions = []
+    for r in lk.regions.values():
+        regions.append({
+            "name": r.name, "va": r.va, "size": r.size,
+            "runs": [{"va": x.va, "gpa": x.gpa, "size": x.size, "page_size": x.page_size,
+                      "perms": x.perms} for x in r.translation.runs],
+            "wx_violations": r.wx_violations(),
+        })
+    c = lk.idt_check
+    return {
+        "version": lk.profile.version, "release": lk.profile.release,
+        "build_id": lk.profile.build_id, "guest_build_id": lk.match.build_id,
+        "slide": lk.slide, "regions": regions,
+        "idt": {"gates": c.gates, "present": c.present, "ok": c.ok,
+                "outside_text": [{"vector": g.vector, "handler": g.handler}
+                                 for g in c.outside_text],
+                "early_handlers": [g.vector for g in c.early_handlers],
+                "shared_by_all_vcpus": lk.idtr_shared},
+    }
+
+
+def kernel_text(k: dict[str, Any]) -> list[str]:
+    lines = [f"kernel: {k['version']}", f"  build id {k['build_id']}  slide {k['slide']:#x}"]
+    for r in k["regions"]:
+        lines.append(f"  {r['name']:<11} va {r['va']:#x} size {r['size']:#x}")
+        for x in r["runs"]:
+            lines.append(f"      gpa {x['gpa']:#x}+{x['size']:#x}  {x['page_size'] >> 10} KiB "
+                         f"pages  {x['perms']}")
+        for v in r["wx_violations"]:
+            lines.append(f"      W^X VIOLATION: {v}")
+    idt = k["idt"]
+    lines.append(f"  IDT gates: {idt['gates']} ({idt['present']} present), handlers "
+                 + ("all in kernel text" if idt["ok"] else
+                    f"OUTSIDE text: {[hex(g['handler']) for g in idt['outside_text']]}")
+                 + (f"; vectors {idt['early_handlers']} still on boot-time early handlers"
+                    if idt["early_handlers"] else "")
+                 + ("" if idt["shared_by_all_vcpus"] else "; vCPUs DISAGREE on the IDTR"))
+    return lines
+
+
 async def inspect_vm(socket: str | os.PathLike[str], db: str | None = None) -> InspectReport:
+    profiles = await load_profiles(db) if db is not None else None
     async with await AttachedVm.attach(socket) as vm:
         status = (await vm.run_state()).status
         v0 = vm.vcpus[0]
@@ -97,8 +154,17 @@ async def inspect_vm(socket: str | os.PathLike[str], db: str | None = None) -> I
         runs: list[Run] = []
         err = None
         try:
-            runs = list(vm.walker(0).translate_range(v0.idtr_base, size).runs)
+            walker = vm.walker(0)
+            runs = list(walker.translate_range(v0.idtr_base, size).runs)
         except TranslationError as e:
             err = str(e)
-        return InspectReport(vm.name, status, vm.qmp.socket, vm.layout, vm.vcpus,
-                             v0.idtr_base, size, runs, err)
+        report = InspectReport(vm.name, status, vm.qmp.socket, vm.layout, vm.vcpus,
+                               v0.idtr_base, size, runs, err)
+        if profiles is not None:
+            try:
+                lk = locate_kernel(vm.mem, vm.walker(0), vm.vcpus, profiles, vm=vm.name)
+                report.extra["kernel"] = kernel_section(lk)
+            except (ProfileError, VmStateError, TranslationError) as e:
+                report.extra["kernel"] = {"error": str(e),
+                                          "version": getattr(e, "version", None)}
+        return report

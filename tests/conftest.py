@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tools.guests import Guest, GuestSpec, start, wait_ready
+from scanner.profile import KernelProfile, profile_from_path
+from tools.guests import Guest, GuestSpec, ensure_kernel, start, wait_ready
 
 T = TypeVar("T")
 
@@ -69,3 +70,9 @@ def guests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestPool]:
         yield pool
     finally:
         pool.stop_all()
+
+
+@pytest.fixture(scope="session")
+def kernel_profile() -> KernelProfile:
+    """The profile of the Debian cloud kernel the test guests boot."""
+    return profile_from_path(ensure_kernel().vmlinuz)

@@ -164,6 +164,13 @@ class GuestMemory:
         m, off = self._locate(gpa, 8)
         return int(_U64.unpack_from(m.mm, off)[0])
 
+    def find(self, needle: bytes, gpa: int, size: int) -> int | None:
+        """GPA of the first `needle` within [gpa, gpa+size) (one RAM range), or None.
+        Searches the mapping in place (no copy)."""
+        m, off = self._locate(gpa, size)
+        at = m.mm.find(needle, off, off + size)
+        return None if at < 0 else gpa + (at - off)
+
     def host_range(self, gpa: int, size: int) -> tuple[str, int]:
         """(backend file, file offset) of a GPA range: where the bytes live on the host."""
         m, off = self._locate(gpa, size)

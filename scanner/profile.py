@@ -1,0 +1,182 @@
+"""Kernel profiles: what verification needs from a kernel image, small enough to store.
+
+A profile keeps the section table, the relocation sites inside the protected regions
+(as offsets, for KASLR normalization), the build id and version banner, the first page
+of `.text` and all of `__ex_table` (to find and confirm a live VM's slide without
+symbols), and — only when the image came with symbols — the symbols inside protected
+regions (to name changed sites) and the `__ro_after_init` range (pages that legitimately
+differ per boot). Not the whole image: ~0.5 MB instead of ~60 MB.
+
+Serialized as one zstd-compressed blob: an orjson header and raw little-endian arrays.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any
+
+import numpy as np
+import orjson
+import zstandard
+
+from scanner.errors import KernelImageError
+from scanner.normalize import RegionRelocs
+from scanner.vmlinux import PROTECTED_SECTIONS, KernelImage, load_kernel_image
+
+__all__ = ["PROTECTED_SECTIONS", "KernelProfile", "SectionInfo", "profile_from_image",
+           "profile_from_path"]
+
+FORMAT = 1
+PAGE = 4096
+_MAGIC = b"KSCNPRF1"
+
+
+@dataclass(frozen=True)
+class SectionInfo:
+    name: str
+    addr: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.size
+
+
+@dataclass(frozen=True)
+class KernelProfile:
+    build_id: str
+    release: str
+    version: str
+    sections: dict[str, SectionInfo]
+    relocs: dict[str, RegionRelocs]
+    text_head: bytes
+    ex_table: bytes
+    #: Offsets within `.rodata` of [start, end) that change once per boot, from symbols.
+    ro_after_init: tuple[int, int] | None = None
+    #: Sorted (address, name) of symbols inside protected regions, when known.
+    symbols: tuple[tuple[int, str], ...] = ()
+    _sym_addrs: list[int] = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._sym_addrs.extend(a for a, _ in self.symbols)
+
+    # -- lookups ---------------------------------------------------------------------
+    def section(self, name: str) -> SectionInfo:
+        try:
+            return self.sections[name]
+        except KeyError:
+            raise KernelImageError(f"profile has no section {name}", path=self.build_id) from None
+
+    @property
+    def text(self) -> SectionInfo:
+        return self.section(".text")
+
+    def protected(self) -> tuple[SectionInfo, ...]:
+        return tuple(self.section(n) for n in PROTECTED_SECTIONS)
+
+    def symbolize(self, addr: int) -> str | None:
+        """`name+0xoff` of the symbol at or below a link-time address, when known."""
+        i = bisect.bisect_right(self._sym_addrs, addr) - 1
+        if i < 0:
+            return None
+        a, name = self.symbols[i]
+        return f"{name}+{addr - a:#x}" if addr != a else name
+
+    # -- (de)serialization -----------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        arrays: list[bytes] = []
+        header: dict[str, Any] = {
+            "format": FORMAT, "build_id": self.build_id, "release": self.release,
+            "version": self.version,
+            "sections": [[s.name, s.addr, s.size] for s in self.sections.values()],
+            "ro_after_init": list(self.ro_after_init) if self.ro_after_init else None,
+            "relocs": {}, "symbols": [name for _, name in self.symbols],
+        }
+
+        def put(b: bytes) -> list[int]:
+            start = sum(len(x) for x in arrays)
+            arrays.append(b)
+            return [start, len(b)]
+
+        for region, rr in self.relocs.items():
+            header["relocs"][region] = {k: put(getattr(rr, k).astype("<i8").tobytes())
+                                        for k in ("r64", "r32", "r32_inv")}
+        header["text_head"] = put(self.text_head)
+        header["ex_table"] = put(self.ex_table)
+        header["sym_addrs"] = put(np.array([a for a, _ in self.symbols], dtype="<u8").tobytes())
+        head = orjson.dumps(header)
+        raw = struct.pack("<I", len(head)) + head + b"".join(arrays)
+        return _MAGIC + zstandard.ZstdCompressor(level=9).compress(raw)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> KernelProfile:
+        if not blob.startswith(_MAGIC):
+            raise KernelImageError("stored profile is not in kscan's format", path="<db>")
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(blob[len(_MAGIC):],
+                                                          max_output_size=1 << 30)
+            (n,) = struct.unpack_from("<I", raw)
+            h = orjson.loads(raw[4:4 + n])
+            body = memoryview(raw)[4 + n:]
+
+            def get(ref: list[int]) -> bytes:
+                return bytes(body[ref[0]:ref[0] + ref[1]])
+
+            relocs = {
+                region: RegionRelocs(*(np.frombuffer(get(refs[k]), dtype="<i8").astype(np.int64)
+                                       for k in ("r64", "r32", "r32_inv")))
+                for region, refs in h["relocs"].items()
+            }
+            addrs = np.frombuffer(get(h["sym_addrs"]), dtype="<u8").tolist()
+            return cls(
+                build_id=h["build_id"], release=h["release"], version=h["version"],
+                sections={s[0]: SectionInfo(s[0], s[1], s[2]) for s in h["sections"]},
+                relocs=relocs, text_head=get(h["text_head"]), ex_table=get(h["ex_table"]),
+                ro_after_init=tuple(h["ro_after_init"]) if h["ro_after_init"] else None,
+                symbols=tuple(zip(addrs, h["symbols"], strict=True)),
+            )
+        except (zstandard.ZstdError, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
+                struct.error) as err:
+            raise KernelImageError(f"stored profile is corrupt: {err}", path="<db>") from err
+
+
+def profile_from_image(image: KernelImage) -> KernelProfile:
+    """Reduce a parsed kernel image to its profile."""
+    sections = {n: SectionInfo(s.name, s.addr, s.size) for n, s in image.sections.items()}
+    relocs: dict[str, RegionRelocs] = {}
+    for name in PROTECTED_SECTIONS:
+        s = image.sections.get(name)
+        if s is None:
+            raise KernelImageError(f"no {name} section: not a Linux kernel image",
+                                   path=str(image.path))
+        if image.relocs is None:
+            relocs[name] = RegionRelocs.empty()
+        else:
+            relocs[name] = RegionRelocs.from_addresses(s.addr, s.size, image.relocs.r64,
+                                                       image.relocs.r32, image.relocs.r32_inv)
+    text = image.section_bytes(".text")
+    ro_after_init = None
+    symbols: list[tuple[int, str]] = []
+    if image.symbols:
+        rod = image.sections[".rodata"]
+        a, b = image.symbols.get("__start_ro_after_init"), image.symbols.get("__end_ro_after_init")
+        if a is not None and b is not None and rod.addr <= a <= b <= rod.addr + rod.size:
+            ro_after_init = (a - rod.addr, b - rod.addr)
+        spans = [(image.sections[n].addr, image.sections[n].addr + image.sections[n].size)
+                 for n in PROTECTED_SECTIONS]
+        symbols = sorted((addr, name) for name, addr in image.symbols.items()
+                         if any(lo <= addr < hi for lo, hi in spans))
+    return KernelProfile(
+        build_id=image.build_id, release=image.release, version=image.version,
+        sections=sections, relocs=relocs, text_head=text[:PAGE],
+        ex_table=image.section_bytes("__ex_table"), ro_after_init=ro_after_init,
+        symbols=tuple(symbols),
+    )
+
+
+def profile_from_path(path: str | PathLike[str], *,
+                      system_map: str | PathLike[str] | None = None) -> KernelProfile:
+    return profile_from_image(load_kernel_image(path, system_map=system_map))
