@@ -71,7 +71,7 @@ _MAGICS: tuple[tuple[bytes, str], ...] = (
 )
 
 # Output is produced in pieces of this size, so the cap is checked at least this often.
-_CHUNK = 16 << 20
+_CHUNK = 4 << 20
 
 # LZ4 legacy frame format (lib/decompress_unlz4.c).
 _LZ4_LEGACY_MAGIC = 0x184C2102
@@ -247,11 +247,12 @@ def _truncated(kind: str, got: int, where: str, base: int) -> KernelImageError:
 
 def _gzip(body: memoryview, max_output: int, where: str, base: int) -> bytes:
     dec = zlib.decompressobj(wbits=31)
+    step = min(_CHUNK, max_output + 1)
     chunks: list[bytes] = []
     total = 0
     data: bytes | memoryview = body
     while True:
-        out = dec.decompress(data, _CHUNK)
+        out = dec.decompress(data, step)
         total += len(out)
         if total > max_output:
             raise _too_big("gzip", max_output, where, base)
@@ -266,13 +267,14 @@ def _gzip(body: memoryview, max_output: int, where: str, base: int) -> bytes:
 
 def _stdlib_stream(kind: str, dec: bz2.BZ2Decompressor | lzma.LZMADecompressor,
                    body: memoryview, max_output: int, where: str, base: int) -> bytes:
+    step = min(_CHUNK, max_output + 1)
     chunks: list[bytes] = []
     total = 0
     data: bytes | memoryview = body
     while not dec.eof:
         if dec.needs_input and not data:
             raise _truncated(kind, total, where, base)
-        out = dec.decompress(data, max_length=_CHUNK)
+        out = dec.decompress(data, max_length=step)
         data = b""
         total += len(out)
         if total > max_output:
@@ -302,11 +304,12 @@ def _zstd(body: memoryview, max_output: int, where: str, base: int) -> bytes:
     declared = zstandard.frame_content_size(bytes(body[:18]))
     if declared > max_output:
         raise _too_big("zstd", max_output, where, base)
+    step = min(_CHUNK, max_output + 1)
     chunks: list[bytes] = []
     total = 0
     with dctx.stream_reader(body, read_across_frames=False, closefd=False) as reader:
         while True:
-            out = reader.read(_CHUNK)
+            out = reader.read(step)
             if not out:
                 break
             total += len(out)

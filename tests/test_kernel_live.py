@@ -90,7 +90,7 @@ def test_idt_of_a_real_guest(guests: GuestPool, kernel_profile: KernelProfile) -
 
 def test_five_level_guest_is_identified(guests: GuestPool,
                                         kernel_profile: KernelProfile) -> None:
-    lk, data = run(_snapshot(guests["la57"], kernel_profile))
+    lk, _ = run(_snapshot(guests["la57"], kernel_profile))
     assert lk.match.build_id == kernel_profile.build_id
     assert lk.idt_check.ok
 
