@@ -6,7 +6,9 @@ QMP or hashing: `scanner` decides what the bytes mean, `store` keeps them safe.
 
     async with Store.open() as st:          # $XDG_STATE_HOME/kscan/kscan.db
         await st.add_profile(build_id, release, version, data)
-        await st.put_golden(build_id, boot_profile, {".text": region, ...}, source_vm)
+        await st.put_golden(build_id, boot_profile, {".text": region, ...}, source_vm,
+                            contents={".text": compressed_bytes})   # contents optional
+        blob = await st.get_golden_content(build_id, boot_profile, ".text")
         await st.append_event({"ts": time.time(), "event": "mismatch", "vm": "vm-a"})
 
 The file is private (0600, directory 0700), in WAL mode so several kscan processes can

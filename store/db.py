@@ -4,6 +4,7 @@
         await st.add_profile(build_id, release, version, data)
         await st.put_golden(build_id, boot_profile, regions, source_vm="vm-a")
         golden = await st.get_golden(build_id, boot_profile)
+        blob = await st.get_golden_content(build_id, boot_profile, ".text")  # slow path
 
 One connection, one worker thread (aiosqlite's), in autocommit mode: every write runs
 in an explicit `BEGIN IMMEDIATE ... COMMIT`, so it takes the write lock up front and
@@ -309,11 +310,20 @@ class Store:
     # ----------------------------------------------------------- golden baselines
 
     async def put_golden(self, build_id: str, boot_profile: str,
-                         regions: Mapping[str, GoldenRegion], source_vm: str) -> None:
+                         regions: Mapping[str, GoldenRegion], source_vm: str,
+                         contents: Mapping[str, bytes] | None = None) -> None:
         """Store the golden baseline of (build_id, boot_profile), replacing any old one.
 
+        `contents` optionally maps region names (each one a key of `regions`, ValueError
+        otherwise) to opaque bytes, e.g. the compressed normalized bytes of the region;
+        read them back one at a time with `get_golden_content` (`get_golden` never
+        does). Regions without an entry have no stored content. The old baseline's
+        contents are always dropped, even when `contents` is None, so a baseline is never
+        paired with another one's bytes.
+
         Atomic: readers see the old baseline or the new one, never a mix. The profile of
-        `build_id` must be stored first (StoreError otherwise).
+        `build_id` must be stored first (StoreError otherwise). Arguments are checked
+        before anything is written.
         """
         _check_str("build_id", build_id)
         _check_str("boot_profile", boot_profile, empty_ok=True)
@@ -329,12 +339,24 @@ class Store:
             params.append((build_id, boot_profile, name, region.size, region.region_hash,
                            region.page_hashes, region.per_boot, region.boots,
                            codec.encode(region.meta, f"regions[{name!r}].meta")))
+        content_params = []
+        if contents is not None:
+            if not isinstance(contents, Mapping):
+                raise TypeError(f"contents must be a mapping, got {type(contents).__name__}")
+            unknown = sorted(repr(k) for k in contents if k not in regions)
+            if unknown:
+                raise ValueError(f"contents for regions not in the baseline: "
+                                 f"{', '.join(unknown)}")
+            for name, data in contents.items():
+                if not isinstance(data, bytes):
+                    raise TypeError(f"contents[{name!r}] must be bytes, "
+                                    f"got {type(data).__name__}")
+                content_params.append((build_id, boot_profile, name, data))
         async with self._writing("put_golden") as conn:
             key = (build_id, boot_profile)
-            await conn.execute("DELETE FROM golden_region WHERE build_id = ?"
-                               " AND boot_profile = ?", key)
-            await conn.execute("DELETE FROM golden WHERE build_id = ? AND boot_profile = ?",
-                               key)
+            for table in ("golden_content", "golden_region", "golden"):
+                await conn.execute(f"DELETE FROM {table} WHERE build_id = ?"
+                                   " AND boot_profile = ?", key)
             await conn.execute("INSERT INTO golden (build_id, boot_profile, source_vm,"
                                " created_at) VALUES (?, ?, ?, ?)",
                                (*key, source_vm, time.time()))
@@ -342,6 +364,10 @@ class Store:
                 "INSERT INTO golden_region (build_id, boot_profile, name, size, region_hash,"
                 " page_hashes, per_boot, boots, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 params)
+            if content_params:
+                await conn.executemany(
+                    "INSERT INTO golden_content (build_id, boot_profile, name, data)"
+                    " VALUES (?, ?, ?, ?)", content_params)
 
     async def get_golden(self, build_id: str,
                          boot_profile: str) -> dict[str, GoldenRegion] | None:
@@ -357,6 +383,16 @@ class Store:
                                     boots=int(r[5]), meta=codec.decode(r[6]))
             for r in rows}
         return regions or None
+
+    async def get_golden_content(self, build_id: str, boot_profile: str,
+                                 name: str) -> bytes | None:
+        """The bytes stored for region `name` by `put_golden(..., contents=...)`, as given;
+        None if the baseline, the region or its content is not stored."""
+        async with self._reading("get_golden_content") as conn:
+            rows = list(await conn.execute_fetchall(
+                "SELECT data FROM golden_content WHERE build_id = ? AND boot_profile = ?"
+                " AND name = ?", (build_id, boot_profile, name)))
+        return bytes(rows[0][0]) if rows else None
 
     async def list_golden(self) -> list[GoldenInfo]:
         """Every stored golden baseline, without hashes, by build id and boot profile."""

@@ -11,12 +11,15 @@ one that has shipped. Statements run one by one inside the transaction (so no
 rebuilds a table must keep the references valid (`PRAGMA foreign_key_check` runs
 before the commit).
 
-Tables (v1):
-    profile        build_id → release, version, data (opaque profile bytes)
-    golden         (build_id, boot_profile) → source_vm, created_at; FK → profile
-    golden_region  (build_id, boot_profile, name) → size, hashes, per_boot, boots, meta
-    vm_state       vm_id → state (JSON, store.codec)
-    event          append-only log; UPDATE and DELETE are refused by triggers
+Tables (v2):
+    profile         build_id → release, version, data (opaque profile bytes)
+    golden          (build_id, boot_profile) → source_vm, created_at; FK → profile
+    golden_region   (build_id, boot_profile, name) → size, hashes, per_boot, boots, meta
+    golden_content  (build_id, boot_profile, name) → data (opaque, e.g. compressed
+                    normalized region bytes; optional, read only on demand);
+                    FK → golden, ON DELETE CASCADE                              [v2]
+    vm_state        vm_id → state (JSON, store.codec)
+    event           append-only log; UPDATE and DELETE are refused by triggers
 """
 
 from __future__ import annotations
@@ -89,8 +92,21 @@ _V1 = Migration(1, "initial schema", (
        BEGIN SELECT RAISE(ABORT, 'event log is append-only: DELETE refused'); END""",
 ))
 
+# Kept apart from golden_region so that `get_golden` never reads these multi-MB blobs.
+_V2 = Migration(2, "golden_content: stored region bytes of golden baselines", (
+    """CREATE TABLE golden_content (
+        build_id      TEXT NOT NULL,
+        boot_profile  TEXT NOT NULL,
+        name          TEXT NOT NULL,
+        data          BLOB NOT NULL CHECK (typeof(data) = 'blob'),
+        PRIMARY KEY (build_id, boot_profile, name),
+        FOREIGN KEY (build_id, boot_profile) REFERENCES golden (build_id, boot_profile)
+            ON DELETE CASCADE
+    )""",
+))
+
 #: In order, versions 1, 2, 3, ... with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1,)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
 
 #: The newest schema this code knows.
 SCHEMA_VERSION = MIGRATIONS[-1].version

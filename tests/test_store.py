@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+import store.codec
 import store.schema
 from kscan.errors import KscanError
 from store import (
@@ -220,6 +221,128 @@ def test_put_golden_refuses_bad_arguments_without_writing(db: Path) -> None:
     run(body)
 
 
+def test_golden_content_round_trip_and_not_read_by_get_golden(db: Path) -> None:
+    regions = {".text": region(1, pages=800), ".rodata": region(2), "idt": region(3, pages=1)}
+    text = os.urandom(3 * 1024 * 1024)          # several MB, incompressible
+    contents = {".text": text, "idt": b""}      # ".rodata" has none; empty bytes are kept
+
+    async def body() -> None:
+        async with Store.open(db) as st:
+            await st.add_profile("b1", "6.1", "#1", b"p")
+            assert await st.get_golden_content("b1", "4cpu", ".text") is None
+            await st.put_golden("b1", "4cpu", regions, source_vm="vm-a", contents=contents)
+            got = await st.get_golden_content("b1", "4cpu", ".text")
+            assert type(got) is bytes and got == text
+            assert await st.get_golden_content("b1", "4cpu", "idt") == b""
+            assert await st.get_golden_content("b1", "4cpu", ".rodata") is None
+            assert await st.get_golden_content("b1", "4cpu", "nope") is None
+            assert await st.get_golden_content("b1", "1cpu", ".text") is None
+            assert await st.get_golden_content("b2", "4cpu", ".text") is None
+
+            # get_golden (and list_golden) must not touch golden_content at all: with
+            # reads of that table denied by an authorizer, they still work.
+            def deny_content(action: int, arg1: str | None, *_: object) -> int:
+                if action == sqlite3.SQLITE_READ and arg1 == "golden_content":
+                    return sqlite3.SQLITE_DENY
+                return sqlite3.SQLITE_OK
+            await st._conn.set_authorizer(deny_content)
+            try:
+                assert await st.get_golden("b1", "4cpu") == regions
+                assert [i.regions for i in await st.list_golden()] == [
+                    (".rodata", ".text", "idt")]
+                with pytest.raises(StoreError):     # the authorizer does bite
+                    await st.get_golden_content("b1", "4cpu", ".text")
+            finally:
+                await st._conn.set_authorizer(None)
+            assert await st.get_golden_content("b1", "4cpu", ".text") == text
+    run(body)
+    con = raw(db)
+    assert con.execute("SELECT name, typeof(data), length(data) FROM golden_content"
+                       " ORDER BY name").fetchall() == [(".text", "blob", len(text)),
+                                                        ("idt", "blob", 0)]
+
+
+def test_golden_content_is_replaced_with_its_baseline(db: Path) -> None:
+    regions = {".text": region(1), ".rodata": region(2)}
+
+    async def body() -> None:
+        async with Store.open(db) as st:
+            await st.add_profile("b1", "r", "v", b"")
+            await st.put_golden("b1", "p", regions, source_vm="vm-a",
+                                contents={".text": b"old text", ".rodata": b"old ro"})
+            await st.put_golden("b1", "q", regions, source_vm="vm-a",
+                                contents={".text": b"other profile"})
+            # A new baseline replaces the contents: changed, dropped, added.
+            await st.put_golden("b1", "p", {".text": region(5), "idt": region(6)},
+                                source_vm="vm-b", contents={"idt": b"new idt"})
+            assert await st.get_golden_content("b1", "p", ".text") is None
+            assert await st.get_golden_content("b1", "p", ".rodata") is None
+            assert await st.get_golden_content("b1", "p", "idt") == b"new idt"
+            await st.put_golden("b1", "p", {"idt": region(6)}, source_vm="vm-c",
+                                contents={"idt": b"newer idt"})
+            assert await st.get_golden_content("b1", "p", "idt") == b"newer idt"
+            # Without contents, the old ones go too: never paired with another's bytes.
+            await st.put_golden("b1", "p", {"idt": region(6)}, source_vm="vm-d")
+            assert await st.get_golden_content("b1", "p", "idt") is None
+            await st.put_golden("b1", "p", {"idt": region(6)}, source_vm="vm-e", contents={})
+            assert await st.get_golden_content("b1", "p", "idt") is None
+            # Other baselines are left alone.
+            assert await st.get_golden_content("b1", "q", ".text") == b"other profile"
+    run(body)
+    con = raw(db)
+    assert con.execute("SELECT build_id, boot_profile, name FROM golden_content").fetchall() \
+        == [("b1", "q", ".text")]
+    # Deleting a baseline by hand cascades to its contents.
+    con.execute("PRAGMA foreign_keys = ON")
+    con.execute("DELETE FROM golden_region WHERE boot_profile = 'q'")
+    con.execute("DELETE FROM golden WHERE boot_profile = 'q'")
+    assert con.execute("SELECT count(*) FROM golden_content").fetchone() == (0,)
+
+
+def test_failed_put_golden_keeps_the_old_contents(db: Path) -> None:
+    bad = region(3)
+    object.__setattr__(bad, "boots", 0)    # slip past validation: the CHECK must refuse it
+
+    async def body() -> None:
+        async with Store.open(db) as st:
+            await st.add_profile("b1", "r", "v", b"")
+            await st.put_golden("b1", "p", {".text": region(1)}, source_vm="vm-a",
+                                contents={".text": b"old"})
+            with pytest.raises(StoreError):
+                await st.put_golden("b1", "p", {".text": region(7), ".xbad": bad},
+                                    source_vm="vm-b", contents={".text": b"new"})
+            assert await st.get_golden_content("b1", "p", ".text") == b"old"
+    run(body)
+
+
+def test_put_golden_refuses_bad_contents_without_writing(db: Path) -> None:
+    regions = {".text": region(1), "idt": region(2)}
+
+    async def body() -> None:
+        async with Store.open(db) as st:
+            await st.add_profile("b1", "r", "v", b"")
+            await st.put_golden("b1", "p", regions, source_vm="vm-a",
+                                contents={".text": b"old"})
+            with pytest.raises(ValueError, match=r"'\.rodata'"):
+                await st.put_golden("b1", "p", {".text": region(5)}, source_vm="vm-b",
+                                    contents={".text": b"new", ".rodata": b"x"})
+            with pytest.raises(ValueError, match="'idt'"):   # in the old baseline only
+                await st.put_golden("b1", "p", {".text": region(5)}, source_vm="vm-b",
+                                    contents={"idt": b"x"})
+            with pytest.raises(TypeError, match="bytes"):
+                await st.put_golden("b1", "p", regions, source_vm="vm-b",
+                                    contents={".text": "not bytes"})  # type: ignore[dict-item]
+            with pytest.raises(TypeError, match="mapping"):
+                await st.put_golden("b1", "p", regions, source_vm="vm-b",
+                                    contents=[(".text", b"x")])  # type: ignore[arg-type]
+            # Nothing was written: the old baseline and its contents are intact.
+            assert await st.get_golden("b1", "p") == regions
+            assert [i.source_vm for i in await st.list_golden()] == ["vm-a"]
+            assert await st.get_golden_content("b1", "p", ".text") == b"old"
+            assert await st.get_golden_content("b1", "p", ".rodata") is None
+    run(body)
+
+
 # ------------------------------------------------------------------- VM state
 
 STATE: dict[str, Any] = {
@@ -382,7 +505,8 @@ def test_open_v0_database_made_by_hand(db: Path) -> None:
     assert run(lambda: _open_and_close(db)) == SCHEMA_VERSION
     con = raw(db)
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"profile", "golden", "golden_region", "vm_state", "event"} <= tables
+    assert {"profile", "golden", "golden_region", "golden_content", "vm_state",
+            "event"} <= tables
     assert con.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 
 
@@ -419,6 +543,43 @@ def test_migration_from_v1_applies_newer_steps(db: Path,
     assert con.execute("PRAGMA user_version").fetchone() == (3,)
     assert con.execute("SELECT note FROM profile").fetchall() == [("none",)]
     assert con.execute("SELECT x FROM v2_marker").fetchall() == [(3,)]
+
+
+def test_v1_database_migrates_to_v2_keeping_its_data(db: Path) -> None:
+    _make_v1_by_hand(db)
+    con = raw(db)
+    con.execute("INSERT INTO golden VALUES ('b1', 'p', 'vm-old', 7.0)")
+    r = region(4)
+    con.execute("INSERT INTO golden_region VALUES ('b1', 'p', '.text', ?, ?, ?, ?, ?, ?)",
+                (r.size, r.region_hash, r.page_hashes, r.per_boot, r.boots,
+                 store.codec.encode(r.meta, "meta")))
+    con.close()
+
+    async def body() -> None:
+        async with Store.open(db) as st:
+            assert st.schema_version == 2
+            p = await st.get_profile("b1")
+            assert p is not None and p.data == b"\x01\x02" and p.added_at == 5.0
+            assert [e.event for e in await st.events()] == ["old"]
+            assert await st.get_golden("b1", "p") == {".text": r}
+            (info,) = await st.list_golden()
+            assert (info.source_vm, info.created_at) == ("vm-old", 7.0)
+            assert await st.get_golden_content("b1", "p", ".text") is None   # none in v1
+            await st.put_golden("b1", "p", {".text": r}, source_vm="vm-new",
+                                contents={".text": b"bytes"})
+            assert await st.get_golden_content("b1", "p", ".text") == b"bytes"
+    run(body)
+    con = raw(db)
+    assert con.execute("PRAGMA user_version").fetchone() == (2,)
+    assert con.execute("PRAGMA foreign_key_check").fetchall() == []
+    fks = con.execute("PRAGMA foreign_key_list(golden_content)").fetchall()
+    assert {(f[2], f[3], f[4], f[6]) for f in fks} == {
+        ("golden", "build_id", "build_id", "CASCADE"),
+        ("golden", "boot_profile", "boot_profile", "CASCADE")}
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        con.execute("INSERT INTO golden_content VALUES ('b1', 'p', 'idt', 'text, not blob')")
+    # Opening again (already at v2) changes nothing.
+    assert run(lambda: _open_and_close(db)) == 2
 
 
 def test_failed_migration_rolls_back_completely(db: Path,
