@@ -12,12 +12,15 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from kscan import __version__
 from kscan.errors import KscanError
+
+if TYPE_CHECKING:
+    from scanner.verify import CheckReport
 
 EXIT_OK, EXIT_TAMPERED, EXIT_ERROR = 0, 1, 2
 
@@ -102,6 +105,68 @@ async def cmd_profile_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- baselines
+
+
+async def cmd_baseline(args: argparse.Namespace) -> int:
+    from scanner.oneshot import baseline_vms
+
+    for vm, gb, key in await baseline_vms(args.qmp, args.db):
+        per_boot = {n: r.per_boot_pages() for n, r in gb.regions.items()}
+        print(f"baseline of {vm}: "
+              f"boot profile {key}, {gb.boots} verified boot(s)")
+        for name, r in gb.regions.items():
+            pb = per_boot[name]
+            merged = gb.merged_per_boot.get(name) or []
+            print(f"  {name:<11} {r.size:>9} B  {r.pages:>5} pages, {r.pages - len(pb)} golden, "
+                  f"{len(pb)} per-boot" + (f" ({len(merged)} learned from this boot)"
+                                           if merged else ""))
+    return EXIT_OK
+
+
+def _print_report_text(rep: CheckReport) -> None:
+    verdict = "TAMPERED" if rep.tampered else "clean"
+    print(f"{rep.vm}: {verdict}  (kernel {rep.release}, slide {rep.slide:#x}, "
+          f"boot profile {rep.boot_profile})")
+    if rep.per_vm_baseline_taken:
+        print("  per-VM baseline of per-boot pages taken now (first check of this boot)")
+    for r in rep.regions:
+        pb = ", ".join(str(p) for p in r.per_boot_pages[:8]) + (
+            " ..." if len(r.per_boot_pages) > 8 else "")
+        print(f"  {r.name:<11} {r.pages:>5} pages: {r.golden_pages} golden-checked"
+              + (f", {len(r.per_boot_pages)} per-boot [{pb}]" if r.per_boot_pages else "")
+              + (f", {len(r.accepted_pages)} accepted" if r.accepted_pages else "")
+              + (f"  -> {len(r.mismatches)} CHANGED" if r.mismatches else "  ok"))
+        for m in r.mismatches[:20]:
+            where = f" {m.symbol}" if m.symbol else ""
+            print(f"    page {m.page} va {m.va:#x} gpa {m.gpa:#x} ({m.basis}){where}")
+            for br in m.ranges[:8]:
+                print(f"      bytes {br.start:#x}-{br.end:#x}: {br.before} -> {br.after}  "
+                      f"[{br.kind}]")
+    for f in rep.findings:
+        print(f"  FINDING {f.kind}: {f.message}")
+
+
+async def cmd_check(args: argparse.Namespace) -> int:
+    from scanner.oneshot import check_vm
+
+    rep = await check_vm(args.qmp, args.db)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(rep.to_json()) + b"\n")
+    else:
+        _print_report_text(rep)
+    return EXIT_TAMPERED if rep.tampered else EXIT_OK
+
+
+async def cmd_accept(args: argparse.Namespace) -> int:
+    from scanner.oneshot import accept_vm
+
+    rep, n = await accept_vm(args.qmp, args.db, args.note or "")
+    print(f"{rep.vm}: accepted {n} changed page(s) as this VM's new baseline"
+          + ("" if n else " (nothing differed)") + "; recorded in the event log")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -142,6 +207,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _db_arg(p)
     p.set_defaults(func=cmd_profile_list)
+
+    p = sub.add_parser(
+        "baseline", help="hash a verified VM's protected regions as the golden baseline",
+        description="Hash the protected regions (.text, .rodata, __ex_table, IDT) of VMs "
+        "you declare verified (known-good), normalized for KASLR, and store them as the "
+        "golden baseline of their kernel build and boot profile (CPU model, features, "
+        "vCPU count). Run it on a second verified VM of the same kernel to merge: "
+        ".rodata pages that differ between verified boots become per-boot pages.",
+        epilog="examples:\n  kscan baseline --qmp /run/golden1/qmp.sock\n"
+               "  kscan baseline --qmp /run/golden1/qmp.sock --qmp /run/golden2/qmp.sock",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--qmp", required=True, action="append", metavar="SOCK",
+                   help="QMP socket of a verified VM (repeat for several)")
+    _db_arg(p)
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser(
+        "check", help="verify a VM once against the baselines (exit 0 clean, 1 tampered)",
+        epilog="examples:\n  kscan check --qmp /run/vm7/qmp.sock\n"
+               "  kscan check --qmp /run/vm7/qmp.sock --json | jq .regions",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--qmp", required=True, metavar="SOCK")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    _db_arg(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "accept", help="approve a VM's current kernel bytes after an approved change",
+        description="Record the pages in which the VM now differs from its baselines as "
+        "accepted for this VM and this boot (e.g. after enabling ftrace on purpose). "
+        "Control-state findings (W^X, CR0.WP, SMEP/SMAP, IDT gates) are never accepted. "
+        "Recorded in the event log.",
+        epilog="example:\n  kscan accept --qmp /run/vm7/qmp.sock --note 'ftrace for ticket 42'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--qmp", required=True, metavar="SOCK")
+    p.add_argument("--note", help="why (kept in the event log)")
+    _db_arg(p)
+    p.set_defaults(func=cmd_accept)
     return ap
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import xxhash
 import zstandard
 
 from scanner.errors import KernelImageError
@@ -58,6 +59,9 @@ class KernelProfile:
     ro_after_init: tuple[int, int] | None = None
     #: Sorted (address, name) of symbols inside protected regions, when known.
     symbols: tuple[tuple[int, str], ...] = ()
+    #: xxh3_64 of each 4 KiB chunk of the file's `.rodata` (link-time bytes): pages a
+    #: verified VM changed from these were written at boot (see scanner.baseline).
+    rodata_file_pages: tuple[int, ...] = ()
     _sym_addrs: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -107,6 +111,8 @@ class KernelProfile:
         header["text_head"] = put(self.text_head)
         header["ex_table"] = put(self.ex_table)
         header["sym_addrs"] = put(np.array([a for a, _ in self.symbols], dtype="<u8").tobytes())
+        header["rodata_file_pages"] = put(np.array(self.rodata_file_pages,
+                                                   dtype="<u8").tobytes())
         head = orjson.dumps(header)
         raw = struct.pack("<I", len(head)) + head + b"".join(arrays)
         return _MAGIC + zstandard.ZstdCompressor(level=9).compress(raw)
@@ -137,6 +143,8 @@ class KernelProfile:
                 relocs=relocs, text_head=get(h["text_head"]), ex_table=get(h["ex_table"]),
                 ro_after_init=tuple(h["ro_after_init"]) if h["ro_after_init"] else None,
                 symbols=tuple(zip(addrs, h["symbols"], strict=True)),
+                rodata_file_pages=tuple(
+                    np.frombuffer(get(h["rodata_file_pages"]), dtype="<u8").tolist()),
             )
         except (zstandard.ZstdError, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
                 struct.error) as err:
@@ -173,8 +181,14 @@ def profile_from_image(image: KernelImage) -> KernelProfile:
         build_id=image.build_id, release=image.release, version=image.version,
         sections=sections, relocs=relocs, text_head=text[:PAGE],
         ex_table=image.section_bytes("__ex_table"), ro_after_init=ro_after_init,
-        symbols=tuple(symbols),
+        symbols=tuple(symbols), rodata_file_pages=tuple(_page_hashes(
+            image.section_bytes(".rodata"))),
     )
+
+
+def _page_hashes(data: bytes) -> list[int]:
+    mv = memoryview(data)
+    return [xxhash.xxh3_64_intdigest(mv[i:i + PAGE]) for i in range(0, len(mv), PAGE)]
 
 
 def profile_from_path(path: str | PathLike[str], *,

@@ -45,6 +45,9 @@ HOST_PACKAGES = {
     "qemu-system-x86_64": "qemu-system-x86",
     "/bin/busybox": "busybox-static",
     "cpio": "cpio",
+    # For the tests only: the reference tools kernel-image tests compare against.
+    "readelf": "binutils",
+    "lzop": "lzop",
 }
 READY_LINE = "KSCAN-GUEST-READY"
 QEMU = "qemu-system-x86_64"
@@ -86,7 +89,7 @@ def _privileged(cmd: list[str]) -> list[str]:
 
 
 def ensure_host_packages(log: bool = True) -> None:
-    """apt-get install whatever of QEMU, busybox-static and cpio is missing."""
+    """apt-get install whatever of HOST_PACKAGES is missing."""
     missing = _missing_host_packages()
     if not missing:
         return

@@ -1,0 +1,163 @@
+"""One-shot operations on one VM: `kscan baseline`, `kscan check`, `kscan accept`.
+
+Each attaches to the VM, identifies its kernel from the stored profiles, refuses a VM
+that has not finished booting, and reads the four protected regions normalized for
+KASLR. The watch loop (`scanner.engine`) reuses `examine` and `check_examined`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import xxhash
+import zstandard
+
+from scanner.baseline import GoldenBuild, build_golden, capture, require_booted
+from scanner.bootprofile import BootProfile, read_boot_profile
+from scanner.errors import ProfileError, VmStateError
+from scanner.hmp import VcpuState
+from scanner.kernel import REGIONS, LiveKernel, locate_kernel
+from scanner.measure import PAGE, normalized_region
+from scanner.profile import KernelProfile
+from scanner.verify import CheckReport, verify
+from scanner.vm import AttachedVm
+from store import GoldenRegion, Store
+
+__all__ = ["Examined", "accept_vm", "baseline_vms", "check_examined", "check_vm", "examine",
+           "load_profiles"]
+
+
+async def load_profiles(st: Store) -> list[KernelProfile]:
+    out = []
+    for info in await st.list_profiles():
+        row = await st.get_profile(info.build_id)
+        if row is not None:
+            out.append(KernelProfile.from_bytes(row.data))
+    if not out:
+        raise ProfileError("the database has no kernel profiles", vm="-",
+                           hint="add the guests' kernel first: kscan profile add "
+                                "/path/to/vmlinuz-RELEASE")
+    return out
+
+
+@dataclass(frozen=True)
+class Examined:
+    """A VM's kernel located and its regions read, ready to baseline or verify."""
+
+    vm: str
+    lk: LiveKernel
+    boot: BootProfile
+    vcpus: tuple[VcpuState, ...]
+    normalized: dict[str, bytearray]
+
+
+async def examine(vm: AttachedVm, profiles: list[KernelProfile]) -> Examined:
+    await vm.refresh_vcpus()
+    lk = locate_kernel(vm.mem, vm.walker(0), vm.vcpus, profiles, vm=vm.name)
+    require_booted(lk, vm.name)
+    boot = await read_boot_profile(vm.qmp, len(vm.vcpus))
+    limit = vm.vcpus[0].idtr_limit
+    normalized = {n: normalized_region(vm.mem, lk, n, limit) for n in REGIONS}
+    return Examined(vm.name, lk, boot, tuple(vm.vcpus), normalized)
+
+
+async def baseline_vms(sockets: list[str], db: str | None) -> list[tuple[str, GoldenBuild,
+                                                                            str]]:
+    """Build (or extend) golden baselines from verified VMs, one after the other."""
+    out = []
+    async with Store.open(db) as st:
+        profiles = await load_profiles(st)
+        for sock in sockets:
+            async with await AttachedVm.attach(sock) as vm:
+                ex = await examine(vm, profiles)
+                cap = capture(vm.mem, ex.lk, vm.vcpus[0].idtr_limit)
+                key = ex.boot.key
+                previous = await st.get_golden(ex.lk.profile.build_id, key)
+                gb = build_golden(ex.lk, cap, ex.boot, vm.name, previous)
+                await st.put_golden(ex.lk.profile.build_id, key, gb.regions, vm.name,
+                                    contents=gb.contents)
+                await st.append_event({
+                    "ts": time.time(), "event": "baseline", "vm": vm.name,
+                    "build_id": ex.lk.profile.build_id, "boot_profile": key,
+                    "boots": gb.boots, "slide": ex.lk.slide,
+                    "per_boot_pages": {n: r.per_boot_pages() for n, r in gb.regions.items()
+                                       if r.per_boot_pages()},
+                })
+                out.append((vm.name, gb, key))
+    return out
+
+
+async def golden_for(st: Store, ex: Examined) -> tuple[dict[str, GoldenRegion],
+                                                     dict[str, bytes | None]]:
+    """The golden baseline for an examined VM and its (compressed) region bytes."""
+    build_id = ex.lk.profile.build_id
+    golden = await st.get_golden(build_id, ex.boot.key)
+    if golden is None:
+        raise VmStateError(
+            f"no golden baseline for kernel {ex.lk.profile.release} ({build_id[:12]}) with "
+            f"boot profile {ex.boot.key}", vm=ex.vm,
+            hint="baseline a verified VM of that kernel and CPU first: kscan baseline "
+                 "--qmp SOCKET_OF_VERIFIED_VM")
+    missing = [n for n in REGIONS if n not in golden]
+    if missing:
+        raise VmStateError(f"golden baseline lacks regions {missing}", vm=ex.vm)
+    contents = {n: await st.get_golden_content(build_id, ex.boot.key, n) for n in REGIONS}
+    return golden, contents
+
+
+async def check_examined(st: Store, ex: Examined, vm_id: str) -> CheckReport:
+    """Verify an examined VM against the stored baselines; records its per-VM state."""
+    golden, contents = await golden_for(st, ex)
+    state = await st.get_vm_state(vm_id)
+    report, new_state = verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized, golden,
+                               contents.get, state)
+    if report.per_vm_baseline_taken:
+        await st.put_vm_state(vm_id, new_state)
+    return report
+
+
+async def check_vm(socket: str | os.PathLike[str], db: str | None) -> CheckReport:
+    async with Store.open(db) as st:
+        profiles = await load_profiles(st)
+        async with await AttachedVm.attach(socket) as vm:
+            ex = await examine(vm, profiles)
+            report = await check_examined(st, ex, vm.name)
+            await st.append_event({"ts": report.ts, "event": "check", "vm": vm.name,
+                                   **report.to_json()})
+            return report
+
+
+async def accept_vm(socket: str | os.PathLike[str], db: str | None,
+                    note: str = "") -> tuple[CheckReport, int]:
+    """Approve a VM's current protected bytes after an operator-approved change: pages
+    that differ from their basis are recorded as accepted for this VM and this boot.
+    Control findings (W^X, CR0.WP, SMEP/SMAP, IDT gates) cannot be accepted."""
+    cctx = zstandard.ZstdCompressor(level=3)
+    async with Store.open(db) as st:
+        profiles = await load_profiles(st)
+        async with await AttachedVm.attach(socket) as vm:
+            ex = await examine(vm, profiles)
+            golden, contents = await golden_for(st, ex)
+            report, state = verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized, golden,
+                                   contents.get, await st.get_vm_state(vm.name))
+            if report.findings:
+                f = report.findings[0]
+                raise VmStateError(f"cannot accept: {f.message}", vm=vm.name,
+                                   hint="control-state findings are never accepted; "
+                                        "investigate the VM")
+            accepted = state.setdefault("accepted", {})
+            pages = []
+            for m in report.mismatches:
+                buf = ex.normalized[m.region]
+                page = bytes(buf[m.page * PAGE:(m.page + 1) * PAGE])
+                accepted.setdefault(m.region, {})[str(m.page)] = {
+                    "hash": xxhash.xxh3_64_intdigest(page), "data": cctx.compress(page)}
+                pages.append({"region": m.region, "page": m.page, "va": m.va})
+            await st.put_vm_state(vm.name, state)
+            await st.append_event({"ts": time.time(), "event": "accepted", "vm": vm.name,
+                                   "pages": pages, "note": note,
+                                   "boot_profile": ex.boot.key,
+                                   "build_id": ex.lk.profile.build_id})
+            return report, len(pages)

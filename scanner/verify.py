@@ -1,0 +1,246 @@
+"""Verification: compare a VM's protected regions with its golden and per-VM baselines.
+
+Per region, every 4 KiB page is checked against one basis:
+
+* golden — the shared baseline of its (kernel build, boot profile);
+* per-boot — pages that legitimately differ per boot (`scanner.baseline` says how that
+  set is derived, never from the VM being checked) are checked against the VM's own
+  per-VM baseline, taken at the first check after that boot;
+* accepted — pages an operator approved with `kscan accept` for this VM and boot.
+
+Besides hashes, the control state is checked: W^X of the region mappings, CR0.WP and,
+when the virtual CPU offers them, CR4.SMEP/SMAP on every vCPU, every vCPU's IDTR equal
+to the one whose IDT is hashed, and every IDT gate pointing into kernel text.
+
+A mismatch is localized to page, guest-virtual and guest-physical address, and byte
+ranges with what kind of site changed (`scanner.classify`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zstandard
+
+from scanner.bootprofile import BootProfile
+from scanner.classify import ByteRange, diff_ranges
+from scanner.hmp import VcpuState
+from scanner.kernel import REGIONS, LiveKernel, Region
+from scanner.measure import PAGE, page_hashes
+from store import GoldenRegion
+from translate.paging import CR0_WP
+
+__all__ = ["CheckReport", "Finding", "PageMismatch", "RegionVerdict", "boot_identity",
+           "verify"]
+
+CR4_SMEP, CR4_SMAP = 1 << 20, 1 << 21
+_ZSTD_MAX = 64 << 20
+
+
+@dataclass(frozen=True)
+class PageMismatch:
+    region: str
+    page: int
+    va: int
+    gpa: int
+    basis: str  # golden | per-boot | accepted
+    ranges: tuple[ByteRange, ...]
+    symbol: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"region": self.region, "page": self.page, "va": self.va, "gpa": self.gpa,
+                "basis": self.basis, "symbol": self.symbol,
+                "ranges": [r.to_json() for r in self.ranges]}
+
+
+@dataclass(frozen=True)
+class RegionVerdict:
+    name: str
+    size: int
+    pages: int
+    per_boot_pages: tuple[int, ...]
+    accepted_pages: tuple[int, ...]
+    mismatches: tuple[PageMismatch, ...]
+
+    @property
+    def golden_pages(self) -> int:
+        return self.pages - len(self.per_boot_pages) - len(self.accepted_pages)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"region": self.name, "size": self.size, "pages": self.pages,
+                "golden_checked": self.golden_pages,
+                "per_boot_checked": list(self.per_boot_pages),
+                "accepted": list(self.accepted_pages),
+                "mismatches": [m.to_json() for m in self.mismatches]}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A problem that is not a page mismatch: W^X, control registers, IDT gates."""
+
+    kind: str
+    message: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, **self.detail}
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    vm: str
+    build_id: str
+    release: str
+    boot_profile: str
+    slide: int
+    regions: tuple[RegionVerdict, ...]
+    findings: tuple[Finding, ...]
+    per_vm_baseline_taken: bool
+    ts: float = field(default_factory=time.time)
+
+    @property
+    def tampered(self) -> bool:
+        return bool(self.findings) or any(r.mismatches for r in self.regions)
+
+    @property
+    def mismatches(self) -> list[PageMismatch]:
+        return [m for r in self.regions for m in r.mismatches]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm": self.vm, "result": "tampered" if self.tampered else "clean",
+                "build_id": self.build_id, "release": self.release,
+                "boot_profile": self.boot_profile, "slide": self.slide,
+                "per_vm_baseline_taken": self.per_vm_baseline_taken,
+                "regions": [r.to_json() for r in self.regions],
+                "findings": [f.to_json() for f in self.findings]}
+
+
+def boot_identity(lk: LiveKernel) -> dict[str, Any]:
+    """What identifies one boot of a VM: a reboot re-randomizes slide and placement."""
+    return {"build_id": lk.profile.build_id, "slide": lk.slide,
+            "text_gpa": lk.match.text_gpa, "idt_gpa": lk.regions["idt"].runs[0][0]}
+
+
+def control_findings(lk: LiveKernel, vcpus: Sequence[VcpuState],
+                     boot: BootProfile | None) -> list[Finding]:
+    out = []
+    for r in lk.regions.values():
+        for v in r.wx_violations():
+            out.append(Finding("wx_violation", v, {"region": r.name}))
+    idt = lk.regions["idt"]
+    for v in vcpus:
+        if not v.cr0 & CR0_WP:
+            out.append(Finding("cr0_wp_clear", f"vCPU {v.index}: CR0.WP is clear: the kernel "
+                               "can write read-only pages", {"vcpu": v.index, "cr0": v.cr0}))
+        if boot is not None and boot.smep and not v.cr4 & CR4_SMEP:
+            out.append(Finding("smep_disabled", f"vCPU {v.index}: CR4.SMEP is clear though "
+                               "the CPU offers SMEP", {"vcpu": v.index, "cr4": v.cr4}))
+        if boot is not None and boot.smap and not v.cr4 & CR4_SMAP:
+            out.append(Finding("smap_disabled", f"vCPU {v.index}: CR4.SMAP is clear though "
+                               "the CPU offers SMAP", {"vcpu": v.index, "cr4": v.cr4}))
+        if v.idtr_base != idt.va or v.idtr_limit + 1 < idt.size:
+            out.append(Finding("idtr_changed", f"vCPU {v.index}: IDTR {v.idtr_base:#x}/"
+                               f"{v.idtr_limit:#x} is not the IDT kscan verifies "
+                               f"({idt.va:#x})", {"vcpu": v.index, "idtr_base": v.idtr_base,
+                                                  "idtr_limit": v.idtr_limit}))
+    for g in lk.idt_check.outside_text:
+        out.append(Finding("idt_handler_outside_text", f"IDT gate {g.vector} handler "
+                           f"{g.handler:#x} is outside kernel text",
+                           {"vector": g.vector, "handler": g.handler}))
+    for g in lk.idt_check.bad_type:
+        out.append(Finding("idt_gate_type", f"IDT gate {g.vector} has type {g.type:#x}",
+                           {"vector": g.vector, "type": g.type}))
+    return out
+
+
+def _page_bytes(buf: bytes | bytearray, page: int) -> bytes:
+    return bytes(buf[page * PAGE:(page + 1) * PAGE])
+
+
+def _gpa_of(region: Region, offset: int) -> int:
+    for r in region.translation.runs:
+        if r.va <= region.va + offset < r.va + r.size:
+            return r.gpa + (region.va + offset - r.va)
+    return -1
+
+
+def verify(
+    vm: str,
+    lk: LiveKernel,
+    vcpus: Sequence[VcpuState],
+    boot: BootProfile,
+    normalized: Mapping[str, bytearray],
+    golden: Mapping[str, GoldenRegion],
+    golden_content: Callable[[str], bytes | None],
+    vm_state: dict[str, Any] | None,
+) -> tuple[CheckReport, dict[str, Any]]:
+    """Check one VM. Returns the report and the VM's (possibly new) per-VM state.
+
+    `normalized` holds the regions' bytes with KASLR undone; `golden_content(region)`
+    returns the golden region's compressed bytes (only called on a mismatch).
+    """
+    identity = boot_identity(lk)
+    fresh = vm_state is None or vm_state.get("boot") != identity
+    if fresh:
+        vm_state = {"boot": identity, "boot_profile": boot.key, "per_boot": {},
+                    "accepted": {}, "taken_at": time.time()}
+    assert vm_state is not None
+    cctx = zstandard.ZstdCompressor(level=3)
+    dctx = zstandard.ZstdDecompressor()
+    golden_cache: dict[str, bytes] = {}
+
+    def golden_bytes(name: str) -> bytes | None:
+        if name not in golden_cache:
+            blob = golden_content(name)
+            golden_cache[name] = (dctx.decompress(blob, max_output_size=_ZSTD_MAX)
+                                  if blob else b"")
+        return golden_cache[name] or None
+
+    verdicts = []
+    for name in REGIONS:
+        g = golden[name]
+        buf = normalized[name]
+        hashes = page_hashes(buf)
+        region = lk.regions[name]
+        per_boot = set(g.per_boot_pages())
+        vm_per_boot: dict[str, Any] = vm_state["per_boot"].setdefault(name, {})
+        accepted: dict[str, Any] = vm_state["accepted"].get(name, {})
+        if fresh:
+            for p in sorted(per_boot):
+                if p < len(hashes):
+                    vm_per_boot[str(p)] = {"hash": hashes[p],
+                                           "data": cctx.compress(_page_bytes(buf, p))}
+        mismatches = []
+        for p, h in enumerate(hashes):
+            if str(p) in accepted:
+                basis, want, old = "accepted", accepted[str(p)]["hash"], accepted[str(p)]
+            elif p in per_boot:
+                basis, want, old = "per-boot", vm_per_boot.get(str(p), {}).get("hash"), \
+                    vm_per_boot.get(str(p))
+            else:
+                basis, want, old = "golden", g.page_hash(p) if p < g.pages else None, None
+            if h == want:
+                continue
+            if old is not None:
+                before = dctx.decompress(old["data"], max_output_size=PAGE)
+            else:
+                gb = golden_bytes(name)
+                before = _page_bytes(gb, p) if gb else b""
+            after = _page_bytes(buf, p)
+            ranges = tuple(diff_ranges(before, after, name)) if before else ()
+            first = ranges[0].start if ranges else 0
+            symbol = None
+            if name != "idt" and lk.profile.symbols:
+                symbol = lk.profile.symbolize(lk.link_va(name, p * PAGE + first))
+            mismatches.append(PageMismatch(name, p, region.va + p * PAGE,
+                                           _gpa_of(region, p * PAGE), basis, ranges, symbol))
+        verdicts.append(RegionVerdict(
+            name, len(buf), len(hashes),
+            tuple(sorted(per_boot - {int(k) for k in accepted})),
+            tuple(sorted(int(k) for k in accepted)), tuple(mismatches)))
+    report = CheckReport(vm, lk.profile.build_id, lk.profile.release, boot.key, lk.slide,
+                         tuple(verdicts), tuple(control_findings(lk, vcpus, boot)), fresh)
+    return report, vm_state
