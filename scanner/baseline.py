@@ -32,9 +32,8 @@ import zstandard
 from scanner.bootprofile import BootProfile
 from scanner.errors import VmStateError
 from scanner.kernel import REGIONS, LiveKernel
-from scanner.measure import PAGE, normalized_region, page_hashes, region_hash
+from scanner.measure import PAGE, page_hashes, region_hash
 from store import GoldenRegion
-from translate import GuestMemory
 
 __all__ = ["Capture", "GoldenBuild", "build_golden", "capture", "require_booted"]
 
@@ -61,9 +60,9 @@ def require_booted(lk: LiveKernel, vm: str) -> None:
                            hint="wait until the guest runs userspace, then try again")
 
 
-def capture(mem: GuestMemory, lk: LiveKernel, idtr_limit: int) -> Capture:
-    data = {name: normalized_region(mem, lk, name, idtr_limit) for name in REGIONS}
-    return Capture(data, {name: page_hashes(buf) for name, buf in data.items()})
+def capture(normalized: dict[str, bytearray]) -> Capture:
+    """Page hashes of a verified VM's normalized regions."""
+    return Capture(normalized, {name: page_hashes(normalized[name]) for name in REGIONS})
 
 
 def per_boot_from_image(lk: LiveKernel, cap: Capture) -> set[int]:

@@ -167,6 +167,68 @@ async def cmd_accept(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- run
+
+
+def _interval(text: str) -> str | float:
+    if text == "auto":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--interval {text!r}: use auto or seconds") from None
+    if not 0.05 <= v <= 86400:
+        raise argparse.ArgumentTypeError(f"--interval {v:g}: must be 0.05..86400 seconds")
+    return v
+
+
+def _percent(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cpu-budget {text!r}: a percentage") from None
+    if not 0 < v <= 100 * (os.cpu_count() or 1):
+        raise argparse.ArgumentTypeError(f"--cpu-budget {v:g}: must be > 0 and at most "
+                                         f"{100 * (os.cpu_count() or 1)}")
+    return v
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from scanner.actions import parse_action
+    from scanner.engine import RunConfig, install_signal_handlers, run_engine
+    from scanner.scheduler import Policy
+    from store.paths import default_db_path
+
+    if not (args.qmp or args.discover or args.replay):
+        raise UsageError("nothing to watch", hint="give --qmp SOCK (or a glob), --discover, "
+                         "or --replay DIR")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="kscan: %(message)s", stream=sys.stderr)
+    auto = args.interval == "auto"
+    policy = Policy(auto=auto, fixed=0.0 if auto else float(args.interval),
+                    budget=args.cpu_budget / 100 if args.cpu_budget else None,
+                    min_interval=args.min_interval, max_interval=args.max_interval)
+    forensics = Path(args.forensics_dir) if args.forensics_dir else \
+        (Path(args.db).parent if args.db else default_db_path().parent) / "forensics"
+    cfg = RunConfig(qmp=tuple(args.qmp or ()), discover=args.discover,
+                    replay=tuple(args.replay or ()), policy=policy,
+                    action=parse_action(args.on_tamper), forensics_dir=forensics,
+                    workers=args.workers, stats_every=args.stats_every)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    if args.duration:
+        asyncio.get_running_loop().call_later(args.duration, stop.set)
+    await run_engine(cfg, args.db, stop)
+    return EXIT_OK
+
+
+class UsageError(KscanError):
+    pass
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -248,6 +310,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", help="why (kept in the event log)")
     _db_arg(p)
     p.set_defaults(func=cmd_accept)
+
+    p = sub.add_parser(
+        "run", help="watch VMs continuously; JSON-lines events on stdout",
+        description="Watch many VMs at once. Each VM is checked once its kernel has "
+        "booted, then re-checked at an adaptive interval; every change is localized and "
+        "reported as a JSON line on stdout (human-readable logs go to stderr). Stop with "
+        "SIGTERM or Ctrl-C. Event types are listed in the README.",
+        epilog="examples:\n"
+               "  kscan run --qmp '/run/vms/*/qmp.sock'              watch every VM there\n"
+               "  kscan run --discover --interval auto --cpu-budget 10\n"
+               "  kscan run --qmp /run/vm7/qmp.sock --interval 5 --on-tamper pause\n"
+               "  kscan run --discover --on-tamper 'exec:/usr/local/bin/page-oncall --sev 1'\n"
+               "  kscan run --discover | jq -c 'select(.event == \"tamper\")'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--qmp", action="append", metavar="SOCK",
+                   help="QMP socket or glob (repeatable); sockets appearing later are picked up")
+    p.add_argument("--discover", action="store_true",
+                   help="also watch running QEMU processes found by their command line")
+    p.add_argument("--replay", action="append", metavar="DIR",
+                   help="watch a recorded VM (see tools/record.py; for benchmarks and tests)")
+    p.add_argument("--interval", type=_interval, default="auto", metavar="auto|SECONDS",
+                   help="per-VM scan interval; auto adapts under --cpu-budget (default auto)")
+    p.add_argument("--cpu-budget", type=_percent, default=10.0, metavar="PERCENT",
+                   help="CPU kscan may use, in percent of one core (default 10)")
+    p.add_argument("--min-interval", type=float, default=1.0, metavar="SECONDS")
+    p.add_argument("--max-interval", type=float, default=300.0, metavar="SECONDS")
+    p.add_argument("--on-tamper", default="report", metavar="report|pause|exec:CMD",
+                   help="what to do on tampering besides reporting (default report); "
+                        "pause stops the VM; exec runs CMD with the event JSON on stdin")
+    p.add_argument("--forensics-dir", metavar="DIR",
+                   help="where forensic copies go (default: forensics/ beside the database)")
+    p.add_argument("--workers", type=int, default=2, help="hashing threads (default 2)")
+    p.add_argument("--stats-every", type=float, default=60.0, metavar="SECONDS",
+                   help="emit a stats event this often (default 60)")
+    p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
+                   help="stop after this long (default: run until stopped)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    _db_arg(p)
+    p.set_defaults(func=cmd_run)
     return ap
 
 

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import xxhash
 
 from scanner.idt import normalize_idt
 from scanner.kernel import LiveKernel, Region
-from scanner.normalize import normalize
+from scanner.normalize import normalize_into
 from translate import GuestMemory
 
-__all__ = ["PAGE", "normalized_region", "page_hashes", "raw_digest", "region_views"]
+__all__ = ["PAGE", "normalized_region", "page_hashes", "raw_digest", "read_normalized",
+           "region_views"]
 
 PAGE = 4096
 
@@ -41,14 +43,23 @@ def raw_digest(views: Sequence[memoryview]) -> bytes:
     return h.digest()
 
 
+def read_normalized(mem: GuestMemory, lk: LiveKernel, name: str,
+                    idtr_limit: int = 0xFFF) -> tuple[bytearray, bytes]:
+    """A copy of the region with KASLR undone (relocation sites; IDT gate handlers), and
+    the raw digest of exactly the bytes that were copied — so a later fast-path digest
+    equal to it proves the region still holds what was verified."""
+    raw = bytearray().join(region_views(mem, lk.regions[name]))
+    digest = xxhash.xxh3_128_digest(raw)
+    if name == "idt":
+        return normalize_idt(raw, idtr_limit, lk.slide), digest
+    normalize_into(np.frombuffer(raw, dtype=np.uint8), lk.profile.relocs[name], lk.slide)
+    return raw, digest
+
+
 def normalized_region(mem: GuestMemory, lk: LiveKernel, name: str,
                       idtr_limit: int = 0xFFF) -> bytearray:
-    """A copy of the region with KASLR undone (relocation sites; IDT gate handlers)."""
-    views = region_views(mem, lk.regions[name])
-    data: bytes | memoryview = views[0] if len(views) == 1 else b"".join(views)
-    if name == "idt":
-        return normalize_idt(data, idtr_limit, lk.slide)
-    return normalize(data, lk.profile.relocs[name], lk.slide)
+    """A copy of the region with KASLR undone."""
+    return read_normalized(mem, lk, name, idtr_limit)[0]
 
 
 def page_hashes(buf: bytes | bytearray | memoryview) -> list[int]:

@@ -15,14 +15,14 @@ import xxhash
 import zstandard
 
 from scanner.baseline import GoldenBuild, build_golden, capture, require_booted
-from scanner.bootprofile import BootProfile, read_boot_profile
+from scanner.bootprofile import BootProfile
 from scanner.errors import ProfileError, VmStateError
 from scanner.hmp import VcpuState
 from scanner.kernel import REGIONS, LiveKernel, locate_kernel
-from scanner.measure import PAGE, normalized_region
+from scanner.measure import PAGE, read_normalized
 from scanner.profile import KernelProfile
 from scanner.verify import CheckReport, verify
-from scanner.vm import AttachedVm
+from scanner.vm import AttachedVm, VmHandle
 from store import GoldenRegion, Store
 
 __all__ = ["Examined", "accept_vm", "baseline_vms", "check_examined", "check_vm", "examine",
@@ -51,16 +51,18 @@ class Examined:
     boot: BootProfile
     vcpus: tuple[VcpuState, ...]
     normalized: dict[str, bytearray]
+    raw_digests: dict[str, bytes]  # of the raw bytes `normalized` was made from
 
 
-async def examine(vm: AttachedVm, profiles: list[KernelProfile]) -> Examined:
+async def examine(vm: VmHandle, profiles: list[KernelProfile]) -> Examined:
     await vm.refresh_vcpus()
     lk = locate_kernel(vm.mem, vm.walker(0), vm.vcpus, profiles, vm=vm.name)
     require_booted(lk, vm.name)
-    boot = await read_boot_profile(vm.qmp, len(vm.vcpus))
+    boot = await vm.boot_profile()
     limit = vm.vcpus[0].idtr_limit
-    normalized = {n: normalized_region(vm.mem, lk, n, limit) for n in REGIONS}
-    return Examined(vm.name, lk, boot, tuple(vm.vcpus), normalized)
+    read = {n: read_normalized(vm.mem, lk, n, limit) for n in REGIONS}
+    return Examined(vm.name, lk, boot, tuple(vm.vcpus), {n: r[0] for n, r in read.items()},
+                    {n: r[1] for n, r in read.items()})
 
 
 async def baseline_vms(sockets: list[str], db: str | None) -> list[tuple[str, GoldenBuild,
@@ -72,7 +74,7 @@ async def baseline_vms(sockets: list[str], db: str | None) -> list[tuple[str, Go
         for sock in sockets:
             async with await AttachedVm.attach(sock) as vm:
                 ex = await examine(vm, profiles)
-                cap = capture(vm.mem, ex.lk, vm.vcpus[0].idtr_limit)
+                cap = capture(ex.normalized)
                 key = ex.boot.key
                 previous = await st.get_golden(ex.lk.profile.build_id, key)
                 gb = build_golden(ex.lk, cap, ex.boot, vm.name, previous)
@@ -107,12 +109,16 @@ async def golden_for(st: Store, ex: Examined) -> tuple[dict[str, GoldenRegion],
     return golden, contents
 
 
-async def check_examined(st: Store, ex: Examined, vm_id: str) -> CheckReport:
-    """Verify an examined VM against the stored baselines; records its per-VM state."""
-    golden, contents = await golden_for(st, ex)
+async def check_examined(
+    st: Store, ex: Examined, vm_id: str,
+    golden: tuple[dict[str, GoldenRegion], dict[str, bytes | None]] | None = None,
+) -> CheckReport:
+    """Verify an examined VM against the stored baselines (fetched unless given);
+    records its per-VM state."""
+    golden_regions, contents = golden if golden is not None else await golden_for(st, ex)
     state = await st.get_vm_state(vm_id)
-    report, new_state = verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized, golden,
-                               contents.get, state)
+    report, new_state = verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized,
+                               golden_regions, contents.get, state)
     if report.per_vm_baseline_taken:
         await st.put_vm_state(vm_id, new_state)
     return report

@@ -4,6 +4,11 @@
 its vCPUs' control registers are, maps the memory-backend files read-only, and picks
 the kernel's top-level page table. Everything later stages read about the guest comes
 through here.
+
+The scanner uses a VM through these members only (the `VmHandle` protocol), so a
+recorded VM replayed from files (`scanner.replay`) can stand in for a live one: `name`,
+`mem`, `vcpus`, `walker()`, `refresh_vcpus()`, `run_state()`, `boot_profile()`,
+`pause()`, `close()`.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
+from scanner.bootprofile import BootProfile, read_boot_profile
 from scanner.errors import VmStateError
 from scanner.hmp import VcpuState
 from scanner.qmp import QmpVm, RunState
@@ -26,7 +33,7 @@ from translate import (
 )
 from translate.paging import EFER_NXE
 
-__all__ = ["AttachedVm", "kernel_walker"]
+__all__ = ["AttachedVm", "VmHandle", "kernel_walker"]
 
 #: The upper (kernel) half of a top-level table: entries 256..511.
 _KERNEL_HALF = range(256, 512)
@@ -65,6 +72,19 @@ def kernel_space(mem: GuestMemory, vcpu: VcpuState) -> KernelSpace:
 def kernel_walker(mem: GuestMemory, vcpu: VcpuState) -> PageWalker:
     ks = kernel_space(mem, vcpu)
     return PageWalker(mem, ks.pgd, ks.mode, nxe=ks.nxe)
+
+
+class VmHandle(Protocol):
+    name: str
+    mem: GuestMemory
+    vcpus: list[VcpuState]
+
+    def walker(self, vcpu: int = 0) -> PageWalker: ...
+    async def refresh_vcpus(self) -> list[VcpuState]: ...
+    async def run_state(self) -> RunState: ...
+    async def boot_profile(self) -> BootProfile: ...
+    async def pause(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class AttachedVm:
@@ -108,6 +128,12 @@ class AttachedVm:
 
     def walker(self, vcpu: int = 0) -> PageWalker:
         return kernel_walker(self.mem, self.vcpus[vcpu])
+
+    async def boot_profile(self) -> BootProfile:
+        return await read_boot_profile(self.qmp, len(self.vcpus))
+
+    async def pause(self) -> None:
+        await self.qmp.stop()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -134,13 +134,18 @@ class Run:
 
 @dataclass(frozen=True)
 class Translation:
-    """A virtual range translated: its runs, and the table pages the walk read (the
-    translation is unchanged as long as those pages are)."""
+    """A virtual range translated: its runs, and every page-table entry the walk read
+    as (entry gpa, value) — the translation is unchanged as long as those entries are."""
 
     va: int
     size: int
     runs: tuple[Run, ...]
-    tables: frozenset[int]
+    entries: tuple[tuple[int, int], ...]
+
+    @property
+    def tables(self) -> frozenset[int]:
+        """GPAs of the table pages the walk read."""
+        return frozenset(e & ~0xFFF for e, _ in self.entries)
 
     def gpa_runs(self) -> tuple[tuple[int, int], ...]:
         """(gpa, size) pieces, physically contiguous ones merged."""
@@ -184,7 +189,7 @@ class PageWalker:
                                  f"not canonical for {self.mode.va_bits}-bit addresses")
 
     def _walk(self, va: int, cache: dict[int, tuple[int, int, int, int, int]] | None,
-              tables: set[int] | None) -> Mapping:
+              entries: dict[int, int] | None) -> Mapping:
         """One walk. `cache` maps depth → (va prefix, table gpa, rw, us, nx) of tables
         already found during this call, so consecutive pages skip the upper levels."""
         levels = self.mode.levels
@@ -201,14 +206,14 @@ class PageWalker:
             lvl = levels[d]
             if cache is not None:
                 cache[d] = (va >> (lvl.shift + 9), table, rw, us, nx)
-            if tables is not None:
-                tables.add(table)
             egpa = table + ((va >> lvl.shift) & 0x1FF) * 8
             try:
                 e = read(egpa)
             except PhysicalAddressError as err:
                 raise PageFaultError(va, lvl.name, f"table at gpa {table:#x} is outside RAM",
                                      entry_gpa=egpa) from err
+            if entries is not None:
+                entries[egpa] = e
             if not e & P:
                 raise PageFaultError(va, lvl.name, "not present", entry=e, entry_gpa=egpa)
             rw &= e
@@ -242,11 +247,11 @@ class PageWalker:
         self._check_canonical(va)
         self._check_canonical(va + size - 1)
         cache: dict[int, tuple[int, int, int, int, int]] = {}
-        tables: set[int] = set()
+        entries: dict[int, int] = {}
         runs: list[Run] = []
         cur, end = va, va + size
         while cur < end:
-            m = self._walk(cur, cache, tables)
+            m = self._walk(cur, cache, entries)
             n = min(m.page_size - (cur & (m.page_size - 1)), end - cur)
             if check_ram and not self.mem.contains(m.gpa, n):
                 raise PageFaultError(cur, m.level, f"maps gpa {m.gpa:#x}+{n:#x}, which is "
@@ -261,7 +266,7 @@ class PageWalker:
                     continue
             runs.append(Run(cur, m.gpa, n, m.page_size, m.writable, m.user, m.nx))
             cur += n
-        return Translation(va, size, tuple(runs), frozenset(tables))
+        return Translation(va, size, tuple(runs), tuple(sorted(entries.items())))
 
     def try_translate(self, va: int) -> Mapping | None:
         try:

@@ -1,0 +1,89 @@
+"""Finding VMs to watch: QMP socket paths and globs, and running QEMU processes.
+
+`--qmp PATH` may name a socket that does not exist yet (it is watched for) or a glob
+(`/run/vms/*/qmp.sock`) evaluated again on every pass, so VMs that appear are picked
+up. `--discover` scans the process table for QEMU system emulators and reads their
+command lines for a QMP socket (`-qmp unix:PATH,...`, or libvirt's
+`-chardev socket,id=X,path=PATH,... -mon chardev=X,mode=control`); processes whose RAM
+is not in a `memory-backend-file` are reported once and skipped.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import psutil
+
+__all__ = ["QemuProcess", "expand_sockets", "find_qemu_processes", "qmp_socket_of"]
+
+_GLOB_CHARS = set("*?[")
+
+
+def expand_sockets(specs: Sequence[str]) -> set[str]:
+    """Socket paths named by --qmp arguments that exist now."""
+    out: set[str] = set()
+    for spec in specs:
+        if _GLOB_CHARS & set(spec):
+            out.update(os.path.abspath(p) for p in glob.glob(spec))
+        elif os.path.exists(spec):
+            out.add(os.path.abspath(spec))
+    return out
+
+
+@dataclass(frozen=True)
+class QemuProcess:
+    pid: int
+    qmp: str | None
+    file_backed: bool
+
+
+def _opts(arg: str) -> dict[str, str]:
+    out = {}
+    for part in arg.split(","):
+        key, _, val = part.partition("=")
+        out[key] = val
+    return out
+
+
+def qmp_socket_of(cmdline: Sequence[str]) -> str | None:
+    """The QMP unix socket a QEMU command line opens, if any."""
+    args = list(cmdline)
+    chardevs: dict[str, str] = {}
+    control: list[str] = []
+    for i, a in enumerate(args[:-1]):
+        nxt = args[i + 1]
+        if a in ("-qmp", "--qmp") and nxt.startswith("unix:"):
+            return nxt[5:].split(",", 1)[0]
+        if a in ("-chardev", "--chardev") and nxt.startswith("socket,"):
+            o = _opts(nxt)
+            if o.get("id") and o.get("path"):
+                chardevs[o["id"]] = o["path"]
+        if a in ("-mon", "--mon"):
+            o = _opts(nxt)
+            if o.get("mode") == "control" and o.get("chardev"):
+                control.append(o["chardev"])
+    for cid in control:
+        if cid in chardevs:
+            return chardevs[cid]
+    return None
+
+
+def find_qemu_processes(names: Iterable[str] = ("qemu-system-x86_64", "qemu-kvm")
+                        ) -> list[QemuProcess]:
+    wanted = tuple(names)
+    out = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            cmd = proc.info["cmdline"] or []
+            name = proc.info["name"] or ""
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        exe = os.path.basename(cmd[0]) if cmd else name
+        if not any(exe.startswith(n) or name.startswith(n) for n in wanted):
+            continue
+        out.append(QemuProcess(proc.info["pid"], qmp_socket_of(cmd),
+                               any("memory-backend-file" in a for a in cmd)))
+    return out

@@ -1,0 +1,223 @@
+"""`kscan run`: the asyncio engine that watches many VMs at once.
+
+One task per VM (`scanner.watcher.VmWatcher`), one discovery task that notices VMs
+appearing and disappearing, one stats task, all owned by a `TaskGroup`. Hashing runs in
+a small thread pool (xxhash releases the GIL on large buffers, so two workers use both
+cores); everything else — QMP, scheduling, events — is on the event loop. Profiles and
+golden baselines are read from the database and cached for `CACHE_SECONDS`, so a
+`kscan profile add` or `kscan baseline` made while `run` is going is picked up.
+
+SIGTERM/SIGINT set the stop event; tasks are cancelled, VMs detached, the event stream
+flushed, and `run` returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kscan import __version__
+from kscan.errors import KscanError
+from scanner.actions import Action
+from scanner.discover import expand_sockets, find_qemu_processes
+from scanner.events import EventSink
+from scanner.oneshot import Examined, golden_for
+from scanner.profile import KernelProfile
+from scanner.scheduler import Policy, Scheduler
+from scanner.vm import AttachedVm, VmHandle
+from scanner.watcher import VmWatcher
+from store import GoldenRegion, Store
+
+__all__ = ["Engine", "RunConfig"]
+
+log = logging.getLogger("kscan.engine")
+T = TypeVar("T")
+
+CACHE_SECONDS = 30.0
+UNREACHABLE_BACKOFF = 30.0
+RELOST_BACKOFF = 2.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    qmp: tuple[str, ...] = ()
+    discover: bool = False
+    replay: tuple[str, ...] = ()
+    policy: Policy = field(default_factory=Policy)
+    action: Action = field(default_factory=lambda: Action("report"))
+    forensics_dir: Path = Path(".")
+    workers: int = 2
+    discover_every: float = 2.0
+    stats_every: float = 60.0
+
+
+class Engine:
+    def __init__(self, cfg: RunConfig, store: Store, sink: EventSink) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.sink = sink
+        self.scheduler = Scheduler(cfg.policy)
+        self.action = cfg.action
+        self.forensics_dir = cfg.forensics_dir
+        self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers),
+                                       thread_name_prefix="kscan-hash")
+        self.watchers: dict[str, VmWatcher | None] = {}  # source → watcher (None: attaching)
+        self._retry_at: dict[str, float] = {}
+        self._said: dict[str, str] = {}
+        self._profiles: tuple[float, list[KernelProfile]] = (0.0, [])
+        self._golden: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.scans = 0
+
+    # -- shared services for watchers ------------------------------------------------
+    async def profiles(self) -> list[KernelProfile]:
+        at, cached = self._profiles
+        if time.monotonic() - at > CACHE_SECONDS or not cached:
+            out = []
+            for info in await self.store.list_profiles():
+                row = await self.store.get_profile(info.build_id)
+                if row is not None:
+                    out.append(KernelProfile.from_bytes(row.data))
+            self._profiles = (time.monotonic(), out)
+        return self._profiles[1]
+
+    async def golden(self, ex: Examined) -> tuple[dict[str, GoldenRegion],
+                                                  dict[str, bytes | None]]:
+        key = (ex.lk.profile.build_id, ex.boot.key)
+        hit = self._golden.get(key)
+        if hit is None or time.monotonic() - hit[0] > CACHE_SECONDS:
+            value = await golden_for(self.store, ex)
+            self._golden[key] = (time.monotonic(), value)
+            return value
+        result: tuple[dict[str, GoldenRegion], dict[str, bytes | None]] = hit[1]
+        return result
+
+    def charge(self, cpu_seconds: float) -> None:
+        self.scheduler.settle(0.0, cpu_seconds)
+
+    async def in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # -- main ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.sink.emit("kscan_started", None, version=__version__,
+                             policy=self.cfg.policy.describe(),
+                             on_tamper=self.action.describe(),
+                             forensics_dir=str(self.forensics_dir),
+                             sources={"qmp": list(self.cfg.qmp), "discover": self.cfg.discover,
+                                      "replay": list(self.cfg.replay)})
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._discovery(tg), name="discovery"),
+                         tg.create_task(self._stats(), name="stats")]
+                await stop.wait()
+                for t in [*tasks, *self._tasks]:
+                    t.cancel()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            await self.sink.emit("kscan_stopped", None, scans=self.scans)
+
+    async def _discovery(self, tg: asyncio.TaskGroup) -> None:
+        while True:
+            for source, kind in self._sources():
+                if source in self.watchers:
+                    continue
+                if self._retry_at.get(source, 0.0) > time.monotonic():
+                    continue
+                self.watchers[source] = None
+                t = tg.create_task(self._watch(source, kind), name=f"vm:{source}")
+                self._tasks.add(t)
+                t.add_done_callback(self._tasks.discard)
+            await asyncio.sleep(self.cfg.discover_every)
+
+    def _sources(self) -> list[tuple[str, str]]:
+        out = [(s, "qmp") for s in sorted(expand_sockets(self.cfg.qmp))]
+        if self.cfg.discover:
+            for p in find_qemu_processes():
+                if p.qmp is None:
+                    continue
+                if not p.file_backed:
+                    key = f"pid:{p.pid}"
+                    if key not in self._said:
+                        self._said[key] = "skipped"
+                        asyncio.get_running_loop().create_task(self.sink.emit(
+                            "vm_skipped", None, pid=p.pid, qmp=p.qmp,
+                            reason="guest RAM is not in a memory-backend-file"))
+                    continue
+                out.append((os.path.abspath(p.qmp), "discover"))
+        out.extend((os.path.abspath(d), "replay") for d in self.cfg.replay)
+        return out
+
+    async def _open(self, source: str, kind: str) -> VmHandle:
+        if kind == "replay":
+            from scanner.replay import ReplayVm
+
+            return await ReplayVm.open(source)
+        return await AttachedVm.attach(source)
+
+    async def _watch(self, source: str, kind: str) -> None:
+        backoff = RELOST_BACKOFF
+        try:
+            try:
+                vm = await self._open(source, kind)
+            except KscanError as err:
+                backoff = UNREACHABLE_BACKOFF
+                if self._said.get(source) != str(err):
+                    self._said[source] = str(err)
+                    await self.sink.emit("vm_unreachable", None, source=source,
+                                         message=str(err))
+                return
+            self._said.pop(source, None)
+            w = VmWatcher(self, vm, source)
+            self.watchers[source] = w
+            await self.sink.emit("vm_found", vm.name, source=source, kind=kind)
+            await w.run()
+        finally:
+            self.watchers.pop(source, None)
+            self._retry_at[source] = time.monotonic() + backoff
+
+    async def _stats(self) -> None:
+        last_cpu, last_t, last_scans = time.process_time(), time.monotonic(), self.scans
+        while True:
+            await asyncio.sleep(self.cfg.stats_every)
+            cpu, now = time.process_time(), time.monotonic()
+            watching = [w for w in self.watchers.values() if w is not None]
+            await self.sink.emit(
+                "stats", None, vms=len(watching),
+                watching=sum(1 for w in watching if w.state == "watching"),
+                scans=self.scans - last_scans,
+                cpu_percent=round(100 * (cpu - last_cpu) / max(1e-9, now - last_t), 2),
+                period_s=round(self.scheduler.period(), 3), dropped=self.sink.dropped)
+            last_cpu, last_t, last_scans = cpu, now, self.scans
+
+
+async def run_engine(cfg: RunConfig, db: str | None, stop: asyncio.Event,
+                     out: Any = None) -> None:
+    async with Store.open(db) as st:
+        async def persist(ev: dict[str, Any]) -> None:
+            # The log keys events by VM name; kscan's own events have vm null → "".
+            await st.append_event({**ev, "vm": ev["vm"] or ""})
+
+        sink = EventSink(out, persist=persist)
+        sink.start()
+        try:
+            await Engine(cfg, st, sink).run(stop)
+        finally:
+            await sink.close()
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,138 @@
+"""The fast path: prove nothing changed since the last full check, cheaply.
+
+After a full check (slow path) the watcher keeps a `Reference` per VM:
+
+* the page-table entries every region's translation went through (a `TableFingerprint`,
+  grouped per table page and compared with one numpy gather each) — if they are
+  unchanged, so are the translations, without re-walking;
+* the kernel-half top-level entries each vCPU's CR3 must share (an attacker can point
+  one process's PGD at a private copy of the kernel mapping);
+* each vCPU's control state (CR0.WP, CR4.SMEP/SMAP, IDTR);
+* xxh3_128 of each region's raw bytes, hashed straight from zero-copy views of the
+  guest's memory.
+
+`fast_scan` runs in a worker thread (xxhash releases the GIL on large buffers). Any
+difference sends the VM down the slow path (normalize, per-page compare, localize).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from scanner.hmp import VcpuState
+from scanner.kernel import LiveKernel
+from scanner.measure import raw_digest, region_views
+from translate import GuestMemory, TranslationError, kernel_pgd_candidates
+from translate.paging import CR0_WP
+
+__all__ = ["FastResult", "Reference", "TableFingerprint", "control_state", "fast_scan",
+           "make_reference"]
+
+_CR4_BITS = (1 << 20) | (1 << 21)  # SMEP, SMAP
+
+
+class TableFingerprint:
+    """The values of a set of page-table entries, checked one table page at a time."""
+
+    def __init__(self, entries: Sequence[tuple[int, int]]) -> None:
+        pages: dict[int, tuple[list[int], list[int]]] = {}
+        for egpa, value in entries:
+            idx, vals = pages.setdefault(egpa & ~0xFFF, ([], []))
+            idx.append((egpa & 0xFFF) >> 3)
+            vals.append(value)
+        self.pages: list[tuple[int, npt.NDArray[np.intp], npt.NDArray[np.uint64]]] = [
+            (page, np.array(i, dtype=np.intp), np.array(v, dtype=np.uint64))
+            for page, (i, v) in sorted(pages.items())]
+
+    def unchanged(self, mem: GuestMemory) -> bool:
+        try:
+            for page, idx, vals in self.pages:
+                table = np.frombuffer(mem.view(page, 4096), dtype="<u8")
+                if not np.array_equal(table[idx], vals):
+                    return False
+        except TranslationError:
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return sum(len(i) for _, i, _ in self.pages)
+
+
+def control_state(vcpus: Sequence[VcpuState]) -> tuple[tuple[int, int, int, int], ...]:
+    """What of each vCPU's registers the fast path compares."""
+    return tuple((v.cr0 & CR0_WP, v.cr4 & _CR4_BITS, v.idtr_base, v.idtr_limit) for v in vcpus)
+
+
+@dataclass
+class Reference:
+    """What a VM looked like at its last full check."""
+
+    views: dict[str, list[memoryview]]
+    digests: dict[str, bytes]
+    fingerprint: TableFingerprint
+    top_index: tuple[int, ...]  # kernel-half top-level indices the regions go through
+    top_values: tuple[int, ...]
+    control: tuple[tuple[int, int, int, int], ...]
+
+    def release(self) -> None:
+        """Drop the views so the guest memory mapping can be closed."""
+        for vs in self.views.values():
+            for v in vs:
+                v.release()
+        self.views.clear()
+
+
+def make_reference(mem: GuestMemory, lk: LiveKernel, vcpus: Sequence[VcpuState],
+                   pgd: int, top_shift: int, digests: dict[str, bytes]) -> Reference:
+    """The reference after a full check. `digests` must be those of the very bytes that
+    check verified (`scanner.measure.read_normalized`), not a fresh reading: a change
+    made in between would otherwise become the reference unverified."""
+    views = {name: region_views(mem, r) for name, r in lk.regions.items()}
+    entries = [e for r in lk.regions.values() for e in r.translation.entries]
+    top = sorted({(r.va >> top_shift) & 0x1FF for r in lk.regions.values()})
+    table = np.frombuffer(mem.view(pgd, 4096), dtype="<u8")
+    return Reference(
+        views=views,
+        digests=dict(digests),
+        fingerprint=TableFingerprint(entries),
+        top_index=tuple(top),
+        top_values=tuple(int(table[i]) for i in top),
+        control=control_state(vcpus),
+    )
+
+
+def _top_matches(ref: Reference, mem: GuestMemory, pgd: int) -> bool:
+    try:
+        table = np.frombuffer(mem.view(pgd, 4096), dtype="<u8")
+    except TranslationError:
+        return False
+    return tuple(int(table[i]) for i in ref.top_index) == ref.top_values
+
+
+@dataclass(frozen=True)
+class FastResult:
+    ok: bool
+    reason: str = ""
+    changed: tuple[str, ...] = ()
+
+
+def fast_scan(ref: Reference, mem: GuestMemory, vcpus: Sequence[VcpuState] | None) -> FastResult:
+    """Compare the VM with its reference. `vcpus` None: registers not refreshed."""
+    if vcpus is not None:
+        if control_state(vcpus) != ref.control:
+            return FastResult(False, "vCPU control state changed")
+        for v in vcpus:
+            if not any(_top_matches(ref, mem, pgd) for pgd in kernel_pgd_candidates(v.cr3)):
+                return FastResult(False, f"vCPU {v.index} (CR3 {v.cr3:#x}) maps the kernel "
+                                  "differently")
+    if not ref.fingerprint.unchanged(mem):
+        return FastResult(False, "page tables of protected regions changed")
+    changed = tuple(name for name, views in ref.views.items()
+                    if raw_digest(views) != ref.digests[name])
+    if changed:
+        return FastResult(False, "region bytes changed", changed)
+    return FastResult(True)

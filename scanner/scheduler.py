@@ -1,0 +1,122 @@
+"""When to scan each VM: fixed or adaptive intervals under a CPU budget.
+
+`--interval SECONDS`: every VM is scanned every SECONDS.
+
+`--interval auto` (the default) adapts per VM:
+
+* each VM's scan cost c_i is an EWMA of the CPU seconds its fast-path scans take;
+* the budget B (`--cpu-budget PERCENT` of one core, default 10 %) gives the shortest
+  period P the whole fleet can afford: P = Σ (c_i / w_i) / B, so that scanning every
+  VM every P·w_i seconds costs at most B;
+* a VM's weight w_i is 0.5 while it is "hot" — attached, rebooted or changed in the
+  last `HOT_SECONDS` — so it is rescanned twice as often, and 1 otherwise;
+* the interval P·w_i is clamped to [--min-interval, --max-interval].
+
+On top, a token bucket is the hard cap: every scan reserves its expected cost from a
+bucket that refills at B CPU-seconds per second (at most `BURST_SECONDS` of credit),
+and waits when the bucket is in debt. Slow-path work (first checks, changes) is charged
+to the same bucket, so bursts of it delay routine scans instead of breaking the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+__all__ = ["Policy", "Scheduler"]
+
+HOT_SECONDS = 300.0
+BURST_SECONDS = 2.0
+EWMA = 0.2
+#: Cost assumed for a VM not yet measured (CPU seconds per fast scan).
+INITIAL_COST = 0.005
+
+
+@dataclass(frozen=True)
+class Policy:
+    auto: bool = True
+    fixed: float = 10.0  # seconds, when not auto
+    budget: float | None = 0.10  # fraction of one core; None: no cap
+    min_interval: float = 1.0
+    max_interval: float = 300.0
+
+    def describe(self) -> str:
+        iv = "auto" if self.auto else f"{self.fixed:g}s"
+        b = f"{self.budget * 100:g}% of one core" if self.budget else "no CPU cap"
+        return f"interval {iv}, {b}, bounds {self.min_interval:g}-{self.max_interval:g}s"
+
+
+class Scheduler:
+    def __init__(self, policy: Policy, clock: type[time.monotonic] | None = None) -> None:
+        self.policy = policy
+        self._costs: dict[str, float] = {}
+        self._hot_until: dict[str, float] = {}
+        self._tokens = (policy.budget or 0.0) * BURST_SECONDS
+        self._stamp = time.monotonic()
+        self.charged = 0.0  # CPU seconds charged in total
+
+    # -- bookkeeping -----------------------------------------------------------------
+    def add(self, vm: str) -> None:
+        self._costs.setdefault(vm, INITIAL_COST)
+        self.mark_hot(vm)
+
+    def remove(self, vm: str) -> None:
+        self._costs.pop(vm, None)
+        self._hot_until.pop(vm, None)
+
+    def mark_hot(self, vm: str) -> None:
+        self._hot_until[vm] = time.monotonic() + HOT_SECONDS
+
+    def record(self, vm: str, cpu_seconds: float) -> None:
+        """A fast-path scan of `vm` took `cpu_seconds`."""
+        old = self._costs.get(vm, cpu_seconds)
+        self._costs[vm] = (1 - EWMA) * old + EWMA * cpu_seconds
+
+    def cost(self, vm: str) -> float:
+        return self._costs.get(vm, INITIAL_COST)
+
+    # -- intervals -------------------------------------------------------------------
+    def _weight(self, vm: str, now: float) -> float:
+        return 0.5 if self._hot_until.get(vm, 0.0) > now else 1.0
+
+    def period(self) -> float:
+        """P: the period at which the fleet's fast scans fit the budget."""
+        p = self.policy
+        if not p.budget:
+            return p.min_interval
+        now = time.monotonic()
+        total = sum(c / self._weight(vm, now) for vm, c in self._costs.items())
+        return max(p.min_interval, total / p.budget)
+
+    def interval(self, vm: str) -> float:
+        p = self.policy
+        if not p.auto:
+            return p.fixed
+        iv = self.period() * self._weight(vm, time.monotonic())
+        return min(p.max_interval, max(p.min_interval, iv))
+
+    # -- the hard cap ----------------------------------------------------------------
+    def _refill(self) -> None:
+        b = self.policy.budget
+        now = time.monotonic()
+        if b:
+            self._tokens = min(b * BURST_SECONDS, self._tokens + (now - self._stamp) * b)
+        self._stamp = now
+
+    async def acquire(self, expected: float) -> None:
+        """Reserve `expected` CPU seconds; wait while the bucket is in debt."""
+        b = self.policy.budget
+        if not b:
+            return
+        self._refill()
+        self._tokens -= expected
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / b)
+
+    def settle(self, expected: float, actual: float) -> None:
+        """Correct a reservation with what the work really cost."""
+        self.charged += actual
+        if self.policy.budget:
+            self._refill()
+            self._tokens -= actual - expected

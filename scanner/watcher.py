@@ -1,0 +1,234 @@
+"""One VM's life under `kscan run`: attach, wait for boot, check, then watch.
+
+    attach ──► booting ──► identified ──► first check ──► watching ◄──┐
+                 ▲  (retry: not booted, no profile,      │  fast scan │ slow path on
+                 │   no baseline)                         └────────────┘ any change
+                 └──────────── kernel gone (reboot) ◄────────┘
+
+Fast scans (`scanner.fastpath`) run in the engine's worker threads. Any difference
+takes the slow path: re-locate the kernel (translations included), normalize, verify
+page by page (`scanner.verify`). A tampering is reported once per distinct set of
+changes; when the VM matches its baselines again, `tamper_cleared` says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from kscan.errors import KscanError
+from scanner.actions import run_exec, save_forensics
+from scanner.errors import ProfileError, QmpError, VmStateError
+from scanner.fastpath import FastResult, Reference, fast_scan, make_reference
+from scanner.oneshot import Examined, check_examined, examine
+from scanner.verify import CheckReport
+from scanner.vm import VmHandle, kernel_space
+from translate import BackendError, TranslationError
+
+if TYPE_CHECKING:
+    from scanner.engine import Engine
+
+__all__ = ["VmWatcher"]
+
+log = logging.getLogger("kscan.watch")
+
+BOOT_POLL = 2.0
+RETRY_MISSING = 30.0  # no profile / no baseline: look again this often
+
+
+class VmGone(Exception):
+    """The VM (or its QMP connection) went away."""
+
+
+class VmWatcher:
+    def __init__(self, engine: Engine, vm: VmHandle, source: str) -> None:
+        self.engine = engine
+        self.vm = vm
+        self.name = vm.name
+        self.source = source
+        self.ref: Reference | None = None
+        self.ex: Examined | None = None
+        self.reported: frozenset[Any] | None = None  # the change set last reported
+        self.scans = 0
+        self.state = "attached"
+
+    # -- helpers ---------------------------------------------------------------------
+    async def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        return await self.engine.sink.emit(event, self.name, **fields)
+
+    def _drop_reference(self) -> None:
+        if self.ref is not None:
+            self.ref.release()
+            self.ref = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except VmGone as gone:
+            await self.emit("vm_lost", reason=str(gone))
+        except QmpError as err:
+            await self.emit("vm_lost", reason=str(err))
+        except BackendError as err:
+            await self.emit("vm_lost", reason=str(err))
+        finally:
+            self.engine.scheduler.remove(self.name)
+            self._drop_reference()
+            self.ex = None
+            try:
+                await self.vm.close()
+            except Exception as err:  # closing must not mask why we stopped
+                log.debug("closing %s: %s", self.name, err)
+
+    async def _run(self) -> None:
+        self.engine.scheduler.add(self.name)
+        while True:
+            ex = await self._until_checkable()
+            await self._full_check(ex, first=True)
+            while self.ref is not None:
+                await asyncio.sleep(self.engine.scheduler.interval(self.name))
+                await self._scan()
+
+    async def _until_checkable(self) -> Examined:
+        """Wait until the kernel has booted, is identified, and has a baseline."""
+        said: set[str] = set()
+        self.state = "booting"
+        while True:
+            try:
+                ex = await self._examine()
+                await self.engine.golden(ex)  # raises VmStateError if there is none
+                return ex
+            except ProfileError as err:
+                await self._say_once(said, "profile_missing", err, version=err.version,
+                                     hint=err.hint)
+                await asyncio.sleep(RETRY_MISSING)
+            except VmStateError as err:
+                if "golden baseline" in err.message:
+                    await self._say_once(said, "baseline_missing", err, hint=err.hint)
+                    await asyncio.sleep(RETRY_MISSING)
+                else:
+                    await self._say_once(said, "vm_booting", err)
+                    await asyncio.sleep(BOOT_POLL)
+            except TranslationError as err:
+                await self._say_once(said, "vm_booting", err)
+                await asyncio.sleep(BOOT_POLL)
+
+    async def _say_once(self, said: set[str], event: str, err: KscanError,
+                        **fields: Any) -> None:
+        if event not in said:
+            said.add(event)
+            await self.emit(event, message=err.message, **fields)
+
+    async def _examine(self) -> Examined:
+        state = await self.vm.run_state()
+        if state.status in ("shutdown", "internal-error", "guest-panicked"):
+            raise VmGone(f"VM is {state.status}")
+        profiles = await self.engine.profiles()
+        t0 = time.thread_time()
+        ex = await examine(self.vm, profiles)
+        self.engine.charge(time.thread_time() - t0)
+        return ex
+
+    # -- checks ----------------------------------------------------------------------
+    async def _full_check(self, ex: Examined, first: bool) -> CheckReport:
+        t0 = time.thread_time()
+        report = await check_examined(self.engine.store, ex, self.name,
+                                      await self.engine.golden(ex))
+        ks = kernel_space(self.vm.mem, self.vm.vcpus[0])
+        self._drop_reference()
+        self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ks.pgd,
+                                  ks.mode.levels[0].shift, ex.raw_digests)
+        self.ex = ex
+        self.engine.charge(time.thread_time() - t0)
+        self.state = "watching"
+        if first:
+            self.engine.scheduler.mark_hot(self.name)
+            await self.emit("vm_identified", build_id=ex.lk.profile.build_id,
+                            release=ex.lk.profile.release, slide=ex.lk.slide,
+                            boot_profile=ex.boot.key,
+                            per_vm_baseline_taken=report.per_vm_baseline_taken)
+        changes = frozenset(
+            [(m.region, m.page, m.basis) for m in report.mismatches]
+            + [(f.kind, f.message) for f in report.findings])
+        if report.tampered:
+            if changes != self.reported:
+                self.reported = changes
+                await self._on_tamper(ex, report)
+        else:
+            if self.reported:
+                await self.emit("tamper_cleared", message="VM matches its baselines again")
+            elif first:
+                await self.emit("vm_clean", **_summary(report))
+            self.reported = frozenset()
+        return report
+
+    async def _scan(self) -> None:
+        assert self.ref is not None
+        t0 = time.thread_time()
+        expected = self.engine.scheduler.cost(self.name)
+        await self.engine.scheduler.acquire(expected)
+        vcpus = await self.vm.refresh_vcpus()
+        main_cpu = time.thread_time() - t0
+        res, worker_cpu = await self.engine.in_worker(_timed_fast_scan, self.ref, self.vm.mem,
+                                                      vcpus)
+        cost = main_cpu + worker_cpu
+        self.engine.scheduler.record(self.name, cost)
+        self.engine.scheduler.settle(expected, cost)
+        self.scans += 1
+        self.engine.scans += 1
+        if res.ok:
+            return
+        log.info("%s: %s %s: slow path", self.name, res.reason, ",".join(res.changed))
+        self.engine.scheduler.mark_hot(self.name)
+        try:
+            ex = await self._examine()
+        except (VmStateError, TranslationError, ProfileError) as err:
+            # The kernel is not where it was: a reboot, or its mappings were torn down.
+            self._drop_reference()
+            await self.emit("vm_booting", message=f"kernel no longer found: {err.message}")
+            return
+        if self.ex is not None and ex.lk.slide != self.ex.lk.slide:
+            await self.emit("vm_rebooted", slide=ex.lk.slide)
+            self.reported = None
+        await self._full_check(ex, first=False)
+
+    async def _on_tamper(self, ex: Examined, report: CheckReport) -> None:
+        eng = self.engine
+        golden, _ = await eng.golden(ex)
+        forensics = save_forensics(eng.forensics_dir, self.name, report, ex.lk, self.vm.mem,
+                                   ex.normalized, golden)
+        action = eng.action
+        ev = await self.emit(
+            "tamper", action=action.describe(), forensics=str(forensics),
+            build_id=report.build_id, slide=report.slide,
+            mismatches=[m.to_json() for m in report.mismatches],
+            findings=[f.to_json() for f in report.findings],
+        )
+        if action.kind == "pause":
+            try:
+                await self.vm.pause()
+                state = await self.vm.run_state()
+                await self.emit("action", action="pause", ok=state.status == "paused",
+                                run_state=state.status)
+            except KscanError as err:
+                await self.emit("action", action="pause", ok=False, error=str(err))
+        elif action.kind == "exec":
+            result = await run_exec(action.argv, ev)
+            await self.emit("action", action=action.describe(), **result)
+
+
+def _timed_fast_scan(ref: Reference, mem: Any, vcpus: Any) -> tuple[FastResult, float]:
+    t0 = time.thread_time()
+    res = fast_scan(ref, mem, vcpus)
+    return res, time.thread_time() - t0
+
+
+def _summary(report: CheckReport) -> dict[str, Any]:
+    return {
+        "per_vm_baseline_taken": report.per_vm_baseline_taken,
+        "regions": {r.name: {"pages": r.pages, "golden_checked": r.golden_pages,
+                             "per_boot_checked": len(r.per_boot_pages),
+                             "accepted": len(r.accepted_pages)} for r in report.regions},
+    }
