@@ -32,8 +32,9 @@ _REG = {
     "cr3": re.compile(r"\bCR3=([0-9a-fA-F]+)"),
     "cr4": re.compile(r"\bCR4=([0-9a-fA-F]+)"),
     "efer": re.compile(r"\bEFER=([0-9a-fA-F]+)"),
-    "rip": re.compile(r"\bRIP=([0-9a-fA-F]+)"),
 }
+#: RIP in long mode; EIP when the vCPU is in 16/32-bit mode (firmware, early boot).
+_IP = re.compile(r"\b[RE]IP=([0-9a-fA-F]+)")
 _TABLE = {
     "idt": re.compile(r"^IDT=\s*([0-9a-fA-F]+)\s+([0-9a-fA-F]+)", re.M),
     "gdt": re.compile(r"^GDT=\s*([0-9a-fA-F]+)\s+([0-9a-fA-F]+)", re.M),
@@ -86,7 +87,11 @@ def parse_registers(text: str) -> list[VcpuState]:
     out = []
     for idx, block in blocks:
         regs = {name: _hex(rx, block, name.upper(), idx) for name, rx in _REG.items()
-                if name != "cr2"}
+                if name not in ("cr2", "efer")}
+        # Before long mode some QEMU versions print no EFER; it is 0 then.
+        efer = _REG["efer"].search(block)
+        regs["efer"] = int(efer.group(1), 16) if efer else 0
+        regs["rip"] = _hex(_IP, block, "RIP/EIP", idx)
         tables = {}
         for name, rx in _TABLE.items():
             m = rx.search(block)

@@ -90,7 +90,9 @@ class QmpVm:
         except TimeoutError:
             await _quiet_disconnect(client)
             raise QmpError(f"no QMP greeting within {timeout:g}s", socket=path,
-                           hint="is this a QEMU QMP socket (not HMP or a serial port)?") from None
+                           hint="QEMU serves one client per QMP socket: is another client "
+                                "(kscan run, libvirt) connected? Give kscan its own -qmp "
+                                "socket. Or this is not a QMP socket") from None
         except ConnectError as err:
             await _quiet_disconnect(client)
             raise QmpError(f"cannot connect: {err.exc if err.exc else err}", socket=path,

@@ -30,12 +30,19 @@ def test_registers_all_cpus() -> None:
     assert cpus[1].cpl == 3 and cpus[0].cpl == 0
 
 
+def test_registers_in_real_mode() -> None:
+    text = CPU.format(n=0, cpl=0, idt=0, cr3=0).replace("RIP=ffffffffafe17a0b", "EIP=0000fff0")
+    text = text.replace("CR0=80050033", "CR0=60000010").replace("EFER=0000000000000d01\n", "")
+    cpu = parse_registers(text)[0]
+    assert (cpu.rip, cpu.cr0, cpu.efer) == (0xFFF0, 0x60000010, 0)
+
+
 def test_registers_single_cpu_without_header() -> None:
     one = CPU.format(n=0, cpl=0, idt=0xFFFFFE0000000000, cr3=0x1000).split("\n", 1)[1]
     assert parse_registers(one)[0].cr3 == 0x1000
 
 
-@pytest.mark.parametrize("drop", ["CR3=", "IDT=", "EFER="])
+@pytest.mark.parametrize("drop", ["CR3=", "IDT=", "RIP="])
 def test_registers_missing_field(drop: str) -> None:
     text = re.sub(drop + r"\s*[0-9a-f]+", "", CPU.format(n=0, cpl=0, idt=0, cr3=0))
     with pytest.raises(ParseError, match=drop.rstrip("=")):

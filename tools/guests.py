@@ -5,7 +5,8 @@ one place that knows how a kscan test guest looks:
 
 * QEMU under TCG (KVM does not run nested on these hosts; kscan does not care),
 * RAM in a `memory-backend-file` on /dev/shm with share=on (what kscan maps),
-* a QMP unix socket, the serial console in a log file,
+* two QMP unix sockets (QEMU serves one client per monitor: `qmp` for kscan,
+  `qmp_aux` for tools and test oracles), the serial console in a log file,
 * the Debian cloud kernel (version pinned in `KERNEL_PACKAGE`) and a busybox
   initramfs whose init prints `READY_LINE` once userspace runs.
 
@@ -243,6 +244,7 @@ class GuestSpec:
     smp: int = 1
     cpu: str = "qemu64"
     append: str = ""
+    extra: tuple[str, ...] = ()  # more QEMU arguments, e.g. ("-S",) to start paused
 
 
 @dataclass
@@ -261,6 +263,12 @@ class Guest:
     @property
     def qmp(self) -> Path:
         return self.dir / "qmp.sock"
+
+    @property
+    def qmp_aux(self) -> Path:
+        """A second QMP socket: QEMU serves one client per monitor, so tools and test
+        oracles use this one while `kscan run` holds `qmp`."""
+        return self.dir / "qmp-aux.sock"
 
     @property
     def serial(self) -> Path:
@@ -328,7 +336,9 @@ def qemu_command(spec: GuestSpec, guest: Guest, kernel: KernelFiles, initrd: Pat
         "-nodefaults",
         "-serial", f"file:{guest.serial}",
         "-qmp", f"unix:{guest.qmp},server=on,wait=off",
+        "-qmp", f"unix:{guest.qmp_aux},server=on,wait=off",
         "-no-reboot",
+        *spec.extra,
     ]
 
 
