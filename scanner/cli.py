@@ -111,7 +111,10 @@ async def cmd_profile_list(args: argparse.Namespace) -> int:
 async def cmd_baseline(args: argparse.Namespace) -> int:
     from scanner.oneshot import baseline_vms
 
-    for vm, gb, key in await baseline_vms(args.qmp, args.db):
+    sources = (args.qmp or []) + [f"replay:{d}" for d in args.replay or []]
+    if not sources:
+        raise UsageError("no VM given", hint="pass --qmp SOCK of a verified VM")
+    for vm, gb, key in await baseline_vms(sources, args.db):
         per_boot = {n: r.per_boot_pages() for n, r in gb.regions.items()}
         print(f"baseline of {vm}: "
               f"boot profile {key}, {gb.boots} verified boot(s)")
@@ -150,7 +153,7 @@ def _print_report_text(rep: CheckReport) -> None:
 async def cmd_check(args: argparse.Namespace) -> int:
     from scanner.oneshot import check_vm
 
-    rep = await check_vm(args.qmp, args.db)
+    rep = await check_vm(args.qmp or f"replay:{args.replay}", args.db)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(rep.to_json()) + b"\n")
     else:
@@ -281,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                "  kscan baseline --qmp /run/golden1/qmp.sock --qmp /run/golden2/qmp.sock",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--qmp", required=True, action="append", metavar="SOCK",
+    p.add_argument("--qmp", action="append", metavar="SOCK",
                    help="QMP socket of a verified VM (repeat for several)")
+    p.add_argument("--replay", action="append", metavar="DIR",
+                   help="a recorded verified VM (tools/record.py) instead of a live one")
     _db_arg(p)
     p.set_defaults(func=cmd_baseline)
 
@@ -292,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  kscan check --qmp /run/vm7/qmp.sock --json | jq .regions",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--qmp", required=True, metavar="SOCK")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--qmp", metavar="SOCK")
+    src.add_argument("--replay", metavar="DIR", help="a recorded VM (tools/record.py)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     _db_arg(p)
     p.set_defaults(func=cmd_check)
@@ -330,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--discover", action="store_true",
                    help="also watch running QEMU processes found by their command line")
     p.add_argument("--replay", action="append", metavar="DIR",
-                   help="watch a recorded VM (see tools/record.py; for benchmarks and tests)")
+                   help="watch a recorded VM, or a glob of them (tools/record.py; for "
+                        "benchmarks and tests)")
     p.add_argument("--interval", type=_interval, default="auto", metavar="auto|SECONDS",
                    help="per-VM scan interval; auto adapts under --cpu-budget (default auto)")
     p.add_argument("--cpu-budget", type=_percent, default=10.0, metavar="PERCENT",

@@ -32,7 +32,7 @@ from scanner.events import EventSink
 from scanner.oneshot import Examined, golden_for
 from scanner.profile import KernelProfile
 from scanner.scheduler import Policy, Scheduler
-from scanner.vm import AttachedVm, VmHandle
+from scanner.vm import VmHandle, open_vm
 from scanner.watcher import VmWatcher
 from store import GoldenRegion, Store
 
@@ -153,15 +153,11 @@ class Engine:
                             reason="guest RAM is not in a memory-backend-file"))
                     continue
                 out.append((os.path.abspath(p.qmp), "discover"))
-        out.extend((os.path.abspath(d), "replay") for d in self.cfg.replay)
+        out.extend((d, "replay") for d in sorted(expand_sockets(self.cfg.replay)))
         return out
 
     async def _open(self, source: str, kind: str) -> VmHandle:
-        if kind == "replay":
-            from scanner.replay import ReplayVm
-
-            return await ReplayVm.open(source)
-        return await AttachedVm.attach(source)
+        return await open_vm(f"replay:{source}" if kind == "replay" else source)
 
     async def _watch(self, source: str, kind: str) -> None:
         backoff = RELOST_BACKOFF

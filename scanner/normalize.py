@@ -14,6 +14,7 @@ taken only when the fast path saw a change, or at baseline time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -64,16 +65,17 @@ class RegionRelocs:
 
 
 def _adjust(buf: npt.NDArray[np.uint8], offsets: I64Array, width: int, delta: int) -> None:
-    if offsets.size == 0:
+    if offsets.size == 0 or buf.size < width:
         return
-    offsets = offsets[offsets + width <= buf.size]
-    idx = offsets[:, None] + np.arange(width, dtype=np.int64)
+    offsets = offsets[(offsets >= 0) & (offsets + width <= buf.size)]
     dtype = np.dtype("<u8") if width == 8 else np.dtype("<u4")
-    vals = np.ascontiguousarray(buf[idx]).view(dtype).reshape(-1)
+    # A byte-strided view: element i is the (unaligned) integer starting at byte i, so
+    # one gather and one scatter handle every site. Sites never overlap.
+    sites: npt.NDArray[Any] = np.ndarray(shape=(buf.size - width + 1,), dtype=dtype,
+                                         buffer=buf.data, offset=0, strides=(1,))
     mask = (1 << (8 * width)) - 1
     # Wrapping arithmetic in the site's width, as the kernel's += does.
-    vals = vals + dtype.type(delta & mask)
-    buf[idx] = vals.view(np.uint8).reshape(-1, width)
+    sites[offsets] = sites[offsets] + dtype.type(delta & mask)
 
 
 def normalize_into(buf: npt.NDArray[np.uint8], relocs: RegionRelocs, slide: int) -> None:

@@ -22,7 +22,7 @@ from scanner.kernel import REGIONS, LiveKernel, locate_kernel
 from scanner.measure import PAGE, read_normalized
 from scanner.profile import KernelProfile
 from scanner.verify import CheckReport, verify
-from scanner.vm import AttachedVm, VmHandle
+from scanner.vm import VmHandle, open_vm
 from store import GoldenRegion, Store
 
 __all__ = ["Examined", "accept_vm", "baseline_vms", "check_examined", "check_vm", "examine",
@@ -72,7 +72,7 @@ async def baseline_vms(sockets: list[str], db: str | None) -> list[tuple[str, Go
     async with Store.open(db) as st:
         profiles = await load_profiles(st)
         for sock in sockets:
-            async with await AttachedVm.attach(sock) as vm:
+            async with await open_vm(sock) as vm:
                 ex = await examine(vm, profiles)
                 cap = capture(ex.normalized)
                 key = ex.boot.key
@@ -127,7 +127,7 @@ async def check_examined(
 async def check_vm(socket: str | os.PathLike[str], db: str | None) -> CheckReport:
     async with Store.open(db) as st:
         profiles = await load_profiles(st)
-        async with await AttachedVm.attach(socket) as vm:
+        async with await open_vm(socket) as vm:
             ex = await examine(vm, profiles)
             report = await check_examined(st, ex, vm.name)
             await st.append_event({"ts": report.ts, "event": "check", "vm": vm.name,
@@ -143,7 +143,7 @@ async def accept_vm(socket: str | os.PathLike[str], db: str | None,
     cctx = zstandard.ZstdCompressor(level=3)
     async with Store.open(db) as st:
         profiles = await load_profiles(st)
-        async with await AttachedVm.attach(socket) as vm:
+        async with await open_vm(socket) as vm:
             ex = await examine(vm, profiles)
             golden, contents = await golden_for(st, ex)
             report, state = verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized, golden,

@@ -78,6 +78,12 @@ class ReplayVm:
     async def close(self) -> None:
         self.mem.close()
 
+    async def __aenter__(self) -> ReplayVm:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
 
 def write_replay(directory: Path, name: str, layout: list[dict[str, Any]],
                  vcpus: list[VcpuState], boot: BootProfile) -> None:

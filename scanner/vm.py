@@ -33,7 +33,7 @@ from translate import (
 )
 from translate.paging import EFER_NXE
 
-__all__ = ["AttachedVm", "VmHandle", "kernel_walker"]
+__all__ = ["AttachedVm", "VmHandle", "kernel_walker", "open_vm"]
 
 #: The upper (kernel) half of a top-level table: entries 256..511.
 _KERNEL_HALF = range(256, 512)
@@ -85,6 +85,18 @@ class VmHandle(Protocol):
     async def boot_profile(self) -> BootProfile: ...
     async def pause(self) -> None: ...
     async def close(self) -> None: ...
+    async def __aenter__(self) -> VmHandle: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+async def open_vm(source: str | os.PathLike[str]) -> VmHandle:
+    """A QMP socket path, or `replay:DIR` for a recorded VM (see scanner.replay)."""
+    src = os.fspath(source)
+    if src.startswith("replay:"):
+        from scanner.replay import ReplayVm
+
+        return await ReplayVm.open(src[len("replay:"):])
+    return await AttachedVm.attach(src)
 
 
 class AttachedVm:

@@ -49,7 +49,7 @@ class VmWatcher:
         self.name = vm.name
         self.source = source
         self.ref: Reference | None = None
-        self.ex: Examined | None = None
+        self.slide: int | None = None  # of the kernel last checked (a change: reboot)
         self.reported: frozenset[Any] | None = None  # the change set last reported
         self.scans = 0
         self.state = "attached"
@@ -76,7 +76,6 @@ class VmWatcher:
         finally:
             self.engine.scheduler.remove(self.name)
             self._drop_reference()
-            self.ex = None
             try:
                 await self.vm.close()
             except Exception as err:  # closing must not mask why we stopped
@@ -140,7 +139,7 @@ class VmWatcher:
         self._drop_reference()
         self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ks.pgd,
                                   ks.mode.levels[0].shift, ex.raw_digests)
-        self.ex = ex
+        self.slide = ex.lk.slide  # keep no Examined: its region copies are ~19 MB
         self.engine.charge(time.thread_time() - t0)
         self.state = "watching"
         if first:
@@ -189,7 +188,7 @@ class VmWatcher:
             self._drop_reference()
             await self.emit("vm_booting", message=f"kernel no longer found: {err.message}")
             return
-        if self.ex is not None and ex.lk.slide != self.ex.lk.slide:
+        if self.slide is not None and ex.lk.slide != self.slide:
             await self.emit("vm_rebooted", slide=ex.lk.slide)
             self.reported = None
         await self._full_check(ex, first=False)
