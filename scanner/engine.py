@@ -106,6 +106,16 @@ class Engine:
     async def in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    async def timed_in_worker(self, fn: Callable[[], T]) -> T:
+        """Run CPU-bound work in the pool and charge its CPU time to the budget."""
+        def timed() -> tuple[T, float]:
+            t0 = time.thread_time()
+            return fn(), time.thread_time() - t0
+
+        result, cpu = await self.in_worker(timed)
+        self.charge(cpu)
+        return result
+
     # -- main ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         await self.sink.emit("kscan_started", None, version=__version__,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import xxhash
 import zstandard
@@ -24,6 +26,8 @@ from scanner.profile import KernelProfile
 from scanner.verify import CheckReport, verify
 from scanner.vm import VmHandle, open_vm
 from store import GoldenRegion, Store
+
+T = TypeVar("T")
 
 __all__ = ["Examined", "accept_vm", "baseline_vms", "check_examined", "check_vm", "examine",
            "load_profiles"]
@@ -54,15 +58,30 @@ class Examined:
     raw_digests: dict[str, bytes]  # of the raw bytes `normalized` was made from
 
 
-async def examine(vm: VmHandle, profiles: list[KernelProfile]) -> Examined:
-    await vm.refresh_vcpus()
-    lk = locate_kernel(vm.mem, vm.walker(0), vm.vcpus, profiles, vm=vm.name)
-    require_booted(lk, vm.name)
+#: Runs a CPU-bound function somewhere (the engine passes its worker pool).
+RunSync = Callable[[Callable[[], T]], Awaitable[T]]
+
+
+async def _inline(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+async def examine(vm: VmHandle, profiles: list[KernelProfile],
+                  run_sync: RunSync[Examined] = _inline) -> Examined:
+    """Locate the VM's kernel, refuse it if not booted, read its regions normalized.
+    The QMP calls run here; the CPU-bound part through `run_sync`."""
+    vcpus = tuple(await vm.refresh_vcpus())
     boot = await vm.boot_profile()
-    limit = vm.vcpus[0].idtr_limit
-    read = {n: read_normalized(vm.mem, lk, n, limit) for n in REGIONS}
-    return Examined(vm.name, lk, boot, tuple(vm.vcpus), {n: r[0] for n, r in read.items()},
-                    {n: r[1] for n, r in read.items()})
+
+    def compute() -> Examined:
+        lk = locate_kernel(vm.mem, vm.walker(0), vcpus, profiles, vm=vm.name)
+        require_booted(lk, vm.name)
+        limit = vcpus[0].idtr_limit
+        read = {n: read_normalized(vm.mem, lk, n, limit) for n in REGIONS}
+        return Examined(vm.name, lk, boot, vcpus, {n: r[0] for n, r in read.items()},
+                        {n: r[1] for n, r in read.items()})
+
+    return await run_sync(compute)
 
 
 async def baseline_vms(sockets: list[str], db: str | None) -> list[tuple[str, GoldenBuild,
@@ -112,13 +131,14 @@ async def golden_for(st: Store, ex: Examined) -> tuple[dict[str, GoldenRegion],
 async def check_examined(
     st: Store, ex: Examined, vm_id: str,
     golden: tuple[dict[str, GoldenRegion], dict[str, bytes | None]] | None = None,
+    run_sync: RunSync[tuple[CheckReport, dict[str, Any]]] = _inline,
 ) -> CheckReport:
     """Verify an examined VM against the stored baselines (fetched unless given);
     records its per-VM state."""
     golden_regions, contents = golden if golden is not None else await golden_for(st, ex)
     state = await st.get_vm_state(vm_id)
-    report, new_state = verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized,
-                               golden_regions, contents.get, state)
+    report, new_state = await run_sync(lambda: verify(
+        ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized, golden_regions, contents.get, state))
     if report.per_vm_baseline_taken:
         await st.put_vm_state(vm_id, new_state)
     return report

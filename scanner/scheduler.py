@@ -54,7 +54,10 @@ class Scheduler:
         self._hot_until: dict[str, float] = {}
         self._tokens = (policy.budget or 0.0) * BURST_SECONDS
         self._stamp = time.monotonic()
+        self._lock = asyncio.Lock()
         self.charged = 0.0  # CPU seconds charged in total
+        #: EWMA of what one slow path (examine + verify) costs, to reserve before one.
+        self.slow_cost = 0.05
 
     # -- bookkeeping -----------------------------------------------------------------
     def add(self, vm: str) -> None:
@@ -72,6 +75,9 @@ class Scheduler:
         """A fast-path scan of `vm` took `cpu_seconds`."""
         old = self._costs.get(vm, cpu_seconds)
         self._costs[vm] = (1 - EWMA) * old + EWMA * cpu_seconds
+
+    def record_slow(self, cpu_seconds: float) -> None:
+        self.slow_cost = (1 - EWMA) * self.slow_cost + EWMA * cpu_seconds
 
     def cost(self, vm: str) -> float:
         return self._costs.get(vm, INITIAL_COST)
@@ -105,14 +111,17 @@ class Scheduler:
         self._stamp = now
 
     async def acquire(self, expected: float) -> None:
-        """Reserve `expected` CPU seconds; wait while the bucket is in debt."""
+        """Wait while the bucket is in debt, then reserve `expected` CPU seconds.
+        Waiters queue on a lock, so they go one by one (FIFO), not as a herd."""
         b = self.policy.budget
         if not b:
             return
-        self._refill()
-        self._tokens -= expected
-        if self._tokens < 0:
-            await asyncio.sleep(-self._tokens / b)
+        async with self._lock:
+            self._refill()
+            if self._tokens < 0:
+                await asyncio.sleep(-self._tokens / b)
+                self._refill()
+            self._tokens -= expected
 
     def settle(self, expected: float, actual: float) -> None:
         """Correct a reservation with what the work really cost."""

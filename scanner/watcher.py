@@ -16,12 +16,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kscan.errors import KscanError
 from scanner.actions import run_exec, save_forensics
 from scanner.errors import ProfileError, QmpError, VmStateError
-from scanner.fastpath import FastResult, Reference, fast_scan, make_reference
+from scanner.fastpath import (
+    FastResult,
+    Reference,
+    check_memory,
+    check_registers,
+    make_reference,
+)
 from scanner.oneshot import Examined, check_examined, examine
 from scanner.verify import CheckReport
 from scanner.vm import VmHandle, kernel_space
@@ -31,6 +38,8 @@ if TYPE_CHECKING:
     from scanner.engine import Engine
 
 __all__ = ["VmWatcher"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("kscan.watch")
 
@@ -96,7 +105,7 @@ class VmWatcher:
         self.state = "booting"
         while True:
             try:
-                ex = await self._examine()
+                ex = await self._slow(self._examine)
                 await self.engine.golden(ex)  # raises VmStateError if there is none
                 return ex
             except ProfileError as err:
@@ -125,22 +134,31 @@ class VmWatcher:
         if state.status in ("shutdown", "internal-error", "guest-panicked"):
             raise VmGone(f"VM is {state.status}")
         profiles = await self.engine.profiles()
-        t0 = time.thread_time()
-        ex = await examine(self.vm, profiles)
-        self.engine.charge(time.thread_time() - t0)
-        return ex
+        return await examine(self.vm, profiles, self.engine.timed_in_worker)
+
+    async def _slow(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Slow-path work waits for the budget like scans do: it reserves the usual
+        slow-path cost, is charged what it really uses, then the reservation is
+        returned — so a fleet attaching at once does not break the CPU budget."""
+        sched = self.engine.scheduler
+        expected = sched.slow_cost
+        await sched.acquire(expected)
+        before = sched.charged
+        try:
+            return await work()
+        finally:
+            sched.record_slow(sched.charged - before)
+            sched.settle(expected, 0.0)
 
     # -- checks ----------------------------------------------------------------------
     async def _full_check(self, ex: Examined, first: bool) -> CheckReport:
-        t0 = time.thread_time()
         report = await check_examined(self.engine.store, ex, self.name,
-                                      await self.engine.golden(ex))
-        ks = kernel_space(self.vm.mem, self.vm.vcpus[0])
+                                      await self.engine.golden(ex), self.engine.timed_in_worker)
+        ks = kernel_space(self.vm.mem, ex.vcpus[0])
         self._drop_reference()
         self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ks.pgd,
                                   ks.mode.levels[0].shift, ex.raw_digests)
         self.slide = ex.lk.slide  # keep no Examined: its region copies are ~19 MB
-        self.engine.charge(time.thread_time() - t0)
         self.state = "watching"
         if first:
             self.engine.scheduler.mark_hot(self.name)
@@ -165,14 +183,19 @@ class VmWatcher:
 
     async def _scan(self) -> None:
         assert self.ref is not None
-        t0 = time.thread_time()
         expected = self.engine.scheduler.cost(self.name)
         await self.engine.scheduler.acquire(expected)
-        vcpus = await self.vm.refresh_vcpus()
-        main_cpu = time.thread_time() - t0
-        res, worker_cpu = await self.engine.in_worker(_timed_fast_scan, self.ref, self.vm.mem,
-                                                      vcpus)
-        cost = main_cpu + worker_cpu
+        t0 = time.thread_time()
+        # The QMP round trip (QEMU formats the registers) overlaps the hashing.
+        regs = asyncio.ensure_future(self.vm.refresh_vcpus())
+        try:
+            res, worker_cpu = await self.engine.in_worker(_timed_check_memory, self.ref,
+                                                          self.vm.mem)
+        finally:
+            vcpus = await regs
+        if res.ok:
+            res = check_registers(self.ref, self.vm.mem, vcpus)
+        cost = time.thread_time() - t0 + worker_cpu
         self.engine.scheduler.record(self.name, cost)
         self.engine.scheduler.settle(expected, cost)
         self.scans += 1
@@ -182,7 +205,7 @@ class VmWatcher:
         log.info("%s: %s %s: slow path", self.name, res.reason, ",".join(res.changed))
         self.engine.scheduler.mark_hot(self.name)
         try:
-            ex = await self._examine()
+            ex = await self._slow(self._examine)
         except (VmStateError, TranslationError, ProfileError) as err:
             # The kernel is not where it was: a reboot, or its mappings were torn down.
             self._drop_reference()
@@ -218,9 +241,9 @@ class VmWatcher:
             await self.emit("action", action=action.describe(), **result)
 
 
-def _timed_fast_scan(ref: Reference, mem: Any, vcpus: Any) -> tuple[FastResult, float]:
+def _timed_check_memory(ref: Reference, mem: Any) -> tuple[FastResult, float]:
     t0 = time.thread_time()
-    res = fast_scan(ref, mem, vcpus)
+    res = check_memory(ref, mem)
     return res, time.thread_time() - t0
 
 
