@@ -1,0 +1,162 @@
+"""scanner.discover: QMP sockets from QEMU command lines, --qmp globs and paths, and
+finding real (fake-named) QEMU processes in the process table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scanner.discover import QemuProcess, expand_sockets, find_qemu_processes, qmp_socket_of
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+
+
+@pytest.mark.parametrize(("cmd", "want"), [
+    ([QEMU, "-m", "1G", "-qmp", "unix:/run/a.sock,server=on,wait=off"], "/run/a.sock"),
+    ([QEMU, "-qmp", "unix:/run/b.sock,server,nowait", "-S"], "/run/b.sock"),
+    ([QEMU, "--qmp", "unix:/run/c.sock"], "/run/c.sock"),
+    # libvirt: a chardev and a control monitor on it (order of options varies)
+    ([QEMU, "-chardev", "socket,id=charmonitor,path=/var/lib/libvirt/qemu/d.monitor,"
+      "server=on,wait=off", "-mon", "chardev=charmonitor,id=monitor,mode=control"],
+     "/var/lib/libvirt/qemu/d.monitor"),
+    ([QEMU, "-mon", "chardev=cm,mode=control,id=m", "-chardev",
+      "socket,path=/x/e.sock,id=cm,server=on,wait=off"], "/x/e.sock"),
+    # an HMP (readline) monitor is not QMP
+    ([QEMU, "-chardev", "socket,id=hmp,path=/x/hmp.sock,server=on,wait=off",
+      "-mon", "chardev=hmp,mode=readline"], None),
+    ([QEMU, "-chardev", "socket,id=hmp,path=/x/hmp.sock,server=on,wait=off",
+      "-mon", "chardev=hmp"], None),
+    # a control monitor on a chardev that is not a socket we know
+    ([QEMU, "-chardev", "pty,id=p0", "-mon", "chardev=p0,mode=control"], None),
+    ([QEMU, "-mon", "chardev=nope,mode=control"], None),
+    # no QMP at all, TCP QMP, and -qmp as the very last argument
+    ([QEMU, "-m", "1G", "-nographic"], None),
+    ([QEMU, "-qmp", "tcp:127.0.0.1:4444,server=on,wait=off"], None),
+    ([QEMU, "-m", "1G", "-qmp"], None),
+    ([], None),
+    # a readline monitor first, then the control one: the control one wins
+    ([QEMU, "-chardev", "socket,id=h,path=/x/h.sock,server=on",
+      "-chardev", "socket,id=q,path=/x/q.sock,server=on",
+      "-mon", "chardev=h,mode=readline", "-mon", "chardev=q,mode=control"], "/x/q.sock"),
+])
+def test_qmp_socket_of(cmd: list[str], want: str | None) -> None:
+    assert qmp_socket_of(cmd) == want
+
+
+def test_qmp_first_unix_socket_wins_over_tcp() -> None:
+    cmd = [QEMU, "-qmp", "tcp:127.0.0.1:4444,server=on", "-qmp", "unix:/u.sock,server=on"]
+    assert qmp_socket_of(cmd) == "/u.sock"
+
+
+@pytest.mark.xfail(strict=True, reason="qmp_socket_of splits option strings on every ',', "
+                   "but QEMU escapes a literal comma in a value as ',,' — a socket path "
+                   "containing a comma is cut short")
+def test_qmp_socket_path_with_escaped_comma() -> None:
+    assert qmp_socket_of([QEMU, "-qmp", "unix:/run/a,,b.sock,server=on,wait=off"]) \
+        == "/run/a,b.sock"
+
+
+def test_expand_sockets_glob_and_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                       ) -> None:
+    for vm in ("vm1", "vm2", "vm3"):
+        (tmp_path / vm).mkdir()
+        (tmp_path / vm / "qmp.sock").touch()
+    (tmp_path / "vm3" / "other.sock").touch()
+    (tmp_path / "single.sock").touch()
+    pattern = str(tmp_path / "*" / "qmp.sock")
+    missing = str(tmp_path / "later" / "qmp.sock")
+    got = expand_sockets([pattern, missing, str(tmp_path / "single.sock")])
+    assert got == {str(tmp_path / v / "qmp.sock") for v in ("vm1", "vm2", "vm3")} | {
+        str(tmp_path / "single.sock")}
+    # A path that does not exist yet is picked up once it appears; the glob is evaluated
+    # again on every call and sees new VMs too.
+    (tmp_path / "later").mkdir()
+    (tmp_path / "later" / "qmp.sock").touch()
+    (tmp_path / "vm4").mkdir()
+    (tmp_path / "vm4" / "qmp.sock").touch()
+    got2 = expand_sockets([pattern, missing])
+    assert got2 == {str(tmp_path / v / "qmp.sock") for v in ("vm1", "vm2", "vm3", "vm4",
+                                                              "later")}
+    # Relative specs come back absolute.
+    monkeypatch.chdir(tmp_path)
+    assert expand_sockets(["vm1/qmp.sock", "vm[12]/qmp.sock"]) == {
+        str(tmp_path / "vm1" / "qmp.sock"), str(tmp_path / "vm2" / "qmp.sock")}
+    assert expand_sockets([]) == set()
+    assert expand_sockets([str(tmp_path / "nomatch*")]) == set()
+
+
+@pytest.fixture
+def fake_qemus(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], ...]]:
+    """Two processes whose argv[0] is a qemu-system-x86_64-fake symlink to Python (which
+    ignores the QEMU options after -c), one with file-backed RAM, one without; and one
+    process with an unrelated name but QEMU-like arguments."""
+    real = os.path.realpath(sys.executable)
+    link = tmp_path / "qemu-system-x86_64-fake"
+    link.symlink_to(real)
+    other = tmp_path / "not-qemu"
+    other.symlink_to(real)
+    sleep = "import time; time.sleep(30)"
+    procs = (
+        subprocess.Popen([str(link), "-c", sleep, "-qmp", "unix:/x/file.sock,server=on",
+                          "-object", "memory-backend-file,id=ram0,size=1G,mem-path=/dev/shm/x,"
+                          "share=on", "-machine", "q35,memory-backend=ram0"]),
+        subprocess.Popen([str(link), "-c", sleep, "-chardev",
+                          "socket,id=charmonitor,path=/x/lv.sock,server=on,wait=off",
+                          "-mon", "chardev=charmonitor,id=monitor,mode=control",
+                          "-object", "memory-backend-ram,id=ram0,size=1G"]),
+        subprocess.Popen([str(other), "-c", sleep, "-qmp", "unix:/x/other.sock,server=on",
+                          "-object", "memory-backend-file,id=r,mem-path=/dev/shm/y"]),
+    )
+    try:
+        # wait until their command lines are visible
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if all(Path(f"/proc/{p.pid}/cmdline").read_bytes().count(b"\0") > 3
+                       for p in procs):
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.01)
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def test_find_qemu_processes(fake_qemus: tuple[subprocess.Popen[bytes], ...]) -> None:
+    file_proc, ram_proc, other_proc = fake_qemus
+    found = {p.pid: p for p in find_qemu_processes()}
+    assert found[file_proc.pid] == QemuProcess(file_proc.pid, "/x/file.sock", True)
+    assert found[ram_proc.pid] == QemuProcess(ram_proc.pid, "/x/lv.sock", False)
+    assert other_proc.pid not in found
+    assert os.getpid() not in found
+    # Only names asked for.
+    assert not {file_proc.pid, ram_proc.pid} & {p.pid for p in find_qemu_processes(["qemu-kvm"])}
+    found_other = {p.pid for p in find_qemu_processes(["not-qemu"])}
+    assert other_proc.pid in found_other and file_proc.pid not in found_other
+
+
+def test_find_qemu_processes_gone_after_kill(tmp_path: Path) -> None:
+    link = tmp_path / "qemu-system-x86_64-gone"
+    link.symlink_to(os.path.realpath(sys.executable))
+    p = subprocess.Popen([str(link), "-c", "import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 5
+        while p.pid not in {q.pid for q in find_qemu_processes()}:
+            assert time.monotonic() < deadline, "fake QEMU process never seen"
+            time.sleep(0.02)
+        assert next(q for q in find_qemu_processes() if q.pid == p.pid) == \
+            QemuProcess(p.pid, None, False)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.pid not in {q.pid for q in find_qemu_processes()}

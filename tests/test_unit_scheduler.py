@@ -1,0 +1,297 @@
+"""scanner.scheduler: adaptive period under a CPU budget, hot VMs, fixed intervals, the
+token bucket (real delays measured on the event loop's clock, exact delays with a fake
+clock) and the cost EWMA. Expected values are computed by hand from the README's rules."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+import scanner.scheduler as sched
+from scanner.scheduler import BURST_SECONDS, EWMA, HOT_SECONDS, INITIAL_COST, Policy, Scheduler
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """Replace the scheduler's view of time (not the global time module: asyncio uses it)."""
+    c = FakeClock()
+    monkeypatch.setattr(sched, "time", SimpleNamespace(monotonic=c.monotonic))
+    return c
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> list[float]:
+    """Record the scheduler's asyncio.sleep calls; each advances the fake clock instead
+    of sleeping."""
+    got: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        got.append(delay)
+        clock.t += delay
+
+    monkeypatch.setattr(sched, "asyncio", SimpleNamespace(sleep=fake_sleep, Lock=asyncio.Lock))
+    return got
+
+
+def cool(s: Scheduler, clock: FakeClock) -> None:
+    """Let every VM's hot window pass."""
+    clock.t += HOT_SECONDS + 1
+
+
+# -- period and intervals ----------------------------------------------------------------
+
+def test_period_is_sum_of_costs_over_budget(clock: FakeClock) -> None:
+    s = Scheduler(Policy(budget=0.10, min_interval=1.0, max_interval=300.0))
+    for vm in ("a", "b", "c"):
+        s.add(vm)
+    cool(s, clock)
+    # add() seeds INITIAL_COST; set known costs directly (the EWMA is tested below).
+    s._costs.update({"a": 0.2, "b": 0.3, "c": 0.5})
+    # P = (0.2 + 0.3 + 0.5) / 0.1 = 10 s; cold VMs: interval = P.
+    assert s.period() == pytest.approx(10.0)
+    for vm in ("a", "b", "c"):
+        assert s.interval(vm) == pytest.approx(10.0)
+
+
+def test_hot_vm_counts_double_and_gets_half_interval(clock: FakeClock) -> None:
+    s = Scheduler(Policy(budget=0.10, min_interval=1.0, max_interval=300.0))
+    s.add("cold")
+    cool(s, clock)
+    s.add("hot")  # added now: hot for HOT_SECONDS
+    s._costs.update({"cold": 0.5, "hot": 0.5})
+    # P = (0.5/1 + 0.5/0.5) / 0.1 = 15 s
+    assert s.period() == pytest.approx(15.0)
+    assert s.interval("cold") == pytest.approx(15.0)
+    assert s.interval("hot") == pytest.approx(7.5)
+    # Fleet cost rate at these intervals is exactly the budget.
+    assert 0.5 / s.interval("cold") + 0.5 / s.interval("hot") == pytest.approx(0.10)
+    # The hot window ends after HOT_SECONDS.
+    clock.t += HOT_SECONDS - 1
+    assert s.interval("hot") == pytest.approx(7.5)
+    clock.t += 2
+    assert s.period() == pytest.approx(10.0)
+    assert s.interval("hot") == pytest.approx(10.0)
+    # mark_hot (a reboot or a change) makes it hot again.
+    s.mark_hot("cold")
+    assert s.interval("cold") == pytest.approx(7.5)
+
+
+def test_intervals_clamped_to_bounds(clock: FakeClock) -> None:
+    s = Scheduler(Policy(budget=0.10, min_interval=2.0, max_interval=30.0))
+    s.add("a")
+    cool(s, clock)
+    s._costs["a"] = 0.001  # P = 0.01 s → clamped up to min
+    assert s.period() == 2.0
+    assert s.interval("a") == 2.0
+    s.mark_hot("a")  # P/2 would be 1 s, below min
+    assert s.interval("a") == 2.0
+    s._costs["a"] = 100.0  # hot: P = (100/0.5)/0.1 = 2000 s, P/2 = 1000 → clamped to max
+    assert s.interval("a") == 30.0
+    cool(s, clock)
+    assert s.period() == pytest.approx(1000.0)  # period itself is not max-clamped
+    assert s.interval("a") == 30.0
+
+
+def test_empty_fleet_and_no_budget_give_min_interval(clock: FakeClock) -> None:
+    assert Scheduler(Policy(budget=0.1, min_interval=3.0)).period() == 3.0
+    for budget in (None, 0.0):
+        s = Scheduler(Policy(budget=budget, min_interval=4.0, max_interval=50.0))
+        s.add("a")
+        s._costs["a"] = 1000.0
+        assert s.period() == 4.0
+        assert s.interval("a") == 4.0  # hot: P/2 = 2 clamped up to min
+
+
+def test_fixed_interval_ignores_costs_heat_and_budget(clock: FakeClock) -> None:
+    s = Scheduler(Policy(auto=False, fixed=7.0, budget=0.01, min_interval=10.0))
+    s.add("a")  # hot
+    s.add("b")
+    s._costs["b"] = 99.0
+    assert s.interval("a") == 7.0
+    assert s.interval("b") == 7.0
+    cool(s, clock)
+    assert s.interval("a") == 7.0
+
+
+def test_remove_drops_vm_from_period(clock: FakeClock) -> None:
+    s = Scheduler(Policy(budget=0.1, min_interval=0.001))
+    s.add("a")
+    s.add("b")
+    cool(s, clock)
+    s._costs.update({"a": 1.0, "b": 3.0})
+    assert s.period() == pytest.approx(40.0)
+    s.remove("b")
+    assert s.period() == pytest.approx(10.0)
+    s.remove("never-added")  # no error
+    assert s.cost("b") == INITIAL_COST  # unknown VMs report the initial guess
+
+
+# -- costs EWMA --------------------------------------------------------------------------
+
+def test_costs_ewma(clock: FakeClock) -> None:
+    s = Scheduler(Policy())
+    s.add("a")
+    assert s.cost("a") == INITIAL_COST
+    expected = INITIAL_COST
+    for sample in (0.1, 0.1, 0.02, 0.5):
+        s.record("a", sample)
+        expected = (1 - EWMA) * expected + EWMA * sample
+        assert s.cost("a") == pytest.approx(expected)
+    assert s.cost("a") == pytest.approx(
+        0.8 * (0.8 * (0.8 * (0.8 * 0.005 + 0.2 * 0.1) + 0.2 * 0.1) + 0.2 * 0.02) + 0.2 * 0.5)
+    # A VM never added starts from its first sample, not from the initial guess.
+    s.record("z", 0.3)
+    assert s.cost("z") == pytest.approx(0.3)
+    # Converges to a steady cost.
+    for _ in range(200):
+        s.record("a", 0.04)
+    assert s.cost("a") == pytest.approx(0.04, rel=1e-6)
+
+
+def test_recorded_costs_drive_the_period(clock: FakeClock) -> None:
+    s = Scheduler(Policy(budget=0.05, min_interval=0.01, max_interval=1e9))
+    s.add("a")
+    cool(s, clock)
+    for _ in range(300):
+        s.record("a", 0.2)
+    assert s.period() == pytest.approx(0.2 / 0.05, rel=1e-6)
+
+
+def test_describe() -> None:
+    assert Policy().describe() == "interval auto, 10% of one core, bounds 1-300s"
+    assert Policy(auto=False, fixed=2.5, budget=None).describe() == \
+        "interval 2.5s, no CPU cap, bounds 1-300s"
+
+
+# -- token bucket: exact amounts with a fake clock ----------------------------------------
+# acquire(): wait while the bucket is in debt, then reserve (README: "a token bucket
+# refilled at the budget is the hard cap for all work").
+
+def test_bucket_exact_delays(clock: FakeClock, sleeps: list[float]) -> None:
+    s = Scheduler(Policy(budget=0.1))
+    burst = 0.1 * BURST_SECONDS  # 0.2 CPU-s of credit at start
+
+    async def go() -> None:
+        await s.acquire(burst)          # spends the credit exactly: no wait
+        await s.acquire(0.05)           # not in debt yet: no wait, now 0.05 in debt
+        assert sleeps == []
+        await s.acquire(0.0)            # 0.05 in debt → 0.05 / 0.1 = 0.5 s
+        assert sleeps == [pytest.approx(0.5)]
+        s.settle(0.0, 0.1)              # work cost 0.1 more than reserved
+        await s.acquire(0.0)
+        assert sleeps[-1] == pytest.approx(1.0)
+        s.settle(0.0, 0.3)              # 0.3 in debt...
+        clock.t += 1.0                  # ...1 s repays 0.1 of it: 0.2 left → 2 s
+        await s.acquire(0.0)
+        assert sleeps[-1] == pytest.approx(2.0)
+        s.settle(0.3, 0.0)              # over-reserved: credit comes back...
+        clock.t += 10_000               # ...but a long idle gives at most the burst
+        await s.acquire(burst + 0.03)
+        assert len(sleeps) == 3
+        await s.acquire(0.0)
+        assert sleeps[-1] == pytest.approx(0.3)
+
+    asyncio.run(go())
+    assert len(sleeps) == 4
+    assert s.charged == pytest.approx(0.4)
+
+
+def test_bucket_never_sleeps_without_budget(clock: FakeClock, sleeps: list[float]) -> None:
+    for budget in (None, 0.0):
+        s = Scheduler(Policy(budget=budget))
+
+        async def go(s: Scheduler = s) -> None:
+            for _ in range(5):
+                await s.acquire(1e6)
+                s.settle(1e6, 2e6)
+
+        asyncio.run(go())
+        assert s.charged == pytest.approx(1e7)
+    assert sleeps == []
+
+
+def test_bucket_budget_holds_over_many_scans(clock: FakeClock, sleeps: list[float]) -> None:
+    """100 scans of 0.01 CPU-s each at a 5 % budget: after the 0.1 CPU-s burst, the
+    other 0.9 CPU-s must be paid for by 0.9 / 0.05 = 18 s of (fake) waiting."""
+    s = Scheduler(Policy(budget=0.05))
+    t0 = clock.t
+
+    async def go() -> None:
+        for _ in range(100):
+            await s.acquire(0.01)
+            s.settle(0.01, 0.01)
+
+    asyncio.run(go())
+    # the last 0.01 is still owed when the loop ends
+    assert sum(sleeps) == pytest.approx((0.9 - 0.01) / 0.05, abs=1e-6)
+    assert clock.t - t0 == pytest.approx(sum(sleeps))
+
+
+# -- token bucket: real delays -----------------------------------------------------------
+
+def test_bucket_really_delays_when_in_debt() -> None:
+    async def go() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        s = Scheduler(Policy(budget=0.5))  # 1.0 CPU-s of credit
+        t0 = loop.time()
+        await s.acquire(1.0)
+        await s.acquire(0.1)  # reserved into debt: 0.1 owed
+        t1 = loop.time()
+        await s.acquire(0.0)  # waits 0.1 / 0.5 = 0.2 s
+        t2 = loop.time()
+        s.settle(0.0, 0.1)    # 0.1 more than reserved → 0.2 s again
+        await s.acquire(0.0)
+        t3 = loop.time()
+        return t1 - t0, t2 - t1, t3 - t2
+
+    free, first, second = asyncio.run(go())
+    assert free < 0.1
+    assert 0.19 <= first < 0.6   # never early; generous upper bound for a loaded host
+    assert 0.19 <= second < 0.6
+
+
+def test_no_budget_never_delays_real_time() -> None:
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        s = Scheduler(Policy(budget=None))
+        t0 = loop.time()
+        for _ in range(100):
+            await s.acquire(10.0)
+            s.settle(10.0, 50.0)
+        return loop.time() - t0
+
+    assert asyncio.run(go()) < 0.1
+
+
+def test_concurrent_acquirers_go_one_by_one() -> None:
+    """Four tasks each reserving 0.05 CPU-s at budget 0.5 once the credit is spent: the
+    first goes at once (into debt), each next one waits for the previous one's debt:
+    ~0, 0.1, 0.2, 0.3 s."""
+    async def go() -> list[tuple[int, float]]:
+        loop = asyncio.get_running_loop()
+        s = Scheduler(Policy(budget=0.5))
+        await s.acquire(1.0)
+        t0 = loop.time()
+        done: list[tuple[int, float]] = []
+
+        async def one(i: int) -> None:
+            await s.acquire(0.05)
+            done.append((i, loop.time() - t0))
+
+        await asyncio.gather(*(one(i) for i in range(4)))
+        return done
+
+    d = asyncio.run(go())
+    assert [i for i, _ in d] == [0, 1, 2, 3]  # FIFO
+    for (_, t), want in zip(d, (0.0, 0.1, 0.2, 0.3), strict=True):
+        assert want - 0.01 <= t < want + 0.25
