@@ -56,8 +56,12 @@ def parse_action(text: str) -> Action:
     if text in ("report", "pause"):
         return Action(text)
     if text.startswith("exec:"):
-        argv = tuple(shlex.split(text[5:]))
-        if not argv:
+        try:
+            argv = tuple(shlex.split(text[5:]))
+        except ValueError as err:
+            raise ActionError(f"--on-tamper {text!r}: {err}",
+                              hint="quote the command as a shell would") from None
+        if not argv or not argv[0]:
             raise ActionError("--on-tamper exec: needs a command",
                               hint="e.g. --on-tamper exec:/usr/local/bin/page-oncall")
         return Action("exec", argv)

@@ -76,25 +76,28 @@ def _classify_code(before: bytes, after: bytes, s: int, e: int) -> str:
         return "int3 planted (kprobe or breakpoint)"
     if e - s == 1 and before[s] == 0xCC and after[s] != 0xCC:
         return "int3 removed (kprobe or breakpoint)"
-    # A 5-byte site starting up to 4 bytes before the change and covering all of it.
-    for p in range(max(0, s - 4), s + 1):
-        if p + 5 < e or p + 5 > len(before):
-            continue
-        old, new = before[p:p + 5], after[p:p + 5]
+    # 5-byte sites starting up to 4 bytes before the change and covering all of it.
+    sites = [(before[p:p + 5], after[p:p + 5]) for p in range(max(0, s - 4), s + 1)
+             if p + 5 >= e and p + 5 <= len(before)]
+    # NOP-based patterns first: an unchanged E8/E9 byte just before a site (an
+    # immediate operand) must not pass for a call being retargeted.
+    for old, new in sites:
         if old in NOP5_ALT and new[0] == 0xE8:
             return "ftrace: NOP → call (function tracing enabled)"
         if new in NOP5_ALT and old[0] == 0xE8:
             return "ftrace: call → NOP (function tracing disabled)"
-        if (old in NOP5_ALT and new[0] == 0xE9) or (new in NOP5_ALT and old[0] == 0xE9):
+        if (old in NOP5_ALT and new[0] in (0xE9, 0xEB)) or \
+                (new in NOP5_ALT and old[0] in (0xE9, 0xEB)):
             return "jump label / static key toggled (NOP ↔ jmp)"
-        if old[0] == new[0] and old[0] in (0xE8, 0xE9):
-            return "call/jmp target changed (static call, or a hook)"
-        if new[0] == 0xE9 and old[0] not in (0xE8, 0xE9) and old not in NOP5_ALT:
-            return "code overwritten with a jmp (inline hook?)"
     for p in range(max(0, s - 1), s + 1):
         if p + 2 < e or p + 2 > len(before):
             continue
         old, new = before[p:p + 2], after[p:p + 2]
         if (old in NOP2 and new[0] == 0xEB) or (new in NOP2 and old[0] == 0xEB):
             return "jump label / static key toggled (NOP ↔ short jmp)"
+    for old, new in sites:
+        if old[0] == new[0] and old[0] in (0xE8, 0xE9):
+            return "call/jmp target changed (static call, or a hook)"
+        if new[0] == 0xE9 and old[0] not in (0xE8, 0xE9) and old not in NOP5_ALT:
+            return "code overwritten with a jmp (inline hook?)"
     return "code bytes changed"

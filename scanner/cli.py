@@ -201,7 +201,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from scanner.actions import parse_action
-    from scanner.engine import RunConfig, install_signal_handlers, run_engine
+    from scanner.engine import RunConfig, install_signal_handlers, run_engine, tune_malloc
     from scanner.scheduler import Policy
     from store.paths import default_db_path
 
@@ -220,6 +220,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
                     replay=tuple(args.replay or ()), policy=policy,
                     action=parse_action(args.on_tamper), forensics_dir=forensics,
                     workers=args.workers, stats_every=args.stats_every)
+    tune_malloc()
     stop = asyncio.Event()
     install_signal_handlers(stop)
     if args.duration:

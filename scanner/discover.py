@@ -40,9 +40,27 @@ class QemuProcess:
     file_backed: bool
 
 
+def _split_opts(arg: str) -> list[str]:
+    """Split a QEMU option string on commas; `,,` is a literal comma."""
+    parts, cur, i = [], [], 0
+    while i < len(arg):
+        if arg[i] == ",":
+            if arg[i + 1:i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(arg[i])
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
 def _opts(arg: str) -> dict[str, str]:
     out = {}
-    for part in arg.split(","):
+    for part in _split_opts(arg):
         key, _, val = part.partition("=")
         out[key] = val
     return out
@@ -56,7 +74,7 @@ def qmp_socket_of(cmdline: Sequence[str]) -> str | None:
     for i, a in enumerate(args[:-1]):
         nxt = args[i + 1]
         if a in ("-qmp", "--qmp") and nxt.startswith("unix:"):
-            return nxt[5:].split(",", 1)[0]
+            return _split_opts(nxt[5:])[0]
         if a in ("-chardev", "--chardev") and nxt.startswith("socket,"):
             o = _opts(nxt)
             if o.get("id") and o.get("path"):

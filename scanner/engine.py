@@ -75,6 +75,10 @@ class Engine:
         self._profiles: tuple[float, list[KernelProfile]] = (0.0, [])
         self._golden: dict[tuple[str, str], tuple[float, Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Slow paths in flight at once. Each holds ~19 MB of region copies from examine
+        #: to the end of its check, so this bounds memory; more would not run faster
+        #: than the worker threads anyway.
+        self.slow_slots = asyncio.Semaphore(max(1, cfg.workers))
         self.scans = 0
 
     # -- shared services for watchers ------------------------------------------------
@@ -218,6 +222,26 @@ async def run_engine(cfg: RunConfig, db: str | None, stop: asyncio.Event,
             await Engine(cfg, st, sink).run(stop)
         finally:
             await sink.close()
+
+
+def tune_malloc() -> None:
+    """Make glibc return big freed buffers to the system at once.
+
+    Slow paths allocate ~19 MB of region copies and free them. glibc raises its mmap
+    threshold dynamically after such frees, after which big buffers come from the
+    heap and stay resident; a long-running watcher's memory would creep up. A fixed
+    1 MiB threshold (and two arenas for our two worker threads) keeps it flat."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(name)
+        m_mmap_threshold, m_arena_max = -3, -8
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+        libc.mallopt(m_arena_max, 2)
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

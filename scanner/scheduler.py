@@ -48,7 +48,7 @@ class Policy:
 
 
 class Scheduler:
-    def __init__(self, policy: Policy, clock: type[time.monotonic] | None = None) -> None:
+    def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._costs: dict[str, float] = {}
         self._hot_until: dict[str, float] = {}
@@ -126,6 +126,7 @@ class Scheduler:
     def settle(self, expected: float, actual: float) -> None:
         """Correct a reservation with what the work really cost."""
         self.charged += actual
-        if self.policy.budget:
+        b = self.policy.budget
+        if b:
             self._refill()
-            self._tokens -= actual - expected
+            self._tokens = min(b * BURST_SECONDS, self._tokens - (actual - expected))

@@ -94,7 +94,8 @@ class VmWatcher:
         self.engine.scheduler.add(self.name)
         while True:
             ex = await self._until_checkable()
-            await self._full_check(ex, first=True)
+            await self._checked(ex, first=True)
+            del ex  # ~19 MB of region copies
             while self.ref is not None:
                 await asyncio.sleep(self.engine.scheduler.interval(self.name))
                 await self._scan()
@@ -104,10 +105,14 @@ class VmWatcher:
         said: set[str] = set()
         self.state = "booting"
         while True:
+            await self.engine.slow_slots.acquire()
             try:
                 ex = await self._slow(self._examine)
                 await self.engine.golden(ex)  # raises VmStateError if there is none
-                return ex
+                return ex  # the slot is released once its full check is done
+            except BaseException:
+                self.engine.slow_slots.release()
+                raise
             except ProfileError as err:
                 await self._say_once(said, "profile_missing", err, version=err.version,
                                      hint=err.hint)
@@ -149,6 +154,12 @@ class VmWatcher:
         finally:
             sched.record_slow(sched.charged - before)
             sched.settle(expected, 0.0)
+
+    async def _checked(self, ex: Examined, first: bool) -> CheckReport:
+        try:
+            return await self._full_check(ex, first)
+        finally:
+            self.engine.slow_slots.release()
 
     # -- checks ----------------------------------------------------------------------
     async def _full_check(self, ex: Examined, first: bool) -> CheckReport:
@@ -204,17 +215,22 @@ class VmWatcher:
             return
         log.info("%s: %s %s: slow path", self.name, res.reason, ",".join(res.changed))
         self.engine.scheduler.mark_hot(self.name)
+        await self.engine.slow_slots.acquire()
         try:
             ex = await self._slow(self._examine)
         except (VmStateError, TranslationError, ProfileError) as err:
+            self.engine.slow_slots.release()
             # The kernel is not where it was: a reboot, or its mappings were torn down.
             self._drop_reference()
             await self.emit("vm_booting", message=f"kernel no longer found: {err.message}")
             return
+        except BaseException:
+            self.engine.slow_slots.release()
+            raise
         if self.slide is not None and ex.lk.slide != self.slide:
             await self.emit("vm_rebooted", slide=ex.lk.slide)
             self.reported = None
-        await self._full_check(ex, first=False)
+        await self._checked(ex, first=False)
 
     async def _on_tamper(self, ex: Examined, report: CheckReport) -> None:
         eng = self.engine

@@ -53,17 +53,11 @@ def test_parse_bad_values(bad: str) -> None:
         assert repr(bad) in msg  # names the input
 
 
-@pytest.mark.xfail(strict=True, reason="parse_action lets shlex's ValueError ('No closing "
-                   "quotation') escape instead of raising a KscanError naming the input, so "
-                   "the CLI prints a traceback")
 def test_parse_exec_unbalanced_quote_is_a_kscan_error() -> None:
     with pytest.raises(KscanError, match="page-oncall"):
         parse_action("exec:/bin/page-oncall 'unterminated")
 
 
-@pytest.mark.xfail(strict=True, reason="parse_action accepts an empty program name "
-                   "(exec:'' gives argv ('',)); the mistake only shows when a tampering is "
-                   "detected and the hook cannot run")
 def test_parse_exec_empty_program_name_is_refused() -> None:
     with pytest.raises(KscanError):
         parse_action("exec:'' --flag")

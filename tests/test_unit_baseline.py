@@ -223,10 +223,6 @@ def test_second_boot_with_different_region_size_is_refused() -> None:
         build_golden(lk, cap(first_boot()), BOOT, "vm-b", missing)
 
 
-@pytest.mark.xfail(strict=True, reason="build_golden leaves the second capture's own "
-                   "image-differing pages out of `differ`, so with image hashes (the normal "
-                   "case) .rodata pages that differ between two verified boots are merged "
-                   "silently: merged_per_boot stays empty")
 def test_second_boot_with_file_hashes_reports_merged_pages() -> None:
     lk = live(FILE_PAGES)
     g1 = build_golden(lk, cap(first_boot()), BOOT, "vm-a", None)
@@ -236,10 +232,6 @@ def test_second_boot_with_file_hashes_reports_merged_pages() -> None:
     assert g2.merged_per_boot[".rodata"] == [3, 4]
 
 
-@pytest.mark.xfail(strict=True, reason="with image hashes the MAX_RODATA_PER_BOOT guard "
-                   "never fires: every page a second 'verified' boot changed also differs "
-                   "from the image, is excluded from `differ`, and becomes per-boot — half "
-                   "of .rodata changed is accepted and then only checked per VM")
 def test_second_boot_with_file_hashes_and_many_rodata_changes_is_refused() -> None:
     lk = live(FILE_PAGES)
     g1 = build_golden(lk, cap(first_boot()), BOOT, "vm-a", None)

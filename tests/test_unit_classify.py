@@ -230,10 +230,6 @@ def test_sites_at_page_edges_do_not_crash() -> None:
     assert kind(b, a) == "code bytes changed"
 
 
-@pytest.mark.xfail(strict=True, reason="_classify_code tries 5-byte sites from 4 bytes "
-                   "before the change upward, so an unchanged 0xE8/0xE9 byte just before "
-                   "a jump-label site (here the immediate of `mov $0xe8, %al`) makes a "
-                   "NOP5 → short-forward-jmp toggle read as 'call/jmp target changed'")
 def test_jump_label_after_e8_byte() -> None:
     b = put(page(), AT - 2, bytes.fromhex("b0e8") + NOP5)  # mov al, 0xe8; nop5
     a = changed(b, AT, bytes.fromhex("e925000000"))
