@@ -131,7 +131,8 @@ class Engine:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._discovery(tg), name="discovery"),
-                         tg.create_task(self._stats(), name="stats")]
+                         tg.create_task(self._stats(), name="stats"),
+                         tg.create_task(self._reconcile(), name="reconcile")]
                 await stop.wait()
                 for t in [*tasks, *self._tasks]:
                     t.cancel()
@@ -193,6 +194,11 @@ class Engine:
         finally:
             self.watchers.pop(source, None)
             self._retry_at[source] = time.monotonic() + backoff
+
+    async def _reconcile(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.scheduler.reconcile()
 
     async def _stats(self) -> None:
         last_cpu, last_t, last_scans = time.process_time(), time.monotonic(), self.scans

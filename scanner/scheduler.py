@@ -16,6 +16,9 @@ On top, a token bucket is the hard cap: every scan reserves its expected cost fr
 bucket that refills at B CPU-seconds per second (at most `BURST_SECONDS` of credit),
 and waits when the bucket is in debt. Slow-path work (first checks, changes) is charged
 to the same bucket, so bursts of it delay routine scans instead of breaking the budget.
+Once a second the whole process's CPU time is reconciled with what was charged: the
+rest (event loop, database thread, event writer) is charged too, and P is stretched by
+the measured ratio, so the budget holds for the process, not just for the hashing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 __all__ = ["Policy", "Scheduler"]
 
 HOT_SECONDS = 300.0
+PERIOD_REFRESH = 0.5
 BURST_SECONDS = 2.0
 EWMA = 0.2
 #: Cost assumed for a VM not yet measured (CPU seconds per fast scan).
@@ -58,6 +62,13 @@ class Scheduler:
         self.charged = 0.0  # CPU seconds charged in total
         #: EWMA of what one slow path (examine + verify) costs, to reserve before one.
         self.slow_cost = 0.05
+        #: Process CPU ÷ CPU charged by scans and slow paths (event loop, database,
+        #: events): the period is stretched by it so intervals, not debt, keep the
+        #: budget (see `reconcile`).
+        self.overhead = 1.0
+        self._period, self._period_at = policy.min_interval, -1e9
+        self._proc_mark = time.process_time()
+        self._charged_mark = 0.0
 
     # -- bookkeeping -----------------------------------------------------------------
     def add(self, vm: str) -> None:
@@ -87,13 +98,17 @@ class Scheduler:
         return 0.5 if self._hot_until.get(vm, 0.0) > now else 1.0
 
     def period(self) -> float:
-        """P: the period at which the fleet's fast scans fit the budget."""
+        """P: the period at which the fleet's fast scans fit the budget (recomputed at
+        most every `PERIOD_REFRESH` seconds: it is a sum over the whole fleet)."""
         p = self.policy
         if not p.budget:
             return p.min_interval
         now = time.monotonic()
-        total = sum(c / self._weight(vm, now) for vm, c in self._costs.items())
-        return max(p.min_interval, total / p.budget)
+        if now - self._period_at > PERIOD_REFRESH:
+            total = sum(c / self._weight(vm, now) for vm, c in self._costs.items())
+            self._period = max(p.min_interval, total * self.overhead / p.budget)
+            self._period_at = now
+        return self._period
 
     def interval(self, vm: str) -> float:
         p = self.policy
@@ -122,6 +137,22 @@ class Scheduler:
                 await asyncio.sleep(-self._tokens / b)
                 self._refill()
             self._tokens -= expected
+
+    def reconcile(self) -> None:
+        """Charge the CPU the process used beyond what was charged (event loop,
+        database thread, event writer) to the bucket, and learn the ratio. Called
+        every second by the engine, so the budget holds for the whole process."""
+        proc, charged = time.process_time(), self.charged
+        used, counted = proc - self._proc_mark, charged - self._charged_mark
+        self._proc_mark, self._charged_mark = proc, charged
+        uncounted = used - counted
+        if counted > 0.01:
+            self.overhead = min(10.0, max(1.0, (1 - EWMA) * self.overhead
+                                          + EWMA * used / counted))
+        b = self.policy.budget
+        if b and uncounted > 0:
+            self._refill()
+            self._tokens -= uncounted
 
     def settle(self, expected: float, actual: float) -> None:
         """Correct a reservation with what the work really cost."""

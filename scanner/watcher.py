@@ -23,7 +23,6 @@ from kscan.errors import KscanError
 from scanner.actions import run_exec, save_forensics
 from scanner.errors import ProfileError, QmpError, VmStateError
 from scanner.fastpath import (
-    FastResult,
     Reference,
     check_memory,
     check_registers,
@@ -196,17 +195,16 @@ class VmWatcher:
         assert self.ref is not None
         expected = self.engine.scheduler.cost(self.name)
         await self.engine.scheduler.acquire(expected)
+        vcpus = await self.vm.refresh_vcpus()
+        # The fast path runs right here on the event loop: ~1-2 ms of hashing (with
+        # the GIL released) per VM. Handing it to a worker thread cost more CPU in
+        # futures and wake-ups than it saved; under a CPU budget below one core the
+        # parallelism buys nothing. Slow paths (tens of ms) do go to the workers.
         t0 = time.thread_time()
-        # The QMP round trip (QEMU formats the registers) overlaps the hashing.
-        regs = asyncio.ensure_future(self.vm.refresh_vcpus())
-        try:
-            res, worker_cpu = await self.engine.in_worker(_timed_check_memory, self.ref,
-                                                          self.vm.mem)
-        finally:
-            vcpus = await regs
+        res = check_registers(self.ref, self.vm.mem, vcpus)
         if res.ok:
-            res = check_registers(self.ref, self.vm.mem, vcpus)
-        cost = time.thread_time() - t0 + worker_cpu
+            res = check_memory(self.ref, self.vm.mem)
+        cost = time.thread_time() - t0
         self.engine.scheduler.record(self.name, cost)
         self.engine.scheduler.settle(expected, cost)
         self.scans += 1
@@ -255,12 +253,6 @@ class VmWatcher:
         elif action.kind == "exec":
             result = await run_exec(action.argv, ev)
             await self.emit("action", action=action.describe(), **result)
-
-
-def _timed_check_memory(ref: Reference, mem: Any) -> tuple[FastResult, float]:
-    t0 = time.thread_time()
-    res = check_memory(ref, mem)
-    return res, time.thread_time() - t0
 
 
 def _summary(report: CheckReport) -> dict[str, Any]:
