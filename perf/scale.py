@@ -238,13 +238,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU window seconds (default: 2 periods, at least 20 s)")
     ap.add_argument("--plot", type=Path, default=ROOT / "perf" / "scale.png")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=OUT / "scale",
+                    help="where the replayed fleet and the database go")
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = ap.parse_args(argv)
     points_n = [int(x) for x in args.points.split(",")]
     rng = random.Random(args.seed)
 
     recs = recordings(args.distinct)
-    work = OUT / "scale"
+    work = args.work
     fleet = work / "vms"
     shutil.rmtree(fleet, ignore_errors=True)
     fleet.mkdir(parents=True)

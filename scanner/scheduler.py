@@ -55,6 +55,7 @@ class Scheduler:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._costs: dict[str, float] = {}
+        self._measured: set[str] = set()
         self._hot_until: dict[str, float] = {}
         self._tokens = (policy.budget or 0.0) * BURST_SECONDS
         self._stamp = time.monotonic()
@@ -75,15 +76,26 @@ class Scheduler:
         self._costs.setdefault(vm, INITIAL_COST)
         self.mark_hot(vm)
 
+    def _stale(self) -> None:
+        self._period_at = -1e9
+
     def remove(self, vm: str) -> None:
         self._costs.pop(vm, None)
+        self._measured.discard(vm)
         self._hot_until.pop(vm, None)
+        self._stale()
 
     def mark_hot(self, vm: str) -> None:
         self._hot_until[vm] = time.monotonic() + HOT_SECONDS
+        self._stale()
 
     def record(self, vm: str, cpu_seconds: float) -> None:
-        """A fast-path scan of `vm` took `cpu_seconds`."""
+        """A fast-path scan of `vm` took `cpu_seconds` (the first one replaces the
+        initial guess outright)."""
+        if vm not in self._measured:
+            self._measured.add(vm)
+            self._costs[vm] = cpu_seconds
+            return
         old = self._costs.get(vm, cpu_seconds)
         self._costs[vm] = (1 - EWMA) * old + EWMA * cpu_seconds
 

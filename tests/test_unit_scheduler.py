@@ -16,16 +16,21 @@ from scanner.scheduler import BURST_SECONDS, EWMA, HOT_SECONDS, INITIAL_COST, Po
 class FakeClock:
     def __init__(self, t: float = 1000.0) -> None:
         self.t = t
+        self.cpu = 0.0  # process CPU seconds, advanced by tests that reconcile
 
     def monotonic(self) -> float:
         return self.t
+
+    def process_time(self) -> float:
+        return self.cpu
 
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Replace the scheduler's view of time (not the global time module: asyncio uses it)."""
     c = FakeClock()
-    monkeypatch.setattr(sched, "time", SimpleNamespace(monotonic=c.monotonic))
+    monkeypatch.setattr(sched, "time", SimpleNamespace(monotonic=c.monotonic,
+                                                       process_time=c.process_time))
     return c
 
 
@@ -96,6 +101,7 @@ def test_intervals_clamped_to_bounds(clock: FakeClock) -> None:
     s.mark_hot("a")  # P/2 would be 1 s, below min
     assert s.interval("a") == 2.0
     s._costs["a"] = 100.0  # hot: P = (100/0.5)/0.1 = 2000 s, P/2 = 1000 → clamped to max
+    clock.t += sched.PERIOD_REFRESH + 0.01  # the fleet period is recomputed twice a second
     assert s.interval("a") == 30.0
     cool(s, clock)
     assert s.period() == pytest.approx(1000.0)  # period itself is not max-clamped
@@ -142,13 +148,16 @@ def test_costs_ewma(clock: FakeClock) -> None:
     s = Scheduler(Policy())
     s.add("a")
     assert s.cost("a") == INITIAL_COST
-    expected = INITIAL_COST
-    for sample in (0.1, 0.1, 0.02, 0.5):
+    # The first measurement replaces the initial guess; later ones are averaged in.
+    s.record("a", 0.1)
+    assert s.cost("a") == pytest.approx(0.1)
+    expected = 0.1
+    for sample in (0.1, 0.02, 0.5):
         s.record("a", sample)
         expected = (1 - EWMA) * expected + EWMA * sample
         assert s.cost("a") == pytest.approx(expected)
-    assert s.cost("a") == pytest.approx(
-        0.8 * (0.8 * (0.8 * (0.8 * 0.005 + 0.2 * 0.1) + 0.2 * 0.1) + 0.2 * 0.02) + 0.2 * 0.5)
+    assert s.cost("a") == pytest.approx(0.8 * (0.8 * (0.8 * 0.1 + 0.2 * 0.1) + 0.2 * 0.02)
+                                        + 0.2 * 0.5)
     # A VM never added starts from its first sample, not from the initial guess.
     s.record("z", 0.3)
     assert s.cost("z") == pytest.approx(0.3)
@@ -295,3 +304,28 @@ def test_concurrent_acquirers_go_one_by_one() -> None:
     assert [i for i, _ in d] == [0, 1, 2, 3]  # FIFO
     for (_, t), want in zip(d, (0.0, 0.1, 0.2, 0.3), strict=True):
         assert want - 0.01 <= t < want + 0.25
+
+
+def test_reconcile_charges_uncounted_cpu_and_stretches_the_period(clock: FakeClock) -> None:
+    s = Scheduler(Policy(budget=0.10, min_interval=0.01, max_interval=1e9))
+    s.add("a")
+    cool(s, clock)
+    s.record("a", 0.01)
+    clock.t += sched.PERIOD_REFRESH + 0.01
+    assert s.period() == pytest.approx(0.1)  # 0.01 s / 10 %
+    tokens_before = s._tokens
+    # One second: the scans charged 0.05 s, but the process used 0.10 s.
+    s.settle(0.0, 0.05)
+    clock.cpu += 0.10
+    s.reconcile()
+    # The uncounted 0.05 s went to the bucket too, and the ratio (2×) was learned.
+    assert s._tokens == pytest.approx(tokens_before - 0.10)
+    assert s.overhead == pytest.approx((1 - EWMA) * 1.0 + EWMA * 2.0)
+    clock.t += sched.PERIOD_REFRESH + 0.01
+    assert s.period() == pytest.approx(0.1 * s.overhead)
+    # A process that used less than was charged never gets credit back.
+    s.settle(0.0, 0.05)
+    clock.cpu += 0.01
+    before = s._tokens
+    s.reconcile()
+    assert s._tokens == before and s.overhead >= 1.0

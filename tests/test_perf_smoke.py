@@ -1,0 +1,53 @@
+"""The benchmarks in perf/ still run and produce their figures (a few iterations each).
+
+Asserts that each script runs and reports the named figures with sane values — not
+how fast anything is (speed is measured by running the scripts, never by tests).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.guest
+
+
+def bench(script: str, *args: str, timeout: float = 600) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "perf" / script), "--json", *args],
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_ceiling_runs() -> None:
+    f = bench("ceiling.py", "--rounds", "3", "--per-round", "3")
+    assert 15e6 < f["region_bytes"] < 30e6
+    assert 0 < f["fast_vs_raw"] <= 2 and f["slow_path_ms"] > 0
+
+
+def test_vs_qemu_runs() -> None:
+    f = bench("vs_qemu.py", "--rounds", "1")
+    assert f["speedup_vs_pmemsave"] > 0 and f["speedup_vs_dump"] > 0
+    assert f["dump_ms"] > f["kscan_fast_ms"] > 0
+
+
+def test_scale_runs(tmp_path: Path) -> None:
+    f = bench("scale.py", "--points", "3,6", "--distinct", "2", "--tampers", "2",
+              "--in-flight", "2", "--window", "4", "--plot", str(tmp_path / "s.png"),
+              "--work", str(tmp_path / "scale"))
+    assert f["replayed"] is True
+    assert [p["vms"] for p in f["points"]] == [3, 6]
+    for p in f["points"]:
+        assert {"vms", "sweep_cpu_s", "latency_p99_s", "uss_mb"} <= p.keys()
+        assert p["sweep_cpu_s"] > 0 and p["latency_p99_s"] > 0 and p["uss_mb"] > 10
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_events_runs() -> None:
+    f = bench("events.py", "--events", "2000", "--rounds", "1")
+    assert f["events_per_s"] > 0 and f["writer_vs_bare"] > 0
