@@ -32,8 +32,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -49,50 +47,22 @@ from scanner.kernel import locate_kernel
 from scanner.oneshot import load_profiles
 from scanner.replay import ReplayVm
 from store import Store
+from tools.kscan_run import KscanRun
 from tools.record import clone
 
 PAGE = 4096
 
 
-class Kscan:
-    """The `kscan run` process and its event stream."""
+class Kscan(KscanRun):
+    """`kscan run` plus what the benchmark reads of its process."""
 
     def __init__(self, args: list[str], err: Path) -> None:
-        self.err = open(err, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "scanner.cli", "run", *args],
-                                     stdout=subprocess.PIPE, stderr=self.err, cwd=ROOT)
+        super().__init__(args, err)
         self.ps = psutil.Process(self.proc.pid)
-        self.events: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            ev = json.loads(line)
-            with self.cond:
-                self.events.append(ev)
-                self.cond.notify_all()
 
     def count(self, kind: str) -> int:
         with self.cond:
             return len({e["vm"] for e in self.events if e["event"] == kind})
-
-    def wait(self, pred: Any, timeout: float, after: int = 0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for e in self.events[after:]:
-                    if pred(e):
-                        return e
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise SystemExit(f"kscan run: no expected event within {timeout}s "
-                                     f"(see {self.err.name})")
-                self.cond.wait(0.5)
-
-    def mark(self) -> int:
-        with self.cond:
-            return len(self.events)
 
     def cpu(self) -> float:
         t = self.ps.cpu_times()
@@ -112,15 +82,6 @@ class Kscan:
                 elif head in ("Private_Clean:", "Private_Dirty:") and not skip:
                     total += int(line.split()[1])
         return total / 1024
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.err.close()
 
 
 async def text_targets(recs: list[Path], db: str) -> dict[str, tuple[int, int]]:
@@ -173,12 +134,12 @@ def latencies(k: Kscan, vms: list[Path], source_of: dict[str, str],
         mark = k.mark()
         t_write = time.time()
         old = flip(vm / "mem", offset, 4)
-        ev = k.wait(lambda e: e["event"] == "tamper" and e["vm"] == vm.name, 120, mark)
+        ev = k.wait_for(lambda e: e["event"] == "tamper" and e["vm"] == vm.name, 120, mark)
         with lock:
             results.append(ev["ts"] - t_write)
         mark = k.mark()
         restore(vm / "mem", offset, old)
-        k.wait(lambda e: e["event"] == "tamper_cleared" and e["vm"] == vm.name, 120, mark)
+        k.wait_for(lambda e: e["event"] == "tamper_cleared" and e["vm"] == vm.name, 120, mark)
 
     pending = list(chosen)
     while pending:
@@ -282,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"tampering reported on untouched VM {false[0]['vm']}")
                 time.sleep(1)
             warm = time.monotonic() - t0
-            stats = k.wait(lambda e: e["event"] == "stats", 30, k.mark())
+            stats = k.wait_for(lambda e: e["event"] == "stats", 30, k.mark())
             period = stats["period_s"]
             window = args.window or max(20.0, 2 * period)
             log(f"{n} VMs verified after {warm:.0f}s; period {period:.1f}s; "

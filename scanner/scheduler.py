@@ -17,8 +17,9 @@ bucket that refills at B CPU-seconds per second (at most `BURST_SECONDS` of cred
 and waits when the bucket is in debt. Slow-path work (first checks, changes) is charged
 to the same bucket, so bursts of it delay routine scans instead of breaking the budget.
 Once a second the whole process's CPU time is reconciled with what was charged: the
-rest (event loop, database thread, event writer) is charged too, and P is stretched by
-the measured ratio, so the budget holds for the process, not just for the hashing.
+rest (event loop, database thread, event writer) is charged too, and a feedback factor
+on P steers the process's measured CPU rate to the budget — so the budget holds for the
+whole process, and is used, not left idle.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ __all__ = ["Policy", "Scheduler"]
 
 HOT_SECONDS = 300.0
 PERIOD_REFRESH = 0.5
+RATE_EWMA = 0.1
+OVERHEAD_MIN, OVERHEAD_MAX = 0.5, 20.0
 BURST_SECONDS = 2.0
 EWMA = 0.2
 #: Cost assumed for a VM not yet measured (CPU seconds per fast scan).
@@ -63,13 +66,15 @@ class Scheduler:
         self.charged = 0.0  # CPU seconds charged in total
         #: EWMA of what one slow path (examine + verify) costs, to reserve before one.
         self.slow_cost = 0.05
-        #: Process CPU ÷ CPU charged by scans and slow paths (event loop, database,
-        #: events): the period is stretched by it so intervals, not debt, keep the
-        #: budget (see `reconcile`).
+        #: Feedback factor on the period, so the whole process (event loop, database,
+        #: events, slow paths included) runs at its budget (see `reconcile`).
         self.overhead = 1.0
         self._period, self._period_at = policy.min_interval, -1e9
         self._proc_mark = time.process_time()
         self._charged_mark = 0.0
+        self._wall_mark = time.monotonic()
+        #: The process's CPU use, CPU seconds per second (EWMA, ~10 s).
+        self.rate = policy.budget or 0.0
 
     # -- bookkeeping -----------------------------------------------------------------
     def add(self, vm: str) -> None:
@@ -137,11 +142,20 @@ class Scheduler:
             self._tokens = min(b * BURST_SECONDS, self._tokens + (now - self._stamp) * b)
         self._stamp = now
 
-    async def acquire(self, expected: float) -> None:
+    async def acquire(self, expected: float, *, urgent: bool = False) -> None:
         """Wait while the bucket is in debt, then reserve `expected` CPU seconds.
-        Waiters queue on a lock, so they go one by one (FIFO), not as a herd."""
+        Waiters queue on a lock, so they go one by one (FIFO), not as a herd. `urgent`
+        work — localizing a change the fast path just saw — skips the queue (it still
+        waits for the debt to be repaid, so the budget holds on average)."""
         b = self.policy.budget
         if not b:
+            return
+        if urgent:
+            self._refill()
+            if self._tokens < 0:
+                await asyncio.sleep(-self._tokens / b)
+                self._refill()
+            self._tokens -= expected
             return
         async with self._lock:
             self._refill()
@@ -151,20 +165,30 @@ class Scheduler:
             self._tokens -= expected
 
     def reconcile(self) -> None:
-        """Charge the CPU the process used beyond what was charged (event loop,
-        database thread, event writer) to the bucket, and learn the ratio. Called
-        every second by the engine, so the budget holds for the whole process."""
-        proc, charged = time.process_time(), self.charged
+        """Once a second: charge the CPU the process used beyond what was charged
+        (event loop, database thread, event writer) to the bucket, and steer the
+        period so the whole process uses its budget — no more, and not much less.
+
+        `overhead` is a feedback factor on P: the process's measured CPU rate (an EWMA
+        over ~10 s) is compared with the budget, and the factor moves towards making
+        them equal. A model of the overhead (used ÷ counted) was tried first; it
+        stayed skewed by warm-up work and left a third of the budget unused."""
+        now, proc, charged = time.monotonic(), time.process_time(), self.charged
+        dt = max(1e-3, now - self._wall_mark)
         used, counted = proc - self._proc_mark, charged - self._charged_mark
-        self._proc_mark, self._charged_mark = proc, charged
-        uncounted = used - counted
-        if counted > 0.01:
-            self.overhead = min(10.0, max(1.0, (1 - EWMA) * self.overhead
-                                          + EWMA * used / counted))
+        self._proc_mark, self._charged_mark, self._wall_mark = proc, charged, now
         b = self.policy.budget
-        if b and uncounted > 0:
+        if not b:
+            return
+        uncounted = used - counted
+        if uncounted > 0:
             self._refill()
             self._tokens -= uncounted
+        self.rate = (1 - RATE_EWMA) * self.rate + RATE_EWMA * used / dt
+        # Multiplicative, damped, bounded: a long P when over budget, shorter when under.
+        ratio = max(0.25, min(4.0, self.rate / b))
+        self.overhead = max(OVERHEAD_MIN, min(OVERHEAD_MAX, self.overhead * ratio ** 0.2))
+        self._stale()
 
     def settle(self, expected: float, actual: float) -> None:
         """Correct a reservation with what the work really cost."""

@@ -140,13 +140,13 @@ class VmWatcher:
         profiles = await self.engine.profiles()
         return await examine(self.vm, profiles, self.engine.timed_in_worker)
 
-    async def _slow(self, work: Callable[[], Awaitable[T]]) -> T:
+    async def _slow(self, work: Callable[[], Awaitable[T]], urgent: bool = False) -> T:
         """Slow-path work waits for the budget like scans do: it reserves the usual
         slow-path cost, is charged what it really uses, then the reservation is
         returned — so a fleet attaching at once does not break the CPU budget."""
         sched = self.engine.scheduler
         expected = sched.slow_cost
-        await sched.acquire(expected)
+        await sched.acquire(expected, urgent=urgent)
         before = sched.charged
         try:
             return await work()
@@ -215,7 +215,7 @@ class VmWatcher:
         self.engine.scheduler.mark_hot(self.name)
         await self.engine.slow_slots.acquire()
         try:
-            ex = await self._slow(self._examine)
+            ex = await self._slow(self._examine, urgent=True)
         except (VmStateError, TranslationError, ProfileError) as err:
             self.engine.slow_slots.release()
             # The kernel is not where it was: a reboot, or its mappings were torn down.

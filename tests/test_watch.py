@@ -247,6 +247,20 @@ def test_accept_approved_change(victim: Guest, db: str, kernel_profile: KernelPr
     assert run(logged()).count("accepted") == 2
 
 
+def test_discover_finds_running_guests(guests: GuestPool, db: str, tmp_path: Path) -> None:
+    """`--discover` reads QEMU command lines: the standard guests are found and checked."""
+    proc = RunProc(["--discover", "--db", db, "--interval", "2",
+                    "--forensics-dir", str(tmp_path / "f")], tmp_path / "run.err")
+    try:
+        found = proc.wait_for(lambda e: e["event"] == "vm_found" and e["vm"] == "a", 60)
+        assert found["kind"] == "discover"
+        assert found["source"] == str(guests["a"].qmp)  # the first -qmp of its command line
+        proc.wait_for(lambda e: e["event"] == "vm_clean" and e["vm"] == "a", 60)
+    finally:
+        assert proc.stop() == 0
+    assert not proc.of("tamper")
+
+
 # ----------------------------------------------------------------------- the long run
 
 

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from tools.guests import GuestSpec, boot, default_run_dir, ensure_kernel
+from tools.kscan_run import KscanRun
 
 
 def say(msg: str) -> None:
@@ -39,36 +36,6 @@ def kscan(*args: str) -> subprocess.CompletedProcess[str]:
     sys.stderr.write(out.stdout + out.stderr)
     out.check_returncode()
     return out
-
-
-class Events:
-    """Tee `kscan run`'s stdout to ours and remember the events."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        self.events: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
-            with self.cond:
-                self.events.append(json.loads(line))
-                self.cond.notify_all()
-
-    def wait(self, pred: Any, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for ev in self.events:
-                    if pred(ev):
-                        return ev
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise SystemExit("[demo] kscan run did not report what was expected")
-                self.cond.wait(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,21 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         say("kscan baseline --qmp demo0   (demo0 is the verified VM)")
         kscan("baseline", "--qmp", str(g0.qmp_aux), "--db", db)
         say("kscan run --interval auto --on-tamper pause   (JSON events follow on stdout)")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scanner.cli", "run", "--qmp", str(g0.qmp), "--qmp",
-             str(g1.qmp), "--db", db, "--interval", "auto", "--on-tamper", "pause",
-             "--forensics-dir", str(work / "forensics")], stdout=subprocess.PIPE)
-        ev = Events(proc)
+        ev = proc = KscanRun(["--qmp", str(g0.qmp), "--qmp", str(g1.qmp), "--db", db,
+                              "--interval", "auto", "--on-tamper", "pause",
+                              "--forensics-dir", str(work / "forensics")], tee=True)
         for g in guests:
-            ev.wait(lambda e, n=g.name: e["event"] == "vm_clean" and e["vm"] == n, 120)
+            ev.wait_for(lambda e, n=g.name: e["event"] == "vm_clean" and e["vm"] == n, 120)
         time.sleep(3)
         say("attack: overwriting 5 bytes of demo1's kernel .text with a jmp (inline hook)")
         subprocess.run([sys.executable, "-m", "tools.tamper", "--qmp", str(g1.qmp_aux),
                         "--db", db, "--region", ".text", "--offset", "0x600010",
                         "--bytes", "e9deadbeef"], check=True, stdout=subprocess.DEVNULL)
         t0 = time.monotonic()
-        hit = ev.wait(lambda e: e["event"] == "tamper" and e["vm"] == "demo1", 60)
-        act = ev.wait(lambda e: e["event"] == "action" and e["vm"] == "demo1", 30)
+        hit = ev.wait_for(lambda e: e["event"] == "tamper" and e["vm"] == "demo1", 60)
+        act = ev.wait_for(lambda e: e["event"] == "action" and e["vm"] == "demo1", 30)
         m = hit["mismatches"][0]
         say(f"detected in {time.monotonic() - t0:.1f}s: {m['region']} page {m['page']} "
             f"va {m['va']:#x} gpa {m['gpa']:#x}, bytes {m['ranges'][0]['start']:#x}-"
@@ -113,12 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         state = asyncio.run(_run_state(g1.qmp_aux))
         say(f"action: {act['action']} -> demo1 run state is now '{state}'; "
             f"forensic copy in {hit['forensics']}")
-        clean = [e for e in ev.events if e["event"] == "tamper" and e["vm"] == "demo0"]
-        say("demo0 stayed clean" if not clean else "demo0 reported tampering?!")
+        say("demo0 stayed clean" if not ev.of("tamper", "demo0")
+            else "demo0 reported tampering?!")
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+            proc.stop()
         if not args.keep:
             for g in guests:
                 g.stop()
