@@ -61,6 +61,7 @@ class VmWatcher:
         self.reported: frozenset[Any] | None = None  # the change set last reported
         self.scans = 0
         self.state = "attached"
+        self.seen_at: float | None = None  # when the fast path last saw a difference
 
     # -- helpers ---------------------------------------------------------------------
     async def emit(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -212,6 +213,7 @@ class VmWatcher:
         if res.ok:
             return
         log.info("%s: %s %s: slow path", self.name, res.reason, ",".join(res.changed))
+        self.seen_at = time.time()
         self.engine.scheduler.mark_hot(self.name)
         await self.engine.slow_slots.acquire()
         try:
@@ -238,7 +240,7 @@ class VmWatcher:
         action = eng.action
         ev = await self.emit(
             "tamper", action=action.describe(), forensics=str(forensics),
-            build_id=report.build_id, slide=report.slide,
+            build_id=report.build_id, slide=report.slide, seen_at=self.seen_at,
             mismatches=[m.to_json() for m in report.mismatches],
             findings=[f.to_json() for f in report.findings],
         )

@@ -39,7 +39,7 @@ def test_vs_qemu_runs() -> None:
 def test_scale_runs(tmp_path: Path) -> None:
     f = bench("scale.py", "--points", "3,6", "--distinct", "2", "--tampers", "2",
               "--in-flight", "2", "--window", "4", "--plot", str(tmp_path / "s.png"),
-              "--work", str(tmp_path / "scale"))
+              "--work", str(tmp_path / "scale"), "--settle", "20")
     assert f["replayed"] is True
     assert [p["vms"] for p in f["points"]] == [3, 6]
     for p in f["points"]:
