@@ -11,7 +11,9 @@ One `kscan run --interval auto --cpu-budget B` process watches a growing fleet; 
 point, once every VM has had its first check:
 
 * sweep_cpu_s — kscan's CPU seconds per full sweep (CPU used ÷ sweeps done in a window);
-* sweep_wall_s — the fleet period kscan chose under the budget (wall time of a sweep);
+* sweep_wall_s — wall time of a sweep (window ÷ sweeps done in it), and period_s, the
+  fleet period P kscan computed (VMs attached or changed in the last 5 minutes are
+  scanned every P/2, the others every P);
 * cpu_percent — kscan's CPU use in the window, percent of one core (≤ budget);
 * latency_p99_s — detection latency: bytes of .text flipped at a random moment in a
   random VM (through its memory file, as `tools/tamper` does) until kscan's `tamper`
@@ -285,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                             period, args.in_flight, rng)
             points.append({
                 "vms": n, "sweep_cpu_s": (cpu1 - cpu0) / sweeps,
-                "sweep_wall_s": period, "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0),
+                "sweep_wall_s": (t1 - t0) / sweeps, "period_s": period,
+                "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0),
                 "latency_p99_s": percentile(lat, 0.99), "latency_p50_s": percentile(lat, 0.5),
                 "latency_max_s": max(lat), "latency_samples": len(lat), "uss_mb": uss,
                 "warmup_s": warm,
