@@ -24,12 +24,19 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_TAMPERED, EXIT_ERROR = 0, 1, 2
 
+
+class UsageError(KscanError):
+    """The command line names nothing to work on."""
+
 EPILOG = """\
 examples:
   kscan profile add /boot/vmlinuz-6.1.0-56-cloud-amd64    store a kernel's profile
   kscan profile list
   kscan inspect --qmp /run/vm1/qmp.sock            layout, registers, kernel, regions
   kscan inspect --qmp /run/vm1/qmp.sock --json     the same as one JSON object
+  kscan baseline --qmp /run/golden/qmp.sock        hash a known-good VM
+  kscan check --qmp /run/vm7/qmp.sock              verify once: exit 0 clean, 1 tampered
+  kscan run --qmp '/run/*/qmp.sock' --interval auto    watch them all (JSON lines)
 
 The database defaults to $XDG_STATE_HOME/kscan/kscan.db (~/.local/state/kscan/kscan.db);
 --db PATH chooses another.
@@ -227,10 +234,6 @@ async def cmd_run(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().call_later(args.duration, stop.set)
     await run_engine(cfg, args.db, stop)
     return EXIT_OK
-
-
-class UsageError(KscanError):
-    pass
 
 
 # --------------------------------------------------------------------------- main
