@@ -12,6 +12,7 @@ message from them; `hint` says what the operator should do next. The CLI prints
     ├── translate.errors.BackendError          memory-backend file cannot be mapped
     ├── scanner.errors.QmpError                QMP socket missing / not QMP / command failed
     ├── scanner.errors.VmStateError            VM not usable (no file-backed RAM, not booted)
+    │   └── BaselineMissing                    no golden baseline for its kernel + CPU
     ├── scanner.errors.KernelImageError        bzImage/vmlinux cannot be read
     ├── scanner.errors.ProfileError            no profile matches / slide not found
     └── store.errors.StoreError                database cannot be opened / migrated

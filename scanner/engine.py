@@ -190,7 +190,13 @@ class Engine:
             w = VmWatcher(self, vm, source)
             self.watchers[source] = w
             await self.sink.emit("vm_found", vm.name, source=source, kind=kind)
-            await w.run()
+            try:
+                await w.run()
+            except Exception as err:  # a bug or a surprise must not stop the other VMs
+                log.exception("%s: watcher failed", vm.name)
+                await self.sink.emit("error", vm.name, source=source,
+                                     message=f"{type(err).__name__}: {err}",
+                                     hint="kscan stopped watching this VM; it is retried")
         finally:
             self.watchers.pop(source, None)
             self._retry_at[source] = time.monotonic() + backoff

@@ -28,6 +28,10 @@ class VmStateError(KscanError):
         super().__init__(f"VM {vm}: {message}", hint=hint)
 
 
+class BaselineMissing(VmStateError):
+    """No golden baseline exists for the VM's kernel build and boot profile."""
+
+
 class KernelImageError(KscanError):
     """A bzImage/vmlinuz/vmlinux cannot be read; names the file and the offset."""
 

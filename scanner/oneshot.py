@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,7 +18,7 @@ import zstandard
 
 from scanner.baseline import GoldenBuild, build_golden, capture, require_booted
 from scanner.bootprofile import BootProfile
-from scanner.errors import ProfileError, VmStateError
+from scanner.errors import BaselineMissing, ProfileError, VmStateError
 from scanner.hmp import VcpuState
 from scanner.kernel import REGIONS, LiveKernel, locate_kernel
 from scanner.measure import PAGE, read_normalized
@@ -84,6 +84,22 @@ async def examine(vm: VmHandle, profiles: list[KernelProfile],
     return await run_sync(compute)
 
 
+async def reexamine(vm: VmHandle, prev: Examined, names: Collection[str],
+                    run_sync: RunSync[Examined] = _inline) -> Examined:
+    """Read again only the regions `names`, through the previous check's translations.
+    Only valid when those translations are proven unchanged (the fast path's page-table
+    fingerprint and every vCPU's kernel mapping); the kernel is not located again."""
+    vcpus = tuple(await vm.refresh_vcpus())
+
+    def compute() -> Examined:
+        limit = vcpus[0].idtr_limit
+        read = {n: read_normalized(vm.mem, prev.lk, n, limit) for n in REGIONS if n in names}
+        return Examined(vm.name, prev.lk, prev.boot, vcpus,
+                        {n: r[0] for n, r in read.items()}, {n: r[1] for n, r in read.items()})
+
+    return await run_sync(compute)
+
+
 async def baseline_vms(sockets: list[str], db: str | None) -> list[tuple[str, GoldenBuild,
                                                                             str]]:
     """Build (or extend) golden baselines from verified VMs, one after the other."""
@@ -116,7 +132,7 @@ async def golden_for(st: Store, ex: Examined) -> tuple[dict[str, GoldenRegion],
     build_id = ex.lk.profile.build_id
     golden = await st.get_golden(build_id, ex.boot.key)
     if golden is None:
-        raise VmStateError(
+        raise BaselineMissing(
             f"no golden baseline for kernel {ex.lk.profile.release} ({build_id[:12]}) with "
             f"boot profile {ex.boot.key}", vm=ex.vm,
             hint="baseline a verified VM of that kernel and CPU first: kscan baseline "

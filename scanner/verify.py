@@ -180,8 +180,10 @@ def verify(
 ) -> tuple[CheckReport, dict[str, Any]]:
     """Check one VM. Returns the report and the VM's (possibly new) per-VM state.
 
-    `normalized` holds the regions' bytes with KASLR undone; `golden_content(region)`
-    returns the golden region's compressed bytes (only called on a mismatch).
+    `normalized` holds the regions' bytes with KASLR undone — all four, or (to re-check
+    only regions known to have changed, within one boot) a subset: the report then has
+    verdicts for those regions only. `golden_content(region)` returns the golden
+    region's compressed bytes (only called on a mismatch).
     """
     identity = boot_identity(lk)
     fresh = vm_state is None or vm_state.get("boot") != identity
@@ -200,8 +202,11 @@ def verify(
                                   if blob else b"")
         return golden_cache[name] or None
 
+    names = [n for n in REGIONS if n in normalized]
+    if fresh and len(names) != len(REGIONS):
+        raise ValueError("the first check of a boot needs all four regions")
     verdicts = []
-    for name in REGIONS:
+    for name in names:
         g = golden[name]
         buf = normalized[name]
         hashes = page_hashes(buf)

@@ -14,6 +14,7 @@ changes; when the VM matches its baselines again, `tamper_cleared` says so.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,14 +22,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from kscan.errors import KscanError
 from scanner.actions import run_exec, save_forensics
-from scanner.errors import ProfileError, QmpError, VmStateError
+from scanner.errors import BaselineMissing, ProfileError, QmpError, VmStateError
 from scanner.fastpath import (
     Reference,
     check_memory,
     check_registers,
     make_reference,
 )
-from scanner.oneshot import Examined, check_examined, examine
+from scanner.kernel import REGIONS
+from scanner.oneshot import Examined, check_examined, examine, reexamine
 from scanner.verify import CheckReport
 from scanner.vm import VmHandle, kernel_space
 from translate import BackendError, TranslationError
@@ -62,6 +64,8 @@ class VmWatcher:
         self.scans = 0
         self.state = "attached"
         self.seen_at: float | None = None  # when the fast path last saw a difference
+        self.last: Examined | None = None  # the last check, without its region copies
+        self.last_report: CheckReport | None = None
 
     # -- helpers ---------------------------------------------------------------------
     async def emit(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -71,6 +75,7 @@ class VmWatcher:
         if self.ref is not None:
             self.ref.release()
             self.ref = None
+        self.last = self.last_report = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def run(self) -> None:
@@ -101,32 +106,37 @@ class VmWatcher:
                 await self._scan()
 
     async def _until_checkable(self) -> Examined:
-        """Wait until the kernel has booted, is identified, and has a baseline."""
+        """Wait until the kernel has booted, is identified, and has a baseline. The
+        returned Examined holds a slow-path slot until its full check is done."""
         said: set[str] = set()
         self.state = "booting"
         while True:
             await self.engine.slow_slots.acquire()
             try:
                 ex = await self._slow(self._examine)
-                await self.engine.golden(ex)  # raises VmStateError if there is none
-                return ex  # the slot is released once its full check is done
-            except BaseException:
+                await self.engine.golden(ex)  # BaselineMissing if there is none
+                return ex
+            except BaseException as err:
                 self.engine.slow_slots.release()
-                raise
-            except ProfileError as err:
-                await self._say_once(said, "profile_missing", err, version=err.version,
-                                     hint=err.hint)
-                await asyncio.sleep(RETRY_MISSING)
-            except VmStateError as err:
-                if "golden baseline" in err.message:
-                    await self._say_once(said, "baseline_missing", err, hint=err.hint)
-                    await asyncio.sleep(RETRY_MISSING)
-                else:
-                    await self._say_once(said, "vm_booting", err)
-                    await asyncio.sleep(BOOT_POLL)
-            except TranslationError as err:
-                await self._say_once(said, "vm_booting", err)
-                await asyncio.sleep(BOOT_POLL)
+                wait = await self._not_checkable(err, said)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
+
+    async def _not_checkable(self, err: BaseException, said: set[str]) -> float | None:
+        """Say (once) why the VM cannot be checked yet; how long to wait before trying
+        again, or None if this error is not one to wait out."""
+        if isinstance(err, ProfileError):
+            await self._say_once(said, "profile_missing", err, version=err.version,
+                                 hint=err.hint)
+            return RETRY_MISSING
+        if isinstance(err, BaselineMissing):
+            await self._say_once(said, "baseline_missing", err, hint=err.hint)
+            return RETRY_MISSING
+        if isinstance(err, VmStateError | TranslationError):
+            await self._say_once(said, "vm_booting", err)
+            return BOOT_POLL
+        return None
 
     async def _say_once(self, said: set[str], event: str, err: KscanError,
                         **fields: Any) -> None:
@@ -165,11 +175,26 @@ class VmWatcher:
     async def _full_check(self, ex: Examined, first: bool) -> CheckReport:
         report = await check_examined(self.engine.store, ex, self.name,
                                       await self.engine.golden(ex), self.engine.timed_in_worker)
-        ks = kernel_space(self.vm.mem, ex.vcpus[0])
-        self._drop_reference()
-        self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ks.pgd,
-                                  ks.mode.levels[0].shift, ex.raw_digests)
-        self.slide = ex.lk.slide  # keep no Examined: its region copies are ~19 MB
+        partial = len(ex.normalized) < len(REGIONS)
+        if partial and self.ref is not None and self.last_report is not None:
+            # Only some regions were re-read (their translations proven unchanged): the
+            # others keep their verdicts, and only their reference digests move.
+            verdicts = {r.name: r for r in self.last_report.regions}
+            verdicts.update((r.name, r) for r in report.regions)
+            report = dataclasses.replace(report, regions=tuple(verdicts[n] for n in REGIONS),
+                                         per_vm_baseline_taken=False)
+            self.ref.digests.update(ex.raw_digests)
+        else:
+            ks = kernel_space(self.vm.mem, ex.vcpus[0])
+            self._drop_reference()
+            self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ks.pgd,
+                                      ks.mode.levels[0].shift, ex.raw_digests)
+        self.slide = ex.lk.slide
+        # Keep what a partial re-check needs — not the region copies (~19 MB) and not
+        # the decoded IDT gates.
+        self.last = dataclasses.replace(ex, lk=dataclasses.replace(ex.lk, gates=()),
+                                        normalized={}, raw_digests={})
+        self.last_report = report
         self.state = "watching"
         if first:
             self.engine.scheduler.mark_hot(self.name)
@@ -216,8 +241,16 @@ class VmWatcher:
         self.seen_at = time.time()
         self.engine.scheduler.mark_hot(self.name)
         await self.engine.slow_slots.acquire()
+        last = self.last
         try:
-            ex = await self._slow(self._examine, urgent=True)
+            if res.reason == "region bytes changed" and last is not None \
+                    and "idt" not in res.changed:
+                # Translations and registers proven unchanged: re-read just what changed.
+                # (An IDT change takes the full path: its gates must be decoded again.)
+                ex = await self._slow(lambda: reexamine(
+                    self.vm, last, res.changed, self.engine.timed_in_worker), urgent=True)
+            else:
+                ex = await self._slow(self._examine, urgent=True)
         except (VmStateError, TranslationError, ProfileError) as err:
             self.engine.slow_slots.release()
             # The kernel is not where it was: a reboot, or its mappings were torn down.

@@ -1,0 +1,73 @@
+"""The engine keeps going when one VM's watcher fails, and stops cleanly on request."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import scanner.engine as engine_mod
+from scanner.engine import Engine, RunConfig
+from scanner.events import EventSink
+from scanner.scheduler import Policy
+from scanner.watcher import VmWatcher
+from store import Store
+
+
+class FakeVm:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_a_failing_watcher_does_not_stop_the_others(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    socks = [tmp_path / f"vm{i}.sock" for i in range(2)]
+    for s in socks:
+        s.touch()
+    vms: dict[str, FakeVm] = {}
+    runs: list[str] = []
+
+    async def fake_open(self: Engine, source: str, kind: str) -> Any:
+        vm = vms.setdefault(source, FakeVm(Path(source).stem))
+        return vm
+
+    async def fake_run(self: VmWatcher) -> None:
+        runs.append(self.name)
+        if self.name == "vm0":
+            raise RuntimeError("boom")
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(Engine, "_open", fake_open)
+    monkeypatch.setattr(VmWatcher, "_run", fake_run)
+    out = io.BytesIO()
+
+    async def go() -> None:
+        async with Store.open(tmp_path / "k.db") as st:
+            sink = EventSink(out)
+            sink.start()
+            cfg = RunConfig(qmp=tuple(str(s) for s in socks), policy=Policy(),
+                            forensics_dir=tmp_path, discover_every=0.05, stats_every=3600)
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(1.0, stop.set)
+            await Engine(cfg, st, sink).run(stop)
+            await sink.close()
+
+    monkeypatch.setattr(engine_mod, "RELOST_BACKOFF", 0.2)
+    asyncio.run(asyncio.wait_for(go(), 20))
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    kinds = [(e["event"], e["vm"]) for e in events]
+    assert ("error", "vm0") in kinds
+    err = next(e for e in events if e["event"] == "error")
+    assert "RuntimeError: boom" in err["message"]
+    assert runs.count("vm0") >= 2  # retried after the back-off
+    assert runs.count("vm1") == 1  # the other VM was never disturbed
+    assert kinds[-1] == ("kscan_stopped", None)
+    assert all(v.closed for v in vms.values())
