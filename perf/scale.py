@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=10.0, help="--cpu-budget, percent")
     ap.add_argument("--distinct", type=int, default=3, help="real guests recorded")
     ap.add_argument("--tampers", type=int, default=24, help="latency samples per point")
-    ap.add_argument("--in-flight", type=int, default=6)
+    ap.add_argument("--in-flight", type=int, default=2,
+                    help="tampers in flight at once (each costs two slow paths)")
     ap.add_argument("--window", type=float, default=0.0,
                     help="CPU window seconds (default: 2 periods, at least 20 s)")
     ap.add_argument("--plot", type=Path, default=ROOT / "perf" / "scale.png")
