@@ -1,9 +1,10 @@
 """`kscan run`: the asyncio engine that watches many VMs at once.
 
 One task per VM (`scanner.watcher.VmWatcher`), one discovery task that notices VMs
-appearing and disappearing, one stats task, all owned by a `TaskGroup`. Hashing runs in
-a small thread pool (xxhash releases the GIL on large buffers, so two workers use both
-cores); everything else — QMP, scheduling, events — is on the event loop. Profiles and
+appearing and disappearing, a stats task and a budget task, all owned by a `TaskGroup`.
+Fast passes run on the event loop (≈1-2 ms of hashing each; a thread hop cost more than
+it saved under a budget below one core); slow paths — locate, normalize, verify, tens of
+milliseconds — run in a small thread pool so the loop stays responsive. Profiles and
 golden baselines are read from the database and cached for `CACHE_SECONDS`, so a
 `kscan profile add` or `kscan baseline` made while `run` is going is picked up.
 

@@ -11,8 +11,8 @@ After a full check (slow path) the watcher keeps a `Reference` per VM:
 * xxh3_128 of each region's raw bytes, hashed straight from zero-copy views of the
   guest's memory.
 
-`fast_scan` runs in a worker thread (xxhash releases the GIL on large buffers). Any
-difference sends the VM down the slow path (normalize, per-page compare, localize).
+The watcher runs `check_registers` and `check_memory` on the event loop. Any difference
+sends the VM down the slow path (normalize, per-page compare, localize).
 """
 
 from __future__ import annotations

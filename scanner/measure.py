@@ -4,7 +4,8 @@ per-page hashes (slow path and baselines).
 Hashes are xxHash: xxh3_128 for whole regions, xxh3_64 per 4 KiB page. They detect
 change, not collisions crafted by an adversary who can see kscan's baseline — the
 baseline lives on the host, out of the guest's reach. python-xxhash ≥ 4 releases the
-GIL on buffers over 64 KiB, so whole-region digests run in worker threads in parallel.
+GIL on buffers over 64 KiB, so slow paths in worker threads hash without blocking the
+event loop's own fast passes.
 
 "Page" here means a 4 KiB chunk of a region counted from the region's start (a region
 need not start on a page boundary: `__ex_table` does not).
@@ -22,8 +23,7 @@ from scanner.kernel import LiveKernel, Region
 from scanner.normalize import normalize_into
 from translate import GuestMemory
 
-__all__ = ["PAGE", "normalized_region", "page_hashes", "raw_digest", "read_normalized",
-           "region_views"]
+__all__ = ["PAGE", "page_hashes", "raw_digest", "read_normalized", "region_views"]
 
 PAGE = 4096
 
@@ -55,11 +55,6 @@ def read_normalized(mem: GuestMemory, lk: LiveKernel, name: str,
     normalize_into(np.frombuffer(raw, dtype=np.uint8), lk.profile.relocs[name], lk.slide)
     return raw, digest
 
-
-def normalized_region(mem: GuestMemory, lk: LiveKernel, name: str,
-                      idtr_limit: int = 0xFFF) -> bytearray:
-    """A copy of the region with KASLR undone."""
-    return read_normalized(mem, lk, name, idtr_limit)[0]
 
 
 def page_hashes(buf: bytes | bytearray | memoryview) -> list[int]:

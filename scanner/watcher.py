@@ -5,10 +5,12 @@
                  │   no baseline)                         └────────────┘ any change
                  └──────────── kernel gone (reboot) ◄────────┘
 
-Fast scans (`scanner.fastpath`) run in the engine's worker threads. Any difference
-takes the slow path: re-locate the kernel (translations included), normalize, verify
-page by page (`scanner.verify`). A tampering is reported once per distinct set of
-changes; when the VM matches its baselines again, `tamper_cleared` says so.
+Fast scans (`scanner.fastpath`) run on the event loop. Any difference takes the slow
+path in the engine's worker threads: when only region bytes changed, re-read just those
+regions through the translations already proven; otherwise re-locate the kernel
+(translations included); then normalize and verify page by page (`scanner.verify`).
+A tampering is reported once per distinct set of changes; when the VM matches its
+baselines again, `tamper_cleared` says so.
 """
 
 from __future__ import annotations

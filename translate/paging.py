@@ -17,7 +17,7 @@ virtual address, the level and the entry.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from translate.errors import PageFaultError, PhysicalAddressError, TranslationError
@@ -273,8 +273,3 @@ class PageWalker:
             return self.translate(va)
         except TranslationError:
             return None
-
-
-def views_of(mem: GuestMemory, runs: Sequence[Run]) -> list[memoryview]:
-    """Zero-copy views of translated runs, physically contiguous ones merged."""
-    return [mem.view(r.gpa, r.size) for r in coalesce(runs)]

@@ -19,7 +19,7 @@ import itertools
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -156,10 +156,6 @@ class GuestMemory:
         m, off = self._locate(gpa, size)
         return m.view[off:off + size]
 
-    def views(self, runs: Sequence[tuple[int, int]]) -> list[memoryview]:
-        """Views of several (gpa, size) runs."""
-        return [self.view(g, s) for g, s in runs]
-
     def read_u64(self, gpa: int) -> int:
         m, off = self._locate(gpa, 8)
         return int(_U64.unpack_from(m.mm, off)[0])
@@ -175,6 +171,3 @@ class GuestMemory:
         """(backend file, file offset) of a GPA range: where the bytes live on the host."""
         m, off = self._locate(gpa, size)
         return m.path, off
-
-    def iter_ranges(self) -> Iterator[RamRange]:
-        return iter(self.ranges)
