@@ -9,10 +9,14 @@ with the same number of vCPUs, so golden baselines are keyed on
 * the QEMU CPU model (QOM type of vCPU 0, e.g. `qemu64-x86_64-cpu`),
 * a hash of the CPUID feature words QEMU exposes to the guest (`feature-words`),
 * the vCPU count — exact, to be safe: 1 vs many changes SMP lock-prefix patching,
-  and per-CPU static keys may depend on more.
+  and per-CPU static keys may depend on more;
+* whether page-table isolation is on (`pti=on`, or a Meltdown-affected CPU): it is
+  read from the guest's own page tables — with PTI the user half of the kernel's 8 KiB
+  PGD pair shares the cpu_entry_area entry; without it that half is empty.
 
-Not covered (documented limitation): the kernel command line, which can also change
-patching (`pti=`, `mitigations=`); VMs of one boot profile should share it.
+Not covered (documented limitation): other kernel command-line options that change
+patching (`mitigations=`, `spectre_v2=`, ...); VMs of one boot profile should share
+them. A check that finds much of `.text` changed says so in its hint.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import orjson
 import xxhash
 
 from scanner.qmp import QmpVm
+from translate import GuestMemory, TranslationError
 
-__all__ = ["BootProfile", "read_boot_profile"]
+__all__ = ["BootProfile", "pti_active", "read_boot_profile"]
 
 _SMEP_BIT, _SMAP_BIT = 7, 20  # CPUID.(EAX=7,ECX=0):EBX
 
@@ -37,14 +42,31 @@ class BootProfile:
     vcpus: int
     smep: bool  # the virtual CPU offers SMEP / SMAP (so the kernel should enable them)
     smap: bool
+    pti: bool = False  # page-table isolation on (observed in guest memory, see pti_active)
 
     @property
     def key(self) -> str:
-        return f"{self.cpu_model}/{self.vcpus}vcpu/{self.features}"
+        return f"{self.cpu_model}/{self.vcpus}vcpu/{self.features}" + ("/pti" if self.pti
+                                                                       else "")
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "cpu_model": self.cpu_model, "features": self.features,
-                "vcpus": self.vcpus, "smep": self.smep, "smap": self.smap}
+                "vcpus": self.vcpus, "smep": self.smep, "smap": self.smap, "pti": self.pti}
+
+
+def pti_active(mem: GuestMemory, kernel_pgd: int, top_shift: int) -> bool:
+    """Is page-table isolation on? With PTI, the user PGD (the odd page of the 8 KiB
+    pair) maps the cpu_entry_area through the very same top-level entry as the kernel
+    PGD; without it, that page is unused and empty."""
+    if kernel_pgd & 0x1FFF:
+        return False
+    index = (0xFFFF_FE00_0000_0000 >> top_shift) & 0x1FF
+    try:
+        kern = mem.view(kernel_pgd, 4096).cast("Q")
+        user = mem.view(kernel_pgd + 0x1000, 4096).cast("Q")
+    except TranslationError:
+        return False
+    return bool(kern[index] & 1) and user[index] == kern[index]
 
 
 def _leaf7_ebx(words: list[Any]) -> int:

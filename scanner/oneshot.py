@@ -7,6 +7,7 @@ KASLR. The watch loop (`scanner.engine`) reuses `examine` and `check_examined`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -17,14 +18,14 @@ import xxhash
 import zstandard
 
 from scanner.baseline import GoldenBuild, build_golden, capture, require_booted
-from scanner.bootprofile import BootProfile
+from scanner.bootprofile import BootProfile, pti_active
 from scanner.errors import BaselineMissing, ProfileError, VmStateError
 from scanner.hmp import VcpuState
 from scanner.kernel import REGIONS, LiveKernel, locate_kernel
 from scanner.measure import PAGE, read_normalized
 from scanner.profile import KernelProfile
 from scanner.verify import CheckReport, verify
-from scanner.vm import VmHandle, open_vm
+from scanner.vm import VmHandle, kernel_space, open_vm
 from store import GoldenRegion, Store
 
 T = TypeVar("T")
@@ -76,9 +77,12 @@ async def examine(vm: VmHandle, profiles: list[KernelProfile],
     def compute() -> Examined:
         lk = locate_kernel(vm.mem, vm.walker(0), vcpus, profiles, vm=vm.name)
         require_booted(lk, vm.name)
+        ks = kernel_space(vm.mem, vcpus[0])
+        booted = dataclasses.replace(
+            boot, pti=pti_active(vm.mem, ks.pgd, ks.mode.levels[0].shift))
         limit = vcpus[0].idtr_limit
         read = {n: read_normalized(vm.mem, lk, n, limit) for n in REGIONS}
-        return Examined(vm.name, lk, boot, vcpus, {n: r[0] for n, r in read.items()},
+        return Examined(vm.name, lk, booted, vcpus, {n: r[0] for n, r in read.items()},
                         {n: r[1] for n, r in read.items()})
 
     return await run_sync(compute)

@@ -110,8 +110,20 @@ class CheckReport:
     def mismatches(self) -> list[PageMismatch]:
         return [m for r in self.regions for m in r.mismatches]
 
+    @property
+    def hint(self) -> str | None:
+        """When most of `.text` differs, the likeliest cause is a boot profile the key
+        does not capture (kernel command line) — said, never assumed."""
+        text = next((r for r in self.regions if r.name == ".text"), None)
+        if text is not None and text.pages and len(text.mismatches) > text.pages // 4:
+            return (f"{len(text.mismatches)} of {text.pages} .text pages differ: if this VM "
+                    "booted with other kernel command-line options (mitigations=, ...) "
+                    "than the verified one, baseline a verified VM booted like it")
+        return None
+
     def to_json(self) -> dict[str, Any]:
         return {"vm": self.vm, "result": "tampered" if self.tampered else "clean",
+                "hint": self.hint,
                 "build_id": self.build_id, "release": self.release,
                 "boot_profile": self.boot_profile, "slide": self.slide,
                 "per_vm_baseline_taken": self.per_vm_baseline_taken,

@@ -276,6 +276,7 @@ class VmWatcher:
         ev = await self.emit(
             "tamper", action=action.describe(), forensics=str(forensics),
             build_id=report.build_id, slide=report.slide, seen_at=self.seen_at,
+            hint=report.hint,
             mismatches=[m.to_json() for m in report.mismatches],
             findings=[f.to_json() for f in report.findings],
         )

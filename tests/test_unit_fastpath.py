@@ -328,3 +328,23 @@ def test_table_fingerprint_grouping_and_outside_ram(tmp_path: Path) -> None:
             mem2.close()
     finally:
         mem.close()
+
+
+def test_pti_is_read_from_the_pgd_pair(tmp_path: Path) -> None:
+    from scanner.bootprofile import pti_active
+
+    ram = SyntheticRam(1 << 20)
+    ram.next_free = 0x4000
+    ram.pgd = ram.alloc()
+    ram.alloc()  # the user half of the 8 KiB pair
+    cea = 0xFFFF_FE00_0000_0000
+    ram.map(cea, 0x20000, PAGE, P)
+    idx = (cea >> 39) & 0x1FF
+    mem = ram.save(tmp_path / "off")
+    assert not pti_active(mem, ram.pgd, 39)  # user half empty: PTI off
+    mem.close()
+    ram.put(ram.pgd + 0x1000 + idx * 8, ram.get(ram.pgd + idx * 8))
+    mem = ram.save(tmp_path / "on")
+    assert pti_active(mem, ram.pgd, 39)
+    assert not pti_active(mem, ram.pgd + 0x1000, 39)  # not an 8 KiB-aligned pair
+    mem.close()

@@ -247,6 +247,16 @@ def test_accept_approved_change(victim: Guest, db: str, kernel_profile: KernelPr
     assert run(logged()).count("accepted") == 2
 
 
+def test_pti_guest_has_its_own_boot_profile(guests: GuestPool, db: str) -> None:
+    """`pti=on` changes boot-time patching: that guest must not be checked against the
+    baseline of guests without PTI, but told its boot profile has no baseline."""
+    out = kscan("check", "--qmp", str(guests["big"].qmp_aux), "--db", db)
+    assert out.returncode == 2, out.stdout
+    assert "no golden baseline" in out.stderr and "/pti" in out.stderr, out.stderr
+    rc, rep = check_json(guests["b"], db)
+    assert rc == 0 and not rep["boot_profile"].endswith("/pti")
+
+
 def test_discover_finds_running_guests(guests: GuestPool, db: str, tmp_path: Path) -> None:
     """`--discover` reads QEMU command lines: the standard guests are found and checked."""
     proc = RunProc(["--discover", "--db", db, "--interval", "2",
