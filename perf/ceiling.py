@@ -32,7 +32,6 @@ from perf.common import OUT, database, emit, interleaved, log, machine, recordin
 from scanner.fastpath import fast_scan, make_reference
 from scanner.oneshot import check_examined, examine, golden_for, load_profiles
 from scanner.replay import ReplayVm
-from scanner.vm import kernel_space
 from store import Store
 
 
@@ -44,8 +43,7 @@ async def measure(rec: Path, db: str, rounds: int, n: int) -> dict[str, float]:
         golden = await golden_for(st, ex)
         report = await check_examined(st, ex, vm.name, golden)
         assert not report.tampered, "the recording does not match its own baseline"
-        ks = kernel_space(vm.mem, vm.vcpus[0])
-        ref = make_reference(vm.mem, ex.lk, vm.vcpus, ks.pgd, ks.mode.levels[0].shift,
+        ref = make_reference(vm.mem, ex.lk, ex.vcpus, ex.space.pgd, ex.space.top_shift,
                              ex.raw_digests)
         views = [v for vs in ref.views.values() for v in vs]
         nbytes = sum(len(v) for v in views)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from perf.common import OUT, emit, kscan, live_guests, log, machine, run
 from scanner.fastpath import check_memory, check_registers, make_reference
 from scanner.oneshot import check_examined, examine, golden_for, load_profiles
-from scanner.vm import AttachedVm, kernel_space
+from scanner.vm import AttachedVm
 from store import Store
 from tools.guests import ensure_kernel
 
@@ -59,16 +59,15 @@ def hash_dump(path: Path, runs: list[tuple[int, int]]) -> int:
     return found
 
 
-async def measure(sock: Path, aux: Path, db: str, rounds: int, work: Path) -> dict[str, float]:
+async def measure(sock: Path, db: str, rounds: int, work: Path) -> dict[str, float]:
     async with Store.open(db) as st:
         profiles = await load_profiles(st)
         vm = await AttachedVm.attach(sock)
         try:
             ex = await examine(vm, profiles)
             golden = await golden_for(st, ex)
-            ks = kernel_space(vm.mem, vm.vcpus[0])
-            ref = make_reference(vm.mem, ex.lk, vm.vcpus, ks.pgd, ks.mode.levels[0].shift,
-                                 ex.raw_digests)
+            ref = make_reference(vm.mem, ex.lk, ex.vcpus, ex.space.pgd,
+                                 ex.space.top_shift, ex.raw_digests)
             runs = [r for region in ex.lk.regions.values() for r in region.runs]
             loop = asyncio.get_running_loop()
             nbytes = sum(n for _, n in runs)
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         kscan("profile", "add", str(ensure_kernel().vmlinuz), "--db", str(db))
         kscan("baseline", "--qmp", str(g.qmp_aux), "--db", str(db))
         log(f"measuring ({args.rounds} rounds)")
-        f = run(measure(g.qmp, g.qmp_aux, str(db), args.rounds, work))
+        f = run(measure(g.qmp, str(db), args.rounds, work))
     f["machine"] = machine()
     emit(f, args.json, [
         ("regions / guest RAM", f"{f['region_bytes'] / 1e6:.1f} MB of "

@@ -47,10 +47,6 @@ class SlideMatch:
     ex_table_equal: float
     build_id: str | None  # read from the guest's .notes, None if unreadable
 
-    @property
-    def build_id_ok(self) -> bool:
-        return self.build_id is not None
-
 
 def _candidates(profile: KernelProfile, hints: Sequence[int]) -> list[int]:
     text = profile.text

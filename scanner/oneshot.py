@@ -25,7 +25,7 @@ from scanner.kernel import REGIONS, LiveKernel, locate_kernel
 from scanner.measure import PAGE, read_normalized
 from scanner.profile import KernelProfile
 from scanner.verify import CheckReport, verify
-from scanner.vm import VmHandle, kernel_space, open_vm
+from scanner.vm import KernelSpace, VmHandle, kernel_space, open_vm
 from store import GoldenRegion, Store
 
 T = TypeVar("T")
@@ -55,6 +55,7 @@ class Examined:
     lk: LiveKernel
     boot: BootProfile
     vcpus: tuple[VcpuState, ...]
+    space: KernelSpace  # the kernel page table the regions were translated through
     normalized: dict[str, bytearray]
     raw_digests: dict[str, bytes]  # of the raw bytes `normalized` was made from
 
@@ -75,14 +76,13 @@ async def examine(vm: VmHandle, profiles: list[KernelProfile],
     boot = await vm.boot_profile()
 
     def compute() -> Examined:
-        lk = locate_kernel(vm.mem, vm.walker(0), vcpus, profiles, vm=vm.name)
-        require_booted(lk, vm.name)
         ks = kernel_space(vm.mem, vcpus[0])
-        booted = dataclasses.replace(
-            boot, pti=pti_active(vm.mem, ks.pgd, ks.mode.levels[0].shift))
+        lk = locate_kernel(vm.mem, ks.walker(vm.mem), vcpus, profiles, vm=vm.name)
+        require_booted(lk, vm.name)
+        booted = dataclasses.replace(boot, pti=pti_active(vm.mem, ks.pgd, ks.top_shift))
         limit = vcpus[0].idtr_limit
         read = {n: read_normalized(vm.mem, lk, n, limit) for n in REGIONS}
-        return Examined(vm.name, lk, booted, vcpus, {n: r[0] for n, r in read.items()},
+        return Examined(vm.name, lk, booted, vcpus, ks, {n: r[0] for n, r in read.items()},
                         {n: r[1] for n, r in read.items()})
 
     return await run_sync(compute)
@@ -98,7 +98,7 @@ async def reexamine(vm: VmHandle, prev: Examined, names: Collection[str],
     def compute() -> Examined:
         limit = vcpus[0].idtr_limit
         read = {n: read_normalized(vm.mem, prev.lk, n, limit) for n in REGIONS if n in names}
-        return Examined(vm.name, prev.lk, prev.boot, vcpus,
+        return Examined(vm.name, prev.lk, prev.boot, vcpus, prev.space,
                         {n: r[0] for n, r in read.items()}, {n: r[1] for n, r in read.items()})
 
     return await run_sync(compute)

@@ -47,6 +47,14 @@ class KernelSpace:
     mode: PagingMode
     nxe: bool
 
+    @property
+    def top_shift(self) -> int:
+        """Index shift of the top-level table (39 for 4-level, 48 for 5-level)."""
+        return self.mode.levels[0].shift
+
+    def walker(self, mem: GuestMemory) -> PageWalker:
+        return PageWalker(mem, self.pgd, self.mode, nxe=self.nxe)
+
 
 def _present_kernel_entries(mem: GuestMemory, pgd: int) -> int:
     try:
@@ -70,8 +78,7 @@ def kernel_space(mem: GuestMemory, vcpu: VcpuState) -> KernelSpace:
 
 
 def kernel_walker(mem: GuestMemory, vcpu: VcpuState) -> PageWalker:
-    ks = kernel_space(mem, vcpu)
-    return PageWalker(mem, ks.pgd, ks.mode, nxe=ks.nxe)
+    return kernel_space(mem, vcpu).walker(mem)
 
 
 class VmHandle(Protocol):

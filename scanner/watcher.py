@@ -34,7 +34,7 @@ from scanner.fastpath import (
 from scanner.kernel import REGIONS
 from scanner.oneshot import Examined, check_examined, examine, reexamine
 from scanner.verify import CheckReport
-from scanner.vm import VmHandle, kernel_space
+from scanner.vm import VmHandle
 from translate import BackendError, TranslationError
 
 if TYPE_CHECKING:
@@ -187,10 +187,9 @@ class VmWatcher:
                                          per_vm_baseline_taken=False)
             self.ref.digests.update(ex.raw_digests)
         else:
-            ks = kernel_space(self.vm.mem, ex.vcpus[0])
             self._drop_reference()
-            self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ks.pgd,
-                                      ks.mode.levels[0].shift, ex.raw_digests)
+            self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ex.space.pgd,
+                                      ex.space.top_shift, ex.raw_digests)
         self.slide = ex.lk.slide
         # Keep what a partial re-check needs — not the region copies (~19 MB) and not
         # the decoded IDT gates.

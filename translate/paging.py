@@ -151,10 +151,6 @@ class Translation:
         """(gpa, size) pieces, physically contiguous ones merged."""
         return tuple((r.gpa, r.size) for r in coalesce(self.runs))
 
-    @property
-    def page_sizes(self) -> frozenset[int]:
-        return frozenset(r.page_size for r in self.runs)
-
 
 def coalesce(runs: Iterable[Run]) -> list[Run]:
     """Merge runs that continue each other both virtually and physically (permissions
