@@ -29,9 +29,9 @@ import xxhash
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perf.common import OUT, database, emit, interleaved, log, machine, recordings, run
-from scanner.fastpath import fast_scan, make_reference
-from scanner.oneshot import check_examined, examine, golden_for, load_profiles
-from scanner.replay import ReplayVm
+from scanner.check.fastpath import fast_scan, make_reference
+from scanner.examine import check_examined, examine, golden_for, load_profiles
+from scanner.vm.replay import ReplayVm
 from store import Store
 
 

@@ -37,7 +37,7 @@ def log(msg: str) -> None:
 
 
 def kscan(*args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "scanner.cli", *args], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "scanner", *args], capture_output=True,
                          text=True, cwd=ROOT)
     if out.returncode not in (0, 1):
         raise SystemExit(f"kscan {' '.join(args)} failed: {out.stderr}")

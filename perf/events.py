@@ -30,7 +30,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perf.common import emit, machine
-from scanner.events import EventSink
+from scanner.run.events import EventSink
 
 
 def sample_events() -> list[tuple[str, dict[str, Any]]]:

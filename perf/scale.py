@@ -45,9 +45,9 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perf.common import OUT, ROOT, database, emit, log, machine, recordings, run
-from scanner.kernel import locate_kernel
-from scanner.oneshot import load_profiles
-from scanner.replay import ReplayVm
+from scanner.check.locate import locate_kernel
+from scanner.examine import load_profiles
+from scanner.vm.replay import ReplayVm
 from store import Store
 from tools.kscan_run import KscanRun
 from tools.record import clone

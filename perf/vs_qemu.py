@@ -33,8 +33,8 @@ from elftools.elf.elffile import ELFFile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perf.common import OUT, emit, kscan, live_guests, log, machine, run
-from scanner.fastpath import check_memory, check_registers, make_reference
-from scanner.oneshot import check_examined, examine, golden_for, load_profiles
+from scanner.check.fastpath import check_memory, check_registers, make_reference
+from scanner.examine import check_examined, examine, golden_for, load_profiles
 from scanner.vm import AttachedVm
 from store import Store
 from tools.guests import ensure_kernel

@@ -1,7 +1,8 @@
 """Errors raised by the scanner: QMP, VM state, kernel images and profiles.
 
 Third-party errors (qemu.qmp, pyelftools, decompressors) are converted to these in one
-place each (`scanner.qmp`, `scanner.kimage`/`scanner.vmlinux`), with `raise ... from err`.
+place each (`scanner.qemu.qmp`, `scanner.image.kimage`/`scanner.image.vmlinux`), with
+`raise ... from err`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from scanner.profile import KernelProfile, profile_from_path
+from scanner.image.kernel_profile import KernelProfile, profile_from_path
 from tools.guests import Guest, GuestSpec, ensure_kernel, start, wait_ready
 
 T = TypeVar("T")

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from scanner.kernel import LiveKernel, locate_kernel
-from scanner.profile import KernelProfile
+from scanner.check.locate import LiveKernel, locate_kernel
+from scanner.image.kernel_profile import KernelProfile
 from scanner.vm import AttachedVm
 from tools.kscan_run import Event, KscanRun, NoEvent
 from tools.tamper import write_guest
 
 
 def kscan(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "scanner.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "scanner", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 
 from scanner.errors import QmpError
-from scanner.qmp import QmpVm
-from scanner.vm import AttachedVm, kernel_space
+from scanner.qemu.qmp import QmpVm
+from scanner.vm import AttachedVm
 from tests.conftest import GuestPool, run
 from tools.guests import QEMU
-from translate import FIVE_LEVEL, FOUR_LEVEL, GuestMemory, PageWalker
-from translate.paging import ADDR_MASK, CR4_LA57, PS
+from translate import FIVE_LEVEL, FOUR_LEVEL, GuestMemory, PageWalker, kernel_space
+from translate.paging import ADDR_MASK, PS
+from translate.x86 import CR4_LA57
 
 pytestmark = pytest.mark.guest
 
@@ -191,7 +192,7 @@ def test_pti_guest_kernel_pgd(guests: GuestPool) -> None:
 
 def test_inspect_json(guests: GuestPool) -> None:
     g = guests["b"]
-    out = subprocess.run([sys.executable, "-m", "scanner.cli", "inspect", "--qmp", str(g.qmp),
+    out = subprocess.run([sys.executable, "-m", "scanner", "inspect", "--qmp", str(g.qmp),
                           "--json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
@@ -207,7 +208,7 @@ def test_inspect_json(guests: GuestPool) -> None:
         async with await QmpVm.connect(g.qmp) as q:
             return await q.gva2gpa(v["idtr_base"])
     assert doc["idt"]["gpa"] == run(oracle())
-    text = subprocess.run([sys.executable, "-m", "scanner.cli", "inspect", "--qmp", str(g.qmp)],
+    text = subprocess.run([sys.executable, "-m", "scanner", "inspect", "--qmp", str(g.qmp)],
                           capture_output=True, text=True, timeout=60)
     assert text.returncode == 0 and "IDT:" in text.stdout
     assert f"{doc['idt']['gpa']:#x}" in text.stdout
@@ -217,7 +218,7 @@ def test_inspect_json(guests: GuestPool) -> None:
 
 
 def kscan(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "scanner.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "scanner", *args], capture_output=True,
                           text=True, timeout=60)
 
 

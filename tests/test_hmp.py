@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from scanner.hmp import ParseError, parse_flatview, parse_registers
-from scanner.qmp import Memdev, layout_from_flatview
+from scanner.qemu.hmp import ParseError, parse_flatview, parse_registers
+from scanner.qemu.qmp import Memdev, layout_from_flatview
 
 CPU = """CPU#{n}
 RAX=000000000001ad40 RBX=0000000000000000 RCX=0000000000000000 RDX=4000000000000000

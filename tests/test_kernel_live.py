@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scanner.check.idt import normalize_idt
+from scanner.check.locate import LiveKernel, locate_kernel
+from scanner.check.normalize import normalize
 from scanner.errors import ProfileError
-from scanner.idt import normalize_idt
-from scanner.kernel import LiveKernel, locate_kernel
-from scanner.normalize import normalize
-from scanner.profile import KernelProfile, SectionInfo
+from scanner.image.kernel_profile import KernelProfile, SectionInfo
 from scanner.vm import AttachedVm
 from tests.conftest import GuestPool, run
 from tools.guests import Guest, GuestSpec, ensure_kernel
@@ -115,7 +115,7 @@ def test_unknown_kernel_names_its_version(guests: GuestPool,
 
 
 def kscan(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "scanner.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "scanner", *args], capture_output=True,
                           text=True, timeout=120)
 
 

@@ -1,4 +1,4 @@
-"""scanner.kimage: bzImage payload extraction, every compressor, hostile images.
+"""scanner.image.kimage: bzImage payload extraction, every compressor, hostile images.
 
 The real Debian cloud kernel (tools.guests.ensure_kernel) is the reference: its payload
 is re-compressed here with each compressor the kernel build can use, spliced into a
@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scanner.errors import KernelImageError
-from scanner.kimage import detect_compression, extract_vmlinux
+from scanner.image.kimage import detect_compression, extract_vmlinux
 
 SETUP_SECTS = 0x1F1
 PAYLOAD_OFFSET = 0x248
@@ -139,7 +139,7 @@ def recompressed(payload: bytes) -> dict[str, bytes]:
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decompress in 1 MiB pieces, so every streaming loop goes round many times."""
-    monkeypatch.setattr("scanner.kimage._CHUNK", 1 << 20)
+    monkeypatch.setattr("scanner.image.kimage._CHUNK", 1 << 20)
 
 
 # --------------------------------------------------------------------------- real kernel

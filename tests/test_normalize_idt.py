@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scanner.idt import check_gates, decode_idt, normalize_idt
-from scanner.normalize import RegionRelocs, normalize
-from scanner.profile import KernelProfile, SectionInfo
+from scanner.check.idt import check_gates, decode_idt, normalize_idt
+from scanner.check.normalize import RegionRelocs, normalize
+from scanner.image.kernel_profile import KernelProfile, SectionInfo
 
 BASE = 0xFFFF_FFFF_8100_0000
 

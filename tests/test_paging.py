@@ -11,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scanner.hmp import VcpuState
-from scanner.vm import kernel_space
+from scanner.qemu.hmp import VcpuState
 from tests.synthetic import NX, PAGE, RW, US, P, SyntheticRam
 from translate import (
     FIVE_LEVEL,
@@ -21,6 +20,7 @@ from translate import (
     PageWalker,
     TranslationError,
     kernel_pgd_candidates,
+    kernel_space,
 )
 
 KTEXT = 0xFFFF_FFFF_8100_0000

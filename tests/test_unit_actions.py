@@ -1,4 +1,4 @@
-"""scanner.actions: parsing --on-tamper, and the exec hook really run (no shell): event
+"""scanner.run.actions: parsing --on-tamper, and the exec hook really run (no shell): event
 JSON on stdin, exit status, missing programs, the timeout kill."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from kscan.errors import KscanError
-from scanner.actions import Action, parse_action, run_exec
+from scanner.run.actions import Action, parse_action, run_exec
 
 PY = sys.executable
 

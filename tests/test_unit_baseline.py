@@ -1,4 +1,4 @@
-"""scanner.baseline: per-boot pages from the kernel image, and the merge rules of
+"""scanner.check.baseline: per-boot pages from the kernel image, and the merge rules of
 build_golden for a second verified boot. The LiveKernel is a light fake (slide and a
 profile with rodata_file_pages / ro_after_init); page hashes are computed here with
 xxhash directly as the oracle."""
@@ -13,7 +13,7 @@ import pytest
 import xxhash
 import zstandard
 
-from scanner.baseline import (
+from scanner.check.baseline import (
     MAX_RODATA_PER_BOOT,
     Capture,
     GoldenBuild,
@@ -21,9 +21,9 @@ from scanner.baseline import (
     capture,
     per_boot_from_image,
 )
-from scanner.bootprofile import BootProfile
+from scanner.check.locate import REGIONS
 from scanner.errors import VmStateError
-from scanner.kernel import REGIONS
+from scanner.vm.bootprofile import BootProfile
 from store import GoldenRegion
 
 PAGE = 4096

@@ -1,11 +1,11 @@
-"""scanner.classify: byte ranges of a changed page (merging, splitting, caps) and the kind
+"""scanner.check.classify: byte ranges of a changed page (merging, splitting, caps) and the kind
 of each change site. Pages are built by hand around a filler that matches no pattern."""
 
 from __future__ import annotations
 
 import pytest
 
-from scanner.classify import (
+from scanner.check.classify import (
     MAX_RANGES,
     MAX_SHOWN,
     MERGE_GAP,

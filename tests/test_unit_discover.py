@@ -1,4 +1,4 @@
-"""scanner.discover: QMP sockets from QEMU command lines, --qmp globs and paths, and
+"""scanner.qemu.discover: QMP sockets from QEMU command lines, --qmp globs and paths, and
 finding real (fake-named) QEMU processes in the process table."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from scanner.discover import QemuProcess, expand_sockets, find_qemu_processes, qmp_socket_of
+from scanner.qemu.discover import QemuProcess, expand_sockets, find_qemu_processes, qmp_socket_of
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-import scanner.engine as engine_mod
-from scanner.engine import Engine, RunConfig
-from scanner.events import EventSink
-from scanner.scheduler import Policy
-from scanner.watcher import VmWatcher
+import scanner.run.engine as engine_mod
+from scanner.run.engine import Engine, RunConfig
+from scanner.run.events import EventSink
+from scanner.run.scheduler import Policy
+from scanner.run.watcher import VmWatcher
 from store import Store
 
 

@@ -1,4 +1,4 @@
-"""scanner.events.EventSink: JSON lines with ts/event/vm, the drop policy for `stats`
+"""scanner.run.events.EventSink: JSON lines with ts/event/vm, the drop policy for `stats`
 under a slow reader (never for other events), persistence of non-stats events only,
 a closed stdout, and the one-line human summaries."""
 
@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from scanner.events import DROPPABLE, EventSink, human
+from scanner.run.events import DROPPABLE, EventSink, human
 
 
 def lines(buf: bytes) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""scanner.fastpath on synthetic guest memory: the reference after a full check, and
+"""scanner.check.fastpath on synthetic guest memory: the reference after a full check, and
 fast_scan catching changed region bytes, page-table entries, vCPU control state and a
 CR3 whose kernel half differs. The RAM file is changed on disk; the read-only
 MAP_SHARED mapping sees the change as it sees a guest's writes."""
@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import xxhash
 
-from scanner.fastpath import (
+from scanner.check.fastpath import (
+    FastOutcome,
     FastResult,
     Reference,
     TableFingerprint,
@@ -25,8 +26,8 @@ from scanner.fastpath import (
     fast_scan,
     make_reference,
 )
-from scanner.hmp import VcpuState
-from scanner.kernel import Region
+from scanner.check.locate import Region
+from scanner.qemu.hmp import VcpuState
 from tests.synthetic import NX, PAGE, RW, P, SyntheticRam
 from translate import FOUR_LEVEL, GuestMemory, PageWalker
 
@@ -156,8 +157,8 @@ def test_reference_contents(world: World) -> None:
 
 
 def test_unchanged_memory_is_ok(world: World) -> None:
-    assert scan(world) == FastResult(True)
-    assert scan(world, none=True) == FastResult(True)
+    assert scan(world) == FastResult(FastOutcome.UNCHANGED)
+    assert scan(world, none=True) == FastResult(FastOutcome.UNCHANGED)
     # Bytes next to a region but outside it do not matter.
     world.poke(0x220000, b"\xff" * 0x10)      # before __ex_table in its page
     world.poke(0x220810, b"\xff" * 0x10)      # after it
@@ -243,7 +244,7 @@ def test_vcpu_control_state_changes(world: World, change: dict[str, int]) -> Non
         vcpus = list(world.vcpus)
         vcpus[i] = replace(vcpus[i], **change)
         r = scan(world, vcpus)
-        assert r == FastResult(False, "vCPU control state changed")
+        assert r == FastResult(FastOutcome.CONTROL_CHANGED)
 
 
 def test_irrelevant_vcpu_changes_are_ok(world: World) -> None:
@@ -331,7 +332,7 @@ def test_table_fingerprint_grouping_and_outside_ram(tmp_path: Path) -> None:
 
 
 def test_pti_is_read_from_the_pgd_pair(tmp_path: Path) -> None:
-    from scanner.bootprofile import pti_active
+    from scanner.vm.bootprofile import pti_active
 
     ram = SyntheticRam(1 << 20)
     ram.next_free = 0x4000

@@ -1,4 +1,4 @@
-"""scanner.scheduler: adaptive period under a CPU budget, hot VMs, fixed intervals, the
+"""scanner.run.scheduler: adaptive period under a CPU budget, hot VMs, fixed intervals, the
 token bucket (real delays measured on the event loop's clock, exact delays with a fake
 clock) and the cost EWMA. Expected values are computed by hand from the README's rules."""
 
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import scanner.scheduler as sched
-from scanner.scheduler import BURST_SECONDS, EWMA, HOT_SECONDS, INITIAL_COST, Policy, Scheduler
+import scanner.run.scheduler as sched
+from scanner.run.scheduler import BURST_SECONDS, EWMA, HOT_SECONDS, INITIAL_COST, Policy, Scheduler
 
 
 class FakeClock:

@@ -1,4 +1,4 @@
-"""scanner.vmlinux: sections, build id, banner, relocations and symbols of a kernel image.
+"""scanner.image.vmlinux: sections, build id, banner, relocations and symbols of a kernel image.
 
 Checked against binutils readelf on the real Debian cloud kernel, and against small
 kernel-like ELF files (plus relocation tables and symbol maps) built by the tests.
@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scanner.errors import KernelImageError
-from scanner.kimage import extract_vmlinux
-from scanner.vmlinux import KernelImage, Section, load_kernel_image, parse_relocations
+from scanner.image.kimage import extract_vmlinux
+from scanner.image.vmlinux import KernelImage, Section, load_kernel_image, parse_relocations
 
 #: Measured on linux-image-6.1.0-56-cloud-amd64 (tools.guests.KERNEL_PACKAGE).
 PINNED_RELEASE = "6.1.0-56-cloud-amd64"

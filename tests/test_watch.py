@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from scanner.profile import KernelProfile
-from scanner.qmp import QmpVm
+from scanner.image.kernel_profile import KernelProfile
+from scanner.qemu.qmp import QmpVm
 from tests.conftest import GuestPool, run
 from tests.kscan_proc import RunProc, flip_bytes, kscan, live_kernel, write_bytes
 from tools.guests import Guest, GuestSpec, ensure_kernel, start

@@ -31,7 +31,7 @@ def say(msg: str) -> None:
 
 
 def kscan(*args: str) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run([sys.executable, "-m", "scanner.cli", *args], text=True,
+    out = subprocess.run([sys.executable, "-m", "scanner", *args], text=True,
                          capture_output=True)
     sys.stderr.write(out.stdout + out.stderr)
     out.check_returncode()
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run_state(sock: Path) -> str:
-    from scanner.qmp import QmpVm
+    from scanner.qemu.qmp import QmpVm
 
     async with await QmpVm.connect(sock) as q:
         return (await q.run_state()).status

@@ -30,7 +30,7 @@ class KscanRun:
                  tee: bool = False) -> None:
         self._err = open(stderr_path, "wb") if stderr_path else None  # noqa: SIM115
         self.stderr_path = stderr_path
-        self.proc = subprocess.Popen([sys.executable, "-m", "scanner.cli", "run", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "scanner", "run", *args],
                                      stdout=subprocess.PIPE, stderr=self._err, cwd=ROOT)
         self.events: list[Event] = []
         self.bad_lines: list[bytes] = []

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import orjson
 
-from scanner.kernel import locate_kernel
-from scanner.replay import write_replay
-from scanner.vm import AttachedVm, kernel_pgd_candidates
-from translate import TranslationError
+from scanner.check.locate import locate_kernel
+from scanner.vm import AttachedVm
+from scanner.vm.replay import write_replay
+from translate import TranslationError, kernel_pgd_candidates
 
 PAGE = 4096
 CHUNK = 4 << 20
@@ -78,7 +78,7 @@ async def save(qmp: str, out: Path, minimal: bool, db: str | None, name: str | N
             src = files.pop()
             size = os.stat(src).st_size
             if minimal:
-                from scanner.oneshot import load_profiles
+                from scanner.examine import load_profiles
                 from store import Store
 
                 async with Store.open(db) as st:

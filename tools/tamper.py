@@ -25,15 +25,15 @@ from typing import Any
 import orjson
 
 from kscan.errors import KscanError
-from scanner.kernel import LiveKernel, locate_kernel
-from scanner.profile import KernelProfile, profile_from_path
+from scanner.check.locate import LiveKernel, locate_kernel
+from scanner.image.kernel_profile import KernelProfile, profile_from_path
 from scanner.vm import AttachedVm
 
 
 async def _profiles(args: argparse.Namespace) -> list[KernelProfile]:
     if args.kernel:
         return [profile_from_path(args.kernel)]
-    from scanner.oneshot import load_profiles
+    from scanner.examine import load_profiles
     from store import Store
 
     async with Store.open(args.db) as st:

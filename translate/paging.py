@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from translate.errors import PageFaultError, PhysicalAddressError, TranslationError
 from translate.physmem import GuestMemory
+from translate.x86 import CR0_PG, CR4_LA57, CR4_PAE, EFER_LMA
 
 __all__ = [
     "FIVE_LEVEL",
@@ -37,7 +38,6 @@ __all__ = [
     "paging_mode",
 ]
 
-PAGE = 4096
 #: Physical-address bits of an entry (MAXPHYADDR ≤ 52).
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 P, RW, US, PS = 1 << 0, 1 << 1, 1 << 2, 1 << 7
@@ -45,12 +45,6 @@ NX = 1 << 63
 #: Largest range one call may translate; the kernel's protected regions are ~20 MiB.
 MAX_RANGE = 1 << 30
 
-CR0_PG = 1 << 31
-CR0_WP = 1 << 16
-CR4_PAE = 1 << 5
-CR4_LA57 = 1 << 12
-EFER_LMA = 1 << 10
-EFER_NXE = 1 << 11
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Kernel profile from a kernel image: sections, build id, banner, KASLR relocations.
 
-`load_kernel_image` takes a bzImage/vmlinuz (decompressed by `scanner.kimage`) or a
+`load_kernel_image` takes a bzImage/vmlinuz (decompressed by `scanner.image.kimage`) or a
 vmlinux ELF and returns a frozen `KernelImage`:
 
 * every allocated section (``SHF_ALLOC``) with its link-time address, size and file
@@ -47,7 +47,8 @@ from elftools.construct.core import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from scanner.errors import KernelImageError
-from scanner.kimage import DEFAULT_MAX_OUTPUT, extract_vmlinux
+from scanner.image.kimage import DEFAULT_MAX_OUTPUT, extract_vmlinux
+from scanner.image.notes import find_build_id
 
 __all__ = [
     "PROTECTED_SECTIONS",
@@ -62,10 +63,8 @@ __all__ = [
 PROTECTED_SECTIONS = (".text", ".rodata", "__ex_table")
 
 _SHF_ALLOC = 0x2
-_NT_GNU_BUILD_ID = 3
 _BANNER = b"Linux version "
 _MAX_BANNERS = 64
-_MAX_NOTES = 4096
 
 U64Array = npt.NDArray[np.uint64]
 
@@ -266,20 +265,9 @@ def _build_id(elf: ELFFile, where: str) -> str:
     blobs = [sec.data()] if sec is not None else [
         seg.data() for seg in elf.iter_segments() if seg["p_type"] == "PT_NOTE"]
     for blob in blobs:
-        pos = 0
-        for _ in range(_MAX_NOTES):
-            if pos + 12 > len(blob):
-                break
-            namesz, descsz, ntype = struct.unpack_from("<III", blob, pos)
-            pos += 12
-            name = blob[pos:pos + namesz]
-            pos += (namesz + 3) & ~3
-            desc = blob[pos:pos + descsz]
-            pos += (descsz + 3) & ~3
-            if pos > len(blob):
-                break
-            if ntype == _NT_GNU_BUILD_ID and name.rstrip(b"\0") == b"GNU" and desc:
-                return desc.hex()
+        found = find_build_id(blob)
+        if found is not None:
+            return found
     raise KernelImageError("no NT_GNU_BUILD_ID note in .notes", path=where,
                            hint="kscan keys profiles by build id; kbuild always adds one")
 

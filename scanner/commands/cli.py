@@ -20,7 +20,7 @@ from kscan import __version__
 from kscan.errors import KscanError
 
 if TYPE_CHECKING:
-    from scanner.verify import CheckReport
+    from scanner.check.verify import CheckReport
 
 EXIT_OK, EXIT_TAMPERED, EXIT_ERROR = 0, 1, 2
 
@@ -52,7 +52,7 @@ def _print_json(obj: Any) -> None:
 
 
 async def cmd_inspect(args: argparse.Namespace) -> int:
-    from scanner.inspect import inspect_vm
+    from scanner.commands.inspection import inspect_vm
     from store.paths import default_db_path
 
     db = args.db
@@ -70,7 +70,7 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 async def cmd_profile_add(args: argparse.Namespace) -> int:
-    from scanner.profile import profile_from_path
+    from scanner.image.kernel_profile import profile_from_path
     from store import Store
 
     prof = profile_from_path(args.path, system_map=args.system_map)
@@ -108,12 +108,15 @@ async def cmd_profile_list(args: argparse.Namespace) -> int:
 
 
 async def cmd_baseline(args: argparse.Namespace) -> int:
-    from scanner.oneshot import baseline_vms
+    from scanner.commands.oneshot import baseline_vms
+    from scanner.vm import SourceKind, VmSource
 
-    sources = (args.qmp or []) + [f"replay:{d}" for d in args.replay or []]
+    sources = [VmSource(SourceKind.QMP, s) for s in args.qmp or []] + [
+        VmSource(SourceKind.REPLAY, d) for d in args.replay or []]
     if not sources:
         raise UsageError("no VM given", hint="pass --qmp SOCK of a verified VM")
-    for vm, gb, key in await baseline_vms(sources, args.db):
+    for res in await baseline_vms(sources, args.db):
+        vm, gb, key = res.vm, res.build, res.boot_profile
         per_boot = {n: r.per_boot_pages() for n, r in gb.regions.items()}
         print(f"baseline of {vm}: "
               f"boot profile {key}, {gb.boots} verified boot(s)")
@@ -150,9 +153,11 @@ def _print_report_text(rep: CheckReport) -> None:
 
 
 async def cmd_check(args: argparse.Namespace) -> int:
-    from scanner.oneshot import check_vm
+    from scanner.commands.oneshot import check_vm
+    from scanner.vm import SourceKind, VmSource
 
-    rep = await check_vm(args.qmp or f"replay:{args.replay}", args.db)
+    rep = await check_vm(VmSource(SourceKind.QMP, args.qmp) if args.qmp
+                         else VmSource(SourceKind.REPLAY, args.replay), args.db)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(rep.to_json()) + b"\n")
     else:
@@ -161,9 +166,10 @@ async def cmd_check(args: argparse.Namespace) -> int:
 
 
 async def cmd_accept(args: argparse.Namespace) -> int:
-    from scanner.oneshot import accept_vm
+    from scanner.commands.oneshot import accept_vm
 
-    rep, n = await accept_vm(args.qmp, args.db, args.note or "")
+    res = await accept_vm(args.qmp, args.db, args.note or "")
+    rep, n = res.report, res.accepted_pages
     print(f"{rep.vm}: accepted {n} changed page(s) as this VM's new baseline"
           + ("" if n else " (nothing differed)") + "; recorded in the event log")
     return EXIT_OK
@@ -199,9 +205,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from scanner.actions import parse_action
-    from scanner.engine import RunConfig, install_signal_handlers, run_engine, tune_malloc
-    from scanner.scheduler import Policy
+    from scanner.run.actions import parse_action
+    from scanner.run.engine import RunConfig, install_signal_handlers, run_engine, tune_malloc
+    from scanner.run.scheduler import Policy
     from store.paths import default_db_path
 
     if not (args.qmp or args.discover or args.replay):

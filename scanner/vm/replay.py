@@ -8,7 +8,7 @@ A replay directory holds `vm.json` and the memory file(s) it names:
      "boot_profile": {"cpu_model": ..., "features": ..., "vcpus": 1, "smep": false,
                       "smap": false}}
 
-`ReplayVm` offers the same members as `scanner.vm.AttachedVm` (the `VmHandle`
+`ReplayVm` offers the same members as `scanner.vm.live.AttachedVm` (the `VmHandle`
 protocol), so the scanner reads a replayed VM through exactly the same code as a live
 one. Used by the scale benchmark (hundreds of VMs cannot boot on one small host) and
 by tests; `tools/record.py` makes replay directories from running guests.
@@ -22,12 +22,11 @@ from typing import Any
 
 import orjson
 
-from scanner.bootprofile import BootProfile
 from scanner.errors import VmStateError
-from scanner.hmp import VcpuState
-from scanner.qmp import RunState
-from scanner.vm import kernel_walker
-from translate import GuestMemory, PageWalker, RamRange
+from scanner.qemu.hmp import VcpuState
+from scanner.qemu.qmp import RunState, RunStatus
+from scanner.vm.bootprofile import BootProfile
+from translate import GuestMemory, PageWalker, RamRange, kernel_walker
 
 __all__ = ["ReplayVm", "write_replay"]
 
@@ -67,7 +66,7 @@ class ReplayVm:
         return self.vcpus
 
     async def run_state(self) -> RunState:
-        return RunState(self._state, self._state == "running")
+        return RunState(RunStatus(self._state), self._state == "running")
 
     async def boot_profile(self) -> BootProfile:
         return self._boot

@@ -3,7 +3,7 @@
 Per region, every 4 KiB page is checked against one basis:
 
 * golden — the shared baseline of its (kernel build, boot profile);
-* per-boot — pages that legitimately differ per boot (`scanner.baseline` says how that
+* per-boot — pages that legitimately differ per boot (`scanner.check.baseline` says how that
   set is derived, never from the VM being checked) are checked against the VM's own
   per-VM baseline, taken at the first check after that boot;
 * accepted — pages an operator approved with `kscan accept` for this VM and boot.
@@ -13,11 +13,12 @@ when the virtual CPU offers them, CR4.SMEP/SMAP on every vCPU, every vCPU's IDTR
 to the one whose IDT is hashed, and every IDT gate pointing into kernel text.
 
 A mismatch is localized to page, guest-virtual and guest-physical address, and byte
-ranges with what kind of site changed (`scanner.classify`).
+ranges with what kind of site changed (`scanner.check.classify`).
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,19 +27,27 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from scanner.bootprofile import BootProfile
-from scanner.classify import ByteRange, diff_ranges
-from scanner.hmp import VcpuState
-from scanner.kernel import REGIONS, LiveKernel, Region
-from scanner.measure import PAGE, page_hashes
+from scanner.check.classify import ByteRange, diff_ranges
+from scanner.check.locate import REGIONS, LiveKernel, Region
+from scanner.check.state import BootIdentity, PageRecord, VmState
+from scanner.hashing import page_hashes
+from scanner.qemu.hmp import VcpuState
+from scanner.vm.bootprofile import BootProfile
 from store import GoldenRegion
-from translate.paging import CR0_WP
+from translate.x86 import CR0_WP, CR4_SMAP, CR4_SMEP, PAGE
 
-__all__ = ["CheckReport", "Finding", "PageMismatch", "RegionVerdict", "boot_identity",
-           "verify"]
+__all__ = ["Basis", "CheckReport", "Finding", "PageMismatch", "RegionVerdict",
+           "Verification", "boot_identity", "verify"]
 
-CR4_SMEP, CR4_SMAP = 1 << 20, 1 << 21
 _ZSTD_MAX = 64 << 20
+
+
+class Basis(enum.StrEnum):
+    """What a page is checked against."""
+
+    GOLDEN = "golden"
+    PER_BOOT = "per-boot"
+    ACCEPTED = "accepted"
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ class PageMismatch:
     page: int
     va: int
     gpa: int
-    basis: str  # golden | per-boot | accepted
+    basis: Basis
     ranges: tuple[ByteRange, ...]
     symbol: str | None
 
@@ -131,18 +140,26 @@ class CheckReport:
                 "findings": [f.to_json() for f in self.findings]}
 
 
-def boot_identity(lk: LiveKernel) -> dict[str, Any]:
+def boot_identity(lk: LiveKernel) -> BootIdentity:
     """What identifies one boot of a VM: a reboot re-randomizes slide and placement."""
-    return {"build_id": lk.profile.build_id, "slide": lk.slide,
-            "text_gpa": lk.match.text_gpa, "idt_gpa": lk.regions["idt"].runs[0][0]}
+    return BootIdentity(lk.profile.build_id, lk.slide, lk.match.text_gpa,
+                        lk.regions["idt"].runs[0][0])
+
+
+@dataclass(frozen=True)
+class Verification:
+    """A check's report and the VM's per-VM state after it (new when `fresh`)."""
+
+    report: CheckReport
+    state: VmState
 
 
 def control_findings(lk: LiveKernel, vcpus: Sequence[VcpuState],
                      boot: BootProfile | None) -> list[Finding]:
     out = []
     for r in lk.regions.values():
-        for v in r.wx_violations():
-            out.append(Finding("wx_violation", v, {"region": r.name}))
+        for problem in r.wx_violations():
+            out.append(Finding("wx_violation", problem, {"region": r.name}))
     idt = lk.regions["idt"]
     for v in vcpus:
         if not v.cr0 & CR0_WP:
@@ -188,8 +205,8 @@ def verify(
     normalized: Mapping[str, bytearray],
     golden: Mapping[str, GoldenRegion],
     golden_content: Callable[[str], bytes | None],
-    vm_state: dict[str, Any] | None,
-) -> tuple[CheckReport, dict[str, Any]]:
+    vm_state: VmState | None,
+) -> Verification:
     """Check one VM. Returns the report and the VM's (possibly new) per-VM state.
 
     `normalized` holds the regions' bytes with KASLR undone — all four, or (to re-check
@@ -198,11 +215,9 @@ def verify(
     region's compressed bytes (only called on a mismatch).
     """
     identity = boot_identity(lk)
-    fresh = vm_state is None or vm_state.get("boot") != identity
-    if fresh:
-        vm_state = {"boot": identity, "boot_profile": boot.key, "per_boot": {},
-                    "accepted": {}, "taken_at": time.time()}
-    assert vm_state is not None
+    fresh = vm_state is None or vm_state.boot != identity
+    if vm_state is None or fresh:
+        vm_state = VmState(identity, boot.key)
     cctx = zstandard.ZstdCompressor(level=3)
     dctx = zstandard.ZstdDecompressor()
     golden_cache: dict[str, bytes] = {}
@@ -224,13 +239,12 @@ def verify(
         hashes = page_hashes(buf)
         region = lk.regions[name]
         per_boot = set(g.per_boot_pages())
-        vm_per_boot: dict[str, Any] = vm_state["per_boot"].setdefault(name, {})
-        accepted: dict[str, Any] = vm_state["accepted"].get(name, {})
+        vm_per_boot = vm_state.per_boot.setdefault(name, {})
+        accepted = vm_state.accepted.get(name, {})
         if fresh:
             for p in sorted(per_boot):
                 if p < len(hashes):
-                    vm_per_boot[str(p)] = {"hash": hashes[p],
-                                           "data": cctx.compress(_page_bytes(buf, p))}
+                    vm_per_boot[p] = PageRecord(hashes[p], cctx.compress(_page_bytes(buf, p)))
         # Expected hash per page: golden, overridden by per-boot and accepted bases;
         # compared vectorised, so only mismatching pages cost Python time.
         got = np.array(hashes, dtype=np.uint64)
@@ -239,26 +253,25 @@ def verify(
         want[:n] = np.frombuffer(g.page_hashes, dtype="<u8", count=n)
         known = np.zeros(len(hashes), dtype=bool)
         known[:n] = True
-        basis_of: dict[int, tuple[str, dict[str, Any] | None]] = {}
+        basis_of: dict[int, tuple[Basis, PageRecord | None]] = {}
         for p in per_boot:
-            rec = vm_per_boot.get(str(p))
+            rec = vm_per_boot.get(p)
             # A page marked per-boot after this VM's per-VM baseline was taken has no
             # reading of its own: it stays on the golden basis.
             if p < len(hashes) and rec is not None:
-                want[p] = rec["hash"]
+                want[p] = rec.hash
                 known[p] = True
-                basis_of[p] = ("per-boot", rec)
-        for key, rec in accepted.items():
-            p = int(key)
+                basis_of[p] = (Basis.PER_BOOT, rec)
+        for p, rec in accepted.items():
             if 0 <= p < len(hashes):
                 known[p] = True
-                want[p] = rec["hash"]
-                basis_of[p] = ("accepted", rec)
+                want[p] = rec.hash
+                basis_of[p] = (Basis.ACCEPTED, rec)
         mismatches = []
         for p in np.flatnonzero((got != want) | ~known).tolist():
-            basis, old = basis_of.get(p, ("golden", None))
+            basis, old = basis_of.get(p, (Basis.GOLDEN, None))
             if old is not None:
-                before = dctx.decompress(old["data"], max_output_size=PAGE)
+                before = dctx.decompress(old.data, max_output_size=PAGE)
             else:
                 gb = golden_bytes(name)
                 before = _page_bytes(gb, p) if gb else b""
@@ -272,8 +285,8 @@ def verify(
                                            _gpa_of(region, p * PAGE), basis, ranges, symbol))
         verdicts.append(RegionVerdict(
             name, len(buf), len(hashes),
-            tuple(sorted(per_boot - {int(k) for k in accepted})),
-            tuple(sorted(int(k) for k in accepted)), tuple(mismatches)))
+            tuple(sorted(per_boot - set(accepted))),
+            tuple(sorted(accepted)), tuple(mismatches)))
     report = CheckReport(vm, lk.profile.build_id, lk.profile.release, boot.key, lk.slide,
                          tuple(verdicts), tuple(control_findings(lk, vcpus, boot)), fresh)
-    return report, vm_state
+    return Verification(report, vm_state)

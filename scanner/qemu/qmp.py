@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 import stat
@@ -28,10 +29,10 @@ from qemu.qmp.protocol import ConnectError
 from qemu.qmp.qmp_client import ExecuteError
 
 from scanner.errors import QmpError, VmStateError
-from scanner.hmp import FlatRange, ParseError, VcpuState, parse_flatview, parse_registers
+from scanner.qemu.hmp import FlatRange, ParseError, VcpuState, parse_flatview, parse_registers
 from translate.physmem import RamRange
 
-__all__ = ["Memdev", "QmpVm", "RunState"]
+__all__ = ["Memdev", "QmpVm", "RunState", "RunStatus"]
 
 log = logging.getLogger("kscan.qmp")
 # qemu.qmp logs every failed connect at ERROR with a traceback; our errors say enough.
@@ -41,10 +42,44 @@ CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 15.0
 
 
+class RunStatus(enum.StrEnum):
+    """QEMU's RunState (qapi/run-state.json); a value this kscan does not know is UNKNOWN."""
+
+    DEBUG = "debug"
+    INMIGRATE = "inmigrate"
+    INTERNAL_ERROR = "internal-error"
+    IO_ERROR = "io-error"
+    PAUSED = "paused"
+    POSTMIGRATE = "postmigrate"
+    PRELAUNCH = "prelaunch"
+    FINISH_MIGRATE = "finish-migrate"
+    RESTORE_VM = "restore-vm"
+    RUNNING = "running"
+    SAVE_VM = "save-vm"
+    SHUTDOWN = "shutdown"
+    SUSPENDED = "suspended"
+    WATCHDOG = "watchdog"
+    GUEST_PANICKED = "guest-panicked"
+    COLO = "colo"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def _missing_(cls, value: object) -> RunStatus:
+        return cls.UNKNOWN
+
+    @property
+    def gone(self) -> bool:
+        """The guest will not run its kernel again without a reset."""
+        return self in (RunStatus.SHUTDOWN, RunStatus.INTERNAL_ERROR, RunStatus.GUEST_PANICKED)
+
+
 @dataclass(frozen=True)
 class RunState:
-    status: str  # QEMU's RunState: running, paused, shutdown, internal-error, ...
+    status: RunStatus
     running: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", RunStatus(self.status))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ hide there). They come from:
   IDT) is refused: those VMs do not share a boot profile, or one of them is not clean.
 
 Each VM's per-boot pages are checked against that VM's own first post-boot reading
-(its per-VM baseline; see `scanner.verify`).
+(its per-VM baseline; see `scanner.check.verify`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from typing import Any
 
 import zstandard
 
-from scanner.bootprofile import BootProfile
+from scanner.check.locate import REGIONS, LiveKernel
 from scanner.errors import VmStateError
-from scanner.kernel import REGIONS, LiveKernel
-from scanner.measure import PAGE, page_hashes, region_hash
+from scanner.hashing import page_hashes, region_hash
+from scanner.vm.bootprofile import BootProfile
 from store import GoldenRegion
+from translate import PAGE
 
 __all__ = ["Capture", "GoldenBuild", "build_golden", "capture", "require_booted"]
 
@@ -90,7 +91,7 @@ class GoldenBuild:
 def build_golden(lk: LiveKernel, cap: Capture, boot: BootProfile, source_vm: str,
                  previous: dict[str, GoldenRegion] | None) -> GoldenBuild:
     """The golden baseline from one verified capture, merged into `previous` if any."""
-    per_boot = {name: set() for name in REGIONS}
+    per_boot: dict[str, set[int]] = {name: set() for name in REGIONS}
     per_boot[".rodata"] = per_boot_from_image(lk, cap)
     merged: dict[str, list[int]] = {name: [] for name in REGIONS}
     boots = 1

@@ -1,7 +1,7 @@
 """A VM's live kernel: which profile it runs, its slide, and where its protected
 regions are right now.
 
-`locate_kernel` identifies the profile (see `scanner.kaslr`), then translates the four
+`locate_kernel` identifies the profile (see `scanner.check.kaslr`), then translates the four
 protected regions — `.text`, `.rodata`, `__ex_table` at their slid addresses and the
 IDT at vCPU 0's IDTR — into physically contiguous runs, recording the page-table pages
 each walk read, and decodes the IDT of every vCPU.
@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from scanner.check.idt import Gate, IdtCheck, check_gates, decode_idt
+from scanner.check.kaslr import SlideMatch, identify
 from scanner.errors import VmStateError
-from scanner.hmp import VcpuState
-from scanner.idt import Gate, IdtCheck, check_gates, decode_idt
-from scanner.kaslr import SlideMatch, identify
-from scanner.profile import PROTECTED_SECTIONS, KernelProfile
+from scanner.image.kernel_profile import PROTECTED_SECTIONS, KernelProfile
+from scanner.qemu.hmp import VcpuState
 from translate import GuestMemory, PageWalker, Translation, TranslationError
 
 __all__ = ["REGIONS", "LiveKernel", "Region", "locate_kernel", "translate_regions"]

@@ -94,7 +94,7 @@ def human(ev: dict[str, Any]) -> str:
     kind = ev["event"]
     if not who:
         detail = ev.get("message") or ev.get("policy") or ""
-        return kind + (f": {detail}" if detail else "")
+        return str(kind) + (f": {detail}" if detail else "")
     if kind == "tamper":
         parts = [f"{m['region']} page {m['page']} ({m['basis']}"
                  + (f", {m['ranges'][0]['kind']}" if m["ranges"] else "") + ")"

@@ -1,6 +1,6 @@
 """`kscan run`: the asyncio engine that watches many VMs at once.
 
-One task per VM (`scanner.watcher.VmWatcher`), one discovery task that notices VMs
+One task per VM (`scanner.run.watcher.VmWatcher`), one discovery task that notices VMs
 appearing and disappearing, a stats task and a budget task, all owned by a `TaskGroup`.
 Fast passes run on the event loop (≈1-2 ms of hashing each; a thread hop cost more than
 it saved under a budget below one core); slow paths — locate, normalize, verify, tens of
@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +27,15 @@ from typing import Any, TypeVar
 
 from kscan import __version__
 from kscan.errors import KscanError
-from scanner.actions import Action
-from scanner.discover import expand_sockets, find_qemu_processes
-from scanner.events import EventSink
-from scanner.oneshot import Examined, golden_for
-from scanner.profile import KernelProfile
-from scanner.scheduler import Policy, Scheduler
-from scanner.vm import VmHandle, open_vm
-from scanner.watcher import VmWatcher
-from store import GoldenRegion, Store
+from scanner.examine import Examined, GoldenSet, golden_for, load_profiles
+from scanner.image.kernel_profile import KernelProfile
+from scanner.qemu.discover import expand_sockets, find_qemu_processes
+from scanner.run.actions import Action, ActionKind
+from scanner.run.events import EventSink
+from scanner.run.scheduler import Policy, Scheduler
+from scanner.run.watcher import VmWatcher, WatchState
+from scanner.vm import SourceKind, VmHandle, VmSource, open_vm
+from store import Store
 
 __all__ = ["Engine", "RunConfig"]
 
@@ -53,7 +53,7 @@ class RunConfig:
     discover: bool = False
     replay: tuple[str, ...] = ()
     policy: Policy = field(default_factory=Policy)
-    action: Action = field(default_factory=lambda: Action("report"))
+    action: Action = field(default_factory=lambda: Action(ActionKind.REPORT))
     forensics_dir: Path = Path(".")
     workers: int = 2
     discover_every: float = 2.0
@@ -61,6 +61,8 @@ class RunConfig:
 
 
 class Engine:
+    """Runs the watchers; implements their `WatchContext`."""
+
     def __init__(self, cfg: RunConfig, store: Store, sink: EventSink) -> None:
         self.cfg = cfg
         self.store = store
@@ -74,36 +76,40 @@ class Engine:
         self._retry_at: dict[str, float] = {}
         self._said: dict[str, str] = {}
         self._profiles: tuple[float, list[KernelProfile]] = (0.0, [])
-        self._golden: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._golden: dict[tuple[str, str], tuple[float, GoldenSet]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: Slow paths in flight at once. Each holds ~19 MB of region copies from examine
         #: to the end of its check, so this bounds memory; more would not run faster
         #: than the worker threads anyway.
-        self.slow_slots = asyncio.Semaphore(max(1, cfg.workers))
+        self._slow_slots = asyncio.Semaphore(max(1, cfg.workers))
         self.scans = 0
 
-    # -- shared services for watchers ------------------------------------------------
+    # -- the watchers' context (scanner.run.context.WatchContext) -----------------------
+    async def emit(self, event: str, vm: str | None, **fields: Any) -> dict[str, Any]:
+        return await self.sink.emit(event, vm, **fields)
+
     async def profiles(self) -> list[KernelProfile]:
         at, cached = self._profiles
         if time.monotonic() - at > CACHE_SECONDS or not cached:
-            out = []
-            for info in await self.store.list_profiles():
-                row = await self.store.get_profile(info.build_id)
-                if row is not None:
-                    out.append(KernelProfile.from_bytes(row.data))
-            self._profiles = (time.monotonic(), out)
+            self._profiles = (time.monotonic(), await load_profiles(self.store, required=False))
         return self._profiles[1]
 
-    async def golden(self, ex: Examined) -> tuple[dict[str, GoldenRegion],
-                                                  dict[str, bytes | None]]:
+    async def golden(self, ex: Examined) -> GoldenSet:
         key = (ex.lk.profile.build_id, ex.boot.key)
         hit = self._golden.get(key)
         if hit is None or time.monotonic() - hit[0] > CACHE_SECONDS:
             value = await golden_for(self.store, ex)
             self._golden[key] = (time.monotonic(), value)
             return value
-        result: tuple[dict[str, GoldenRegion], dict[str, bytes | None]] = hit[1]
-        return result
+        return hit[1]
+
+    @contextlib.asynccontextmanager
+    async def slow_slot(self) -> AsyncIterator[None]:
+        async with self._slow_slots:
+            yield
+
+    def count_scan(self) -> None:
+        self.scans += 1
 
     def charge(self, cpu_seconds: float) -> None:
         self.scheduler.settle(0.0, cpu_seconds)
@@ -173,7 +179,7 @@ class Engine:
         return out
 
     async def _open(self, source: str, kind: str) -> VmHandle:
-        return await open_vm(f"replay:{source}" if kind == "replay" else source)
+        return await open_vm(VmSource(SourceKind(kind), source))
 
     async def _watch(self, source: str, kind: str) -> None:
         backoff = RELOST_BACKOFF
@@ -215,7 +221,7 @@ class Engine:
             watching = [w for w in self.watchers.values() if w is not None]
             await self.sink.emit(
                 "stats", None, vms=len(watching),
-                watching=sum(1 for w in watching if w.state == "watching"),
+                watching=sum(1 for w in watching if w.state is WatchState.WATCHING),
                 scans=self.scans - last_scans,
                 cpu_percent=round(100 * (cpu - last_cpu) / max(1e-9, now - last_t), 2),
                 period_s=round(self.scheduler.period(), 3),

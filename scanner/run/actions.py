@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import re
 import shlex
@@ -27,25 +28,35 @@ from typing import Any
 import orjson
 
 from kscan.errors import KscanError
-from scanner.kernel import LiveKernel
-from scanner.measure import PAGE
-from scanner.verify import CheckReport
+from scanner.check.locate import LiveKernel
+from scanner.check.verify import CheckReport
 from store import GoldenRegion
-from translate import GuestMemory, TranslationError
+from translate import PAGE, GuestMemory, TranslationError
 
-__all__ = ["Action", "parse_action", "run_exec", "save_forensics"]
+__all__ = ["Action", "ActionKind", "parse_action", "run_exec", "save_forensics"]
 
 EXEC_TIMEOUT = 30.0
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
+class ActionKind(enum.StrEnum):
+    REPORT = "report"
+    PAUSE = "pause"
+    EXEC = "exec"
+
+
 @dataclass(frozen=True)
 class Action:
-    kind: str  # report | pause | exec
-    argv: tuple[str, ...] = ()
+    kind: ActionKind
+    argv: tuple[str, ...] = ()  # EXEC: the command
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ActionKind(self.kind))
 
     def describe(self) -> str:
-        return "exec:" + shlex.join(self.argv) if self.kind == "exec" else self.kind
+        if self.kind is ActionKind.EXEC:
+            return "exec:" + shlex.join(self.argv)
+        return self.kind.value
 
 
 class ActionError(KscanError):
@@ -53,8 +64,8 @@ class ActionError(KscanError):
 
 
 def parse_action(text: str) -> Action:
-    if text in ("report", "pause"):
-        return Action(text)
+    if text in (ActionKind.REPORT, ActionKind.PAUSE):
+        return Action(ActionKind(text))
     if text.startswith("exec:"):
         try:
             argv = tuple(shlex.split(text[5:]))
@@ -64,7 +75,7 @@ def parse_action(text: str) -> Action:
         if not argv or not argv[0]:
             raise ActionError("--on-tamper exec: needs a command",
                               hint="e.g. --on-tamper exec:/usr/local/bin/page-oncall")
-        return Action("exec", argv)
+        return Action(ActionKind.EXEC, argv)
     raise ActionError(f"--on-tamper {text!r}: use report, pause or exec:COMMAND")
 
 

@@ -15,22 +15,21 @@ guest memory for the error message — sanitized, since it is guest-controlled.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from scanner.errors import ProfileError
-from scanner.profile import KernelProfile
-from translate import GuestMemory, PageWalker, TranslationError
+from scanner.image.kernel_profile import KernelProfile
+from scanner.image.notes import find_build_id
+from translate import PAGE, GuestMemory, PageWalker, TranslationError
 
 __all__ = ["SlideMatch", "find_slide", "identify", "read_banner"]
 
 IMAGE_START = 0xFFFF_FFFF_8000_0000
 IMAGE_END = 0xFFFF_FFFF_C000_0000
 ALIGN = 2 << 20
-PAGE = 4096
 #: Of the first 4096 bytes of .text, how many must equal the file's (measured ~4000+).
 MATCH_MIN = 3000
 #: Fraction of __ex_table bytes that must equal the file's.
@@ -78,19 +77,7 @@ def _guest_build_id(mem: GuestMemory, walker: PageWalker, profile: KernelProfile
     data = _read(mem, walker, notes.addr + slide, notes.size)
     if data is None:
         return None
-    off = 0
-    for _ in range(256):  # bounded: the guest controls these bytes
-        if off + 12 > len(data):
-            break
-        namesz, descsz, ntype = struct.unpack_from("<III", data, off)
-        name_end = off + 12 + namesz
-        desc = off + 12 + ((namesz + 3) & ~3)
-        if descsz > len(data) or desc + descsz > len(data):
-            break
-        if ntype == 3 and data[off + 12:name_end].rstrip(b"\0") == b"GNU":
-            return data[desc:desc + descsz].hex()
-        off = desc + ((descsz + 3) & ~3)
-    return None
+    return find_build_id(data)
 
 
 def find_slide(mem: GuestMemory, walker: PageWalker, profile: KernelProfile,

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 import xxhash
 
-from scanner.qmp import QmpVm
+from scanner.qemu.qmp import QmpVm
 from translate import GuestMemory, TranslationError
 
 __all__ = ["BootProfile", "pti_active", "read_boot_profile"]

@@ -17,19 +17,21 @@ sends the VM down the slow path (normalize, per-page compare, localize).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scanner.hmp import VcpuState
-from scanner.kernel import LiveKernel
-from scanner.measure import raw_digest, region_views
+from scanner.check.locate import LiveKernel
+from scanner.check.measure import region_views
+from scanner.hashing import raw_digest
+from scanner.qemu.hmp import VcpuState
 from translate import GuestMemory, TranslationError, kernel_pgd_candidates
-from translate.paging import CR0_WP
+from translate.x86 import CR0_WP, CR4_SMAP, CR4_SMEP
 
-__all__ = ["FastResult", "Reference", "TableFingerprint", "check_memory", "check_registers",
-           "control_state", "fast_scan", "make_reference"]
+__all__ = ["FastOutcome", "FastResult", "Reference", "TableFingerprint", "check_memory",
+           "check_registers", "control_state", "fast_scan", "make_reference"]
 
-_CR4_BITS = (1 << 20) | (1 << 21)  # SMEP, SMAP
+_CR4_BITS = CR4_SMEP | CR4_SMAP
 
 
 class TableFingerprint:
@@ -88,7 +90,7 @@ class Reference:
 def make_reference(mem: GuestMemory, lk: LiveKernel, vcpus: Sequence[VcpuState],
                    pgd: int, top_shift: int, digests: dict[str, bytes]) -> Reference:
     """The reference after a full check. `digests` must be those of the very bytes that
-    check verified (`scanner.measure.read_normalized`), not a fresh reading: a change
+    check verified (`scanner.check.measure.read_normalized`), not a fresh reading: a change
     made in between would otherwise become the reference unverified."""
     views = {name: region_views(mem, r) for name, r in lk.regions.items()}
     entries = [e for r in lk.regions.values() for e in r.translation.entries]
@@ -112,34 +114,55 @@ def _top_matches(ref: Reference, mem: GuestMemory, pgd: int) -> bool:
     return tuple(table[i] for i in ref.top_index) == ref.top_values
 
 
+class FastOutcome(enum.StrEnum):
+    """What a fast pass found; anything but UNCHANGED sends the VM down the slow path."""
+
+    UNCHANGED = "unchanged"
+    CONTROL_CHANGED = "vCPU control state changed"
+    MAPPING_CHANGED = "a vCPU maps the kernel differently"
+    TABLES_CHANGED = "page tables of protected regions changed"
+    BYTES_CHANGED = "region bytes changed"
+
+
 @dataclass(frozen=True)
 class FastResult:
-    ok: bool
-    reason: str = ""
-    changed: tuple[str, ...] = ()
+    outcome: FastOutcome
+    detail: str = ""  # more than the outcome says (which vCPU, ...)
+    changed: tuple[str, ...] = ()  # BYTES_CHANGED: the regions whose bytes changed
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is FastOutcome.UNCHANGED
+
+    @property
+    def reason(self) -> str:
+        return self.detail or ("" if self.ok else self.outcome.value)
+
+
+_UNCHANGED = FastResult(FastOutcome.UNCHANGED)
 
 
 def check_registers(ref: Reference, mem: GuestMemory,
                     vcpus: Sequence[VcpuState]) -> FastResult:
     """The vCPU part: control registers, and every vCPU's kernel mapping."""
     if control_state(vcpus) != ref.control:
-        return FastResult(False, "vCPU control state changed")
+        return FastResult(FastOutcome.CONTROL_CHANGED)
     for v in vcpus:
         if not any(_top_matches(ref, mem, pgd) for pgd in kernel_pgd_candidates(v.cr3)):
-            return FastResult(False, f"vCPU {v.index} (CR3 {v.cr3:#x}) maps the kernel "
-                              "differently")
-    return FastResult(True)
+            return FastResult(FastOutcome.MAPPING_CHANGED,
+                              f"vCPU {v.index} (CR3 {v.cr3:#x}) maps the kernel differently")
+    return _UNCHANGED
 
 
 def check_memory(ref: Reference, mem: GuestMemory) -> FastResult:
     """The memory part: translations unchanged, region bytes unchanged."""
     if not ref.fingerprint.unchanged(mem):
-        return FastResult(False, "page tables of protected regions changed")
+        return FastResult(FastOutcome.TABLES_CHANGED)
     changed = tuple(name for name, views in ref.views.items()
                     if raw_digest(views) != ref.digests[name])
     if changed:
-        return FastResult(False, "region bytes changed", changed)
-    return FastResult(True)
+        return FastResult(FastOutcome.BYTES_CHANGED, changed=changed)
+    return _UNCHANGED
 
 
 def fast_scan(ref: Reference, mem: GuestMemory, vcpus: Sequence[VcpuState] | None) -> FastResult:

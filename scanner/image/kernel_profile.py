@@ -20,18 +20,18 @@ from typing import Any
 
 import numpy as np
 import orjson
-import xxhash
 import zstandard
 
 from scanner.errors import KernelImageError
-from scanner.normalize import RegionRelocs
-from scanner.vmlinux import PROTECTED_SECTIONS, KernelImage, load_kernel_image
+from scanner.hashing import page_hashes
+from scanner.image.relocs import RegionRelocs
+from scanner.image.vmlinux import PROTECTED_SECTIONS, KernelImage, load_kernel_image
+from translate.x86 import PAGE
 
 __all__ = ["PROTECTED_SECTIONS", "KernelProfile", "SectionInfo", "profile_from_image",
            "profile_from_path"]
 
 FORMAT = 1
-PAGE = 4096
 _MAGIC = b"KSCNPRF1"
 
 
@@ -60,7 +60,7 @@ class KernelProfile:
     #: Sorted (address, name) of symbols inside protected regions, when known.
     symbols: tuple[tuple[int, str], ...] = ()
     #: xxh3_64 of each 4 KiB chunk of the file's `.rodata` (link-time bytes): pages a
-    #: verified VM changed from these were written at boot (see scanner.baseline).
+    #: verified VM changed from these were written at boot (see scanner.check.baseline).
     rodata_file_pages: tuple[int, ...] = ()
     _sym_addrs: list[int] = field(default_factory=list, repr=False, compare=False)
 
@@ -181,14 +181,9 @@ def profile_from_image(image: KernelImage) -> KernelProfile:
         build_id=image.build_id, release=image.release, version=image.version,
         sections=sections, relocs=relocs, text_head=text[:PAGE],
         ex_table=image.section_bytes("__ex_table"), ro_after_init=ro_after_init,
-        symbols=tuple(symbols), rodata_file_pages=tuple(_page_hashes(
+        symbols=tuple(symbols), rodata_file_pages=tuple(page_hashes(
             image.section_bytes(".rodata"))),
     )
-
-
-def _page_hashes(data: bytes) -> list[int]:
-    mv = memoryview(data)
-    return [xxhash.xxh3_64_intdigest(mv[i:i + PAGE]) for i in range(0, len(mv), PAGE)]
 
 
 def profile_from_path(path: str | PathLike[str], *,

@@ -19,7 +19,7 @@ ISIZE field plays that part). The compressor is recognised by its magic, as
 lib/decompress.c does.
 
 `extract_vmlinux` returns the whole decompressed payload — the ELF *and* the relocation
-table after it (`scanner.vmlinux` parses both). Input that is already an ELF is returned
+table after it (`scanner.image.vmlinux` parses both). Input that is already an ELF is returned
 unchanged. Decompression is streamed with a cap on the output size, so a decompression
 bomb fails fast with `KernelImageError` instead of filling memory.
 

@@ -39,7 +39,7 @@ def gate_count(limit: int) -> int:
     return min(MAX_GATES, (limit + 1) // GATE_SIZE)
 
 
-def decode_idt(data: bytes | memoryview, limit: int) -> list[Gate]:
+def decode_idt(data: bytes | bytearray | memoryview, limit: int) -> list[Gate]:
     """Decode the gates of an IDT whose bytes start at `data` (limit from the IDTR)."""
     n = min(gate_count(limit), len(data) // GATE_SIZE)
     gates = []
@@ -89,7 +89,7 @@ def check_gates(gates: Sequence[Gate], text: tuple[int, int],
     return IdtCheck(len(gates), len(present), tuple(outside), bad, tuple(early))
 
 
-def normalize_idt(data: bytes | memoryview, limit: int, slide: int) -> bytearray:
+def normalize_idt(data: bytes | bytearray | memoryview, limit: int, slide: int) -> bytearray:
     """A copy of the IDT with every present gate's handler moved back by the slide (the
     IDT is built at run time, so it is not in the relocation table)."""
     out = bytearray(data)

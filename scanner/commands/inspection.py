@@ -12,18 +12,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from scanner.check.locate import LiveKernel, locate_kernel
 from scanner.errors import ProfileError, VmStateError
-from scanner.hmp import VcpuState
-from scanner.kernel import LiveKernel, locate_kernel
-from scanner.profile import KernelProfile
+from scanner.image.kernel_profile import KernelProfile
+from scanner.qemu.hmp import VcpuState
 from scanner.vm import AttachedVm
 from translate import RamRange, Run, TranslationError
-from translate.paging import CR0_WP, CR4_LA57
+from translate.x86 import CR0_WP, CR4_LA57, CR4_SMAP, CR4_SMEP
 
 __all__ = ["InspectReport", "inspect_vm"]
 
-CR4_SMEP = 1 << 20
-CR4_SMAP = 1 << 21
 
 
 @dataclass
@@ -83,9 +81,9 @@ class InspectReport:
                 f"{v.gdtr_limit:#x}  [{' '.join(flags)}]")
         lines.append("IDT:")
         if self.idt_runs:
-            for r in self.idt_runs:
-                lines.append(f"  va {r.va:#x} -> gpa {r.gpa:#x}  {r.size:#x} bytes in "
-                             f"{r.page_size >> 10} KiB pages  {r.perms}")
+            for run in self.idt_runs:
+                lines.append(f"  va {run.va:#x} -> gpa {run.gpa:#x}  {run.size:#x} bytes in "
+                             f"{run.page_size >> 10} KiB pages  {run.perms}")
         else:
             lines.append(f"  va {self.idt_va:#x}: not translated: {self.idt_error}")
         k = self.extra.get("kernel")
@@ -94,13 +92,12 @@ class InspectReport:
         return "\n".join(lines)
 
 
-async def load_profiles(db: str | None) -> list[KernelProfile]:
+async def _profiles_of(db: str) -> list[KernelProfile]:
+    from scanner.examine import load_profiles
     from store import Store
 
     async with Store.open(db) as st:
-        infos = await st.list_profiles()
-        rows = [await st.get_profile(i.build_id) for i in infos]
-    return [KernelProfile.from_bytes(r.data) for r in rows if r is not None]
+        return await load_profiles(st, required=False)
 
 
 def kernel_section(lk: LiveKernel) -> dict[str, Any]:
@@ -146,7 +143,7 @@ def kernel_text(k: dict[str, Any]) -> list[str]:
 
 
 async def inspect_vm(socket: str | os.PathLike[str], db: str | None = None) -> InspectReport:
-    profiles = await load_profiles(db) if db is not None else None
+    profiles = await _profiles_of(db) if db is not None else None
     async with await AttachedVm.attach(socket) as vm:
         status = (await vm.run_state()).status
         v0 = vm.vcpus[0]

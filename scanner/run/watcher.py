@@ -5,10 +5,10 @@
                  │   no baseline)                         └────────────┘ any change
                  └──────────── kernel gone (reboot) ◄────────┘
 
-Fast scans (`scanner.fastpath`) run on the event loop. Any difference takes the slow
+Fast scans (`scanner.check.fastpath`) run on the event loop. Any difference takes the slow
 path in the engine's worker threads: when only region bytes changed, re-read just those
 regions through the translations already proven; otherwise re-locate the kernel
-(translations included); then normalize and verify page by page (`scanner.verify`).
+(translations included); then normalize and verify page by page (`scanner.check.verify`).
 A tampering is reported once per distinct set of changes; when the VM matches its
 baselines again, `tamper_cleared` says so.
 """
@@ -17,30 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from kscan.errors import KscanError
-from scanner.actions import run_exec, save_forensics
-from scanner.errors import BaselineMissing, ProfileError, QmpError, VmStateError
-from scanner.fastpath import (
+from scanner.check.fastpath import (
+    FastOutcome,
     Reference,
     check_memory,
     check_registers,
     make_reference,
 )
-from scanner.kernel import REGIONS
-from scanner.oneshot import Examined, check_examined, examine, reexamine
-from scanner.verify import CheckReport
+from scanner.check.locate import REGIONS
+from scanner.check.verify import CheckReport
+from scanner.errors import BaselineMissing, ProfileError, QmpError, VmStateError
+from scanner.examine import Examined, GoldenSet, check_examined, examine, reexamine
+from scanner.run.actions import ActionKind, run_exec, save_forensics
+from scanner.run.context import WatchContext
 from scanner.vm import VmHandle
 from translate import BackendError, TranslationError
 
-if TYPE_CHECKING:
-    from scanner.engine import Engine
-
-__all__ = ["VmWatcher"]
+__all__ = ["VmWatcher", "WatchState"]
 
 T = TypeVar("T")
 
@@ -54,9 +54,15 @@ class VmGone(Exception):
     """The VM (or its QMP connection) went away."""
 
 
+class WatchState(enum.StrEnum):
+    ATTACHED = "attached"  # attached, nothing read yet
+    BOOTING = "booting"  # waiting until the kernel is checkable (booted, known, baselined)
+    WATCHING = "watching"  # checked in full once; fast scans at its interval
+
+
 class VmWatcher:
-    def __init__(self, engine: Engine, vm: VmHandle, source: str) -> None:
-        self.engine = engine
+    def __init__(self, ctx: WatchContext, vm: VmHandle, source: str) -> None:
+        self.ctx = ctx
         self.vm = vm
         self.name = vm.name
         self.source = source
@@ -64,14 +70,14 @@ class VmWatcher:
         self.slide: int | None = None  # of the kernel last checked (a change: reboot)
         self.reported: frozenset[Any] | None = None  # the change set last reported
         self.scans = 0
-        self.state = "attached"
+        self.state = WatchState.ATTACHED
         self.seen_at: float | None = None  # when the fast path last saw a difference
         self.last: Examined | None = None  # the last check, without its region copies
         self.last_report: CheckReport | None = None
 
     # -- helpers ---------------------------------------------------------------------
     async def emit(self, event: str, **fields: Any) -> dict[str, Any]:
-        return await self.engine.sink.emit(event, self.name, **fields)
+        return await self.ctx.emit(event, self.name, **fields)
 
     def _drop_reference(self) -> None:
         if self.ref is not None:
@@ -90,7 +96,7 @@ class VmWatcher:
         except BackendError as err:
             await self.emit("vm_lost", reason=str(err))
         finally:
-            self.engine.scheduler.remove(self.name)
+            self.ctx.scheduler.remove(self.name)
             self._drop_reference()
             try:
                 await self.vm.close()
@@ -98,31 +104,30 @@ class VmWatcher:
                 log.debug("closing %s: %s", self.name, err)
 
     async def _run(self) -> None:
-        self.engine.scheduler.add(self.name)
+        self.ctx.scheduler.add(self.name)
         while True:
-            ex = await self._until_checkable()
-            await self._checked(ex, first=True)
-            del ex  # ~19 MB of region copies
+            await self._until_checked()
             while self.ref is not None:
-                await asyncio.sleep(self.engine.scheduler.interval(self.name))
+                await asyncio.sleep(self.ctx.scheduler.interval(self.name))
                 await self._scan()
 
-    async def _until_checkable(self) -> Examined:
-        """Wait until the kernel has booted, is identified, and has a baseline. The
-        returned Examined holds a slow-path slot until its full check is done."""
+    async def _until_checked(self) -> None:
+        """Wait until the kernel has booted, is identified, and has a baseline; then
+        check it in full once."""
         said: set[str] = set()
-        self.state = "booting"
+        self.state = WatchState.BOOTING
         while True:
-            await self.engine.slow_slots.acquire()
-            try:
-                ex = await self._slow(self._examine)
-                await self.engine.golden(ex)  # BaselineMissing if there is none
-                return ex
-            except BaseException as err:
-                self.engine.slow_slots.release()
-                wait = await self._not_checkable(err, said)
-                if wait is None:
-                    raise
+            async with self.ctx.slow_slot():
+                try:
+                    ex = await self._slow(self._examine)
+                    golden = await self.ctx.golden(ex)  # BaselineMissing if there is none
+                except Exception as err:
+                    wait = await self._not_checkable(err, said)
+                    if wait is None:
+                        raise
+                else:
+                    await self._full_check(ex, golden, first=True)
+                    return
             await asyncio.sleep(wait)
 
     async def _not_checkable(self, err: BaseException, said: set[str]) -> float | None:
@@ -148,16 +153,16 @@ class VmWatcher:
 
     async def _examine(self) -> Examined:
         state = await self.vm.run_state()
-        if state.status in ("shutdown", "internal-error", "guest-panicked"):
+        if state.status.gone:
             raise VmGone(f"VM is {state.status}")
-        profiles = await self.engine.profiles()
-        return await examine(self.vm, profiles, self.engine.timed_in_worker)
+        profiles = await self.ctx.profiles()
+        return await examine(self.vm, profiles, self.ctx.timed_in_worker)
 
     async def _slow(self, work: Callable[[], Awaitable[T]], urgent: bool = False) -> T:
         """Slow-path work waits for the budget like scans do: it reserves the usual
         slow-path cost, is charged what it really uses, then the reservation is
         returned — so a fleet attaching at once does not break the CPU budget."""
-        sched = self.engine.scheduler
+        sched = self.ctx.scheduler
         expected = sched.slow_cost
         await sched.acquire(expected, urgent=urgent)
         before = sched.charged
@@ -167,16 +172,11 @@ class VmWatcher:
             sched.record_slow(sched.charged - before)
             sched.settle(expected, 0.0)
 
-    async def _checked(self, ex: Examined, first: bool) -> CheckReport:
-        try:
-            return await self._full_check(ex, first)
-        finally:
-            self.engine.slow_slots.release()
-
     # -- checks ----------------------------------------------------------------------
-    async def _full_check(self, ex: Examined, first: bool) -> CheckReport:
-        report = await check_examined(self.engine.store, ex, self.name,
-                                      await self.engine.golden(ex), self.engine.timed_in_worker)
+    async def _full_check(self, ex: Examined, golden: GoldenSet, first: bool) -> CheckReport:
+        """Verify an examined VM (holding a slow-path slot), then report and act."""
+        report = await check_examined(self.ctx.store, ex, self.name, golden,
+                                      self.ctx.timed_in_worker)
         partial = len(ex.normalized) < len(REGIONS)
         if partial and self.ref is not None and self.last_report is not None:
             # Only some regions were re-read (their translations proven unchanged): the
@@ -193,12 +193,11 @@ class VmWatcher:
         self.slide = ex.lk.slide
         # Keep what a partial re-check needs — not the region copies (~19 MB) and not
         # the decoded IDT gates.
-        self.last = dataclasses.replace(ex, lk=dataclasses.replace(ex.lk, gates=()),
-                                        normalized={}, raw_digests={})
+        self.last = ex.without_copies()
         self.last_report = report
-        self.state = "watching"
+        self.state = WatchState.WATCHING
         if first:
-            self.engine.scheduler.mark_hot(self.name)
+            self.ctx.scheduler.mark_hot(self.name)
             await self.emit("vm_identified", build_id=ex.lk.profile.build_id,
                             release=ex.lk.profile.release, slide=ex.lk.slide,
                             boot_profile=ex.boot.key,
@@ -209,7 +208,7 @@ class VmWatcher:
         if report.tampered:
             if changes != self.reported:
                 self.reported = changes
-                await self._on_tamper(ex, report)
+                await self._on_tamper(ex, golden, report)
         else:
             if self.reported:
                 await self.emit("tamper_cleared", message="VM matches its baselines again")
@@ -220,8 +219,9 @@ class VmWatcher:
 
     async def _scan(self) -> None:
         assert self.ref is not None
-        expected = self.engine.scheduler.cost(self.name)
-        await self.engine.scheduler.acquire(expected)
+        sched = self.ctx.scheduler
+        expected = sched.cost(self.name)
+        await sched.acquire(expected)
         vcpus = await self.vm.refresh_vcpus()
         # The fast path runs right here on the event loop: ~1-2 ms of hashing (with
         # the GIL released) per VM. Handing it to a worker thread cost more CPU in
@@ -232,46 +232,42 @@ class VmWatcher:
         if res.ok:
             res = check_memory(self.ref, self.vm.mem)
         cost = time.thread_time() - t0
-        self.engine.scheduler.record(self.name, cost)
-        self.engine.scheduler.settle(expected, cost)
+        sched.record(self.name, cost)
+        sched.settle(expected, cost)
         self.scans += 1
-        self.engine.scans += 1
+        self.ctx.count_scan()
         if res.ok:
             return
         log.info("%s: %s %s: slow path", self.name, res.reason, ",".join(res.changed))
         self.seen_at = time.time()
-        self.engine.scheduler.mark_hot(self.name)
-        await self.engine.slow_slots.acquire()
+        sched.mark_hot(self.name)
         last = self.last
-        try:
-            if res.reason == "region bytes changed" and last is not None \
-                    and "idt" not in res.changed:
-                # Translations and registers proven unchanged: re-read just what changed.
-                # (An IDT change takes the full path: its gates must be decoded again.)
-                ex = await self._slow(lambda: reexamine(
-                    self.vm, last, res.changed, self.engine.timed_in_worker), urgent=True)
-            else:
-                ex = await self._slow(self._examine, urgent=True)
-        except (VmStateError, TranslationError, ProfileError) as err:
-            self.engine.slow_slots.release()
-            # The kernel is not where it was: a reboot, or its mappings were torn down.
-            self._drop_reference()
-            await self.emit("vm_booting", message=f"kernel no longer found: {err.message}")
-            return
-        except BaseException:
-            self.engine.slow_slots.release()
-            raise
-        if self.slide is not None and ex.lk.slide != self.slide:
-            await self.emit("vm_rebooted", slide=ex.lk.slide)
-            self.reported = None
-        await self._checked(ex, first=False)
+        async with self.ctx.slow_slot():
+            try:
+                if (res.outcome is FastOutcome.BYTES_CHANGED and last is not None
+                        and "idt" not in res.changed):
+                    # Translations and registers proven unchanged: re-read just what
+                    # changed. (An IDT change takes the full path: its gates must be
+                    # decoded again.)
+                    ex = await self._slow(lambda: reexamine(
+                        self.vm, last, res.changed, self.ctx.timed_in_worker), urgent=True)
+                else:
+                    ex = await self._slow(self._examine, urgent=True)
+                golden = await self.ctx.golden(ex)
+            except (VmStateError, TranslationError, ProfileError) as err:
+                # The kernel is not where it was: a reboot, or its mappings were torn down.
+                self._drop_reference()
+                await self.emit("vm_booting", message=f"kernel no longer found: {err.message}")
+                return
+            if self.slide is not None and ex.lk.slide != self.slide:
+                await self.emit("vm_rebooted", slide=ex.lk.slide)
+                self.reported = None
+            await self._full_check(ex, golden, first=False)
 
-    async def _on_tamper(self, ex: Examined, report: CheckReport) -> None:
-        eng = self.engine
-        golden, _ = await eng.golden(ex)
-        forensics = save_forensics(eng.forensics_dir, self.name, report, ex.lk, self.vm.mem,
-                                   ex.normalized, golden)
-        action = eng.action
+    async def _on_tamper(self, ex: Examined, golden: GoldenSet, report: CheckReport) -> None:
+        forensics = save_forensics(self.ctx.forensics_dir, self.name, report, ex.lk,
+                                   self.vm.mem, ex.normalized, golden.regions)
+        action = self.ctx.action
         ev = await self.emit(
             "tamper", action=action.describe(), forensics=str(forensics),
             build_id=report.build_id, slide=report.slide, seen_at=self.seen_at,
@@ -279,7 +275,7 @@ class VmWatcher:
             mismatches=[m.to_json() for m in report.mismatches],
             findings=[f.to_json() for f in report.findings],
         )
-        if action.kind == "pause":
+        if action.kind is ActionKind.PAUSE:
             try:
                 await self.vm.pause()
                 state = await self.vm.run_state()
@@ -287,7 +283,7 @@ class VmWatcher:
                                 run_state=state.status)
             except KscanError as err:
                 await self.emit("action", action="pause", ok=False, error=str(err))
-        elif action.kind == "exec":
+        elif action.kind is ActionKind.EXEC:
             result = await run_exec(action.argv, ev)
             await self.emit("action", action=action.describe(), **result)
 

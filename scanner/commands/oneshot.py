@@ -1,0 +1,110 @@
+"""One-shot operations on one VM: `kscan baseline`, `kscan check`, `kscan accept`.
+
+Each attaches to the VM, examines it (`scanner.examine`: identify the kernel, refuse a
+kernel that has not finished booting, read the four regions normalized for KASLR), then
+builds a baseline, verifies, or approves the current bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import zstandard
+
+from scanner.check.baseline import GoldenBuild, build_golden, capture
+from scanner.check.state import PageRecord
+from scanner.check.verify import CheckReport
+from scanner.errors import VmStateError
+from scanner.examine import check_examined, examine, golden_for, load_profiles, verify_examined
+from scanner.hashing import page_hash
+from scanner.vm import VmSource, open_vm
+from store import Store
+from translate import PAGE
+
+__all__ = ["AcceptResult", "BaselineResult", "accept_vm", "baseline_vms", "check_vm"]
+
+Source = VmSource | str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """One verified VM merged into the golden baseline of its kernel and boot profile."""
+
+    vm: str
+    build: GoldenBuild
+    boot_profile: str
+
+
+@dataclass(frozen=True)
+class AcceptResult:
+    report: CheckReport  # the check the accepted pages came from
+    accepted_pages: int
+
+
+async def baseline_vms(sources: Sequence[Source], db: str | None) -> list[BaselineResult]:
+    """Build (or extend) golden baselines from verified VMs, one after the other."""
+    out = []
+    async with Store.open(db) as st:
+        profiles = await load_profiles(st)
+        for src in sources:
+            async with await open_vm(src) as vm:
+                ex = await examine(vm, profiles)
+                key = ex.boot.key
+                previous = await st.get_golden(ex.lk.profile.build_id, key)
+                gb = build_golden(ex.lk, capture(ex.normalized), ex.boot, vm.name, previous)
+                await st.put_golden(ex.lk.profile.build_id, key, gb.regions, vm.name,
+                                    contents=gb.contents)
+                await st.append_event({
+                    "ts": time.time(), "event": "baseline", "vm": vm.name,
+                    "build_id": ex.lk.profile.build_id, "boot_profile": key,
+                    "boots": gb.boots, "slide": ex.lk.slide,
+                    "per_boot_pages": {n: r.per_boot_pages() for n, r in gb.regions.items()
+                                       if r.per_boot_pages()},
+                })
+                out.append(BaselineResult(vm.name, gb, key))
+    return out
+
+
+async def check_vm(source: Source, db: str | None) -> CheckReport:
+    async with Store.open(db) as st:
+        profiles = await load_profiles(st)
+        async with await open_vm(source) as vm:
+            ex = await examine(vm, profiles)
+            report = await check_examined(st, ex, vm.name)
+            await st.append_event({"ts": report.ts, "event": "check", "vm": vm.name,
+                                   **report.to_json()})
+            return report
+
+
+async def accept_vm(source: Source, db: str | None, note: str = "") -> AcceptResult:
+    """Approve a VM's current protected bytes after an operator-approved change: pages
+    that differ from their basis are recorded as accepted for this VM and this boot.
+    Control findings (W^X, CR0.WP, SMEP/SMAP, IDT gates) cannot be accepted."""
+    cctx = zstandard.ZstdCompressor(level=3)
+    async with Store.open(db) as st:
+        profiles = await load_profiles(st)
+        async with await open_vm(source) as vm:
+            ex = await examine(vm, profiles)
+            v = await verify_examined(st, ex, vm.name, await golden_for(st, ex))
+            report, state = v.report, v.state
+            if report.findings:
+                f = report.findings[0]
+                raise VmStateError(f"cannot accept: {f.message}", vm=vm.name,
+                                   hint="control-state findings are never accepted; "
+                                        "investigate the VM")
+            pages = []
+            for m in report.mismatches:
+                buf = ex.normalized[m.region]
+                page = bytes(buf[m.page * PAGE:(m.page + 1) * PAGE])
+                state.accepted.setdefault(m.region, {})[m.page] = PageRecord(
+                    page_hash(page), cctx.compress(page))
+                pages.append({"region": m.region, "page": m.page, "va": m.va})
+            await st.put_vm_state(vm.name, state.to_plain())
+            await st.append_event({"ts": time.time(), "event": "accepted", "vm": vm.name,
+                                   "pages": pages, "note": note,
+                                   "boot_profile": ex.boot.key,
+                                   "build_id": ex.lk.profile.build_id})
+            return AcceptResult(report, len(pages))

@@ -1,0 +1,13 @@
+"""examine: a VM handle and the database in, a verdict out.
+
+Layer 5 of the data path (see `scanner`): locate and read a VM's kernel (`reading`),
+fetch what it is compared with (`baselines`), verify and record per-VM state
+(`checking`). Shared by the one-shot commands and `kscan run`.
+"""
+
+from scanner.examine.baselines import GoldenSet, golden_for, load_profiles
+from scanner.examine.checking import check_examined, verify_examined
+from scanner.examine.reading import Examined, RunSync, examine, inline, reexamine
+
+__all__ = ["Examined", "GoldenSet", "RunSync", "check_examined", "examine", "golden_for",
+           "inline", "load_profiles", "reexamine", "verify_examined"]

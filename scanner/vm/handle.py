@@ -1,0 +1,31 @@
+"""The VM handle: what the scanner uses of a VM, live or replayed.
+
+The scanner reads a VM through these members only, so a recorded VM replayed from files
+(`scanner.vm.replay`) stands in for a live one (`scanner.vm.live`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from scanner.qemu.hmp import VcpuState
+from scanner.qemu.qmp import RunState
+from scanner.vm.bootprofile import BootProfile
+from translate import GuestMemory, PageWalker
+
+__all__ = ["VmHandle"]
+
+
+class VmHandle(Protocol):
+    name: str
+    mem: GuestMemory
+    vcpus: list[VcpuState]
+
+    def walker(self, vcpu: int = 0) -> PageWalker: ...
+    async def refresh_vcpus(self) -> list[VcpuState]: ...
+    async def run_state(self) -> RunState: ...
+    async def boot_profile(self) -> BootProfile: ...
+    async def pause(self) -> None: ...
+    async def close(self) -> None: ...
+    async def __aenter__(self) -> VmHandle: ...
+    async def __aexit__(self, *exc: object) -> None: ...

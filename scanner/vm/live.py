@@ -1,0 +1,80 @@
+"""A live VM: QMP session + read-only guest memory + the vCPUs' registers.
+
+`AttachedVm.attach(socket)` asks QEMU (over QMP) where the guest's RAM lives and what
+its vCPUs' control registers are, and maps the memory-backend files read-only.
+Everything later stages read about a live guest comes through here; it implements
+the `VmHandle` protocol (`scanner.vm.handle`), as replayed VMs do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from scanner.errors import VmStateError
+from scanner.qemu.hmp import VcpuState
+from scanner.qemu.qmp import QmpVm, RunState
+from scanner.vm.bootprofile import BootProfile, read_boot_profile
+from translate import GuestMemory, PageWalker, RamRange, kernel_walker
+
+__all__ = ["AttachedVm"]
+
+
+class AttachedVm:
+    """A VM kscan is attached to: QMP session, mapped RAM, current vCPU state."""
+
+    def __init__(self, qmp: QmpVm, name: str, layout: list[RamRange], mem: GuestMemory,
+                 vcpus: list[VcpuState]) -> None:
+        self.qmp = qmp
+        self.name = name
+        self.layout = layout
+        self.mem = mem
+        self.vcpus = vcpus
+
+    @classmethod
+    async def attach(cls, socket: str | os.PathLike[str]) -> AttachedVm:
+        qmp = await QmpVm.connect(socket)
+        try:
+            name = await qmp.name()
+            layout = await qmp.ram_layout(vm=name)
+            mem = GuestMemory(layout, name=name)
+            try:
+                vcpus = await qmp.vcpus()
+                if not vcpus:
+                    raise VmStateError("QEMU reports no vCPUs", vm=name)
+            except BaseException:
+                mem.close()
+                raise
+        except BaseException:
+            await qmp.close()
+            raise
+        return cls(qmp, name, layout, mem, vcpus)
+
+    async def refresh_vcpus(self) -> list[VcpuState]:
+        self.vcpus = await self.qmp.vcpus()
+        if not self.vcpus:
+            raise VmStateError("QEMU reports no vCPUs", vm=self.name)
+        return self.vcpus
+
+    async def run_state(self) -> RunState:
+        return await self.qmp.run_state()
+
+    def walker(self, vcpu: int = 0) -> PageWalker:
+        return kernel_walker(self.mem, self.vcpus[vcpu])
+
+    async def boot_profile(self) -> BootProfile:
+        return await read_boot_profile(self.qmp, len(self.vcpus))
+
+    async def pause(self) -> None:
+        await self.qmp.stop()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.mem.close()
+        await self.qmp.close()
+
+    async def __aenter__(self) -> AttachedVm:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,51 @@
+"""Where a VM comes from: a QMP socket (given, or found by discovery) or a replay directory.
+
+A typed source instead of string prefixes: `VmSource.parse("replay:DIR")` is the one
+place that reads the command-line spelling, and `open_vm` the one place that turns a
+source into a `VmHandle`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+
+from scanner.vm.handle import VmHandle
+from scanner.vm.live import AttachedVm
+from scanner.vm.replay import ReplayVm
+
+__all__ = ["SourceKind", "VmSource", "open_vm"]
+
+_REPLAY_PREFIX = "replay:"
+
+
+class SourceKind(enum.StrEnum):
+    QMP = "qmp"  # a QMP socket named on the command line (or matched by a glob)
+    DISCOVER = "discover"  # a QMP socket found on a QEMU process's command line
+    REPLAY = "replay"  # a recorded VM (see scanner.vm.replay)
+
+
+@dataclass(frozen=True)
+class VmSource:
+    kind: SourceKind
+    path: str
+
+    @classmethod
+    def parse(cls, text: str | os.PathLike[str]) -> VmSource:
+        """A QMP socket path, or `replay:DIR` for a recorded VM."""
+        s = os.fspath(text)
+        if s.startswith(_REPLAY_PREFIX):
+            return cls(SourceKind.REPLAY, s[len(_REPLAY_PREFIX):])
+        return cls(SourceKind.QMP, s)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+async def open_vm(source: VmSource | str | os.PathLike[str]) -> VmHandle:
+    """Attach to a live VM or open a replayed one."""
+    src = source if isinstance(source, VmSource) else VmSource.parse(source)
+    if src.kind is SourceKind.REPLAY:
+        return await ReplayVm.open(src.path)
+    return await AttachedVm.attach(src.path)
