@@ -11,7 +11,6 @@ import bz2
 import gzip
 import lzma
 import random
-import shutil
 import struct
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from hypothesis import strategies as st
 
 from scanner.errors import KernelImageError
 from scanner.image.kimage import detect_compression, extract_vmlinux
+from tests.needs import require_tool, unavailable
 
 SETUP_SECTS = 0x1F1
 PAYLOAD_OFFSET = 0x248
@@ -46,7 +46,7 @@ def vmlinuz() -> Path:
     try:
         return ensure_kernel().vmlinuz
     except (GuestError, OSError, subprocess.CalledProcessError) as err:
-        pytest.skip(f"Debian cloud kernel not available: {err}")
+        unavailable(f"Debian cloud kernel not available: {err}")
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +171,7 @@ def test_elf_input_is_returned_unchanged(payload: bytes, tmp_path: Path) -> None
 
 
 def test_payload_is_accepted_by_readelf(payload: bytes, tmp_path: Path) -> None:
-    if shutil.which("readelf") is None:
-        pytest.skip("binutils readelf not installed")
+    require_tool("readelf")
     path = tmp_path / "vmlinux"
     path.write_bytes(payload)
     out = subprocess.run(["readelf", "-h", "-W", str(path)], capture_output=True,
@@ -229,10 +228,7 @@ _CLI = {
 def test_kbuild_compressor_tools_output_is_read(kind: str, image: bytes, payload: bytes) -> None:
     """What the command-line tools kbuild runs (scripts/Makefile.lib) write is read back."""
     cmd = _CLI[kind]
-    if shutil.which(cmd[0]) is None:
-        pytest.skip(f"{cmd[0]} not installed")
-    if kind == "lzo":
-        pytest.importorskip("lzallright")
+    require_tool(cmd[0])
     sample = payload[:4 << 20]
     out = subprocess.run(cmd, input=sample, capture_output=True, check=True).stdout
     if kind != "gzip":
@@ -261,7 +257,6 @@ def lzop_file(data: bytes, *, block: int = 256 << 10) -> bytes:
 
 
 def test_lzo_payload_round_trips(image: bytes, payload: bytes) -> None:
-    pytest.importorskip("lzallright")
     sample = payload[:8 << 20] + bytes(range(256)) * 4096  # a stored block too
     body = lzop_file(sample) + size_trailer(sample)
     assert detect_compression(body) == "lzo"
@@ -269,7 +264,6 @@ def test_lzo_payload_round_trips(image: bytes, payload: bytes) -> None:
 
 
 def test_lzo_block_checksum_mismatch_is_refused(image: bytes, payload: bytes) -> None:
-    pytest.importorskip("lzallright")
     sample = payload[:1 << 20]
     body = bytearray(lzop_file(sample))
     first_block = body.index(struct.pack(">I", 256 << 10))

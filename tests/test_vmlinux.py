@@ -7,7 +7,6 @@ kernel-like ELF files (plus relocation tables and symbol maps) built by the test
 from __future__ import annotations
 
 import re
-import shutil
 import struct
 import subprocess
 import time
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 from scanner.errors import KernelImageError
 from scanner.image.kimage import extract_vmlinux
 from scanner.image.vmlinux import KernelImage, Section, load_kernel_image, parse_relocations
+from tests.needs import require_tool, unavailable
 
 #: Measured on linux-image-6.1.0-56-cloud-amd64 (tools.guests.KERNEL_PACKAGE).
 PINNED_RELEASE = "6.1.0-56-cloud-amd64"
@@ -31,8 +31,7 @@ KERNEL_BAND = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map: link addresses live a
 
 
 def readelf(*args: str) -> str:
-    if shutil.which("readelf") is None:
-        pytest.skip("binutils readelf not installed")
+    require_tool("readelf")
     return subprocess.run(["readelf", "-W", *args], capture_output=True, text=True,
                           check=True).stdout
 
@@ -84,7 +83,7 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     try:
         files = ensure_kernel()
     except (GuestError, OSError, subprocess.CalledProcessError) as err:
-        pytest.skip(f"Debian cloud kernel not available: {err}")
+        unavailable(f"Debian cloud kernel not available: {err}")
     payload = extract_vmlinux(files.vmlinuz)
     elf_path = tmp_path_factory.mktemp("real") / "vmlinux"
     elf_path.write_bytes(payload)
