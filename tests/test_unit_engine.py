@@ -15,6 +15,7 @@ from scanner.run.engine import Engine, RunConfig
 from scanner.run.events import EventSink
 from scanner.run.scheduler import Policy
 from scanner.run.watcher import VmWatcher
+from scanner.vm import VmSource
 from store import Store
 
 
@@ -35,8 +36,8 @@ def test_a_failing_watcher_does_not_stop_the_others(tmp_path: Path,
     vms: dict[str, FakeVm] = {}
     runs: list[str] = []
 
-    async def fake_open(self: Engine, source: str, kind: str) -> Any:
-        vm = vms.setdefault(source, FakeVm(Path(source).stem))
+    async def fake_open(self: Engine, src: VmSource) -> Any:
+        vm = vms.setdefault(src.path, FakeVm(Path(src.path).stem))
         return vm
 
     async def fake_run(self: VmWatcher) -> None:

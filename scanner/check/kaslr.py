@@ -25,7 +25,7 @@ from scanner.image.kernel_profile import KernelProfile
 from scanner.image.notes import find_build_id
 from translate import PAGE, GuestMemory, PageWalker, TranslationError
 
-__all__ = ["SlideMatch", "find_slide", "identify", "read_banner"]
+__all__ = ["Identified", "SlideMatch", "find_slide", "identify", "read_banner"]
 
 IMAGE_START = 0xFFFF_FFFF_8000_0000
 IMAGE_END = 0xFFFF_FFFF_C000_0000
@@ -145,15 +145,23 @@ def _sanitize(raw: bytes) -> str:
     return "".join(chr(c) if 32 <= c < 127 else "?" for c in raw)
 
 
+@dataclass(frozen=True)
+class Identified:
+    """The stored profile a VM runs, and where its kernel sits."""
+
+    profile: KernelProfile
+    match: SlideMatch
+
+
 def identify(mem: GuestMemory, walker: PageWalker, profiles: Iterable[KernelProfile],
-             hints: Sequence[int] = (), *, vm: str = "vm") -> tuple[KernelProfile, SlideMatch]:
+             hints: Sequence[int] = (), *, vm: str = "vm") -> Identified:
     """Which stored profile this VM runs, and its slide; ProfileError if none fits."""
     tried = 0
     for profile in profiles:
         tried += 1
         match = find_slide(mem, walker, profile, hints)
         if match is not None:
-            return profile, match
+            return Identified(profile, match)
     version = read_banner(mem, walker)
     what = f"kernel {version!r}" if version else "its kernel (no version banner found)"
     raise ProfileError(

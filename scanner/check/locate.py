@@ -98,7 +98,8 @@ def locate_kernel(mem: GuestMemory, walker: PageWalker, vcpus: Sequence[VcpuStat
                            hint="has the guest kernel finished booting?") from err
     hints = [g.handler for g in read_idt(mem, Region("idt", v0.idtr_base, 0, idt_t),
                                          v0.idtr_limit) if g.present][:16]
-    profile, match = identify(mem, walker, profiles, hints, vm=vm)
+    found = identify(mem, walker, profiles, hints, vm=vm)
+    profile, match = found.profile, found.match
     regions = translate_regions(walker, profile, match.slide, v0)
     gates = read_idt(mem, regions["idt"], v0.idtr_limit)
     text = profile.text

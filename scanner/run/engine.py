@@ -149,19 +149,19 @@ class Engine:
 
     async def _discovery(self, tg: asyncio.TaskGroup) -> None:
         while True:
-            for source, kind in self._sources():
-                if source in self.watchers:
+            for src in self._sources():
+                if src.path in self.watchers:
                     continue
-                if self._retry_at.get(source, 0.0) > time.monotonic():
+                if self._retry_at.get(src.path, 0.0) > time.monotonic():
                     continue
-                self.watchers[source] = None
-                t = tg.create_task(self._watch(source, kind), name=f"vm:{source}")
+                self.watchers[src.path] = None
+                t = tg.create_task(self._watch(src), name=f"vm:{src.path}")
                 self._tasks.add(t)
                 t.add_done_callback(self._tasks.discard)
             await asyncio.sleep(self.cfg.discover_every)
 
-    def _sources(self) -> list[tuple[str, str]]:
-        out = [(s, "qmp") for s in sorted(expand_sockets(self.cfg.qmp))]
+    def _sources(self) -> list[VmSource]:
+        out = [VmSource(SourceKind.QMP, s) for s in sorted(expand_sockets(self.cfg.qmp))]
         if self.cfg.discover:
             for p in find_qemu_processes():
                 if p.qmp is None:
@@ -174,18 +174,20 @@ class Engine:
                             "vm_skipped", None, pid=p.pid, qmp=p.qmp,
                             reason="guest RAM is not in a memory-backend-file"))
                     continue
-                out.append((os.path.abspath(p.qmp), "discover"))
-        out.extend((d, "replay") for d in sorted(expand_sockets(self.cfg.replay)))
+                out.append(VmSource(SourceKind.DISCOVER, os.path.abspath(p.qmp)))
+        out.extend(VmSource(SourceKind.REPLAY, d)
+                   for d in sorted(expand_sockets(self.cfg.replay)))
         return out
 
-    async def _open(self, source: str, kind: str) -> VmHandle:
-        return await open_vm(VmSource(SourceKind(kind), source))
+    async def _open(self, src: VmSource) -> VmHandle:
+        return await open_vm(src)
 
-    async def _watch(self, source: str, kind: str) -> None:
+    async def _watch(self, src: VmSource) -> None:
+        source = src.path
         backoff = RELOST_BACKOFF
         try:
             try:
-                vm = await self._open(source, kind)
+                vm = await self._open(src)
             except KscanError as err:
                 backoff = UNREACHABLE_BACKOFF
                 if self._said.get(source) != str(err):
@@ -196,7 +198,7 @@ class Engine:
             self._said.pop(source, None)
             w = VmWatcher(self, vm, source)
             self.watchers[source] = w
-            await self.sink.emit("vm_found", vm.name, source=source, kind=kind)
+            await self.sink.emit("vm_found", vm.name, source=source, kind=src.kind)
             try:
                 await w.run()
             except Exception as err:  # a bug or a surprise must not stop the other VMs
