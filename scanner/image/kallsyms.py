@@ -134,14 +134,16 @@ class Kallsyms:
         return bisect.bisect_right(self._addr_list, addr) - 1
 
     def symbolize(self, addr: int) -> str:
-        """``name+0xoff`` of the last symbol at or below `addr` (``name`` when exact);
+        """``name+0xoff`` of the symbol at or below `addr` (``name`` when exact);
         the bare hex address when no symbol is below it."""
         i = self.index_at_or_below(addr)
         if i < 0:
             return f"{addr:#x}"
         base = self._addr_list[i]
-        # Prefer a text symbol among those sharing this address (names read better).
-        return self.names[i] if addr == base else f"{self.names[i]}+{addr - base:#x}"
+        # Of aliases, the first in kallsyms order, as the kernel's get_symbol_pos() picks
+        # (scripts/kallsyms.c sorts linker-provided and weak names after the others).
+        name = self.names[bisect.bisect_left(self._addr_list, base)]
+        return name if addr == base else f"{name}+{addr - base:#x}"
 
     def symbol_end(self, i: int) -> int:
         """First address past symbol `i`: the next higher symbol address, as the kernel's
