@@ -3,6 +3,7 @@ and 6.12 images (sites checked against the file's own bytes and kallsyms)."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 from pathlib import Path
 
@@ -229,7 +230,8 @@ def test_real_image_sites(which: str) -> None:
     # start by code layout: the bytes before are padding (int3 / NOP) or a ret/jmp.
     assert unexplained.size <= 0.02 * ps.ftrace.size
     for a in unexplained.tolist():
-        assert at(a - 1, 1) in (b"\xcc", b"\x90", b"\x00", b"\xc3") or at(a - 3, 3) == b"\x0f\x1f\x00" \
+        assert at(a - 1, 1) in (b"\xcc", b"\x90", b"\x00", b"\xc3") \
+            or at(a - 3, 3) == b"\x0f\x1f\x00" \
             or at(a - 5, 1) in (b"\xe9", b"\xe8") or at(a - 2, 1) == b"\xeb", hex(a)
     # jump labels: in .text, a 2- or 5-byte NOP or a jmp.
     assert ps.jump_code.size > 5000
@@ -255,7 +257,8 @@ def test_real_image_sites(which: str) -> None:
     assert any(lo <= entry < hi for lo, hi in ps.kprobe_blacklist)
     assert rep["kprobe"]["symbols"] > 100
     assert all(a < b for a, b in ps.kprobe_blacklist)
-    assert all(b1 < a2 for (_, b1), (a2, _) in zip(ps.kprobe_blacklist, ps.kprobe_blacklist[1:]))
+    kb = ps.kprobe_blacklist
+    assert all(b1 < a2 for (_, b1), (a2, _) in itertools.pairwise(kb))
     if which == "6.12":
         names = {c.name for c in ps.runtime_const}
         assert {"d_hash_shift", "dentry_hashtable"} <= names

@@ -45,6 +45,8 @@ is a `scanner.errors.KernelImageError`.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import itertools
 from dataclasses import dataclass, field
 from functools import cached_property
 from os import PathLike
@@ -169,7 +171,7 @@ class Kallsyms:
         function; a function start is also never hidden by its padding symbol."""
         lo, hi = self.text
         types = np.frombuffer(self.types.encode("latin-1"), dtype=np.uint8)
-        is_text = np.isin(types, np.frombuffer("tTwW".encode(), dtype=np.uint8))
+        is_text = np.isin(types, np.frombuffer(b"tTwW", dtype=np.uint8))
         a = self.addresses
         keep = is_text & (a >= np.uint64(lo)) & (a < np.uint64(hi))
         return np.unique(a[keep])
@@ -192,7 +194,7 @@ def recover_kallsyms(image: Any) -> Kallsyms:
 
 
 def _rodata_of(image: Any) -> tuple[str, bytes, int, tuple[int, int]]:
-    from scanner.vmlinux import KernelImage  # noqa: PLC0415 (avoid a cycle at import)
+    from scanner.vmlinux import KernelImage
 
     if isinstance(image, KernelImage):
         ro = image.sections.get(".rodata")
@@ -201,7 +203,7 @@ def _rodata_of(image: Any) -> tuple[str, bytes, int, tuple[int, int]]:
             raise KernelImageError("no .rodata/.text section", path=str(image.path))
         return str(image.path), image.section_bytes(".rodata"), ro.addr, (tx.addr, tx.end)
     if isinstance(image, (str, PathLike, bytes, bytearray, memoryview)):
-        from scanner.kimage import extract_vmlinux  # noqa: PLC0415
+        from scanner.kimage import extract_vmlinux
 
         where = "<bytes>" if isinstance(image, (bytes, bytearray, memoryview)) else str(image)
         data = extract_vmlinux(image if not isinstance(image, str) else Path(image))
@@ -210,11 +212,11 @@ def _rodata_of(image: Any) -> tuple[str, bytes, int, tuple[int, int]]:
 
 
 def _elf_rodata(data: bytes, where: str) -> tuple[bytes, int, tuple[int, int]]:
-    import io  # noqa: PLC0415
+    import io
 
-    from elftools.common.exceptions import ELFError  # noqa: PLC0415
-    from elftools.construct.core import ConstructError  # noqa: PLC0415
-    from elftools.elf.elffile import ELFFile  # noqa: PLC0415
+    from elftools.common.exceptions import ELFError
+    from elftools.construct.core import ConstructError
+    from elftools.elf.elffile import ELFFile
 
     try:
         elf = ELFFile(io.BytesIO(data))
@@ -273,7 +275,7 @@ def _token_index_candidates(buf: bytes) -> list[int]:
     if starts.size == 0:
         return []
     ok = (a[starts] == 0) & (bad[starts + 255] - bad[starts] == 0)
-    found = (starts[ok] * 2).tolist()
+    found: list[int] = (starts[ok] * 2).tolist()
     # The real one is last among look-alikes in practice; try all, bounded.
     return found[::-1][:MAX_TOKEN_CANDIDATES]
 
@@ -339,7 +341,7 @@ def _markers(buf: bytes, t: int) -> tuple[int, list[int]]:
         if start % 8:
             continue
         vals.reverse()
-        if any(b - a < 2 * 256 for a, b in zip(vals, vals[1:], strict=False)):
+        if any(b - a < 2 * 256 for a, b in itertools.pairwise(vals)):
             continue
         return start, vals
     raise _Fail("no kallsyms_markers before the token table")
@@ -486,10 +488,8 @@ def _decode_at(buf: bytes, base: int, ti: int, text: tuple[int, int] | None,
                where: str) -> Kallsyms:
     t, tokens = _tokens(buf, ti)
     found: list[tuple[int, list[int], int | None]] = []
-    try:
+    with contextlib.suppress(_Fail):
         found.append((*_markers(buf, t), None))
-    except _Fail:
-        pass
     if not found:
         found.extend(_markers_before_seqs(buf, t))
     if not found:
@@ -518,7 +518,7 @@ def _decode_at(buf: bytes, base: int, ti: int, text: tuple[int, int] | None,
     for layout, off_at, rb_at in layouts:
         for mode in ("absolute-percpu", "relative"):
             try:
-                addrs, rbase = _addresses(buf, off_at, rb_at, n, mode)
+                addrs, _rbase = _addresses(buf, off_at, rb_at, n, mode)
                 _check(addrs, names, types, text)
             except _Fail as err:
                 problems.append(f"{layout}/{mode}: {err}")

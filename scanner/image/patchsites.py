@@ -139,7 +139,7 @@ def extract_patch_sites(image: Any, kallsyms: Any, *,
     `scanner.errors.KernelImageError` if a table is malformed; a table that does not
     exist (mechanism not configured) is simply empty. `report`, when given, receives
     counts per mechanism (kept, outside .text, rejected) and where each table was."""
-    from scanner.errors import KernelImageError  # noqa: PLC0415
+    from scanner.errors import KernelImageError
 
     rep: dict[str, Any] = report if report is not None else {}
     try:
@@ -158,7 +158,7 @@ class _Image:
         self.image = image
         self.ks = kallsyms
         self.where = str(getattr(image, "path", "<image>"))
-        nobits = getattr(image, "_nobits", frozenset())
+        nobits: frozenset[str] = getattr(image, "_nobits", frozenset())
         self.sections = sorted((s for s in image.sections.values()
                                 if s.size and s.name not in nobits and s.addr),
                                key=lambda s: s.addr)
@@ -168,7 +168,7 @@ class _Image:
         self.text_bytes = np.frombuffer(self.section(".text"), dtype=np.uint8)
 
     def error(self, msg: str) -> Exception:
-        from scanner.errors import KernelImageError  # noqa: PLC0415
+        from scanner.errors import KernelImageError
 
         return KernelImageError(msg, path=self.where)
 
@@ -212,12 +212,15 @@ class _Image:
     def text_at(self, addrs: npt.NDArray[np.uint64], n: int) -> npt.NDArray[np.uint8]:
         """(len(addrs), n) bytes of `.text` at each address (all must be in .text)."""
         off = (addrs - np.uint64(self.text[0])).astype(np.int64)
-        return self.text_bytes[off[:, None] + np.arange(n)]
+        out: npt.NDArray[np.uint8] = self.text_bytes[off[:, None] + np.arange(n)]
+        return out
 
 
-def _rel(base: int, values: npt.NDArray[np.int64], field_off: int, stride: int) -> npt.NDArray[np.uint64]:
+def _rel(base: int, values: npt.NDArray[np.int64], field_off: int,
+         stride: int) -> npt.NDArray[np.uint64]:
     """Absolute addresses of relative entries: &entry[i].field + value[i] (mod 2**64)."""
-    where = np.uint64(base + field_off) + np.arange(values.size, dtype=np.uint64) * np.uint64(stride)
+    idx = np.arange(values.size, dtype=np.uint64)
+    where = np.uint64(base + field_off) + idx * np.uint64(stride)
     return where + values.astype(np.uint64)          # int64 → uint64 wraps: two's complement
 
 

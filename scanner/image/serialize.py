@@ -59,7 +59,7 @@ def _unpack(magic: bytes, blob: bytes, what: str) -> tuple[dict[str, Any], dict[
         body = memoryview(raw)[4 + n:]
         arrays: dict[str, np.ndarray] = {}
         for name, (off, size, dtype) in header["arrays"].items():
-            if dtype not in _DTYPES or not (0 <= off and 0 <= size and off + size <= len(body)):
+            if dtype not in _DTYPES or not (off >= 0 and size >= 0 and off + size <= len(body)):
                 raise ValueError(f"bad array reference {name}")
             dt = np.dtype(dtype)
             if size % dt.itemsize:
