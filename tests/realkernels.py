@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from scanner.vmlinux import KernelImage, load_kernel_image
+from scanner.image.vmlinux import KernelImage, load_kernel_image
 from tools.guests import KERNEL_PACKAGE, GuestError, ensure_kernel
 
 PACKAGES = {

@@ -14,7 +14,7 @@ from scanner.errors import KernelImageError
 from scanner.image.kallsyms import Kallsyms, recover_kallsyms
 from scanner.image.patchsites import PatchSites, extract_patch_sites
 from scanner.image.serialize import patch_sites_from_bytes, patch_sites_to_bytes
-from scanner.vmlinux import KernelImage, Section
+from scanner.image.vmlinux import KernelImage, Section
 from tests.realkernels import real_image
 
 TEXT = 0xFFFFFFFF81000000

@@ -187,14 +187,14 @@ class Kallsyms:
 
 
 def recover_kallsyms(image: Any) -> Kallsyms:
-    """Recover kallsyms from a `scanner.vmlinux.KernelImage`, a path to a bzImage/vmlinuz/
+    """Recover kallsyms from a `scanner.image.vmlinux.KernelImage`, a path to a bzImage/vmlinuz/
     vmlinux, or the bytes of one. Raises `KernelImageError` if there is no usable table."""
     where, rodata, rodata_addr, text = _rodata_of(image)
     return find_kallsyms(rodata, rodata_addr, text=text, where=where)
 
 
 def _rodata_of(image: Any) -> tuple[str, bytes, int, tuple[int, int]]:
-    from scanner.vmlinux import KernelImage
+    from scanner.image.vmlinux import KernelImage
 
     if isinstance(image, KernelImage):
         ro = image.sections.get(".rodata")
@@ -203,7 +203,7 @@ def _rodata_of(image: Any) -> tuple[str, bytes, int, tuple[int, int]]:
             raise KernelImageError("no .rodata/.text section", path=str(image.path))
         return str(image.path), image.section_bytes(".rodata"), ro.addr, (tx.addr, tx.end)
     if isinstance(image, (str, PathLike, bytes, bytearray, memoryview)):
-        from scanner.kimage import extract_vmlinux
+        from scanner.image.kimage import extract_vmlinux
 
         where = "<bytes>" if isinstance(image, (bytes, bytearray, memoryview)) else str(image)
         data = extract_vmlinux(image if not isinstance(image, str) else Path(image))

@@ -134,7 +134,7 @@ _KPROBE_AREAS = ("__kprobes_text", "__noinstr_text", "__irqentry_text", "__entry
 
 def extract_patch_sites(image: Any, kallsyms: Any, *,
                         report: dict[str, Any] | None = None) -> PatchSites:
-    """Read every self-patching table of `image` (a `scanner.vmlinux.KernelImage`) with
+    """Read every self-patching table of `image` (a `scanner.image.vmlinux.KernelImage`) with
     the help of its `kallsyms` (`scanner.image.kallsyms.Kallsyms`). Raises
     `scanner.errors.KernelImageError` if a table is malformed; a table that does not
     exist (mechanism not configured) is simply empty. `report`, when given, receives
