@@ -15,13 +15,21 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Gate", "IdtCheck", "check_gates", "decode_idt", "normalize_idt"]
+__all__ = ["EarlyStubs", "Gate", "IdtCheck", "check_gates", "decode_idt",
+           "find_early_stubs", "normalize_idt"]
 
 GATE_SIZE = 16
 MAX_GATES = 256
 INTERRUPT_GATE, TRAP_GATE = 0xE, 0xF
-EARLY_IDT_HANDLER_SIZE = 9  # arch/x86/include/asm/segment.h
+#: arch/x86/include/asm/segment.h: EARLY_IDT_HANDLER_SIZE is (9 + ENDBR_INSN_SIZE), so
+#: 9 without CONFIG_X86_KERNEL_IBT (Debian 6.1) and 13 with it (Debian 6.12). Only
+#: used when a profile predates `early_idt` (see `check_gates`); the exact stride and
+#: array address of a build are read from its image by `find_early_stubs`.
+EARLY_IDT_HANDLER_SIZES = (9, 13)
+NUM_EXCEPTION_VECTORS = 32
 _GATE = struct.Struct("<HHBBHII")
+_ENDBR64 = b"\xf3\x0f\x1e\xfa"
+_ENDBR_POISON = b"\x66\x0f\x1f\x00"  # what objtool/apply_seal_endbr seal an ENDBR with
 
 
 @dataclass(frozen=True)
@@ -66,25 +74,118 @@ class IdtCheck:
         return not self.outside_text and not self.bad_type
 
 
+@dataclass(frozen=True)
+class EarlyStubs:
+    """`early_idt_handler_array` of one build: its address and stride (the build's
+    EARLY_IDT_HANDLER_SIZE). Link-time in a profile; `slid` for a running VM."""
+
+    base: int
+    stride: int
+
+    def handler(self, vector: int) -> int:
+        return self.base + self.stride * vector
+
+    def slid(self, slide: int) -> EarlyStubs:
+        return EarlyStubs(self.base + slide, self.stride)
+
+
+def _decode_stub(code: bytes | memoryview, pos: int, vector: int,
+                 prefix: bytes) -> tuple[int, int] | None:
+    """Decode one early stub of arch/x86/kernel/head_64.S at `pos`: `prefix` (ENDBR64,
+    its seal, or nothing), an optional `push $0` (vectors without an error code),
+    `push $vector`, `jmp rel32|rel8`. Returns (jump target offset, stub length)."""
+    p = pos
+    if bytes(code[p:p + len(prefix)]) != prefix:
+        return None
+    p += len(prefix)
+    if bytes(code[p:p + 4]) == bytes((0x6A, 0, 0x6A, vector)):
+        p += 4
+    elif bytes(code[p:p + 2]) == bytes((0x6A, vector)):
+        p += 2
+    else:
+        return None
+    if p < len(code) and code[p] == 0xE9 and p + 5 <= len(code):
+        (rel,) = struct.unpack_from("<i", code, p + 1)
+        return p + 5 + rel, p + 5 - pos
+    if p < len(code) and code[p] == 0xEB and p + 2 <= len(code):
+        rel = code[p + 1] - 256 if code[p + 1] >= 0x80 else code[p + 1]
+        return p + 2 + rel, p + 2 - pos
+    return None
+
+
+def find_early_stubs(code: bytes | memoryview, addr: int) -> EarlyStubs | None:
+    """Find `early_idt_handler_array` in a build's `.init.text` (bytes `code` linked at
+    `addr`) without symbols: 32 stubs, stub i at base + stride * i pushing vector i (and
+    a dummy error code where the CPU pushes none) and jumping to one common target,
+    each padded with int3 (0xcc) to the stride. The stride is measured, not assumed.
+    None unless exactly one such array is found."""
+    data = bytes(code)
+    mv = memoryview(data)
+    found: set[EarlyStubs] = set()
+    pos = data.find(b"\x6a\x00\x6a\x00")  # stub 0: push $0; push $0 (#DE)
+    while pos >= 0:
+        for prefix in (_ENDBR64, _ENDBR_POISON, b""):
+            start = pos - len(prefix)
+            if start < 0:
+                continue
+            first = _decode_stub(mv, start, 0, prefix)
+            if first is None:
+                continue
+            target, length = first
+            stride = length
+            while start + stride < len(mv) and mv[start + stride] == 0xCC:
+                stride += 1
+            if not 5 <= stride <= 32:
+                continue
+            if all(_stub_ok(mv, start + stride * v, v, prefix, target, stride)
+                   for v in range(NUM_EXCEPTION_VECTORS)):
+                found.add(EarlyStubs(addr + start, stride))
+            break
+        pos = data.find(b"\x6a\x00\x6a\x00", pos + 1)
+    return found.pop() if len(found) == 1 else None
+
+
+def _stub_ok(mv: memoryview, pos: int, vector: int, prefix: bytes, target: int,
+             stride: int) -> bool:
+    got = _decode_stub(mv, pos, vector, prefix)
+    if got is None or got[0] != target or got[1] > stride:
+        return False
+    return all(b == 0xCC for b in mv[pos + got[1]:pos + stride])
+
+
 def check_gates(gates: Sequence[Gate], text: tuple[int, int],
-                init_text: tuple[int, int] | None = None) -> IdtCheck:
+                init_text: tuple[int, int] | None = None,
+                early_stubs: EarlyStubs | None = None) -> IdtCheck:
     """Every present gate must be an interrupt/trap gate whose handler is in `.text`.
 
-    One known exception, seen on every 6.1 guest: exception vectors the kernel never
-    installs a handler for (e.g. #MC without MCE, reserved 20-31) keep pointing at
-    `early_idt_handler_array` in `.init.text` — freed after boot. Those are accepted
-    only in that exact shape: vectors below 32, handlers in the slid `.init.text`, all
-    at `base + 9 * vector` (EARLY_IDT_HANDLER_SIZE is 9) for one common base.
+    One known exception, seen on every 6.1 and 6.12 guest: exception vectors the kernel
+    never installs a handler for (e.g. #MC without MCE, reserved 20-31) keep pointing
+    at `early_idt_handler_array` in `.init.text` — freed after boot. Those are accepted
+    only in that exact shape: vectors below 32, each handler exactly at
+    `base + stride * vector` inside the slid `.init.text`, where `early_stubs` (the
+    slid array, read from the kernel image by `find_early_stubs`) gives base and
+    stride (9 on Debian 6.1, 13 with ENDBR64 on 6.12).
+
+    Without `early_stubs` (a profile stored before kscan read them) the shape is
+    derived from the gates themselves: one common base, and a stride — measured from
+    the gates when two or more are there — that is one of EARLY_IDT_HANDLER_SIZES.
     """
     present = [g for g in gates if g.present]
     outside = [g for g in present if not text[0] <= g.handler < text[1]]
     early: list[Gate] = []
     if init_text is not None:
-        cand = [g for g in outside if g.vector < 32 and init_text[0] <= g.handler < init_text[1]]
-        bases = {g.handler - EARLY_IDT_HANDLER_SIZE * g.vector for g in cand}
-        if len(bases) == 1:
-            early = cand
-            outside = [g for g in outside if g not in cand]
+        cand = [g for g in outside if g.vector < NUM_EXCEPTION_VECTORS
+                and init_text[0] <= g.handler < init_text[1]]
+        if early_stubs is not None:
+            lo, hi = early_stubs.base, early_stubs.handler(NUM_EXCEPTION_VECTORS)
+            if init_text[0] <= lo and hi <= init_text[1]:
+                early = [g for g in cand if g.handler == early_stubs.handler(g.vector)]
+        elif cand:
+            for stride in EARLY_IDT_HANDLER_SIZES:
+                if len({g.handler - stride * g.vector for g in cand}) == 1:
+                    early = cand
+                    break
+        outside = [g for g in outside if g not in early]
     bad = tuple(g for g in present if g.type not in (INTERRUPT_GATE, TRAP_GATE))
     return IdtCheck(len(gates), len(present), tuple(outside), bad, tuple(early))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from scanner.errors import VmStateError
 from scanner.hmp import VcpuState
-from scanner.idt import Gate, IdtCheck, check_gates, decode_idt
+from scanner.idt import EarlyStubs, Gate, IdtCheck, check_gates, decode_idt
 from scanner.kaslr import SlideMatch, identify
 from scanner.profile import PROTECTED_SECTIONS, KernelProfile
 from translate import GuestMemory, PageWalker, Translation, TranslationError
@@ -103,7 +103,9 @@ def locate_kernel(mem: GuestMemory, walker: PageWalker, vcpus: Sequence[VcpuStat
     gates = read_idt(mem, regions["idt"], v0.idtr_limit)
     text = profile.text
     init = profile.sections.get(".init.text")
+    stubs = EarlyStubs(*profile.early_idt).slid(match.slide) if profile.early_idt else None
     check = check_gates(gates, (text.addr + match.slide, text.end + match.slide),
-                        (init.addr + match.slide, init.end + match.slide) if init else None)
+                        (init.addr + match.slide, init.end + match.slide) if init else None,
+                        stubs)
     shared = len({(v.idtr_base, v.idtr_limit) for v in vcpus}) == 1
     return LiveKernel(profile, match, regions, tuple(gates), check, shared)

@@ -119,7 +119,7 @@ def disassemble(buf: bytes | bytearray, off: int, end: int, link_base: int,
     decoded from the enclosing symbol's start when known, else by a linear sweep from 64
     bytes before (usually self-synchronizing; marked approximate)."""
     try:
-        import capstone
+        import capstone  # type: ignore[import-untyped]
     except ImportError:
         return ["(capstone not installed)"]
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
