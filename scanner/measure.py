@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import xxhash
 
+from scanner.altreloc import normalize_alt
 from scanner.idt import normalize_idt
 from scanner.kernel import LiveKernel, Region
 from scanner.normalize import normalize_into
@@ -52,6 +53,7 @@ def read_normalized(mem: GuestMemory, lk: LiveKernel, name: str,
     digest = xxhash.xxh3_128_digest(raw)
     if name == "idt":
         return normalize_idt(raw, idtr_limit, lk.slide), digest
+    normalize_alt(raw, lk.profile.alt_relocs.get(name), lk.slide)
     normalize_into(np.frombuffer(raw, dtype=np.uint8), lk.profile.relocs[name], lk.slide)
     return raw, digest
 

@@ -23,6 +23,7 @@ import orjson
 import xxhash
 import zstandard
 
+from scanner.altreloc import AltRelocs, alt_relocs_from_image
 from scanner.errors import KernelImageError
 from scanner.idt import find_early_stubs
 from scanner.normalize import RegionRelocs
@@ -66,6 +67,9 @@ class KernelProfile:
     #: Link-time (address, stride) of `early_idt_handler_array`, read from `.init.text`
     #: (scanner.idt.find_early_stubs); None if not found or stored by an older kscan.
     early_idt: tuple[int, int] | None = None
+    #: Relocated bytes alternatives copy into a region at boot (scanner.altreloc), by
+    #: region; empty for profiles stored by an older kscan.
+    alt_relocs: dict[str, AltRelocs] = field(default_factory=dict)
     _sym_addrs: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -118,6 +122,8 @@ class KernelProfile:
         header["rodata_file_pages"] = put(np.array(self.rodata_file_pages,
                                                    dtype="<u8").tobytes())
         header["early_idt"] = list(self.early_idt) if self.early_idt else None
+        header["alt_relocs"] = {region: [put(b) for b in ar.to_arrays()]
+                                for region, ar in self.alt_relocs.items()}
         head = orjson.dumps(header)
         raw = struct.pack("<I", len(head)) + head + b"".join(arrays)
         return _MAGIC + zstandard.ZstdCompressor(level=9).compress(raw)
@@ -151,6 +157,8 @@ class KernelProfile:
                 rodata_file_pages=tuple(
                     np.frombuffer(get(h["rodata_file_pages"]), dtype="<u8").tolist()),
                 early_idt=tuple(h["early_idt"]) if h.get("early_idt") else None,
+                alt_relocs={region: AltRelocs.from_arrays([get(r) for r in refs])
+                            for region, refs in (h.get("alt_relocs") or {}).items()},
             )
         except (zstandard.ZstdError, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
                 struct.error) as err:
@@ -189,6 +197,8 @@ def profile_from_image(image: KernelImage) -> KernelProfile:
         ex_table=image.section_bytes("__ex_table"), ro_after_init=ro_after_init,
         symbols=tuple(symbols), rodata_file_pages=tuple(_page_hashes(
             image.section_bytes(".rodata"))), early_idt=_early_idt(image),
+        alt_relocs={n: a for n in PROTECTED_SECTIONS
+                    if (a := alt_relocs_from_image(image, n)).count},
     )
 
 

@@ -110,6 +110,10 @@ def classify(link: int, end: int, before: bytes, after: bytes, sites: ImageSites
             return f"runtime_const:{name}"
     if any(link <= s < end for s in sites.smp_locks):
         return "overlaps smp_lock site"
+    nops = {b"\x66\x90", b"\x0f\x1f\x44\x00\x00"}
+    if (before in nops and after[:1] in (b"\xeb", b"\xe9")) or \
+            (after in nops and before[:1] in (b"\xeb", b"\xe9")):
+        return "jump_label-like (nop <-> jmp)"
     return "other"
 
 
