@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import pytest
 
 import scanner.run.watcher as watcher_mod
+from scanner.check.verify import CheckReport
 from scanner.commands.oneshot import baseline_vms
 from scanner.errors import QmpError
 from scanner.examine import Examined, GoldenSet, golden_for, load_profiles
@@ -41,8 +42,8 @@ from scanner.qemu.qmp import RunState
 from scanner.run.actions import Action, ActionKind
 from scanner.run.scheduler import Policy, Scheduler
 from scanner.run.watcher import VmWatcher, WatchState
-from scanner.vm.bootprofile import BootProfile
 from scanner.vm import SourceKind, VmSource
+from scanner.vm.bootprofile import BootProfile
 from scanner.vm.replay import ReplayVm, write_replay
 from store import Store
 from tests.synthetic import NX, PAGE, RW, P, SyntheticRam
@@ -439,7 +440,7 @@ def test_a_vm_shut_down_while_watching_is_lost(world: dict[str, Any]) -> None:
 # -- a reboot seen through its boot window ------------------------------------------------
 
 async def _reboot_through_boot_window(world: dict[str, Any], *, tampered: bool
-                                      ) -> tuple[Ctx, VmWatcher, list[str]]:
+                                      ) -> tuple[Ctx, CheckReport | None, list[str]]:
     """Watch a clean VM (tampered once if `tampered`), then reboot it the way real
     reboots are usually seen: a fast scan first finds the new kernel still booting
     (.text writable), then booted at another slide — with the same 5 bytes written
@@ -466,9 +467,10 @@ async def _reboot_through_boot_window(world: dict[str, Any], *, tampered: bool
         await ctx.wait("vm_identified", mark)
         await ctx.scans_after(3)
         assert state_of(w) is WatchState.WATCHING and w.slide == REBOOT_SLIDE
+        report = w.last_report  # the check of the new boot (dropped when the VM goes)
         vm.lost = "connection closed"
         await _finish(task)
-        return ctx, w, ctx.kinds()[mark:]
+        return ctx, report, ctx.kinds()[mark:]
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
@@ -494,13 +496,13 @@ def test_a_reboot_seen_while_booting_says_vm_rebooted(world: dict[str, Any]) -> 
                    "reset only on the vm_rebooted path of _scan), so the same tampering "
                    "found again in the new boot is never reported"))
 def test_the_same_tampering_after_a_reboot_is_reported_again(world: dict[str, Any]) -> None:
-    _, w, kinds = asyncio.run(asyncio.wait_for(
+    _, report, kinds = asyncio.run(asyncio.wait_for(
         _reboot_through_boot_window(world, tampered=True), 15))
     # (vm_booting is said twice: "kernel no longer found" by the scan, then "not
     # finished booting" by the wait for boot — not asserted here.)
     assert kinds[0] == "vm_booting" and "vm_identified" in kinds
     # The check of the new boot did find it...
-    assert w.last_report is not None and w.last_report.tampered
-    assert [(m.region, m.page) for m in w.last_report.mismatches] == [(".text", TAMPER_PAGE)]
+    assert report is not None and report.tampered
+    assert [(m.region, m.page) for m in report.mismatches] == [(".text", TAMPER_PAGE)]
     # BUG: ...but no tamper event is emitted; nothing follows vm_identified.
     assert "tamper" in kinds

@@ -7,13 +7,15 @@ one place that knows how a kscan test guest looks:
 * RAM in a `memory-backend-file` on /dev/shm with share=on (what kscan maps),
 * two QMP unix sockets (QEMU serves one client per monitor: `qmp` for kscan,
   `qmp_aux` for tools and test oracles), the serial console in a log file,
-* the Debian cloud kernel (version pinned in `KERNEL_PACKAGE`) and a busybox
-  initramfs whose init prints `READY_LINE` once userspace runs.
+* a Debian cloud kernel (packages pinned in `KERNELS`: "6.1", the default, and Debian's
+  "6.12" backport) and a busybox initramfs whose init prints `READY_LINE` once
+  userspace runs.
 
 Command line (see `python -m tools.guests --help`):
 
-    python -m tools.guests setup                  # install QEMU/busybox, fetch kernel
+    python -m tools.guests setup                  # install QEMU/busybox, fetch kernels
     python -m tools.guests up --count 2           # boot two guests, wait until ready
+    python -m tools.guests up --kernel 6.12 --smp 4 --prefix k612-
     python -m tools.guests status
     python -m tools.guests down                   # stop them, remove their files
 
@@ -37,10 +39,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: The Debian package of the guest kernel. Pinned here and nowhere else.
-KERNEL_PACKAGE = "linux-image-6.1.0-56-cloud-amd64"
-#: Used only if the pinned package has left the archive (Debian drops old ABIs).
-KERNEL_FALLBACK_META = "linux-image-cloud-amd64"
+#: The Debian packages of the guest kernels, by short name. Pinned here and nowhere else.
+#: 6.1 is Debian 12's own kernel (LZ4 payload); 6.12 is the bookworm backport (zstd
+#: payload, runtime constants, 13-byte early exception stubs).
+KERNELS = {
+    "6.1": "linux-image-6.1.0-56-cloud-amd64",
+    "6.12": "linux-image-6.12.117+deb12-cloud-amd64-unsigned",
+}
+DEFAULT_KERNEL = "6.1"
+#: The default kernel's package (kept for callers that predate `KERNELS`).
+KERNEL_PACKAGE = KERNELS[DEFAULT_KERNEL]
+#: Used only if a pinned package has left the archive (Debian drops old ABIs): the
+#: meta-package of the same series, resolved to the kernel package it depends on.
+KERNEL_FALLBACK_METAS = {
+    "6.1": "linux-image-cloud-amd64",
+    "6.12": "linux-image-6.12-cloud-amd64",
+}
+KERNEL_FALLBACK_META = KERNEL_FALLBACK_METAS[DEFAULT_KERNEL]
 #: Host packages the guests need, by the command that proves each is installed.
 HOST_PACKAGES = {
     "qemu-system-x86_64": "qemu-system-x86",
@@ -122,20 +137,32 @@ class KernelFiles:
         return self.vmlinuz.name.removeprefix("vmlinuz-")
 
 
-def _resolve_fallback_package() -> str:
+def _resolve_fallback_package(meta: str = KERNEL_FALLBACK_META) -> str:
     out = subprocess.run(
-        ["apt-cache", "depends", KERNEL_FALLBACK_META],
-        capture_output=True, text=True, check=True,
+        ["apt-cache", "depends", meta], capture_output=True, text=True, check=True,
     ).stdout
     for line in out.splitlines():
         name = line.strip().removeprefix("Depends:").strip()
-        if name.startswith("linux-image-") and name.endswith("-cloud-amd64"):
+        if name.startswith("linux-image-") and name.endswith(
+                ("-cloud-amd64", "-cloud-amd64-unsigned")):
             return name
-    raise GuestError(f"cannot resolve {KERNEL_FALLBACK_META} to a kernel package")
+    raise GuestError(f"cannot resolve {meta} to a kernel package")
+
+
+def kernel_package(kernel: str) -> str:
+    """The pinned package of a kernel short name ("6.1", "6.12") or a package name."""
+    if kernel in KERNELS:
+        return KERNELS[kernel]
+    if kernel.startswith("linux-image-"):
+        return kernel
+    raise GuestError(f"unknown kernel {kernel!r}: one of {', '.join(KERNELS)} "
+                     "or a linux-image-* package name")
 
 
 def ensure_kernel(package: str = KERNEL_PACKAGE) -> KernelFiles:
-    """Download (once) and unpack the Debian cloud kernel package; return its files."""
+    """Download (once) and unpack a Debian cloud kernel package; return its files.
+    `package` may also be a short name from `KERNELS` ("6.1", "6.12")."""
+    package = kernel_package(package)
     root = cache_dir() / "kernel"
     root.mkdir(parents=True, exist_ok=True)
     unpacked = root / package
@@ -154,8 +181,9 @@ def ensure_kernel(package: str = KERNEL_PACKAGE) -> KernelFiles:
                     ["apt-get", "download", package], cwd=root, capture_output=True, text=True
                 )
             if got.returncode != 0:
-                if package == KERNEL_PACKAGE:
-                    fallback = _resolve_fallback_package()
+                short = next((k for k, p in KERNELS.items() if p == package), None)
+                if short is not None:
+                    fallback = _resolve_fallback_package(KERNEL_FALLBACK_METAS[short])
                     print(f"[guests] {package} is no longer in the archive; using {fallback}",
                           file=sys.stderr)
                     return ensure_kernel(fallback)
@@ -250,6 +278,7 @@ class GuestSpec:
     cpu: str = "qemu64"
     append: str = ""
     extra: tuple[str, ...] = ()  # more QEMU arguments, e.g. ("-S",) to start paused
+    kernel: str = DEFAULT_KERNEL  # a key of KERNELS (or a linux-image-* package name)
 
 
 @dataclass
@@ -351,7 +380,7 @@ def start(specs: Sequence[GuestSpec], run_dir: Path | None = None) -> list[Guest
     """Start guests without waiting for them (see `wait_ready`)."""
     run_dir = run_dir or default_run_dir()
     ensure_host_packages()
-    kernel = ensure_kernel()
+    kernels = {k: ensure_kernel(k) for k in {s.kernel for s in specs}}
     initrd = ensure_initramfs()
     run_dir.mkdir(parents=True, exist_ok=True)
     guests = []
@@ -362,7 +391,7 @@ def start(specs: Sequence[GuestSpec], run_dir: Path | None = None) -> list[Guest
             old.stop()
         gdir.mkdir(parents=True, exist_ok=True)
         guest = Guest(spec=spec, dir=gdir)
-        cmd = qemu_command(spec, guest, kernel, initrd)
+        cmd = qemu_command(spec, guest, kernels[spec.kernel], initrd)
         (gdir / "cmdline").write_text("\0".join(cmd))
         with open(gdir / "qemu.log", "wb") as log:
             proc = subprocess.Popen(
@@ -373,6 +402,7 @@ def start(specs: Sequence[GuestSpec], run_dir: Path | None = None) -> list[Guest
         (gdir / "pid").write_text(str(proc.pid))
         (gdir / "spec").write_text(
             f"{spec.name}\n{spec.mem_mb}\n{spec.smp}\n{spec.cpu}\n{spec.append}\n"
+            f"{spec.kernel}\n"
         )
         guests.append(guest)
     return guests
@@ -417,7 +447,8 @@ def load(gdir: Path) -> Guest | None:
     except (FileNotFoundError, ValueError):
         return None
     spec = GuestSpec(name=lines[0], mem_mb=int(lines[1]), smp=int(lines[2]), cpu=lines[3],
-                     append=lines[4] if len(lines) > 4 else "")
+                     append=lines[4] if len(lines) > 4 else "",
+                     kernel=lines[5] if len(lines) > 5 and lines[5] else DEFAULT_KERNEL)
     return Guest(spec=spec, dir=gdir, pid=pid)
 
 
@@ -449,18 +480,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "  python -m tools.guests setup\n"
         "  python -m tools.guests up --count 2 --prefix demo\n"
         "  python -m tools.guests up --count 1 --mem 4096 --cpu max --prefix big\n"
+        "  python -m tools.guests up --count 2 --kernel 6.12 --smp 4 --prefix k612-\n"
         "  python -m tools.guests down\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--dir", type=Path, default=None,
                     help=f"where guests keep sockets and logs (default {default_run_dir()})")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("setup", help="install QEMU/busybox, fetch the kernel, build initramfs")
+    setup = sub.add_parser("setup", help="install QEMU/busybox, fetch the kernels, build "
+                           "initramfs")
+    setup.add_argument("--kernel", action="append", choices=sorted(KERNELS),
+                       help="fetch only this kernel (repeatable; default: all of "
+                            f"{', '.join(KERNELS)})")
     up = sub.add_parser("up", help="boot guests and wait until they are ready")
     up.add_argument("--count", type=int, default=1)
     up.add_argument("--prefix", default="guest")
     up.add_argument("--mem", type=int, default=512, help="RAM in MiB (default 512)")
-    up.add_argument("--smp", type=int, default=1)
+    up.add_argument("--smp", type=int, default=1, help="vCPUs (default 1)")
+    up.add_argument("--kernel", default=DEFAULT_KERNEL,
+                    help=f"guest kernel: one of {', '.join(KERNELS)} (default "
+                         f"{DEFAULT_KERNEL}) or a linux-image-* package")
+    up.add_argument("--append", default="", help="extra kernel command-line options")
     up.add_argument("--cpu", default="qemu64", help="QEMU CPU model (max: 5-level paging)")
     up.add_argument("--timeout", type=float, default=300.0)
     sub.add_parser("status", help="list guests and whether they run")
@@ -469,18 +509,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "setup":
             ensure_host_packages()
-            k = ensure_kernel()
-            print(f"kernel {k.vmlinuz}\ninitramfs {ensure_initramfs()}")
+            for name in args.kernel or KERNELS:
+                k = ensure_kernel(name)
+                print(f"kernel {name} {k.vmlinuz}")
+            print(f"initramfs {ensure_initramfs()}")
         elif args.cmd == "up":
+            kernel_package(args.kernel)  # fail early on an unknown name
             specs = [GuestSpec(name=f"{args.prefix}{i}", mem_mb=args.mem, smp=args.smp,
-                               cpu=args.cpu) for i in range(args.count)]
+                               cpu=args.cpu, kernel=args.kernel, append=args.append)
+                     for i in range(args.count)]
             for g in boot(specs, args.dir, args.timeout):
                 print(f"{g.name} pid={g.pid} qmp={g.qmp} mem={g.mem_path}")
         elif args.cmd == "status":
             for g in existing(args.dir):
                 state = "running" if g.is_running() else "stopped"
                 ready = "ready" if g.ready() else "booting"
-                print(f"{g.name} {state} {ready} qmp={g.qmp}")
+                print(f"{g.name} {state} {ready} kernel={g.spec.kernel} smp={g.spec.smp} "
+                      f"qmp={g.qmp}")
         elif args.cmd == "down":
             print(f"stopped {stop_all(args.dir)} guest(s)")
     except (GuestError, subprocess.CalledProcessError) as err:

@@ -15,12 +15,18 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from scanner.image.early_idt import NUM_EXCEPTION_VECTORS, EarlyStubs
+
 __all__ = ["Gate", "IdtCheck", "check_gates", "decode_idt", "normalize_idt"]
 
 GATE_SIZE = 16
 MAX_GATES = 256
 INTERRUPT_GATE, TRAP_GATE = 0xE, 0xF
-EARLY_IDT_HANDLER_SIZE = 9  # arch/x86/include/asm/segment.h
+#: arch/x86/include/asm/segment.h: EARLY_IDT_HANDLER_SIZE is (9 + ENDBR_INSN_SIZE), so
+#: 9 without CONFIG_X86_KERNEL_IBT (Debian 6.1) and 13 with it (Debian 6.12). Only
+#: used when a profile predates `early_idt` (see `check_gates`); the exact stride and
+#: array address of a build are read from its image by `find_early_stubs`.
+EARLY_IDT_HANDLER_SIZES = (9, 13)
 _GATE = struct.Struct("<HHBBHII")
 
 
@@ -67,24 +73,38 @@ class IdtCheck:
 
 
 def check_gates(gates: Sequence[Gate], text: tuple[int, int],
-                init_text: tuple[int, int] | None = None) -> IdtCheck:
+                init_text: tuple[int, int] | None = None,
+                early_stubs: EarlyStubs | None = None) -> IdtCheck:
     """Every present gate must be an interrupt/trap gate whose handler is in `.text`.
 
-    One known exception, seen on every 6.1 guest: exception vectors the kernel never
-    installs a handler for (e.g. #MC without MCE, reserved 20-31) keep pointing at
-    `early_idt_handler_array` in `.init.text` — freed after boot. Those are accepted
-    only in that exact shape: vectors below 32, handlers in the slid `.init.text`, all
-    at `base + 9 * vector` (EARLY_IDT_HANDLER_SIZE is 9) for one common base.
+    One known exception, seen on every 6.1 and 6.12 guest: exception vectors the kernel
+    never installs a handler for (e.g. #MC without MCE, reserved 20-31) keep pointing
+    at `early_idt_handler_array` in `.init.text` — freed after boot. Those are accepted
+    only in that exact shape: vectors below 32, each handler exactly at
+    `base + stride * vector` inside the slid `.init.text`, where `early_stubs` (the
+    slid array, read from the kernel image by `find_early_stubs`) gives base and
+    stride (9 on Debian 6.1, 13 with ENDBR64 on 6.12).
+
+    Without `early_stubs` (a profile stored before kscan read them) the shape is
+    derived from the gates themselves: one common base, and a stride — measured from
+    the gates when two or more are there — that is one of EARLY_IDT_HANDLER_SIZES.
     """
     present = [g for g in gates if g.present]
     outside = [g for g in present if not text[0] <= g.handler < text[1]]
     early: list[Gate] = []
     if init_text is not None:
-        cand = [g for g in outside if g.vector < 32 and init_text[0] <= g.handler < init_text[1]]
-        bases = {g.handler - EARLY_IDT_HANDLER_SIZE * g.vector for g in cand}
-        if len(bases) == 1:
-            early = cand
-            outside = [g for g in outside if g not in cand]
+        cand = [g for g in outside if g.vector < NUM_EXCEPTION_VECTORS
+                and init_text[0] <= g.handler < init_text[1]]
+        if early_stubs is not None:
+            lo, hi = early_stubs.base, early_stubs.handler(NUM_EXCEPTION_VECTORS)
+            if init_text[0] <= lo and hi <= init_text[1]:
+                early = [g for g in cand if g.handler == early_stubs.handler(g.vector)]
+        elif cand:
+            for stride in EARLY_IDT_HANDLER_SIZES:
+                if len({g.handler - stride * g.vector for g in cand}) == 1:
+                    early = cand
+                    break
+        outside = [g for g in outside if g not in early]
     bad = tuple(g for g in present if g.type not in (INTERRUPT_GATE, TRAP_GATE))
     return IdtCheck(len(gates), len(present), tuple(outside), bad, tuple(early))
 

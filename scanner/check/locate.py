@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from scanner.check.idt import Gate, IdtCheck, check_gates, decode_idt
 from scanner.check.kaslr import SlideMatch, identify
 from scanner.errors import VmStateError
+from scanner.image.early_idt import EarlyStubs
 from scanner.image.kernel_profile import PROTECTED_SECTIONS, KernelProfile
 from scanner.qemu.hmp import VcpuState
 from translate import GuestMemory, PageWalker, Translation, TranslationError
@@ -104,7 +105,9 @@ def locate_kernel(mem: GuestMemory, walker: PageWalker, vcpus: Sequence[VcpuStat
     gates = read_idt(mem, regions["idt"], v0.idtr_limit)
     text = profile.text
     init = profile.sections.get(".init.text")
+    stubs = EarlyStubs(*profile.early_idt).slid(match.slide) if profile.early_idt else None
     check = check_gates(gates, (text.addr + match.slide, text.end + match.slide),
-                        (init.addr + match.slide, init.end + match.slide) if init else None)
+                        (init.addr + match.slide, init.end + match.slide) if init else None,
+                        stubs)
     shared = len({(v.idtr_base, v.idtr_limit) for v in vcpus}) == 1
     return LiveKernel(profile, match, regions, tuple(gates), check, shared)

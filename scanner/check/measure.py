@@ -10,6 +10,7 @@ from scanner.check.idt import normalize_idt
 from scanner.check.locate import LiveKernel, Region
 from scanner.check.normalize import normalize_into
 from scanner.hashing import region_hash
+from scanner.image.altreloc import normalize_alt
 from translate import GuestMemory
 
 __all__ = ["read_normalized", "region_views"]
@@ -30,5 +31,6 @@ def read_normalized(mem: GuestMemory, lk: LiveKernel, name: str,
     digest = region_hash(raw)
     if name == "idt":
         return normalize_idt(raw, idtr_limit, lk.slide), digest
+    normalize_alt(raw, lk.profile.alt_relocs.get(name), lk.slide)
     normalize_into(np.frombuffer(raw, dtype=np.uint8), lk.profile.relocs[name], lk.slide)
     return raw, digest

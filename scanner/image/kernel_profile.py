@@ -24,6 +24,8 @@ import zstandard
 
 from scanner.errors import KernelImageError
 from scanner.hashing import page_hashes
+from scanner.image.altreloc import AltRelocs, alt_relocs_from_image
+from scanner.image.early_idt import find_early_stubs
 from scanner.image.relocs import RegionRelocs
 from scanner.image.vmlinux import PROTECTED_SECTIONS, KernelImage, load_kernel_image
 from translate.x86 import PAGE
@@ -62,6 +64,12 @@ class KernelProfile:
     #: xxh3_64 of each 4 KiB chunk of the file's `.rodata` (link-time bytes): pages a
     #: verified VM changed from these were written at boot (see scanner.check.baseline).
     rodata_file_pages: tuple[int, ...] = ()
+    #: Link-time (address, stride) of `early_idt_handler_array`, read from `.init.text`
+    #: (scanner.image.early_idt.find_early_stubs); None if not found or stored by an older kscan.
+    early_idt: tuple[int, int] | None = None
+    #: Relocated bytes alternatives copy into a region at boot (scanner.image.altreloc), by
+    #: region; empty for profiles stored by an older kscan.
+    alt_relocs: dict[str, AltRelocs] = field(default_factory=dict)
     _sym_addrs: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -113,6 +121,9 @@ class KernelProfile:
         header["sym_addrs"] = put(np.array([a for a, _ in self.symbols], dtype="<u8").tobytes())
         header["rodata_file_pages"] = put(np.array(self.rodata_file_pages,
                                                    dtype="<u8").tobytes())
+        header["early_idt"] = list(self.early_idt) if self.early_idt else None
+        header["alt_relocs"] = {region: [put(b) for b in ar.to_arrays()]
+                                for region, ar in self.alt_relocs.items()}
         head = orjson.dumps(header)
         raw = struct.pack("<I", len(head)) + head + b"".join(arrays)
         return _MAGIC + zstandard.ZstdCompressor(level=9).compress(raw)
@@ -145,6 +156,9 @@ class KernelProfile:
                 symbols=tuple(zip(addrs, h["symbols"], strict=True)),
                 rodata_file_pages=tuple(
                     np.frombuffer(get(h["rodata_file_pages"]), dtype="<u8").tolist()),
+                early_idt=tuple(h["early_idt"]) if h.get("early_idt") else None,
+                alt_relocs={region: AltRelocs.from_arrays([get(r) for r in refs])
+                            for region, refs in (h.get("alt_relocs") or {}).items()},
             )
         except (zstandard.ZstdError, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
                 struct.error) as err:
@@ -182,8 +196,25 @@ def profile_from_image(image: KernelImage) -> KernelProfile:
         sections=sections, relocs=relocs, text_head=text[:PAGE],
         ex_table=image.section_bytes("__ex_table"), ro_after_init=ro_after_init,
         symbols=tuple(symbols), rodata_file_pages=tuple(page_hashes(
-            image.section_bytes(".rodata"))),
+            image.section_bytes(".rodata"))), early_idt=_early_idt(image),
+        alt_relocs={n: ar for n in PROTECTED_SECTIONS
+                    if (ar := alt_relocs_from_image(image, n)).count},
     )
+
+
+def _early_idt(image: KernelImage) -> tuple[int, int] | None:
+    """`early_idt_handler_array` (address, stride) found in the image's `.init.text`;
+    cross-checked with the symbol when the image has symbols."""
+    init = image.sections.get(".init.text")
+    if init is None:
+        return None
+    stubs = find_early_stubs(image.section_bytes(".init.text"), init.addr)
+    if stubs is None:
+        return None
+    sym = (image.symbols or {}).get("early_idt_handler_array")
+    if sym is not None and sym != stubs.base:
+        return None
+    return stubs.base, stubs.stride
 
 
 def profile_from_path(path: str | PathLike[str], *,
