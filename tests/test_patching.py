@@ -628,3 +628,33 @@ def test_fuzz_random_changes_never_raise(changes: list[tuple[int, bytes]]) -> No
     in_ver = {i for p in v.verified for i in range(p.start - BASE, p.end - BASE)}
     assert changed <= in_unver | in_ver
     assert not (in_unver & in_ver)
+
+
+def test_trampoline_copy_is_normalized_with_relocs() -> None:
+    """A copy read from guest memory carries the slide at relocation sites."""
+    from scanner.normalize import RegionRelocs
+
+    r32 = np.array([off("ftrace_caller")], dtype=np.int64)      # pretend a 32-bit site
+    relocs = RegionRelocs(np.zeros(0, np.int64), r32, np.zeros(0, np.int64))
+    tr = make_tramp(TEXT, False, 2)
+    v = int.from_bytes(tr[0:4], "little")
+    tr[0:4] = ((v + SLIDE) & 0xFFFFFFFF).to_bytes(4, "little")
+    mem = Mem()
+    mem.add(TRAMP_VA, tr)
+    live = bytearray(TEXT)
+    patch(live, SYM["ftrace_a"], rel_insn(b"\xe8", SYM["ftrace_a"], TRAMP_VA, runtime=True))
+    only(check(live, mem, relocs=relocs), "ftrace")
+    assert not check(live, mem).clean
+
+
+def test_optprobe_template_outside_text() -> None:
+    """6.x keeps the template in .rodata: its bytes are passed in."""
+    tmpl = TEXT[off("optprobe_template_entry"):off("optprobe_template_end")]
+    sites = replace(SITES, optprobe_template=None)
+    mem = Mem()
+    mem.add(SLOT_VA, make_slot())
+    live = bytearray(TEXT)
+    patch(live, SYM["probe_a"], rel_insn(b"\xe9", SYM["probe_a"], SLOT_VA, runtime=True))
+    only(check(live, mem, sites=sites, optprobe_template=tmpl), "optprobe")
+    assert "template unknown" in bad(check(live, mem, sites=sites), SYM["probe_a"],
+                                     SYM["probe_a"] + 5)

@@ -59,6 +59,7 @@ import bisect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import capstone  # type: ignore[import-untyped]
@@ -376,12 +377,14 @@ class _Verifier:
             rows = good[first]
             names = [*forms, "int3 (baseline tail)"]
             fl = form[rows].tolist()
-            tl = tgt[rows].tolist()
+            tv = tgt[rows]
+            shown = np.where(self.text_mask(tv), tv, tv + np.int64(_s64(self.slide)))
+            tl = shown.view(np.uint64).tolist()
+            nob = (form[rows] == len(forms)) | (tv == 0)
             self.batches.append(_Batch(
                 mech, uoff, np.full(uoff.shape, size, dtype=np.int64),
                 [names[f] for f in fl],
-                [None if f == len(forms) or tv == 0 else self.target_repr(tv)
-                 for f, tv in zip(fl, tl, strict=True)],
+                [None if z else t for z, t in zip(nob.tolist(), tl, strict=True)],
                 inprog[rows].tolist()))
         bad = off[~ok]
         if bad.size:
@@ -391,13 +394,6 @@ class _Verifier:
             for o in bad[:10000].tolist():
                 if o not in okset:
                     self.reasons.setdefault(o, reason)
-
-    def target_repr(self, link_s: int) -> int:
-        """Targets are computed as link VAs: report in-text ones as link VAs, others as
-        run-time VAs."""
-        if self.in_text_off(self.off_of(link_s)):
-            return _u64(link_s)
-        return self.runtime(link_s)
 
     def branch_targets(self, live: U8, off: I64, col: int, insn_len: int) -> I64:
         return np.asarray(np.int64(self.base_s) + off + insn_len + _rel32(live, col),
@@ -1087,13 +1083,18 @@ class _Verifier:
         self.probes(self.idx[~cov])
         cov = self.coverage()
         base = self.base
+        bm, lm = self.bmem, self.lmem
+        ubase = np.uint64(base)
         for bt in self.batches:
-            for o, ln, form, tgt, ip in zip(bt.off.tolist(), bt.length.tolist(), bt.forms,
-                                            bt.targets, bt.in_progress, strict=True):
-                verdict.verified.append(VerifiedPatch(
-                    bt.mech, _u64(base + o), _u64(base + o), _u64(base + o + ln),
-                    bytes(self.bmem[o:o + ln]), bytes(self.lmem[o:o + ln]), form, tgt, ip))
-        verdict.verified.sort(key=lambda v: v.start)
+            starts = (bt.off.astype(np.uint64) + ubase).tolist()
+            ends = (bt.off.astype(np.uint64) + bt.length.astype(np.uint64) + ubase).tolist()
+            verdict.verified.extend(
+                VerifiedPatch(bt.mech, va, va, ve, bytes(bm[o:o + ln]), bytes(lm[o:o + ln]),
+                              form, tgt, ip)
+                for o, ln, va, ve, form, tgt, ip in zip(
+                    bt.off.tolist(), bt.length.tolist(), starts, ends, bt.forms, bt.targets,
+                    bt.in_progress, strict=True))
+        verdict.verified.sort(key=attrgetter("start"))
         rest = self.idx[~cov]
         if rest.size:
             for s, e, why in self.unverified_ranges(rest):
