@@ -1054,15 +1054,23 @@ class _Verifier:
             new[1:] = rs[1:] > reach[:-1]
             rs = rs[new]
             re_ = np.maximum.reduceat(re_, np.flatnonzero(new)) if rs.size else re_[:0]
-        starts, ends = rs.tolist(), re_.tolist()
         cap = self.limits.max_ranges
-        merged_tail = len(starts) > cap
+        merged_tail = rs.size > cap
         if merged_tail:       # hostile amounts of change: merge the rest into the last
-            starts, ends = starts[:cap], [*ends[:cap - 1], ends[-1]]
+            last = re_[-1]
+            rs, re_ = rs[:cap], re_[:cap].copy()
+            re_[-1] = last
+        starts, ends = rs.tolist(), re_.tolist()
+        # the first recorded reason inside each range
+        roff = np.array(sorted(self.reasons), dtype=np.int64)
+        first = np.searchsorted(roff, rs) if roff.size else np.zeros(rs.shape, np.int64)
+        has = (first < roff.size) & (roff[np.minimum(first, max(roff.size - 1, 0))] < re_) \
+            if roff.size else np.zeros(rs.shape, dtype=np.bool_)
+        rlist = roff.tolist()
         out: list[tuple[int, int, str]] = []
-        for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
-            why = next((self.reasons[o] for o in range(s, min(e, s + 64))
-                        if o in self.reasons), None)
+        for i, (s, e, h, f) in enumerate(zip(starts, ends, has.tolist(), first.tolist(),
+                                             strict=True)):
+            why = self.reasons[rlist[f]] if h else None
             if why is None and self.cand_cut is not None and s >= self.cand_cut:
                 why = "too many int3/jmp candidates (limit)"
             if merged_tail and i == cap - 1:
