@@ -632,7 +632,7 @@ def test_fuzz_random_changes_never_raise(changes: list[tuple[int, bytes]]) -> No
 
 def test_trampoline_copy_is_normalized_with_relocs() -> None:
     """A copy read from guest memory carries the slide at relocation sites."""
-    from scanner.normalize import RegionRelocs
+    from scanner.image.relocs import RegionRelocs
 
     r32 = np.array([off("ftrace_caller")], dtype=np.int64)      # pretend a 32-bit site
     relocs = RegionRelocs(np.zeros(0, np.int64), r32, np.zeros(0, np.int64))

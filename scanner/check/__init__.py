@@ -1,1 +1,8 @@
-"""Checks on what a scan found: pure functions over bytes and profiles (no I/O)."""
+"""check: pure verdict logic — guest memory, registers and profiles in, verdicts out.
+
+No QMP, no database. Locate the kernel and its KASLR slide (`kaslr`, `locate`), decode
+the IDT (`idt`), read regions zero-copy or as a normalized copy (`measure`, `normalize`),
+prove nothing changed cheaply (`fastpath`), build golden baselines (`baseline`), compare
+page by page (`verify`) with per-VM state (`state`), tell the kernel's own code patching
+from tampering (`patching`) and name what kind of site changed (`classify`).
+"""

@@ -62,12 +62,12 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
-import capstone  # type: ignore[import-untyped]
+import capstone
 import numpy as np
 import numpy.typing as npt
 
 from scanner.image.patchsites import MECHANISMS, PatchSites
-from scanner.normalize import RegionRelocs
+from scanner.image.relocs import RegionRelocs
 
 __all__ = ["Limits", "MechanismSummary", "PatchVerdict", "ReadVA", "UnverifiedRange",
            "VerifiedPatch", "verify_text_changes"]

@@ -1,0 +1,6 @@
+"""run: `kscan run` — the asyncio engine watching many VMs.
+
+`engine` owns the tasks and implements `context.WatchContext` for the per-VM
+`watcher`s; `scheduler` spends the CPU budget; `events` writes the JSON-lines stream;
+`actions` pauses, runs hooks and keeps forensic copies.
+"""
