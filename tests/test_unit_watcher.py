@@ -246,6 +246,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A database with the synthetic kernel's profile and its golden baseline (taken
     from a clean VM at GOLDEN_SLIDE, loaded at another GPA, with its own per-boot data)."""
     monkeypatch.setattr(watcher_mod, "BOOT_POLL", POLL)
+    monkeypatch.setattr(watcher_mod, "STATE_EVERY", POLL)
     db = tmp_path / "kscan.db"
     prof = make_profile()
 
@@ -375,8 +376,9 @@ async def _life(world: dict[str, Any]) -> None:
         assert reboot["slide"] == REBOOT_SLIDE
         await ctx.scans_after(3)
         # Clean again: a new boot, so a new per-VM baseline (its per-boot .rodata page
-        # is not the previous boot's) — nothing but vm_rebooted is said.
-        assert ctx.kinds()[5:] == ["vm_rebooted"]
+        # is not the previous boot's); identified and reported clean like the first.
+        assert ctx.kinds()[5:] == ["vm_rebooted", "vm_identified", "vm_clean"]
+        assert ctx.events[6]["slide"] == REBOOT_SLIDE
         assert state_of(w) is WatchState.WATCHING and w.slide == REBOOT_SLIDE
         assert w.last_report is not None and not w.last_report.tampered
         assert w.last_report.per_vm_baseline_taken
@@ -389,7 +391,8 @@ async def _life(world: dict[str, Any]) -> None:
         await _finish(task)
         lost = ctx.events[-1]
         assert ctx.kinds() == ["vm_booting", "vm_identified", "vm_clean", "tamper",
-                               "tamper_cleared", "vm_rebooted", "vm_lost"]
+                               "tamper_cleared", "vm_rebooted", "vm_identified", "vm_clean",
+                               "vm_lost"]
         assert lost["vm"] == name and "connection closed" in lost["reason"]
         assert vm.closed and w.ref is None
         assert name not in ctx.scheduler._costs and name not in ctx.scheduler._hot_until
@@ -412,11 +415,6 @@ def test_a_vm_shut_down_while_booting_is_lost(world: dict[str, Any]) -> None:
     asyncio.run(asyncio.wait_for(go(), 10))
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=(
-                   "BUG: a VM whose run state turns 'gone' (shutdown, "
-                   "guest-panicked, internal-error) while its QMP still answers is never "
-                   "reported lost while watching: VmWatcher._scan never looks at the run "
-                   "state, only the slow path (_examine) does"))
 def test_a_vm_shut_down_while_watching_is_lost(world: dict[str, Any]) -> None:
     async def go() -> None:
         async with Store.open(world["db"]) as st:
@@ -427,7 +425,7 @@ def test_a_vm_shut_down_while_watching_is_lost(world: dict[str, Any]) -> None:
             try:
                 # Expected (README: vm_lost "the VM ... went away"; RunStatus.gone: "will
                 # not run its kernel again without a reset"): the watcher ends.
-                await _finish(task, timeout=1.0)  # BUG: times out, scans forever
+                await _finish(task, timeout=1.0)
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -473,28 +471,16 @@ async def _reboot_through_boot_window(world: dict[str, Any], *, tampered: bool
         return ctx, report, ctx.kinds()[mark:]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-                   "BUG: a reboot noticed while the new kernel is "
-                   "still booting goes vm_booting → vm_identified with no vm_rebooted "
-                   "(README: vm_rebooted = the kernel came back with another slide); only "
-                   "a reboot completed between two fast scans says vm_rebooted, because "
-                   "_until_checked never compares the slide with self.slide"))
 def test_a_reboot_seen_while_booting_says_vm_rebooted(world: dict[str, Any]) -> None:
     ctx, _, kinds = asyncio.run(asyncio.wait_for(
         _reboot_through_boot_window(world, tampered=False), 15))
     # (vm_booting is said twice: "kernel no longer found" by the scan, then "not
     # finished booting" by the wait for boot — not asserted here.)
     assert kinds[0] == "vm_booting" and "vm_identified" in kinds
-    # BUG: expected vm_rebooted with the new slide once the new kernel is checked.
     assert "vm_rebooted" in kinds
     assert next(e for e in ctx.events if e["event"] == "vm_rebooted")["slide"] == REBOOT_SLIDE
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-                   "BUG: the change set reported before a reboot is "
-                   "kept across a reboot seen through its boot window (self.reported is "
-                   "reset only on the vm_rebooted path of _scan), so the same tampering "
-                   "found again in the new boot is never reported"))
 def test_the_same_tampering_after_a_reboot_is_reported_again(world: dict[str, Any]) -> None:
     _, report, kinds = asyncio.run(asyncio.wait_for(
         _reboot_through_boot_window(world, tampered=True), 15))
@@ -504,5 +490,5 @@ def test_the_same_tampering_after_a_reboot_is_reported_again(world: dict[str, An
     # The check of the new boot did find it...
     assert report is not None and report.tampered
     assert [(m.region, m.page) for m in report.mismatches] == [(".text", TAMPER_PAGE)]
-    # BUG: ...but no tamper event is emitted; nothing follows vm_identified.
+    # ...and reported again, though it is the change reported before the reboot.
     assert "tamper" in kinds

@@ -48,6 +48,10 @@ log = logging.getLogger("kscan.watch")
 
 BOOT_POLL = 2.0
 RETRY_MISSING = 30.0  # no profile / no baseline: look again this often
+#: While watching, ask QEMU for the run state at most this often (a VM that shuts down
+#: or panics under -no-shutdown keeps its QMP socket and its memory: scans alone would
+#: never notice it is gone).
+STATE_EVERY = 5.0
 
 
 class VmGone(Exception):
@@ -74,6 +78,7 @@ class VmWatcher:
         self.seen_at: float | None = None  # when the fast path last saw a difference
         self.last: Examined | None = None  # the last check, without its region copies
         self.last_report: CheckReport | None = None
+        self._state_at = 0.0  # monotonic time of the last run-state query
 
     # -- helpers ---------------------------------------------------------------------
     async def emit(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -126,6 +131,13 @@ class VmWatcher:
                     if wait is None:
                         raise
                 else:
+                    if self.slide is not None and ex.lk.slide != self.slide:
+                        # A reboot seen through its boot window (the kernel went away,
+                        # then came back at another slide).
+                        await self.emit("vm_rebooted", slide=ex.lk.slide)
+                    # A new verification cycle: what it finds is reported afresh, even
+                    # the change reported before (a rootkit that reinstalls at boot).
+                    self.reported = None
                     await self._full_check(ex, golden, first=True)
                     return
             await asyncio.sleep(wait)
@@ -222,6 +234,12 @@ class VmWatcher:
         sched = self.ctx.scheduler
         expected = sched.cost(self.name)
         await sched.acquire(expected)
+        now = time.monotonic()
+        if now - self._state_at >= STATE_EVERY:
+            self._state_at = now
+            state = await self.vm.run_state()
+            if state.status.gone:
+                raise VmGone(f"VM is {state.status}")
         vcpus = await self.vm.refresh_vcpus()
         # The fast path runs right here on the event loop: ~1-2 ms of hashing (with
         # the GIL released) per VM. Handing it to a worker thread cost more CPU in
@@ -259,10 +277,12 @@ class VmWatcher:
                 self._drop_reference()
                 await self.emit("vm_booting", message=f"kernel no longer found: {err.message}")
                 return
-            if self.slide is not None and ex.lk.slide != self.slide:
+            rebooted = self.slide is not None and ex.lk.slide != self.slide
+            if rebooted:
                 await self.emit("vm_rebooted", slide=ex.lk.slide)
                 self.reported = None
-            await self._full_check(ex, golden, first=False)
+            # A new boot is identified and its first check reported like the first one.
+            await self._full_check(ex, golden, first=rebooted)
 
     async def _on_tamper(self, ex: Examined, golden: GoldenSet, report: CheckReport) -> None:
         forensics = save_forensics(self.ctx.forensics_dir, self.name, report, ex.lk,
