@@ -215,6 +215,14 @@ mount -t devtmpfs devtmpfs /dev
 for a in $(cat /proc/cmdline); do case $a in kscan.kallsyms=*)
   echo 0 > /proc/sys/kernel/kptr_restrict; echo KALLSYMS_BEGIN
   awk -v n=${{a#*=}} 'NR % n == 1' /proc/kallsyms; echo KALLSYMS_END;; esac; done
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+# The test command channel on the second serial port (host: Guest.run): one shell
+# command per line, answered by its output and a KSCAN-RC line with its exit status.
+if [ -c /dev/ttyS1 ]; then
+  stty -F /dev/ttyS1 raw -echo 2>/dev/null
+  ( while read -r line; do sh -c "$line" > /tmp/kscan-out 2>&1; rc=$?
+      cat /tmp/kscan-out; echo "KSCAN-RC $rc"; done ) < /dev/ttyS1 > /dev/ttyS1 2>&1 &
+fi
 echo {READY_LINE} $(cat /proc/sys/kernel/osrelease)
 # Keep a little userspace activity going, like a real guest would.
 while true; do sleep 5; done
@@ -309,6 +317,35 @@ class Guest:
         return self.dir / "serial.log"
 
     @property
+    def cmd_socket(self) -> Path:
+        """The guest's second serial port: a shell command channel for tests."""
+        return self.dir / "cmd.sock"
+
+    def run(self, command: str, timeout: float = 60.0) -> tuple[int, str]:
+        """Run a shell command inside the guest (as root): (exit status, output)."""
+        import socket
+
+        if "\n" in command:
+            raise ValueError("one command line at a time")
+        deadline = time.monotonic() + timeout
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.cmd_socket))
+            s.sendall(command.encode() + b"\n")
+            buf = b""
+            while True:
+                at = buf.rfind(b"KSCAN-RC ")
+                if at >= 0 and buf.endswith(b"\n") and buf.find(b"\n", at) == len(buf) - 1:
+                    rc = int(buf[at + 9:].strip().split()[0])
+                    return rc, buf[:at].decode(errors="replace")
+                if time.monotonic() > deadline:
+                    raise GuestError(f"{self.name}: no answer to {command!r} in {timeout:g} s")
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise GuestError(f"{self.name}: command channel closed")
+                buf += chunk
+
+    @property
     def mem_path(self) -> Path:
         # Unique per run directory, so two test runs never share a RAM file.
         tag = hashlib.sha1(str(self.dir.parent.resolve()).encode()).hexdigest()[:8]
@@ -369,6 +406,8 @@ def qemu_command(spec: GuestSpec, guest: Guest, kernel: KernelFiles, initrd: Pat
         "-vga", "none",
         "-nodefaults",
         "-serial", f"file:{guest.serial}",
+        "-chardev", f"socket,id=cmd,path={guest.cmd_socket},server=on,wait=off",
+        "-serial", "chardev:cmd",
         "-qmp", f"unix:{guest.qmp},server=on,wait=off",
         "-qmp", f"unix:{guest.qmp_aux},server=on,wait=off",
         "-no-reboot",

@@ -19,20 +19,24 @@ __all__ = ["BootIdentity", "PageRecord", "VmState"]
 
 @dataclass(frozen=True)
 class BootIdentity:
-    """What identifies one boot of a VM: a reboot re-randomizes slide and placement."""
+    """What identifies one boot of a VM, as far as guest memory can tell: the kernel
+    build and its KASLR slide (a reboot re-randomizes it).
+
+    Deliberately not where the kernel's pages sit physically: a guest can remap a
+    protected virtual page to an identical copy elsewhere, and must not reset its
+    per-boot baseline that way. A reboot that keeps the slide (about 1 in 500) is told
+    by QEMU (a RESET event: `kscan run` then drops the VM's state); missed, it shows as
+    changed per-boot pages, never as a reset of what is checked."""
 
     build_id: str
     slide: int
-    text_gpa: int
-    idt_gpa: int
 
     def to_plain(self) -> dict[str, Any]:
-        return {"build_id": self.build_id, "slide": self.slide, "text_gpa": self.text_gpa,
-                "idt_gpa": self.idt_gpa}
+        return {"build_id": self.build_id, "slide": self.slide}
 
     @classmethod
     def from_plain(cls, d: Any) -> BootIdentity:
-        return cls(str(d["build_id"]), int(d["slide"]), int(d["text_gpa"]), int(d["idt_gpa"]))
+        return cls(str(d["build_id"]), int(d["slide"]))
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ import zstandard
 
 from scanner.check.classify import ByteRange, diff_ranges
 from scanner.check.locate import REGIONS, LiveKernel, Region
+from scanner.check.patch_report import PatchReport, split_by_page
+from scanner.check.patching import ReadVA, verify_text_changes
 from scanner.check.state import BootIdentity, PageRecord, VmState
 from scanner.hashing import page_hashes
 from scanner.qemu.hmp import VcpuState
@@ -109,11 +111,21 @@ class CheckReport:
     regions: tuple[RegionVerdict, ...]
     findings: tuple[Finding, ...]
     per_vm_baseline_taken: bool
+    #: The kernel's own verified patching of `.text` (None: none found).
+    patches: PatchReport | None = None
+    #: `--strict`: verified run-time patching is tampering too.
+    strict: bool = False
     ts: float = field(default_factory=time.time)
 
     @property
     def tampered(self) -> bool:
-        return bool(self.findings) or any(r.mismatches for r in self.regions)
+        return (bool(self.findings) or any(r.mismatches for r in self.regions)
+                or (self.strict and self.patched))
+
+    @property
+    def patched(self) -> bool:
+        """The kernel patched its own `.text` at run time (verified)."""
+        return self.patches is not None and bool(self.patches.runtime)
 
     @property
     def mismatches(self) -> list[PageMismatch]:
@@ -136,14 +148,15 @@ class CheckReport:
                 "build_id": self.build_id, "release": self.release,
                 "boot_profile": self.boot_profile, "slide": self.slide,
                 "per_vm_baseline_taken": self.per_vm_baseline_taken,
+                "strict": self.strict,
+                "patched": self.patches.to_json() if self.patches else None,
                 "regions": [r.to_json() for r in self.regions],
                 "findings": [f.to_json() for f in self.findings]}
 
 
 def boot_identity(lk: LiveKernel) -> BootIdentity:
-    """What identifies one boot of a VM: a reboot re-randomizes slide and placement."""
-    return BootIdentity(lk.profile.build_id, lk.slide, lk.match.text_gpa,
-                        lk.regions["idt"].runs[0][0])
+    """What identifies one boot of a VM (see `BootIdentity`)."""
+    return BootIdentity(lk.profile.build_id, lk.slide)
 
 
 @dataclass(frozen=True)
@@ -206,6 +219,9 @@ def verify(
     golden: Mapping[str, GoldenRegion],
     golden_content: Callable[[str], bytes | None],
     vm_state: VmState | None,
+    *,
+    read_va: ReadVA | None = None,
+    strict: bool = False,
 ) -> Verification:
     """Check one VM. Returns the report and the VM's (possibly new) per-VM state.
 
@@ -213,6 +229,11 @@ def verify(
     only regions known to have changed, within one boot) a subset: the report then has
     verdicts for those regions only. `golden_content(region)` returns the golden
     region's compressed bytes (only called on a mismatch).
+
+    `.text` pages that differ from the golden baseline are checked site by site against
+    the kernel's own patching (`scanner.check.patching`; `read_va` reads guest memory
+    for trampolines outside `.text`): a page whose every change verifies is patched,
+    not tampered, unless `strict`.
     """
     identity = boot_identity(lk)
     fresh = vm_state is None or vm_state.boot != identity
@@ -229,6 +250,7 @@ def verify(
                                   if blob else b"")
         return golden_cache[name] or None
 
+    patches: PatchReport | None = None
     names = [n for n in REGIONS if n in normalized]
     if fresh and len(names) != len(REGIONS):
         raise ValueError("the first check of a boot needs all four regions")
@@ -267,9 +289,18 @@ def verify(
                 known[p] = True
                 want[p] = rec.hash
                 basis_of[p] = (Basis.ACCEPTED, rec)
+        differ = np.flatnonzero((got != want) | ~known).tolist()
+        unverified: dict[int, list[ByteRange]] | None = None
+        if name == ".text" and any(p not in basis_of for p in differ):
+            patches, unverified = _verify_patching(lk, buf, golden_bytes(name), read_va)
         mismatches = []
-        for p in np.flatnonzero((got != want) | ~known).tolist():
+        for p in differ:
             basis, old = basis_of.get(p, (Basis.GOLDEN, None))
+            if unverified is not None and basis is Basis.GOLDEN:
+                if p not in unverified:
+                    continue  # every change in the page is the kernel's own patching
+                mismatches.append(_mismatch(lk, region, p, basis, tuple(unverified[p])))
+                continue
             if old is not None:
                 before = dctx.decompress(old.data, max_output_size=PAGE)
             else:
@@ -277,16 +308,41 @@ def verify(
                 before = _page_bytes(gb, p) if gb else b""
             after = _page_bytes(buf, p)
             ranges = tuple(diff_ranges(before, after, name)) if before else ()
-            first = ranges[0].start if ranges else 0
-            symbol = None
-            if name != "idt" and lk.profile.symbols:
-                symbol = lk.profile.symbolize(lk.link_va(name, p * PAGE + first))
-            mismatches.append(PageMismatch(name, p, region.va + p * PAGE,
-                                           _gpa_of(region, p * PAGE), basis, ranges, symbol))
+            mismatches.append(_mismatch(lk, region, p, basis, ranges))
         verdicts.append(RegionVerdict(
             name, len(buf), len(hashes),
             tuple(sorted(per_boot - set(accepted))),
             tuple(sorted(accepted)), tuple(mismatches)))
     report = CheckReport(vm, lk.profile.build_id, lk.profile.release, boot.key, lk.slide,
-                         tuple(verdicts), tuple(control_findings(lk, vcpus, boot)), fresh)
+                         tuple(verdicts), tuple(control_findings(lk, vcpus, boot)), fresh,
+                         patches=patches, strict=strict)
     return Verification(report, vm_state)
+
+
+def _mismatch(lk: LiveKernel, region: Region, p: int, basis: Basis,
+              ranges: tuple[ByteRange, ...]) -> PageMismatch:
+    first = ranges[0].start if ranges else 0
+    symbol = None
+    if region.name != "idt":
+        symbol = lk.profile.symbolize(lk.link_va(region.name, p * PAGE + first))
+    return PageMismatch(region.name, p, region.va + p * PAGE, _gpa_of(region, p * PAGE),
+                        basis, ranges, symbol)
+
+
+def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,
+                     read_va: ReadVA | None
+                     ) -> tuple[PatchReport | None, dict[int, list[ByteRange]] | None]:
+    """Verify `.text`'s changes against the golden bytes as the kernel's own patching:
+    the verified patches, and the unverified ranges by page (None, None: the profile
+    has no patch sites, so every change stays a plain mismatch)."""
+    prof = lk.profile
+    if prof.patch_sites is None or golden is None or len(golden) != len(text):
+        return None, None
+    base = prof.text.addr
+    verdict = verify_text_changes(golden, text, base, lk.slide, prof.patch_sites, read_va,
+                                  relocs=prof.relocs.get(".text"),
+                                  optprobe_template=prof.optprobe_code or None)
+    unverified = split_by_page(verdict, base)
+    pages = sorted({(v.start - base) // PAGE for v in verdict.verified} - set(unverified))
+    report = PatchReport(tuple(verdict.verified), tuple(pages), prof.symbolize)
+    return (report if verdict.verified else None), unverified

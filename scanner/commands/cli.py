@@ -150,6 +150,17 @@ def _print_report_text(rep: CheckReport) -> None:
                       f"[{br.kind}]")
     for f in rep.findings:
         print(f"  FINDING {f.kind}: {f.message}")
+    if rep.patches is not None:
+        doc = rep.patches.to_json()
+        what = ", ".join(f"{m} {n}" for m, n in doc["mechanisms"].items())
+        strict = " (--strict: counted as tampering)" if rep.strict and rep.patched else ""
+        print(f"  kernel's own patching, verified{strict}: {what} site(s) in "
+              f"{doc['pages']} page(s)")
+        for mech in doc["mechanisms"]:
+            rows = [r for r in doc["sites"] if r["mechanism"] == mech]
+            shown = ", ".join(f"{r['symbol']}" + (f" ×{r['count']}" if r["count"] > 1 else "")
+                              for r in rows[:4])
+            print(f"    {mech:<13} {shown}" + (" ..." if len(rows) > 4 or doc["more"] else ""))
 
 
 async def cmd_check(args: argparse.Namespace) -> int:
@@ -157,7 +168,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
     from scanner.vm import SourceKind, VmSource
 
     rep = await check_vm(VmSource(SourceKind.QMP, args.qmp) if args.qmp
-                         else VmSource(SourceKind.REPLAY, args.replay), args.db)
+                         else VmSource(SourceKind.REPLAY, args.replay), args.db,
+                         strict=args.strict)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(rep.to_json()) + b"\n")
     else:
@@ -224,7 +236,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(qmp=tuple(args.qmp or ()), discover=args.discover,
                     replay=tuple(args.replay or ()), policy=policy,
                     action=parse_action(args.on_tamper), forensics_dir=forensics,
-                    workers=args.workers, stats_every=args.stats_every)
+                    workers=args.workers, stats_every=args.stats_every, strict=args.strict)
     tune_malloc()
     stop = asyncio.Event()
     install_signal_handlers(stop)
@@ -303,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--qmp", metavar="SOCK")
     src.add_argument("--replay", metavar="DIR", help="a recorded VM (tools/record.py)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--strict", action="store_true",
+                   help="treat the kernel's own verified patching (ftrace, jump labels, static "
+                        "calls, kprobes, lock prefixes) as tampering too: for hardened VMs "
+                        "where tracing itself is suspicious")
     _db_arg(p)
     p.set_defaults(func=cmd_check)
 
@@ -357,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emit a stats event this often (default 60)")
     p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
                    help="stop after this long (default: run until stopped)")
+    p.add_argument("--strict", action="store_true",
+                   help="treat the kernel's own verified patching (ftrace, jump labels, static "
+                        "calls, kprobes, lock prefixes) as tampering too: for hardened VMs "
+                        "where tracing itself is suspicious")
     p.add_argument("-v", "--verbose", action="store_true")
     _db_arg(p)
     p.set_defaults(func=cmd_run)

@@ -68,12 +68,12 @@ async def baseline_vms(sources: Sequence[Source], db: str | None) -> list[Baseli
     return out
 
 
-async def check_vm(source: Source, db: str | None) -> CheckReport:
+async def check_vm(source: Source, db: str | None, *, strict: bool = False) -> CheckReport:
     async with Store.open(db) as st:
         profiles = await load_profiles(st)
         async with await open_vm(source) as vm:
             ex = await examine(vm, profiles)
-            report = await check_examined(st, ex, vm.name)
+            report = await check_examined(st, ex, vm.name, mem=vm.mem, strict=strict)
             await st.append_event({"ts": report.ts, "event": "check", "vm": vm.name,
                                    **report.to_json()})
             return report
@@ -88,7 +88,7 @@ async def accept_vm(source: Source, db: str | None, note: str = "") -> AcceptRes
         profiles = await load_profiles(st)
         async with await open_vm(source) as vm:
             ex = await examine(vm, profiles)
-            v = await verify_examined(st, ex, vm.name, await golden_for(st, ex))
+            v = await verify_examined(st, ex, vm.name, await golden_for(st, ex), mem=vm.mem)
             report, state = v.report, v.state
             if report.findings:
                 f = report.findings[0]

@@ -6,8 +6,8 @@ fetch what it is compared with (`baselines`), verify and record per-VM state
 """
 
 from scanner.examine.baselines import GoldenSet, golden_for, load_profiles
-from scanner.examine.checking import check_examined, verify_examined
+from scanner.examine.checking import check_examined, guest_reader, verify_examined
 from scanner.examine.reading import Examined, RunSync, examine, inline, reexamine
 
 __all__ = ["Examined", "GoldenSet", "RunSync", "check_examined", "examine", "golden_for",
-           "inline", "load_profiles", "reexamine", "verify_examined"]
+           "guest_reader", "inline", "load_profiles", "reexamine", "verify_examined"]

@@ -44,7 +44,11 @@ async def load_profiles(st: Store, *, required: bool = True) -> list[KernelProfi
 async def golden_for(st: Store, ex: Examined) -> GoldenSet:
     """The golden baseline for an examined VM and its (compressed) region bytes."""
     build_id = ex.lk.profile.build_id
-    golden = await st.get_golden(build_id, ex.boot.key)
+    key = ex.boot.key
+    golden = await st.get_golden(build_id, key)
+    if golden is None:  # stored by kscan 0.1, keyed on the exact vCPU count
+        key = ex.boot.legacy_key
+        golden = await st.get_golden(build_id, key)
     if golden is None:
         raise BaselineMissing(
             f"no golden baseline for kernel {ex.lk.profile.release} ({build_id[:12]}) with "
@@ -54,5 +58,5 @@ async def golden_for(st: Store, ex: Examined) -> GoldenSet:
     missing = [n for n in REGIONS if n not in golden]
     if missing:
         raise VmStateError(f"golden baseline lacks regions {missing}", vm=ex.vm)
-    contents = {n: await st.get_golden_content(build_id, ex.boot.key, n) for n in REGIONS}
+    contents = {n: await st.get_golden_content(build_id, key, n) for n in REGIONS}
     return GoldenSet(golden, contents)

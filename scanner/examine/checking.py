@@ -2,28 +2,57 @@
 
 from __future__ import annotations
 
+from scanner.check.patching import ReadVA
 from scanner.check.state import VmState
 from scanner.check.verify import CheckReport, Verification, verify
 from scanner.examine.baselines import GoldenSet, golden_for
 from scanner.examine.reading import Examined, RunSync, inline
 from store import Store
+from translate import GuestMemory, TranslationError
 
-__all__ = ["check_examined", "verify_examined"]
+__all__ = ["check_examined", "guest_reader", "verify_examined"]
+
+#: The largest read a verifier may make through guest memory (a trampoline, a slot).
+_MAX_READ = 1 << 16
+
+
+def guest_reader(mem: GuestMemory, ex: Examined) -> ReadVA:
+    """Reads guest-virtual memory through the kernel page table the check used: how the
+    patch verifiers look at code outside `.text` (allocated trampolines, optprobe
+    slots). None for anything unmapped, too big, or outside RAM."""
+    walker = ex.space.walker(mem)
+
+    def read(va: int, size: int) -> bytes | None:
+        if not 0 < size <= _MAX_READ:
+            return None
+        try:
+            t = walker.translate_range(va, size)
+            return b"".join(bytes(mem.view(g, n)) for g, n in t.gpa_runs())
+        except (TranslationError, OverflowError, ValueError):
+            return None
+
+    return read
 
 
 async def verify_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet | None = None,
-                          run_sync: RunSync[Verification] = inline) -> Verification:
-    """Verify against the stored baselines (fetched unless given); records nothing."""
+                          run_sync: RunSync[Verification] = inline, *,
+                          mem: GuestMemory | None = None, strict: bool = False
+                          ) -> Verification:
+    """Verify against the stored baselines (fetched unless given); records nothing.
+    `mem` (the VM's memory) lets patch verifiers follow code outside `.text`."""
     gs = golden if golden is not None else await golden_for(st, ex)
     state = VmState.from_plain(await st.get_vm_state(vm_id))
+    read_va = guest_reader(mem, ex) if mem is not None else None
     return await run_sync(lambda: verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized,
-                                         gs.regions, gs.contents.get, state))
+                                         gs.regions, gs.contents.get, state,
+                                         read_va=read_va, strict=strict))
 
 
 async def check_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet | None = None,
-                         run_sync: RunSync[Verification] = inline) -> CheckReport:
+                         run_sync: RunSync[Verification] = inline, *,
+                         mem: GuestMemory | None = None, strict: bool = False) -> CheckReport:
     """Verify, and store the VM's per-VM state when this check took it."""
-    v = await verify_examined(st, ex, vm_id, golden, run_sync)
+    v = await verify_examined(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict)
     if v.report.per_vm_baseline_taken:
         await st.put_vm_state(vm_id, v.state.to_plain())
     return v.report

@@ -26,7 +26,15 @@ from scanner.errors import KernelImageError
 from scanner.hashing import page_hashes
 from scanner.image.altreloc import AltRelocs, alt_relocs_from_image
 from scanner.image.early_idt import find_early_stubs
+from scanner.image.kallsyms import Kallsyms, recover_kallsyms
+from scanner.image.patchsites import PatchSites, extract_patch_sites
 from scanner.image.relocs import RegionRelocs
+from scanner.image.serialize import (
+    kallsyms_from_bytes,
+    kallsyms_to_bytes,
+    patch_sites_from_bytes,
+    patch_sites_to_bytes,
+)
 from scanner.image.vmlinux import PROTECTED_SECTIONS, KernelImage, load_kernel_image
 from translate.x86 import PAGE
 
@@ -70,6 +78,14 @@ class KernelProfile:
     #: Relocated bytes alternatives copy into a region at boot (scanner.image.altreloc), by
     #: region; empty for profiles stored by an older kscan.
     alt_relocs: dict[str, AltRelocs] = field(default_factory=dict)
+    #: The kernel's own `.text` symbols, recovered from kallsyms (no debug package needed);
+    #: None when the image has no kallsyms or the profile predates them.
+    kallsyms: Kallsyms | None = None
+    #: The kernel's self-patching sites (ftrace, jump labels, static calls, ...); None
+    #: when they could not be read or the profile predates them.
+    patch_sites: PatchSites | None = None
+    #: The bytes of the optprobe template (`optprobe_template_entry..end`), from the image.
+    optprobe_code: bytes = b""
     _sym_addrs: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -90,12 +106,16 @@ class KernelProfile:
         return tuple(self.section(n) for n in PROTECTED_SECTIONS)
 
     def symbolize(self, addr: int) -> str | None:
-        """`name+0xoff` of the symbol at or below a link-time address, when known."""
+        """`name+0xoff` of the symbol at or below a link-time address, when known: from
+        a System.map/symbol table given at `profile add`, else from kallsyms."""
         i = bisect.bisect_right(self._sym_addrs, addr) - 1
-        if i < 0:
-            return None
-        a, name = self.symbols[i]
-        return f"{name}+{addr - a:#x}" if addr != a else name
+        if i >= 0:
+            a, name = self.symbols[i]
+            return f"{name}+{addr - a:#x}" if addr != a else name
+        ks = self.kallsyms
+        if ks is not None and ks.text[0] <= addr < ks.text[1] and len(ks):
+            return ks.symbolize(addr)
+        return None
 
     # -- (de)serialization -----------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -124,6 +144,10 @@ class KernelProfile:
         header["early_idt"] = list(self.early_idt) if self.early_idt else None
         header["alt_relocs"] = {region: [put(b) for b in ar.to_arrays()]
                                 for region, ar in self.alt_relocs.items()}
+        header["kallsyms"] = put(kallsyms_to_bytes(self.kallsyms)) if self.kallsyms else None
+        header["patch_sites"] = (put(patch_sites_to_bytes(self.patch_sites))
+                                 if self.patch_sites else None)
+        header["optprobe_code"] = put(self.optprobe_code)
         head = orjson.dumps(header)
         raw = struct.pack("<I", len(head)) + head + b"".join(arrays)
         return _MAGIC + zstandard.ZstdCompressor(level=9).compress(raw)
@@ -159,6 +183,10 @@ class KernelProfile:
                 early_idt=tuple(h["early_idt"]) if h.get("early_idt") else None,
                 alt_relocs={region: AltRelocs.from_arrays([get(r) for r in refs])
                             for region, refs in (h.get("alt_relocs") or {}).items()},
+                kallsyms=kallsyms_from_bytes(get(h["kallsyms"])) if h.get("kallsyms") else None,
+                patch_sites=(patch_sites_from_bytes(get(h["patch_sites"]))
+                             if h.get("patch_sites") else None),
+                optprobe_code=get(h["optprobe_code"]) if h.get("optprobe_code") else b"",
             )
         except (zstandard.ZstdError, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
                 struct.error) as err:
@@ -199,7 +227,37 @@ def profile_from_image(image: KernelImage) -> KernelProfile:
             image.section_bytes(".rodata"))), early_idt=_early_idt(image),
         alt_relocs={n: ar for n in PROTECTED_SECTIONS
                     if (ar := alt_relocs_from_image(image, n)).count},
+        **_patching(image),
     )
+
+
+def _patching(image: KernelImage) -> dict[str, Any]:
+    """kallsyms, patch sites and the optprobe template of an image. A kernel without
+    kallsyms (or with tables kscan cannot read) still gets a profile: its changes are
+    then named by address and any `.text` change is tampering."""
+    try:
+        ks = recover_kallsyms(image)
+    except KernelImageError:
+        return {}
+    try:
+        sites: PatchSites | None = extract_patch_sites(image, ks)
+    except KernelImageError:
+        sites = None
+    code = b""
+    if sites is not None and sites.optprobe_template is not None:
+        code = _bytes_at(image, *sites.optprobe_template)
+    return {"kallsyms": ks, "patch_sites": sites, "optprobe_code": code}
+
+
+def _bytes_at(image: KernelImage, lo: int, hi: int) -> bytes:
+    """The file bytes of link-time [lo, hi) if one section holds them all (≤ 64 KiB)."""
+    if not 0 < hi - lo <= 1 << 16:
+        return b""
+    for sec in image.sections.values():
+        if sec.addr <= lo and hi <= sec.addr + sec.size and sec.name not in (".bss",):
+            data = image.section_bytes(sec.name)
+            return data[lo - sec.addr:hi - sec.addr]
+    return b""
 
 
 def _early_idt(image: KernelImage) -> tuple[int, int] | None:

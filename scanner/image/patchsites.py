@@ -437,7 +437,10 @@ def _ftrace_trampolines(img: _Image, rep: dict[str, Any]) -> dict[str, tuple[int
     out: dict[str, tuple[int, int]] = {}
     for name in _FTRACE_NAMES:
         a = ks.lookup(name)
-        if a is None or not lo <= a < hi or name.endswith("_end"):
+        if a is None or not lo <= a < hi:
+            continue
+        if name.endswith("_end"):  # a label: the verifier needs where it is
+            out[name] = (a, a + 1)
             continue
         end = ks.lookup(name + "_end") if name in ("ftrace_caller", "ftrace_regs_caller") else None
         if end is None or not a < end <= hi:

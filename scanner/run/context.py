@@ -31,6 +31,8 @@ class WatchContext(Protocol):
     #: What to do on tampering, and where forensic copies go.
     action: Action
     forensics_dir: Path
+    #: --strict: the kernel's own verified patching is tampering too.
+    strict: bool
 
     async def emit(self, event: str, vm: str | None, **fields: Any) -> dict[str, Any]:
         """Emit one event (stdout and the database's log); returns it."""

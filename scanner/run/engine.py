@@ -58,6 +58,7 @@ class RunConfig:
     workers: int = 2
     discover_every: float = 2.0
     stats_every: float = 60.0
+    strict: bool = False
 
 
 class Engine:
@@ -70,6 +71,7 @@ class Engine:
         self.scheduler = Scheduler(cfg.policy)
         self.action = cfg.action
         self.forensics_dir = cfg.forensics_dir
+        self.strict = cfg.strict
         self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers),
                                        thread_name_prefix="kscan-hash")
         self.watchers: dict[str, VmWatcher | None] = {}  # source → watcher (None: attaching)
@@ -131,7 +133,7 @@ class Engine:
     async def run(self, stop: asyncio.Event) -> None:
         await self.sink.emit("kscan_started", None, version=__version__,
                              policy=self.cfg.policy.describe(),
-                             on_tamper=self.action.describe(),
+                             on_tamper=self.action.describe(), strict=self.strict,
                              forensics_dir=str(self.forensics_dir),
                              sources={"qmp": list(self.cfg.qmp), "discover": self.cfg.discover,
                                       "replay": list(self.cfg.replay)})

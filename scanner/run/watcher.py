@@ -79,6 +79,7 @@ class VmWatcher:
         self.last: Examined | None = None  # the last check, without its region copies
         self.last_report: CheckReport | None = None
         self._state_at = 0.0  # monotonic time of the last run-state query
+        self.patched_set: int | None = None  # the verified patching last reported
 
     # -- helpers ---------------------------------------------------------------------
     async def emit(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -188,15 +189,18 @@ class VmWatcher:
     async def _full_check(self, ex: Examined, golden: GoldenSet, first: bool) -> CheckReport:
         """Verify an examined VM (holding a slow-path slot), then report and act."""
         report = await check_examined(self.ctx.store, ex, self.name, golden,
-                                      self.ctx.timed_in_worker)
+                                      self.ctx.timed_in_worker, mem=self.vm.mem,
+                                      strict=self.ctx.strict)
         partial = len(ex.normalized) < len(REGIONS)
         if partial and self.ref is not None and self.last_report is not None:
             # Only some regions were re-read (their translations proven unchanged): the
             # others keep their verdicts, and only their reference digests move.
             verdicts = {r.name: r for r in self.last_report.regions}
             verdicts.update((r.name, r) for r in report.regions)
-            report = dataclasses.replace(report, regions=tuple(verdicts[n] for n in REGIONS),
-                                         per_vm_baseline_taken=False)
+            report = dataclasses.replace(
+                report, regions=tuple(verdicts[n] for n in REGIONS), per_vm_baseline_taken=False,
+                patches=(report.patches if ".text" in ex.normalized
+                         else self.last_report.patches))
             self.ref.digests.update(ex.raw_digests)
         else:
             self._drop_reference()
@@ -214,9 +218,7 @@ class VmWatcher:
                             release=ex.lk.profile.release, slide=ex.lk.slide,
                             boot_profile=ex.boot.key,
                             per_vm_baseline_taken=report.per_vm_baseline_taken)
-        changes = frozenset(
-            [(m.region, m.page, m.basis) for m in report.mismatches]
-            + [(f.kind, f.message) for f in report.findings])
+        changes = _change_set(report)
         if report.tampered:
             if changes != self.reported:
                 self.reported = changes
@@ -227,7 +229,18 @@ class VmWatcher:
             elif first:
                 await self.emit("vm_clean", **_summary(report))
             self.reported = frozenset()
+            await self._on_patched(report)
         return report
+
+    async def _on_patched(self, report: CheckReport) -> None:
+        """Verified run-time patching is not tampering: said once per distinct set of
+        patches (`kernel_patched`), never acted on."""
+        fp = report.patches.fingerprint() if report.patched and report.patches else None
+        if fp is not None and fp != self.patched_set:
+            assert report.patches is not None
+            await self.emit("kernel_patched", build_id=report.build_id, slide=report.slide,
+                            **report.patches.to_json())
+        self.patched_set = fp
 
     async def _scan(self) -> None:
         assert self.ref is not None
@@ -294,6 +307,7 @@ class VmWatcher:
             hint=report.hint,
             mismatches=[m.to_json() for m in report.mismatches],
             findings=[f.to_json() for f in report.findings],
+            patched=report.patches.to_json() if report.patches else None,
         )
         if action.kind is ActionKind.PAUSE:
             try:
@@ -306,6 +320,19 @@ class VmWatcher:
         elif action.kind is ActionKind.EXEC:
             result = await run_exec(action.argv, ev)
             await self.emit("action", action=action.describe(), **result)
+
+
+def _change_set(report: CheckReport) -> frozenset[Any]:
+    """What a tampering is, for reporting each distinct one once: every changed page
+    with the bytes it now holds (a second, different change in an already reported page
+    is a new tampering), every finding, and under --strict the verified patching."""
+    out: list[Any] = [(m.region, m.page, m.basis,
+                       tuple((r.start, r.end, r.after) for r in m.ranges))
+                      for m in report.mismatches]
+    out += [(f.kind, f.message) for f in report.findings]
+    if report.strict and report.patches is not None:
+        out.append(("patched", report.patches.fingerprint()))
+    return frozenset(out)
 
 
 def _summary(report: CheckReport) -> dict[str, Any]:

@@ -2,14 +2,15 @@
 
 The kernel rewrites its own `.text` at boot (alternatives, paravirt, static calls, jump
 labels, SMP lock prefixes) according to the CPU it finds. Two VMs of one kernel have
-identical normalized text only if they booted on the same CPU model and features and
-with the same number of vCPUs, so golden baselines are keyed on
+identical normalized text, up to verified patch sites, only if they booted on the same
+CPU model and features, so golden baselines are keyed on
 (kernel build id, boot profile) where the boot profile is:
 
 * the QEMU CPU model (QOM type of vCPU 0, e.g. `qemu64-x86_64-cpu`),
 * a hash of the CPUID feature words QEMU exposes to the guest (`feature-words`),
-* the vCPU count — exact, to be safe: 1 vs many changes SMP lock-prefix patching,
-  and per-CPU static keys may depend on more;
+* not the vCPU count: 1 vs many changes SMP lock-prefix patching and a few jump
+  labels (measured: 2 and 4 vCPUs give identical `.text`), which the patch verifiers
+  check site by site (`scanner.check.patching`: `smp_lock`, `jump_label`);
 * whether page-table isolation is on (`pti=on`, or a Meltdown-affected CPU): it is
   read from the guest's own page tables — with PTI the user half of the kernel's 8 KiB
   PGD pair shares the cpu_entry_area entry; without it that half is empty.
@@ -46,6 +47,14 @@ class BootProfile:
 
     @property
     def key(self) -> str:
+        """What golden baselines are keyed on (with the kernel build). Not the vCPU
+        count: the boot-time patching it changes (SMP lock prefixes, a few jump labels)
+        is verified as the kernel's own patching, so one baseline serves every size."""
+        return f"{self.cpu_model}/{self.features}" + ("/pti" if self.pti else "")
+
+    @property
+    def legacy_key(self) -> str:
+        """The key kscan 0.1 stored baselines under (with the exact vCPU count)."""
         return f"{self.cpu_model}/{self.vcpus}vcpu/{self.features}" + ("/pti" if self.pti
                                                                        else "")
 

@@ -1,0 +1,107 @@
+"""The kernel's own verified patching, as a check reports it.
+
+`scanner.check.patching` decides byte by byte which `.text` changes are the kernel's
+own patching. This module turns its verdict into what a check report carries: the
+`.text` pages whose every change is verified (no longer mismatches), the unverified
+ranges of the others, page by page (still tampering, named by the verifier's reason),
+and a bounded, symbolized summary for reports and `kernel_patched` events.
+
+Boot-time mechanisms (`runtime_const`: immediates the kernel patches once per boot)
+are listed but never make a VM "patched": every boot of a 6.11+ kernel has them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from scanner.check.classify import MAX_SHOWN, ByteRange
+from scanner.check.patching import PatchVerdict, UnverifiedRange, VerifiedPatch
+from scanner.image.patchsites import MECHANISMS
+from translate import PAGE
+
+__all__ = ["BOOT_TIME", "MAX_ENTRIES", "PatchReport", "split_by_page"]
+
+#: Mechanisms that patch once per boot, not at run time.
+BOOT_TIME = frozenset({"runtime_const"})
+#: Site entries listed in a report or event (the per-mechanism totals are complete).
+MAX_ENTRIES = 200
+
+
+
+@dataclass(frozen=True)
+class PatchReport:
+    """Verified patching of one VM's `.text` against its golden baseline."""
+
+    verified: tuple[VerifiedPatch, ...]
+    pages: tuple[int, ...]  # .text pages whose every change is verified patching
+    symbolize: Callable[[int], str | None]
+
+    @property
+    def runtime(self) -> tuple[VerifiedPatch, ...]:
+        """The patches made while the kernel runs (not once at boot)."""
+        return tuple(v for v in self.verified if v.mechanism not in BOOT_TIME)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for v in self.verified:
+            out[v.mechanism] = out.get(v.mechanism, 0) + 1
+        return {m: out[m] for m in MECHANISMS if m in out}
+
+    def fingerprint(self) -> int:
+        """Identifies this set of patches (site, mechanism, bytes): one `kernel_patched`
+        event per distinct set."""
+        h = xxhash.xxh3_64()
+        for v in self.runtime:
+            h.update(v.site.to_bytes(8, "little") + v.mechanism.encode() + v.after)
+        return h.intdigest()
+
+    def entries(self, limit: int = MAX_ENTRIES) -> tuple[list[dict[str, Any]], int]:
+        """(mechanism, function, count) of the sites, grouped by function, mechanism by
+        mechanism (each gets its share of `limit`, so 35,000 ftrace sites do not hide
+        one jump label); and how many rows were left out."""
+        groups: dict[str, dict[str, int]] = {}
+        for v in self.verified:
+            sym = self.symbolize(v.site) or f"{v.site:#x}"
+            funcs = groups.setdefault(v.mechanism, {})
+            func = sym.split("+", 1)[0]
+            funcs[func] = funcs.get(func, 0) + 1
+        mechs = [m for m in MECHANISMS if m in groups]
+        share = max(1, limit // max(1, len(mechs)))
+        rows: list[dict[str, Any]] = []
+        more = 0
+        for m in mechs:
+            ranked = sorted(groups[m].items(), key=lambda kv: (-kv[1], kv[0]))
+            rows += [{"mechanism": m, "symbol": f, "count": n} for f, n in ranked[:share]]
+            more += max(0, len(ranked) - share)
+        return rows, more
+
+    def to_json(self) -> dict[str, Any]:
+        rows, more = self.entries()
+        in_progress = sum(1 for v in self.verified if v.in_progress)
+        return {"mechanisms": self.counts(), "pages": len(self.pages),
+                "in_progress": in_progress, "sites": rows, "more": more}
+
+
+def split_by_page(verdict: PatchVerdict, link_base: int) -> dict[int, list[ByteRange]]:
+    """The unverified ranges as page-relative byte ranges, by `.text` page."""
+    out: dict[int, list[ByteRange]] = {}
+    for u in verdict.unverified:
+        _add(out, u, link_base)
+    return out
+
+
+def _add(out: dict[int, list[ByteRange]], u: UnverifiedRange, link_base: int) -> None:
+    start, end = u.start - link_base, u.end - link_base
+    pos = start
+    while pos < end:
+        page = pos // PAGE
+        stop = min(end, (page + 1) * PAGE)
+        a, b = pos - start, stop - start
+        out.setdefault(page, []).append(ByteRange(
+            pos - page * PAGE, stop - page * PAGE, u.before[a:b][:MAX_SHOWN].hex(),
+            u.after[a:b][:MAX_SHOWN].hex(), u.reason))
+        pos = stop
