@@ -266,8 +266,9 @@ class Store:
     # ----------------------------------------------------------------- profiles
 
     async def add_profile(self, build_id: str, release: str, version: str,
-                          data: bytes) -> bool:
-        """Store a kernel profile. False (and no change) if `build_id` is already stored."""
+                          data: bytes, *, replace: bool = False) -> bool:
+        """Store a kernel profile. False (and no change) if `build_id` is already stored,
+        unless `replace` (a newer kscan read more out of the same image)."""
         _check_str("build_id", build_id)
         _check_str("release", release, empty_ok=True)
         _check_str("version", version, empty_ok=True)
@@ -276,7 +277,9 @@ class Store:
         async with self._writing("add_profile") as conn:
             cur = await conn.execute(
                 "INSERT INTO profile (build_id, release, version, data, added_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (build_id) DO NOTHING",
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (build_id) "
+                + ("DO UPDATE SET data = excluded.data, release = excluded.release,"
+                   " version = excluded.version" if replace else "DO NOTHING"),
                 (build_id, release, version, data, time.time()))
             added = cur.rowcount == 1
             await cur.close()

@@ -6,8 +6,9 @@ own patching. This module turns its verdict into what a check report carries: th
 ranges of the others, page by page (still tampering, named by the verifier's reason),
 and a bounded, symbolized summary for reports and `kernel_patched` events.
 
-Boot-time mechanisms (`runtime_const`: immediates the kernel patches once per boot)
-are listed but never make a VM "patched": every boot of a 6.11+ kernel has them.
+Boot-time mechanisms (`runtime_const`: immediates the kernel patches once per boot;
+`smp_lock`: lock prefixes patched for the VM's CPU count) are listed but never make a
+VM "patched": they say how the VM booted, not that anyone traced it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from translate import PAGE
 
 __all__ = ["BOOT_TIME", "MAX_ENTRIES", "PatchReport", "split_by_page"]
 
-#: Mechanisms that patch once per boot, not at run time.
-BOOT_TIME = frozenset({"runtime_const"})
+#: Mechanisms that follow how the VM booted (per-boot constants; lock prefixes for its
+#: CPU count), not run-time tracing: listed, never a `kernel_patched` or --strict matter.
+BOOT_TIME = frozenset({"runtime_const", "smp_lock"})
 #: Site entries listed in a report or event (the per-mechanism totals are complete).
 MAX_ENTRIES = 200
 

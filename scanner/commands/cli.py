@@ -21,6 +21,7 @@ from kscan.errors import KscanError
 
 if TYPE_CHECKING:
     from scanner.check.verify import CheckReport
+    from scanner.image.kernel_profile import KernelProfile
 
 EXIT_OK, EXIT_TAMPERED, EXIT_ERROR = 0, 1, 2
 
@@ -70,22 +71,43 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 async def cmd_profile_add(args: argparse.Namespace) -> int:
-    from scanner.image.kernel_profile import profile_from_path
+    from scanner.image.kernel_profile import KernelProfile, profile_from_path
     from store import Store
 
     prof = profile_from_path(args.path, system_map=args.system_map)
+    upgraded = False
     async with Store.open(args.db) as st:
         added = await st.add_profile(prof.build_id, prof.release, prof.version,
                                      prof.to_bytes())
+        if not added:
+            row = await st.get_profile(prof.build_id)
+            old = KernelProfile.from_bytes(row.data) if row is not None else None
+            if old is not None and _knows_less(old, prof):
+                upgraded = await st.add_profile(prof.build_id, prof.release, prof.version,
+                                                prof.to_bytes(), replace=True)
     relocs = sum(r.count for r in prof.relocs.values())
-    if added:
-        print(f"added profile {prof.build_id} ({prof.release}): "
+    ks, ps = prof.kallsyms, prof.patch_sites
+    if added or upgraded:
+        print(f"{'added' if added else 'upgraded'} profile {prof.build_id} ({prof.release}): "
               + ", ".join(f"{s.name} {s.size} B" for s in prof.protected())
               + f", {relocs} relocation sites in them"
-              + (f", {len(prof.symbols)} symbols" if prof.symbols else ", no symbols"))
+              + (f", {len(prof.symbols)} symbols from the symbol table" if prof.symbols
+                 else f", {len(ks)} symbols from kallsyms" if ks is not None
+                 else ", no symbols")
+              + (f", {len(ps.ftrace) + len(ps.jump_code) + len(ps.static_call_addr)}"
+                 " patch sites" if ps is not None else ", no patch sites (any .text change "
+                 "is tampering)"))
     else:
         print(f"profile {prof.build_id} ({prof.release}) is already stored; nothing to do")
     return EXIT_OK
+
+
+def _knows_less(old: KernelProfile, new: KernelProfile) -> bool:
+    """A profile stored by an older kscan, missing what this one reads from the image."""
+    return ((old.kallsyms is None and new.kallsyms is not None)
+            or (old.patch_sites is None and new.patch_sites is not None)
+            or (old.early_idt is None and new.early_idt is not None)
+            or (not old.alt_relocs and bool(new.alt_relocs)))
 
 
 async def cmd_profile_list(args: argparse.Namespace) -> int:
