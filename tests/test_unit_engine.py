@@ -27,6 +27,9 @@ class FakeVm:
     async def close(self) -> None:
         self.closed = True
 
+    def resets(self) -> int:
+        return 0
+
 
 def test_a_failing_watcher_does_not_stop_the_others(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:

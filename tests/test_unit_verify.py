@@ -254,3 +254,121 @@ def test_page_hash_at_profile_time_equals_page_hash_at_run_time() -> None:
     arr = np.frombuffer(rodata, dtype=np.uint8)
     assert page_hashes(arr.data) == page_hashes(rodata)
     assert page_hash(rodata[:PAGE]) == prof.rodata_file_pages[0]
+
+
+def test_remapping_a_page_does_not_reset_the_per_boot_baseline(world: World) -> None:
+    """Pointing the IDT (or any region) at an identical copy elsewhere must not make a
+    check take a fresh per-VM baseline: that would launder a per-boot change."""
+    state = world.check(world.vm_bytes(), None).state
+    data = world.vm_bytes()
+    data[".rodata"][PER_BOOT[0] * PAGE + 40] ^= 0x10
+    (m,) = world.check(data, state).report.mismatches
+    assert m.basis is Basis.PER_BOOT
+    remapped = kernel(world.profile, idt_gpa_shift=0x10_0000)
+    v = world.check(data, state, lk=remapped)
+    assert not v.report.per_vm_baseline_taken
+    assert [(m.page, m.basis) for m in v.report.mismatches] == [(PER_BOOT[0], Basis.PER_BOOT)]
+
+
+# -- the kernel's own patching in a check ---------------------------------------------------
+
+NOP5 = b"\x0f\x1f\x44\x00\x00"
+
+
+def patched_world(world: World) -> tuple[World, int, int]:
+    """The world's kernel with one jump-label site (a NOP5 at .text+0x3010 whose entry
+    jumps to .text+0x3080) and the sites in its profile; returns the site offsets."""
+    from scanner.image.patchsites import PatchSites
+
+    site, target = 0x3010, 0x3080
+    world.data[".text"][site:site + 5] = NOP5
+    text = LINK[".text"]
+    sites = PatchSites(
+        jump_code=np.array([text + site], dtype=np.uint64),
+        jump_target=np.array([text + target], dtype=np.uint64),
+        jump_key=np.array([LINK[".rodata"] + 8], dtype=np.uint64),
+        function_starts=np.array([text, text + 5 * PAGE], dtype=np.uint64))
+    import dataclasses
+    world.profile = dataclasses.replace(world.profile, patch_sites=sites)
+    world.lk = kernel(world.profile)
+    gb = build_golden(world.lk, capture(world.data), BOOT, "golden-vm", None)
+    world.golden, world.contents = gb.regions, gb.contents
+    return world, site, target
+
+
+def _jmp(site: int, target: int) -> bytes:
+    return b"\xe9" + (target - (site + 5)).to_bytes(4, "little", signed=True)
+
+
+def test_a_verified_jump_label_flip_is_patching_not_tampering(world: World) -> None:
+    w, site, target = patched_world(world)
+    data = w.vm_bytes()
+    data[".text"][site:site + 5] = _jmp(site, target)
+    v = w.check(data, None)
+    assert not v.report.tampered and v.report.mismatches == []
+    assert v.report.patched and v.report.patches is not None
+    assert v.report.patches.counts() == {"jump_label": 1}
+    assert v.report.patches.pages == (site // PAGE,)
+    doc = v.report.to_json()["patched"]
+    assert doc["mechanisms"] == {"jump_label": 1}
+    assert doc["sites"] == [{"mechanism": "jump_label", "symbol": "_stext", "count": 1}]
+    # --strict: any run-time patching is tampering.
+    strict = verify("vm7", w.lk, vcpus(), BOOT, data, w.golden, w.contents.get, None,
+                    strict=True)
+    assert strict.report.tampered and strict.report.to_json()["strict"]
+
+
+def test_a_look_alike_and_a_byte_beside_a_verified_site_are_tampering(world: World) -> None:
+    w, site, target = patched_world(world)
+    data = w.vm_bytes()
+    data[".text"][site:site + 5] = _jmp(site, target + 0x10)  # not the entry's target
+    (m,) = w.check(data, None).report.mismatches
+    assert (m.region, m.page) == (".text", site // PAGE)
+    assert m.ranges[0].start == site % PAGE and m.ranges[0].kind  # the verifier's reason
+    assert m.symbol == f"_stext+{site:#x}"
+    # The right flip, plus one more byte changed in the same page: only that byte.
+    data = w.vm_bytes()
+    data[".text"][site:site + 5] = _jmp(site, target)
+    data[".text"][site + 0x100] ^= 0xFF
+    v = w.check(data, None)
+    (m,) = v.report.mismatches
+    assert [(r.start, r.end) for r in m.ranges] == [(site % PAGE + 0x100, site % PAGE + 0x101)]
+    assert v.report.patches is not None and v.report.patches.counts() == {"jump_label": 1}
+
+
+def test_without_patch_sites_every_text_change_is_a_mismatch(world: World) -> None:
+    data = world.vm_bytes()
+    data[".text"][0x3010:0x3015] = NOP5
+    (m,) = world.check(data, None).report.mismatches
+    assert m.page == 3 and world.check(data, None).report.patches is None
+
+
+def test_patch_report_entries_and_pages_split() -> None:
+    from scanner.check.patch_report import PatchReport, split_by_page
+    from scanner.check.patching import PatchVerdict, UnverifiedRange, VerifiedPatch
+
+    base = 0x1000_0000
+    verified = tuple(VerifiedPatch("ftrace", base + i * 64, base + i * 64, base + i * 64 + 5,
+                                   NOP5, b"\xe8" + bytes(4), "call ftrace_caller")
+                     for i in range(300))
+    verified += (VerifiedPatch("jump_label", base + 7, base + 7, base + 9, b"\x66\x90",
+                               b"\xeb\x10", "jmp"),)
+    names = {base + i * 64: f"f{i}" for i in range(300)}
+    rep = PatchReport(verified, (0,), lambda a: names.get(a, f"f0+{a - base:#x}"))
+    rows, more = rep.entries(limit=10)
+    # Each mechanism gets its share: the one jump label is not crowded out.
+    assert [r["mechanism"] for r in rows].count("jump_label") == 1
+    assert len(rows) == 6 and more == 295
+    assert rep.counts() == {"ftrace": 300, "jump_label": 1}
+    # Fingerprints tell sets apart by their bytes.
+    other = PatchReport(verified[:-1] + (VerifiedPatch("jump_label", base + 7, base + 7,
+                                                       base + 9, b"\x66\x90", b"\xeb\x20",
+                                                       "jmp"),), (0,), rep.symbolize)
+    assert other.fingerprint() != rep.fingerprint()
+    # An unverified range across a page boundary is reported in both pages.
+    pv = PatchVerdict(unverified=[UnverifiedRange(base + PAGE - 2, base + PAGE + 3,
+                                                  b"\x00" * 5, b"\xff" * 5, "not a site")])
+    pages = split_by_page(pv, base)
+    assert {p: [(r.start, r.end) for r in rs] for p, rs in pages.items()} == {
+        0: [(PAGE - 2, PAGE)], 1: [(0, 3)]}
+    assert pages[1][0].after == "ffffff" and pages[0][0].kind == "not a site"

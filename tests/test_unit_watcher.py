@@ -161,6 +161,10 @@ class LosableVm(ReplayVm):
 
     lost: str | None = None
     closed = False
+    reset_count = 0  # QMP RESET events "seen"
+
+    def resets(self) -> int:
+        return self.reset_count
 
     def _gone(self, command: str) -> None:
         if self.lost is not None:
@@ -432,6 +436,50 @@ def test_a_vm_shut_down_while_watching_is_lost(world: dict[str, Any]) -> None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             assert ctx.kinds()[-1] == "vm_lost"
+
+    asyncio.run(asyncio.wait_for(go(), 10))
+
+
+def test_a_qemu_reset_retakes_the_per_vm_baseline_even_at_the_same_slide(
+        world: dict[str, Any]) -> None:
+    """A reboot that lands on the same slide is told by QEMU's RESET event: the VM's
+    per-boot pages are taken afresh (the new boot wrote them anew), not reported."""
+    async def go() -> None:
+        async with Store.open(world["db"]) as st:
+            ram = build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False)
+            ctx, vm, w, task, mem = await _start(world, st, ram)
+            await ctx.wait("vm_clean", 0)
+            mark = len(ctx.events)
+            # The "new boot": same kernel, same slide, its own per-boot .rodata data.
+            again = build_ram(SLIDE, 0x10_0000, 0x4444, text_writable=False)
+            poke(mem, 0, bytes(again.data))
+            vm.reset_count += 1
+            await ctx.wait("vm_clean", mark)
+            assert ctx.kinds()[mark:] == ["vm_booting", "vm_identified", "vm_clean"]
+            assert "reset" in ctx.events[mark]["message"]
+            assert ctx.events[mark + 1]["per_vm_baseline_taken"]
+            assert "tamper" not in ctx.kinds()
+            vm.lost = "done"
+            await _finish(task)
+
+    asyncio.run(asyncio.wait_for(go(), 10))
+
+
+def test_without_a_reset_new_per_boot_bytes_at_the_same_slide_are_tampering(
+        world: dict[str, Any]) -> None:
+    """The same rewrite with no reset: the guest cannot reset its per-boot baseline."""
+    async def go() -> None:
+        async with Store.open(world["db"]) as st:
+            ram = build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False)
+            ctx, vm, w, task, mem = await _start(world, st, ram)
+            await ctx.wait("vm_clean", 0)
+            again = build_ram(SLIDE, 0x10_0000, 0x4444, text_writable=False)
+            poke(mem, 0, bytes(again.data))
+            ev = await ctx.wait("tamper", 0)
+            assert [(m["region"], m["page"], m["basis"]) for m in ev["mismatches"]] == [
+                (".rodata", PER_BOOT_PAGE, "per-boot")]
+            vm.lost = "done"
+            await _finish(task)
 
     asyncio.run(asyncio.wait_for(go(), 10))
 

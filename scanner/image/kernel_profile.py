@@ -86,7 +86,8 @@ class KernelProfile:
     patch_sites: PatchSites | None = None
     #: The bytes of the optprobe template (`optprobe_template_entry..end`), from the image.
     optprobe_code: bytes = b""
-    _sym_addrs: list[int] = field(default_factory=list, repr=False, compare=False)
+    _sym_addrs: list[int] = field(default_factory=list, init=False, repr=False,
+                                  compare=False)
 
     def __post_init__(self) -> None:
         self._sym_addrs.extend(a for a, _ in self.symbols)

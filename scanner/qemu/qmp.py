@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, Message, QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.protocol import ConnectError
 from qemu.qmp.qmp_client import ExecuteError
@@ -100,6 +100,16 @@ class QmpVm:
         self.socket = socket
         self._client = client
         self._lock = asyncio.Lock()  # HMP commands are not re-entrant per monitor
+        #: RESET events seen (a guest reboot, or a system_reset): kscan run drops the
+        #: VM's per-boot state on one, even if the kernel comes back at the same slide.
+        self.resets = 0
+        # Counted in the listener's filter, which queues nothing: no unbounded queue.
+        client.register_listener(EventListener(event_filter=self._on_event))
+
+    def _on_event(self, msg: Message) -> bool:
+        if msg.get("event") == "RESET":
+            self.resets += 1
+        return False
 
     # -- lifecycle -------------------------------------------------------------------
     @classmethod

@@ -80,6 +80,7 @@ class VmWatcher:
         self.last_report: CheckReport | None = None
         self._state_at = 0.0  # monotonic time of the last run-state query
         self.patched_set: int | None = None  # the verified patching last reported
+        self._resets = vm.resets()  # QEMU RESET events already accounted for
 
     # -- helpers ---------------------------------------------------------------------
     async def emit(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -253,6 +254,14 @@ class VmWatcher:
             state = await self.vm.run_state()
             if state.status.gone:
                 raise VmGone(f"VM is {state.status}")
+        if self.vm.resets() != self._resets:
+            # QEMU reset the VM: a reboot, even if the kernel comes back at the same
+            # slide. Its per-boot pages are this boot's again: take them afresh.
+            self._resets = self.vm.resets()
+            await self.ctx.store.delete_vm_state(self.name)
+            self._drop_reference()
+            await self.emit("vm_booting", message="QEMU reset the VM (a reboot)")
+            return
         vcpus = await self.vm.refresh_vcpus()
         # The fast path runs right here on the event loop: ~1-2 ms of hashing (with
         # the GIL released) per VM. Handing it to a worker thread cost more CPU in

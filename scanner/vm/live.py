@@ -65,6 +65,9 @@ class AttachedVm:
     async def boot_profile(self) -> BootProfile:
         return await read_boot_profile(self.qmp, len(self.vcpus))
 
+    def resets(self) -> int:
+        return self.qmp.resets
+
     async def pause(self) -> None:
         await self.qmp.stop()
 

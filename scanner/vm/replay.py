@@ -71,6 +71,9 @@ class ReplayVm:
     async def boot_profile(self) -> BootProfile:
         return self._boot
 
+    def resets(self) -> int:
+        return 0  # a recording does not reboot
+
     async def pause(self) -> None:
         self._state = "paused"
 
