@@ -361,9 +361,9 @@ def test_patch_report_entries_and_pages_split() -> None:
     assert len(rows) == 6 and more == 295
     assert rep.counts() == {"ftrace": 300, "jump_label": 1}
     # Fingerprints tell sets apart by their bytes.
-    other = PatchReport(verified[:-1] + (VerifiedPatch("jump_label", base + 7, base + 7,
-                                                       base + 9, b"\x66\x90", b"\xeb\x20",
-                                                       "jmp"),), (0,), rep.symbolize)
+    flipped = VerifiedPatch("jump_label", base + 7, base + 7, base + 9, b"\x66\x90",
+                            b"\xeb\x20", "jmp")
+    other = PatchReport((*verified[:-1], flipped), (0,), rep.symbolize)
     assert other.fingerprint() != rep.fingerprint()
     # An unverified range across a page boundary is reported in both pages.
     pv = PatchVerdict(unverified=[UnverifiedRange(base + PAGE - 2, base + PAGE + 3,

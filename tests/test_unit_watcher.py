@@ -447,7 +447,7 @@ def test_a_qemu_reset_retakes_the_per_vm_baseline_even_at_the_same_slide(
     async def go() -> None:
         async with Store.open(world["db"]) as st:
             ram = build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False)
-            ctx, vm, w, task, mem = await _start(world, st, ram)
+            ctx, vm, _, task, mem = await _start(world, st, ram)
             await ctx.wait("vm_clean", 0)
             mark = len(ctx.events)
             # The "new boot": same kernel, same slide, its own per-boot .rodata data.
@@ -471,7 +471,7 @@ def test_without_a_reset_new_per_boot_bytes_at_the_same_slide_are_tampering(
     async def go() -> None:
         async with Store.open(world["db"]) as st:
             ram = build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False)
-            ctx, vm, w, task, mem = await _start(world, st, ram)
+            ctx, vm, _, task, mem = await _start(world, st, ram)
             await ctx.wait("vm_clean", 0)
             again = build_ram(SLIDE, 0x10_0000, 0x4444, text_writable=False)
             poke(mem, 0, bytes(again.data))
