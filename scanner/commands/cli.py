@@ -405,7 +405,12 @@ def _libvirt_source(args: argparse.Namespace) -> VmSource | None:
     from scanner.vm import SourceKind, VmSource
 
     name = getattr(args, "libvirt", None)
-    return VmSource(SourceKind.LIBVIRT, name, args.connect) if name else None
+    if not name:
+        return None
+    from scanner.qemu.libvirt_domain import binding
+
+    binding()  # fail now, in one line, if the extra is not installed
+    return VmSource(SourceKind.LIBVIRT, name, args.connect)
 
 
 def _db_arg(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,8 @@ kscan reads it (`ram_source`):
 * shared mapping of an unlinked file (`... (deleted)`) — `<hugepages/>` with shared
   access, `<source type='memfd'/>`: `/proc/PID/fd/N`, mmap'd (zero-copy);
 * private or anonymous mapping — libvirt's default (no `<memoryBacking>`), private
-  hugepages: `/proc/PID/mem`, copied (`translate.procmem`).
+  hugepages; or shared memory without an open fd (`memory-backend-ram,share=on`):
+  `/proc/PID/mem`, copied (`translate.procmem`).
 
 The address comes from QEMU, never from a guess: under TCG QEMU also maps a 1 GiB
 rwx code buffer, bigger than a small guest's RAM. A private file mapping is read through
@@ -146,11 +147,9 @@ def ram_source(pid: int, vmas: Sequence[Vma], fr: FlatRange, hva: int, *,
             pass
     fd = _fd_of(pid, first)
     if fd is None:
-        raise VmStateError(
-            f"RAM {fr.start:#x}+{fr.size:#x} is in {path or 'an unnamed file'}, which QEMU "
-            f"process {pid} no longer has open", vm=vm,
-            hint="kscan reads unlinked RAM files through /proc/PID/fd: run it as root or "
-                 "as QEMU's user")
+        # Shared anonymous memory (`/dev/zero (deleted)`: memory-backend-ram,share=on),
+        # or an unlinked file QEMU closed after mapping it: only the process reaches it.
+        return RamRange(fr.start, fr.size, f"/proc/{pid}/mem", hva)
     return RamRange(fr.start, fr.size, fd, offset)
 
 

@@ -46,6 +46,8 @@ T = TypeVar("T")
 DEFAULT_URI = "qemu:///system"
 PID_DIR = Path("/run/libvirt/qemu")
 CALL_TIMEOUT = 30.0
+#: How long a command that finds its domain gone waits for the lifecycle event.
+GONE_EVENT_WAIT = 3.0
 
 
 class MissingBinding(KscanError):
@@ -252,8 +254,16 @@ class LibvirtMonitor(QmpVm):
         self.domain = name
         self.uuid = uuid
         self.owns_host = False  # close() closes the connection too
-        #: Set by whoever follows lifecycle events: why the domain is gone.
+        #: Why the domain is gone, from its lifecycle event (`mark_gone`).
         self.gone: str | None = None
+        #: Someone follows lifecycle events for this domain: a command that finds the
+        #: domain gone waits briefly for the event, so the reason is the event's.
+        self.follows_events = False
+        self._gone_event = asyncio.Event()
+
+    def mark_gone(self, reason: str) -> None:
+        self.gone = reason
+        self._gone_event.set()
 
     async def close(self) -> None:
         if self.owns_host:
@@ -274,6 +284,12 @@ class LibvirtMonitor(QmpVm):
         except lv.libvirtError as err:
             code = err.get_error_code()
             gone = code in (lv.VIR_ERR_NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID)
+            if gone and self.follows_events and not self.gone:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(GONE_EVENT_WAIT):
+                        await self._gone_event.wait()
+            if self.gone:
+                raise QmpError(self.gone, socket=self.socket, command=cmd) from err
             raise QmpError(_text(err), socket=self.socket, command=cmd,
                            hint="the domain is not running" if gone else "") from err
         try:

@@ -23,7 +23,13 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from scanner.qemu.libvirt_domain import DomainInfo, LibvirtHost, Lifecycle, LifecycleEvent
+from scanner.qemu.libvirt_domain import (
+    DomainInfo,
+    LibvirtHost,
+    LibvirtMonitor,
+    Lifecycle,
+    LifecycleEvent,
+)
 from scanner.run.events import EventSink
 from scanner.vm import AttachedVm, SourceKind, VmSource
 from scanner.vm.domain import attach_domain
@@ -43,6 +49,7 @@ class LibvirtFleet:
         self.forget = forget
         self.host: LibvirtHost | None = None
         self.domains: dict[str, DomainInfo] = {}
+        self.monitors: dict[str, LibvirtMonitor] = {}  # of the VMs opened, by domain
 
     async def start(self) -> None:
         self.host = await LibvirtHost.open(self.uri, events=True)
@@ -58,7 +65,11 @@ class LibvirtFleet:
 
     async def open(self, name: str) -> AttachedVm:
         assert self.host is not None
-        return await attach_domain(name, self.uri, host=self.host)
+        vm = await attach_domain(name, self.uri, host=self.host)
+        if isinstance(vm.qmp, LibvirtMonitor):
+            vm.qmp.follows_events = True
+            self.monitors[name] = vm.qmp
+        return vm
 
     async def _relist(self) -> None:
         assert self.host is not None
@@ -96,5 +107,8 @@ class LibvirtFleet:
 
     async def _stopped(self, name: str, reason: str) -> None:
         self.domains.pop(name, None)
+        mon = self.monitors.pop(name, None)
+        if mon is not None:
+            mon.mark_gone(reason)  # a command failing now reports this reason
         if self.forget(name):
             await self.sink.emit("vm_lost", name, reason=reason)
