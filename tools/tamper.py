@@ -2,7 +2,9 @@
 
 The test double for kernel tampering, and the demo's attacker. It finds the target
 through the same reading path kscan uses (QMP layout + page walk), then writes through
-the guest's memory-backend file on the host — the guest sees the change at once.
+the guest's memory-backend file on the host — the guest sees the change at once. A
+libvirt domain (`--libvirt NAME`) is written wherever its RAM lives: its file, its
+unlinked hugepage/memfd file (/proc/PID/fd/N), or its anonymous memory (/proc/PID/mem).
 
     python -m tools.tamper --qmp SOCK --region .text --offset 0x123456 --bytes cc
     python -m tools.tamper --qmp SOCK --va 0xffffffff9a000000 --bytes 90909090
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import mmap
 import os
 import struct
 import sys
@@ -49,18 +53,44 @@ def write_guest(vm: AttachedVm, va: int, data: bytes) -> dict[str, Any]:
     for gpa, n in t.gpa_runs():
         path, off = vm.mem.host_range(gpa, n)
         old += bytes(vm.mem.view(gpa, n))
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data[done:done + n], off)
-        finally:
-            os.close(fd)
+        _write_host(path, off, data[done:done + n])
         pieces.append({"gpa": gpa, "size": n, "file": path, "offset": off})
         done += n
     return {"va": va, "old": old.hex(), "new": data.hex(), "writes": pieces}
 
 
+def _write_host(path: str, off: int, data: bytes) -> None:
+    """Write where guest RAM lives: a backend file, an unlinked one (/proc/PID/fd/N) or
+    the QEMU process's memory (/proc/PID/mem at the host address). hugetlbfs files take
+    no write(2): those are written through a shared mapping."""
+    fd = os.open(path, os.O_RDWR if not path.endswith("/mem") else os.O_WRONLY)
+    try:
+        try:
+            os.pwrite(fd, data, off)
+            return
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+        align = 2 << 20  # a hugetlbfs mapping starts on a huge page
+        base = off - off % align
+        length = off - base + len(data)
+        with mmap.mmap(fd, length, flags=mmap.MAP_SHARED,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base) as mm:
+            mm[off - base:off - base + len(data)] = data
+    finally:
+        os.close(fd)
+
+
+async def attach(args: argparse.Namespace) -> AttachedVm:
+    if getattr(args, "libvirt", None):
+        from scanner.vm.domain import attach_domain
+
+        return await attach_domain(args.libvirt, args.connect)
+    return await AttachedVm.attach(args.qmp)
+
+
 async def tamper(args: argparse.Namespace) -> dict[str, Any]:
-    async with await AttachedVm.attach(args.qmp) as vm:
+    async with await attach(args) as vm:
         lk: LiveKernel | None = None
         if args.region or args.idt_gate is not None:
             lk = locate_kernel(vm.mem, vm.walker(0), vm.vcpus, await _profiles(args),
@@ -98,7 +128,10 @@ async def tamper(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.tamper", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--qmp", required=True, metavar="SOCK")
+    target = ap.add_mutually_exclusive_group(required=True)
+    target.add_argument("--qmp", metavar="SOCK")
+    target.add_argument("--libvirt", metavar="DOMAIN", help="a libvirt domain")
+    ap.add_argument("--connect", default="qemu:///system", help="libvirt URI")
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--region", choices=[".text", ".rodata", "__ex_table", "idt"])
     where.add_argument("--va", type=lambda s: int(s, 0))

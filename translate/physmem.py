@@ -77,6 +77,11 @@ class _Mapping:
 class GuestMemory:
     """Read-only, zero-copy access to a VM's RAM by guest-physical address."""
 
+    #: `view()` returns windows onto the live mapping. A subclass that copies
+    #: (`translate.procmem.HostMemory` over /proc/PID/mem) sets it False: its views are
+    #: snapshots, and whoever wants to see later writes must call `view()` again.
+    zero_copy: bool = True
+
     def __init__(self, ranges: Iterable[RamRange], *, name: str = "vm") -> None:
         self.name = name
         self._maps: dict[str, _Mapping] = {}

@@ -9,7 +9,8 @@ After a full check (slow path) the watcher keeps a `Reference` per VM:
   one process's PGD at a private copy of the kernel mapping);
 * each vCPU's control state (CR0.WP, CR4.SMEP/SMAP, IDTR);
 * xxh3_128 of each region's raw bytes, hashed straight from zero-copy views of the
-  guest's memory.
+  guest's memory (memory that copies — anonymous RAM read from /proc/PID/mem, see
+  `translate.procmem` — is read afresh at each pass instead: its views are snapshots).
 
 The watcher runs `check_registers` and `check_memory` on the event loop. Any difference
 sends the VM down the slow path (normalize, per-page compare, localize).
@@ -17,6 +18,7 @@ sends the VM down the slow path (normalize, per-page compare, localize).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,12 +74,13 @@ def control_state(vcpus: Sequence[VcpuState]) -> tuple[tuple[int, int, int, int]
 class Reference:
     """What a VM looked like at its last full check."""
 
-    views: dict[str, list[memoryview]]
+    views: dict[str, list[memoryview]]  # empty when the memory copies (not zero_copy)
     digests: dict[str, bytes]
     fingerprint: TableFingerprint
     top_index: tuple[int, ...]  # kernel-half top-level indices the regions go through
     top_values: tuple[int, ...]
     control: tuple[tuple[int, int, int, int], ...]
+    runs: dict[str, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
 
     def release(self) -> None:
         """Drop the views so the guest memory mapping can be closed."""
@@ -92,7 +95,8 @@ def make_reference(mem: GuestMemory, lk: LiveKernel, vcpus: Sequence[VcpuState],
     """The reference after a full check. `digests` must be those of the very bytes that
     check verified (`scanner.check.measure.read_normalized`), not a fresh reading: a change
     made in between would otherwise become the reference unverified."""
-    views = {name: region_views(mem, r) for name, r in lk.regions.items()}
+    views = {name: region_views(mem, r) for name, r in lk.regions.items()} \
+        if mem.zero_copy else {}
     entries = [e for r in lk.regions.values() for e in r.translation.entries]
     top = sorted({(r.va >> top_shift) & 0x1FF for r in lk.regions.values()})
     table = mem.view(pgd, 4096).cast("Q")
@@ -103,6 +107,7 @@ def make_reference(mem: GuestMemory, lk: LiveKernel, vcpus: Sequence[VcpuState],
         top_index=tuple(top),
         top_values=tuple(int(table[i]) for i in top),
         control=control_state(vcpus),
+        runs={name: list(r.runs) for name, r in lk.regions.items()},
     )
 
 
@@ -158,8 +163,12 @@ def check_memory(ref: Reference, mem: GuestMemory) -> FastResult:
     """The memory part: translations unchanged, region bytes unchanged."""
     if not ref.fingerprint.unchanged(mem):
         return FastResult(FastOutcome.TABLES_CHANGED)
-    changed = tuple(name for name, views in ref.views.items()
-                    if raw_digest(views) != ref.digests[name])
+    if mem.zero_copy:
+        changed = tuple(name for name, views in ref.views.items()
+                        if raw_digest(views) != ref.digests[name])
+    else:  # copies are snapshots: read the regions again
+        changed = tuple(name for name, runs in ref.runs.items()
+                        if raw_digest([mem.view(g, n) for g, n in runs]) != ref.digests[name])
     if changed:
         return FastResult(FastOutcome.BYTES_CHANGED, changed=changed)
     return _UNCHANGED

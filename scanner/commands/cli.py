@@ -22,12 +22,17 @@ from kscan.errors import KscanError
 if TYPE_CHECKING:
     from scanner.check.verify import CheckReport
     from scanner.image.kernel_profile import KernelProfile
+    from scanner.vm import VmSource
 
 EXIT_OK, EXIT_TAMPERED, EXIT_ERROR = 0, 1, 2
 
 
 class UsageError(KscanError):
     """The command line names nothing to work on."""
+
+#: libvirt's system connection (scanner.qemu.libvirt_domain.DEFAULT_URI; not imported
+#: here so that --help works without the optional binding).
+DEFAULT_URI = "qemu:///system"
 
 EPILOG = """\
 examples:
@@ -38,6 +43,8 @@ examples:
   kscan baseline --qmp /run/golden/qmp.sock        hash a known-good VM
   kscan check --qmp /run/vm7/qmp.sock              verify once: exit 0 clean, 1 tampered
   kscan run --qmp '/run/*/qmp.sock' --interval auto    watch them all (JSON lines)
+  kscan check --libvirt web01                      a libvirt domain (kscan[libvirt])
+  kscan run --libvirt                              every running libvirt domain
 
 The database defaults to $XDG_STATE_HOME/kscan/kscan.db (~/.local/state/kscan/kscan.db);
 --db PATH chooses another.
@@ -59,7 +66,7 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
     db = args.db
     if db is None and default_db_path().exists():
         db = str(default_db_path())
-    report = await inspect_vm(args.qmp, db=db)
+    report = await inspect_vm(_libvirt_source(args) or args.qmp, db=db)
     if args.json:
         _print_json(report.to_json())
     else:
@@ -134,9 +141,11 @@ async def cmd_baseline(args: argparse.Namespace) -> int:
     from scanner.vm import SourceKind, VmSource
 
     sources = [VmSource(SourceKind.QMP, s) for s in args.qmp or []] + [
-        VmSource(SourceKind.REPLAY, d) for d in args.replay or []]
+        VmSource(SourceKind.REPLAY, d) for d in args.replay or []] + [
+        VmSource(SourceKind.LIBVIRT, d, args.connect) for d in args.libvirt or []]
     if not sources:
-        raise UsageError("no VM given", hint="pass --qmp SOCK of a verified VM")
+        raise UsageError("no VM given", hint="pass --qmp SOCK or --libvirt DOMAIN of a "
+                         "verified VM")
     for res in await baseline_vms(sources, args.db):
         vm, gb, key = res.vm, res.build, res.boot_profile
         per_boot = {n: r.per_boot_pages() for n, r in gb.regions.items()}
@@ -189,9 +198,9 @@ async def cmd_check(args: argparse.Namespace) -> int:
     from scanner.commands.oneshot import check_vm
     from scanner.vm import SourceKind, VmSource
 
-    rep = await check_vm(VmSource(SourceKind.QMP, args.qmp) if args.qmp
-                         else VmSource(SourceKind.REPLAY, args.replay), args.db,
-                         strict=args.strict)
+    rep = await check_vm(_libvirt_source(args) or (
+        VmSource(SourceKind.QMP, args.qmp) if args.qmp
+        else VmSource(SourceKind.REPLAY, args.replay)), args.db, strict=args.strict)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(rep.to_json()) + b"\n")
     else:
@@ -202,7 +211,7 @@ async def cmd_check(args: argparse.Namespace) -> int:
 async def cmd_accept(args: argparse.Namespace) -> int:
     from scanner.commands.oneshot import accept_vm
 
-    res = await accept_vm(args.qmp, args.db, args.note or "")
+    res = await accept_vm(_libvirt_source(args) or args.qmp, args.db, args.note or "")
     rep, n = res.report, res.accepted_pages
     print(f"{rep.vm}: accepted {n} changed page(s) as this VM's new baseline"
           + ("" if n else " (nothing differed)") + "; recorded in the event log")
@@ -244,9 +253,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
     from scanner.run.scheduler import Policy
     from store.paths import default_db_path
 
-    if not (args.qmp or args.discover or args.replay):
+    if not (args.qmp or args.discover or args.replay or args.libvirt):
         raise UsageError("nothing to watch", hint="give --qmp SOCK (or a glob), --discover, "
-                         "or --replay DIR")
+                         "--libvirt, or --replay DIR")
+    if args.libvirt:
+        from scanner.qemu.libvirt_domain import binding
+
+        binding()  # fail now, in one line, if the extra is not installed
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="kscan: %(message)s", stream=sys.stderr)
     auto = args.interval == "auto"
@@ -258,7 +271,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(qmp=tuple(args.qmp or ()), discover=args.discover,
                     replay=tuple(args.replay or ()), policy=policy,
                     action=parse_action(args.on_tamper), forensics_dir=forensics,
-                    workers=args.workers, stats_every=args.stats_every, strict=args.strict)
+                    workers=args.workers, stats_every=args.stats_every, strict=args.strict,
+                    libvirt=args.connect if args.libvirt else None)
     tune_malloc()
     stop = asyncio.Event()
     install_signal_handlers(stop)
@@ -286,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  kscan inspect --qmp /tmp/kscan-guests-0/demo0/qmp.sock --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--qmp", required=True, metavar="SOCK", help="the VM's QMP unix socket")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--qmp", metavar="SOCK", help="the VM's QMP unix socket")
+    _libvirt_args(p, src)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _db_arg(p)
     p.set_defaults(func=cmd_inspect)
@@ -324,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QMP socket of a verified VM (repeat for several)")
     p.add_argument("--replay", action="append", metavar="DIR",
                    help="a recorded verified VM (tools/record.py) instead of a live one")
+    p.add_argument("--libvirt", action="append", metavar="DOMAIN",
+                   help="a verified libvirt domain, by name or UUID (repeatable)")
+    p.add_argument("--connect", default=DEFAULT_URI, metavar="URI",
+                   help=f"libvirt connection URI (default {DEFAULT_URI})")
     _db_arg(p)
     p.set_defaults(func=cmd_baseline)
 
@@ -336,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--qmp", metavar="SOCK")
     src.add_argument("--replay", metavar="DIR", help="a recorded VM (tools/record.py)")
+    _libvirt_args(p, src)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--strict", action="store_true",
                    help="treat the kernel's own verified patching (ftrace, jump labels, static "
@@ -353,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  kscan accept --qmp /run/vm7/qmp.sock --note 'ftrace for ticket 42'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--qmp", required=True, metavar="SOCK")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--qmp", metavar="SOCK")
+    _libvirt_args(p, src)
     p.add_argument("--note", help="why (kept in the event log)")
     _db_arg(p)
     p.set_defaults(func=cmd_accept)
@@ -369,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  kscan run --discover --interval auto --cpu-budget 10\n"
                "  kscan run --qmp /run/vm7/qmp.sock --interval 5 --on-tamper pause\n"
                "  kscan run --discover --on-tamper 'exec:/usr/local/bin/page-oncall --sev 1'\n"
-               "  kscan run --discover | jq -c 'select(.event == \"tamper\")'",
+               "  kscan run --discover | jq -c 'select(.event == \"tamper\")'\n"
+               "  kscan run --libvirt --connect qemu:///system --on-tamper pause",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--qmp", action="append", metavar="SOCK",
@@ -379,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", action="append", metavar="DIR",
                    help="watch a recorded VM, or a glob of them (tools/record.py; for "
                         "benchmarks and tests)")
+    p.add_argument("--libvirt", action="store_true",
+                   help="watch every running libvirt domain, following lifecycle events "
+                        "(started domains are picked up, stopped ones reported)")
+    p.add_argument("--connect", default=DEFAULT_URI, metavar="URI",
+                   help=f"libvirt connection URI (default {DEFAULT_URI})")
     p.add_argument("--interval", type=_interval, default="auto", metavar="auto|SECONDS",
                    help="per-VM scan interval; auto adapts under --cpu-budget (default auto)")
     p.add_argument("--cpu-budget", type=_percent, default=10.0, metavar="PERCENT",
@@ -403,6 +432,26 @@ def build_parser() -> argparse.ArgumentParser:
     _db_arg(p)
     p.set_defaults(func=cmd_run)
     return ap
+
+
+def _libvirt_args(p: argparse.ArgumentParser, group: argparse._MutuallyExclusiveGroup) -> None:
+    group.add_argument("--libvirt", metavar="DOMAIN",
+                       help="a libvirt domain, by name or UUID (needs kscan[libvirt])")
+    p.add_argument("--connect", default=DEFAULT_URI, metavar="URI",
+                   help=f"libvirt connection URI for --libvirt (default {DEFAULT_URI})")
+
+
+def _libvirt_source(args: argparse.Namespace) -> VmSource | None:
+    """The --libvirt DOMAIN of a one-VM command, as a source (None without it)."""
+    from scanner.vm import SourceKind, VmSource
+
+    name = getattr(args, "libvirt", None)
+    if not name:
+        return None
+    from scanner.qemu.libvirt_domain import binding
+
+    binding()  # fail now, in one line, if the extra is not installed
+    return VmSource(SourceKind.LIBVIRT, name, args.connect)
 
 
 def _db_arg(p: argparse.ArgumentParser) -> None:

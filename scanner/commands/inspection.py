@@ -16,7 +16,7 @@ from scanner.check.locate import LiveKernel, locate_kernel
 from scanner.errors import ProfileError, VmStateError
 from scanner.image.kernel_profile import KernelProfile
 from scanner.qemu.hmp import VcpuState
-from scanner.vm import AttachedVm
+from scanner.vm import AttachedVm, SourceKind, VmSource
 from translate import RamRange, Run, TranslationError
 from translate.x86 import CR0_WP, CR4_LA57, CR4_SMAP, CR4_SMEP
 
@@ -142,9 +142,17 @@ def kernel_text(k: dict[str, Any]) -> list[str]:
     return lines
 
 
-async def inspect_vm(socket: str | os.PathLike[str], db: str | None = None) -> InspectReport:
+async def inspect_vm(socket: str | os.PathLike[str] | VmSource,
+                     db: str | None = None) -> InspectReport:
+    """Inspect a VM by QMP socket, or a `VmSource` (a libvirt domain)."""
     profiles = await _profiles_of(db) if db is not None else None
-    async with await AttachedVm.attach(socket) as vm:
+    if isinstance(socket, VmSource) and socket.kind is SourceKind.LIBVIRT:
+        from scanner.vm.domain import attach_domain
+
+        attached = await attach_domain(socket.path, socket.connect or "qemu:///system")
+    else:
+        attached = await AttachedVm.attach(str(socket))
+    async with attached as vm:
         status = (await vm.run_state()).status
         v0 = vm.vcpus[0]
         size = v0.idtr_limit + 1

@@ -174,10 +174,15 @@ class QmpVm:
             raise QmpError(f"connection lost: {err or type(err).__name__}", socket=self.socket,
                            command=cmd, hint="the VM may have exited") from err
 
-    async def hmp(self, command_line: str, timeout: float = COMMAND_TIMEOUT) -> str:
+    async def hmp(self, command_line: str, timeout: float = COMMAND_TIMEOUT,
+                  cpu_index: int | None = None) -> str:
+        """An HMP command; `cpu_index` selects the vCPU for this command only (HMP `cpu N`
+        does not persist between `human-monitor-command` calls)."""
+        args: dict[str, Any] = {"command-line": command_line}
+        if cpu_index is not None:
+            args["cpu-index"] = cpu_index
         async with self._lock:
-            out = await self.execute("human-monitor-command",
-                                     {"command-line": command_line}, timeout)
+            out = await self.execute("human-monitor-command", args, timeout)
         if not isinstance(out, str):
             raise QmpError("human-monitor-command returned no text", socket=self.socket,
                            command=command_line)
@@ -263,12 +268,7 @@ class QmpVm:
 
     async def gva2gpa(self, va: int, cpu: int = 0) -> int | None:
         """QEMU's own translation (HMP gva2gpa) — kscan's test oracle."""
-        if cpu:
-            await self.hmp(f"cpu {cpu}")
-        text = await self.hmp(f"gva2gpa {va:#x}")
-        if cpu:
-            await self.hmp("cpu 0")
-        text = text.strip()
+        text = (await self.hmp(f"gva2gpa {va:#x}", cpu_index=cpu)).strip()
         if text.startswith("gpa:"):
             return int(text.split(":", 1)[1].strip(), 16)
         return None

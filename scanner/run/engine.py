@@ -32,6 +32,7 @@ from scanner.image.kernel_profile import KernelProfile
 from scanner.qemu.discover import expand_sockets, find_qemu_processes
 from scanner.run.actions import Action, ActionKind
 from scanner.run.events import EventSink
+from scanner.run.libvirt_fleet import LibvirtFleet
 from scanner.run.scheduler import Policy, Scheduler
 from scanner.run.watcher import VmWatcher, WatchState
 from scanner.vm import SourceKind, VmHandle, VmSource, open_vm
@@ -59,6 +60,7 @@ class RunConfig:
     discover_every: float = 2.0
     stats_every: float = 60.0
     strict: bool = False
+    libvirt: str | None = None  # watch every running domain of this libvirt URI
 
 
 class Engine:
@@ -85,6 +87,9 @@ class Engine:
         #: than the worker threads anyway.
         self._slow_slots = asyncio.Semaphore(max(1, cfg.workers))
         self.scans = 0
+        self.fleet: LibvirtFleet | None = None
+        if cfg.libvirt:
+            self.fleet = LibvirtFleet(cfg.libvirt, sink, self.forget)
 
     # -- the watchers' context (scanner.run.context.WatchContext) -----------------------
     async def emit(self, event: str, vm: str | None, **fields: Any) -> dict[str, Any]:
@@ -136,16 +141,23 @@ class Engine:
                              on_tamper=self.action.describe(), strict=self.strict,
                              forensics_dir=str(self.forensics_dir),
                              sources={"qmp": list(self.cfg.qmp), "discover": self.cfg.discover,
-                                      "replay": list(self.cfg.replay)})
+                                      "replay": list(self.cfg.replay),
+                                      "libvirt": self.cfg.libvirt})
         try:
+            if self.fleet is not None:
+                await self.fleet.start()
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._discovery(tg), name="discovery"),
                          tg.create_task(self._stats(), name="stats"),
                          tg.create_task(self._reconcile(), name="reconcile")]
+                if self.fleet is not None:
+                    tasks.append(tg.create_task(self.fleet.follow(), name="libvirt"))
                 await stop.wait()
                 for t in [*tasks, *self._tasks]:
                     t.cancel()
         finally:
+            if self.fleet is not None:
+                await self.fleet.close()
             self.pool.shutdown(wait=True, cancel_futures=True)
             await self.sink.emit("kscan_stopped", None, scans=self.scans)
 
@@ -179,10 +191,21 @@ class Engine:
                 out.append(VmSource(SourceKind.DISCOVER, os.path.abspath(p.qmp)))
         out.extend(VmSource(SourceKind.REPLAY, d)
                    for d in sorted(expand_sockets(self.cfg.replay)))
+        if self.fleet is not None:
+            out.extend(self.fleet.sources())
         return out
 
     async def _open(self, src: VmSource) -> VmHandle:
+        if src.kind is SourceKind.LIBVIRT and self.fleet is not None:
+            return await self.fleet.open(src.path)  # on the fleet's connection
         return await open_vm(src)
+
+    def forget(self, source: str) -> bool:
+        """Stop watching a source at once (its VM is gone); True if it was watched."""
+        for t in self._tasks:
+            if t.get_name() == f"vm:{source}":
+                t.cancel()
+        return self.watchers.pop(source, False) is not False
 
     async def _watch(self, src: VmSource) -> None:
         source = src.path

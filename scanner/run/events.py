@@ -40,12 +40,15 @@ class EventSink:
         self.dropped = 0
         self.written = 0
         self._task: asyncio.Task[None] | None = None
+        #: Fields added to every event of a VM, by VM name (a libvirt domain's uuid).
+        self.labels: dict[str, dict[str, Any]] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._writer(), name="events")
 
     async def emit(self, event: str, vm: str | None, **fields: Any) -> dict[str, Any]:
-        ev = {"ts": time.time(), "event": event, "vm": vm, **fields}
+        extra = self.labels.get(vm, {}) if vm is not None else {}
+        ev = {"ts": time.time(), "event": event, "vm": vm, **extra, **fields}
         if event in DROPPABLE:
             try:
                 self._queue.put_nowait(ev)

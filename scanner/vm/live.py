@@ -1,7 +1,8 @@
 """A live VM: QMP session + read-only guest memory + the vCPUs' registers.
 
 `AttachedVm.attach(socket)` asks QEMU (over QMP) where the guest's RAM lives and what
-its vCPUs' control registers are, and maps the memory-backend files read-only.
+its vCPUs' control registers are, and maps the memory-backend files read-only
+(`scanner.vm.domain` attaches a libvirt domain the same way, through libvirt).
 Everything later stages read about a live guest comes through here; it implements
 the `VmHandle` protocol (`scanner.vm.handle`), as replayed VMs do.
 """
@@ -30,6 +31,7 @@ class AttachedVm:
         self.layout = layout
         self.mem = mem
         self.vcpus = vcpus
+        self.uuid: str | None = None  # a libvirt domain's UUID (scanner.vm.domain)
 
     @classmethod
     async def attach(cls, socket: str | os.PathLike[str]) -> AttachedVm:

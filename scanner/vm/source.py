@@ -1,5 +1,6 @@
 """Where a VM comes from: a QMP socket (given, or found by discovery) or a replay directory.
 
+A libvirt domain is a source too (`SourceKind.LIBVIRT`: its name and connection URI).
 A typed source instead of string prefixes: `VmSource.parse("replay:DIR")` is the one
 place that reads the command-line spelling, and `open_vm` the one place that turns a
 source into a `VmHandle`.
@@ -24,12 +25,14 @@ class SourceKind(enum.StrEnum):
     QMP = "qmp"  # a QMP socket named on the command line (or matched by a glob)
     DISCOVER = "discover"  # a QMP socket found on a QEMU process's command line
     REPLAY = "replay"  # a recorded VM (see scanner.vm.replay)
+    LIBVIRT = "libvirt"  # a libvirt domain, by name (path) on connection URI (connect)
 
 
 @dataclass(frozen=True)
 class VmSource:
     kind: SourceKind
     path: str
+    connect: str = ""  # LIBVIRT: the libvirt connection URI (default qemu:///system)
 
     @classmethod
     def parse(cls, text: str | os.PathLike[str]) -> VmSource:
@@ -48,4 +51,8 @@ async def open_vm(source: VmSource | str | os.PathLike[str]) -> VmHandle:
     src = source if isinstance(source, VmSource) else VmSource.parse(source)
     if src.kind is SourceKind.REPLAY:
         return await ReplayVm.open(src.path)
+    if src.kind is SourceKind.LIBVIRT:
+        from scanner.vm.domain import attach_domain
+
+        return await attach_domain(src.path, src.connect or "qemu:///system")
     return await AttachedVm.attach(src.path)
