@@ -96,6 +96,9 @@ class Memdev:
 class QmpVm:
     """An open QMP session with one QEMU. Use `async with await QmpVm.connect(...)`."""
 
+    #: RESET events seen (0 where events are not delivered, as through libvirt).
+    resets = 0
+
     def __init__(self, socket: str, client: QMPClient) -> None:
         self.socket = socket
         self._client = client
