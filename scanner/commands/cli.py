@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from scanner.vm import VmSource
 
 EXIT_OK, EXIT_TAMPERED, EXIT_ERROR = 0, 1, 2
+STRICT_HELP = ("treat the kernel's own verified run-time patching (ftrace, jump labels, "
+               "static calls, kprobes) as tampering too: for hardened VMs where tracing "
+               "itself is suspicious")
 
 
 class UsageError(KscanError):
@@ -330,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hash the protected regions (.text, .rodata, __ex_table, IDT) of VMs "
         "you declare verified (known-good), normalized for KASLR, and store them as the "
         "golden baseline of their kernel build and boot profile (CPU model, features, "
-        "vCPU count). Run it on a second verified VM of the same kernel to merge: "
+        "page-table isolation; not the vCPU count). Run it on a second verified VM of the same kernel to merge: "
         ".rodata pages that differ between verified boots become per-boot pages.",
         epilog="examples:\n  kscan baseline --qmp /run/golden1/qmp.sock\n"
                "  kscan baseline --qmp /run/golden1/qmp.sock --qmp /run/golden2/qmp.sock",
@@ -359,9 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     _libvirt_args(p, src)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--strict", action="store_true",
-                   help="treat the kernel's own verified patching (ftrace, jump labels, static "
-                        "calls, kprobes, lock prefixes) as tampering too: for hardened VMs "
-                        "where tracing itself is suspicious")
+                   help=STRICT_HELP)
     _db_arg(p)
     p.set_defaults(func=cmd_check)
 
@@ -425,9 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
                    help="stop after this long (default: run until stopped)")
     p.add_argument("--strict", action="store_true",
-                   help="treat the kernel's own verified patching (ftrace, jump labels, static "
-                        "calls, kprobes, lock prefixes) as tampering too: for hardened VMs "
-                        "where tracing itself is suspicious")
+                   help=STRICT_HELP)
     p.add_argument("-v", "--verbose", action="store_true")
     _db_arg(p)
     p.set_defaults(func=cmd_run)

@@ -9,10 +9,10 @@ anonymous RAM copied from /proc/PID/mem (`translate.procmem`).
 
 from __future__ import annotations
 
-from scanner.errors import VmStateError
 from scanner.qemu.hostmem import process_layout
 from scanner.qemu.libvirt_domain import DEFAULT_URI, LibvirtHost, LibvirtMonitor
 from scanner.vm.live import AttachedVm
+from translate import GuestMemory, RamRange
 from translate.procmem import HostMemory
 
 __all__ = ["attach_domain", "attach_monitor"]
@@ -20,22 +20,11 @@ __all__ = ["attach_domain", "attach_monitor"]
 
 async def attach_monitor(mon: LibvirtMonitor) -> AttachedVm:
     """Attach to the domain behind an open monitor (closed on failure)."""
-    name = mon.domain
-    try:
-        pid = mon.pid()
-        layout = await process_layout(mon, pid, vm=name)
-        mem = HostMemory(layout, name=name)
-        try:
-            vcpus = await mon.vcpus()
-            if not vcpus:
-                raise VmStateError("QEMU reports no vCPUs", vm=name)
-        except BaseException:
-            mem.close()
-            raise
-    except BaseException:
-        await mon.close()
-        raise
-    vm = AttachedVm(mon, name, layout, mem, vcpus)
+    async def memory(name: str) -> tuple[list[RamRange], GuestMemory]:
+        layout = await process_layout(mon, mon.pid(), vm=name)
+        return layout, HostMemory(layout, name=name)
+
+    vm = await AttachedVm.on_monitor(mon, memory, name=mon.domain)
     vm.uuid = mon.uuid
     return vm
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 
 from scanner.errors import VmStateError
 from scanner.qemu.hmp import VcpuState
@@ -18,7 +19,10 @@ from scanner.qemu.qmp import QmpVm, RunState
 from scanner.vm.bootprofile import BootProfile, read_boot_profile
 from translate import GuestMemory, PageWalker, RamRange, kernel_walker
 
-__all__ = ["AttachedVm"]
+__all__ = ["AttachedVm", "MemoryOpener"]
+
+#: Opens a VM's guest memory by VM name: its RAM layout and the mapped memory.
+MemoryOpener = Callable[[str], Awaitable[tuple[list[RamRange], GuestMemory]]]
 
 
 class AttachedVm:
@@ -35,22 +39,34 @@ class AttachedVm:
 
     @classmethod
     async def attach(cls, socket: str | os.PathLike[str]) -> AttachedVm:
+        """Attach over a QMP socket; guest RAM from its memory-backend files."""
         qmp = await QmpVm.connect(socket)
-        try:
-            name = await qmp.name()
+
+        async def memory(name: str) -> tuple[list[RamRange], GuestMemory]:
             layout = await qmp.ram_layout(vm=name)
-            mem = GuestMemory(layout, name=name)
+            return layout, GuestMemory(layout, name=name)
+
+        return await cls.on_monitor(qmp, memory)
+
+    @classmethod
+    async def on_monitor(cls, qmp: QmpVm, memory: MemoryOpener,
+                         name: str | None = None) -> AttachedVm:
+        """Attach over an open monitor: its name (unless given), guest memory from
+        `memory(name)`, the vCPUs. The monitor and memory are closed on any failure."""
+        try:
+            vm_name = name if name is not None else await qmp.name()
+            layout, mem = await memory(vm_name)
             try:
                 vcpus = await qmp.vcpus()
                 if not vcpus:
-                    raise VmStateError("QEMU reports no vCPUs", vm=name)
+                    raise VmStateError("QEMU reports no vCPUs", vm=vm_name)
             except BaseException:
                 mem.close()
                 raise
         except BaseException:
             await qmp.close()
             raise
-        return cls(qmp, name, layout, mem, vcpus)
+        return cls(qmp, vm_name, layout, mem, vcpus)
 
     async def refresh_vcpus(self) -> list[VcpuState]:
         self.vcpus = await self.qmp.vcpus()
