@@ -333,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hash the protected regions (.text, .rodata, __ex_table, IDT) of VMs "
         "you declare verified (known-good), normalized for KASLR, and store them as the "
         "golden baseline of their kernel build and boot profile (CPU model, features, "
-        "page-table isolation; not the vCPU count). Run it on a second verified VM of the same kernel to merge: "
-        ".rodata pages that differ between verified boots become per-boot pages.",
+        "page-table isolation; not the vCPU count). Run it on a second verified VM of "
+        "the same kernel to merge: .rodata pages that differ between verified boots "
+        "become per-boot pages.",
         epilog="examples:\n  kscan baseline --qmp /run/golden1/qmp.sock\n"
                "  kscan baseline --qmp /run/golden1/qmp.sock --qmp /run/golden2/qmp.sock",
         formatter_class=argparse.RawDescriptionHelpFormatter,
