@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf.common import OUT, emit, interleaved, kscan, live_guests, log, machine, run  # noqa: E402
-from scanner.check.fastpath import fast_scan, make_reference  # noqa: E402
-from scanner.examine import check_examined, examine, golden_for, load_profiles  # noqa: E402
-from scanner.vm import AttachedVm  # noqa: E402
-from store import Store  # noqa: E402
-from tools.guests import Guest, ensure_kernel  # noqa: E402
+from perf.common import OUT, emit, interleaved, kscan, live_guests, log, machine, run
+from scanner.check.fastpath import fast_scan, make_reference
+from scanner.examine import check_examined, examine, golden_for, load_profiles
+from scanner.vm import AttachedVm
+from store import Store
+from tools.guests import Guest, ensure_kernel
 
 
 async def measure(g: Guest, db: str, rounds: int) -> dict[str, float]:
