@@ -43,6 +43,7 @@ def test_imported_baseline_checks_another_host(guests: GuestPool, tmp_path: Path
     t_export = time.monotonic() - t0
     assert res.returncode == 0, res.stderr
     assert "1 profile(s), 1 golden baseline(s)" in res.stdout
+    print(res.stdout.splitlines()[0])
 
     # Host B: a fresh database, only the bundle and the public key.
     t0 = time.monotonic()
@@ -50,6 +51,7 @@ def test_imported_baseline_checks_another_host(guests: GuestPool, tmp_path: Path
     t_import = time.monotonic() - t0
     assert res.returncode == 0, res.stderr
     assert "profiles 1 added" in res.stdout and "golden baselines 1 added" in res.stdout
+    print(res.stdout.splitlines()[0])
     print(f"bundle {bundle.stat().st_size} B; export {t_export:.2f} s, import "
           f"{t_import:.2f} s (wall, whole process)")
 
