@@ -15,7 +15,9 @@ message from them; `hint` says what the operator should do next. The CLI prints
     │   └── BaselineMissing                    no golden baseline for its kernel + CPU
     ├── scanner.errors.KernelImageError        bzImage/vmlinux cannot be read
     ├── scanner.errors.ProfileError            no profile matches / slide not found
-    └── store.errors.StoreError                database cannot be opened / migrated
+    ├── store.errors.StoreError                database cannot be opened / migrated
+    ├── store.errors.BundleError               a baseline bundle is refused (bad, unsigned)
+    └── store.errors.KeyFileError              an Ed25519 key file cannot be used
 """
 
 from __future__ import annotations

@@ -15,21 +15,38 @@ The file is private (0600, directory 0700), in WAL mode so several kscan process
 share it, versioned with `PRAGMA user_version` and migrated forward on open. The event
 log is append-only, enforced by SQLite triggers. Failures raise `StoreError`.
 
+Baselines travel between hosts as signed bundles (`store.bundle`: one file of profiles
+and golden baselines, Ed25519-signed, verified and bounded before anything is believed;
+`Store.import_records` merges one in a single transaction).
+
 Modules: `db` (Store), `models` (records), `schema` (migrations), `codec` (JSON with
-bytes), `paths` (XDG default path, private file creation), `errors`.
+bytes), `paths` (XDG default path, private file creation), `bundle` (signed bundles),
+`errors`.
 """
 
 from store.db import Store
-from store.errors import SchemaError, StoreError
-from store.models import EventRow, GoldenInfo, GoldenRegion, ProfileInfo, ProfileRow
+from store.errors import BundleError, KeyFileError, SchemaError, StoreError
+from store.models import (
+    EventRow,
+    GoldenInfo,
+    GoldenRecord,
+    GoldenRegion,
+    ImportOutcome,
+    ProfileInfo,
+    ProfileRow,
+)
 from store.paths import default_db_path
 from store.schema import SCHEMA_VERSION
 
 __all__ = [
     "SCHEMA_VERSION",
+    "BundleError",
     "EventRow",
     "GoldenInfo",
+    "GoldenRecord",
     "GoldenRegion",
+    "ImportOutcome",
+    "KeyFileError",
     "ProfileInfo",
     "ProfileRow",
     "SchemaError",

@@ -27,7 +27,7 @@ import enum
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,15 @@ import aiosqlite
 
 from store import codec, schema
 from store.errors import SchemaError, StoreError
-from store.models import EventRow, GoldenInfo, GoldenRegion, ProfileInfo, ProfileRow
+from store.models import (
+    EventRow,
+    GoldenInfo,
+    GoldenRecord,
+    GoldenRegion,
+    ImportOutcome,
+    ProfileInfo,
+    ProfileRow,
+)
 from store.paths import default_db_path, prepare_db_file
 
 __all__ = ["Store"]
@@ -328,6 +336,18 @@ class Store:
         `build_id` must be stored first (StoreError otherwise). Arguments are checked
         before anything is written.
         """
+        region_params, content_params = self._golden_params(
+            build_id, boot_profile, source_vm, regions, contents)
+        async with self._writing("put_golden") as conn:
+            await self._write_golden(conn, (build_id, boot_profile), source_vm,
+                                     time.time(), region_params, content_params)
+
+    @staticmethod
+    def _golden_params(build_id: str, boot_profile: str, source_vm: str,
+                       regions: Mapping[str, GoldenRegion],
+                       contents: Mapping[str, bytes] | None,
+                       ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Check a golden baseline's fields; its golden_region and golden_content rows."""
         _check_str("build_id", build_id)
         _check_str("boot_profile", boot_profile, empty_ok=True)
         _check_str("source_vm", source_vm, empty_ok=True)
@@ -355,37 +375,44 @@ class Store:
                     raise TypeError(f"contents[{name!r}] must be bytes, "
                                     f"got {type(data).__name__}")
                 content_params.append((build_id, boot_profile, name, data))
-        async with self._writing("put_golden") as conn:
-            key = (build_id, boot_profile)
-            for table in ("golden_content", "golden_region", "golden"):
-                await conn.execute(f"DELETE FROM {table} WHERE build_id = ?"
-                                   " AND boot_profile = ?", key)
-            await conn.execute("INSERT INTO golden (build_id, boot_profile, source_vm,"
-                               " created_at) VALUES (?, ?, ?, ?)",
-                               (*key, source_vm, time.time()))
+        return params, content_params
+
+    @staticmethod
+    async def _write_golden(conn: aiosqlite.Connection, key: tuple[str, str], source_vm: str,
+                            created_at: float, region_params: list[tuple[Any, ...]],
+                            content_params: list[tuple[Any, ...]]) -> None:
+        """Replace the golden baseline `key`, inside the caller's transaction."""
+        for table in ("golden_content", "golden_region", "golden"):
+            await conn.execute(f"DELETE FROM {table} WHERE build_id = ?"
+                               " AND boot_profile = ?", key)
+        await conn.execute("INSERT INTO golden (build_id, boot_profile, source_vm,"
+                           " created_at) VALUES (?, ?, ?, ?)", (*key, source_vm, created_at))
+        await conn.executemany(
+            "INSERT INTO golden_region (build_id, boot_profile, name, size, region_hash,"
+            " page_hashes, per_boot, boots, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            region_params)
+        if content_params:
             await conn.executemany(
-                "INSERT INTO golden_region (build_id, boot_profile, name, size, region_hash,"
-                " page_hashes, per_boot, boots, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                params)
-            if content_params:
-                await conn.executemany(
-                    "INSERT INTO golden_content (build_id, boot_profile, name, data)"
-                    " VALUES (?, ?, ?, ?)", content_params)
+                "INSERT INTO golden_content (build_id, boot_profile, name, data)"
+                " VALUES (?, ?, ?, ?)", content_params)
 
     async def get_golden(self, build_id: str,
                          boot_profile: str) -> dict[str, GoldenRegion] | None:
         """The regions of the golden baseline, by region name; None if there is none."""
         async with self._reading("get_golden") as conn:
-            rows = await conn.execute_fetchall(
-                "SELECT name, size, region_hash, page_hashes, per_boot, boots, meta"
-                " FROM golden_region WHERE build_id = ? AND boot_profile = ?"
-                " ORDER BY name", (build_id, boot_profile))
-        regions = {
-            str(r[0]): GoldenRegion(size=int(r[1]), region_hash=bytes(r[2]),
-                                    page_hashes=bytes(r[3]), per_boot=bytes(r[4]),
-                                    boots=int(r[5]), meta=codec.decode(r[6]))
-            for r in rows}
+            regions = await _golden_regions(conn, build_id, boot_profile)
         return regions or None
+
+    async def get_golden_record(self, build_id: str, boot_profile: str) -> GoldenRecord | None:
+        """The whole golden baseline — regions, contents, source VM, time — read in one
+        snapshot (never half of an old baseline and half of a new one); None if none."""
+        async with self._reading("get_golden_record") as conn:
+            try:
+                await conn.execute("BEGIN")
+                return await _golden_record(conn, build_id, boot_profile)
+            finally:
+                with suppress(sqlite3.Error):
+                    await conn.execute("ROLLBACK")
 
     async def get_golden_content(self, build_id: str, boot_profile: str,
                                  name: str) -> bytes | None:
@@ -452,26 +479,92 @@ class Store:
 
     async def append_event(self, event: Mapping[str, Any]) -> int:
         """Append an event (needs `ts` float, `event` str, `vm` str); return its id."""
-        ts = event.get("ts")
-        if isinstance(ts, bool) or not isinstance(ts, int | float):
-            raise TypeError(f"event['ts'] must be a float (Unix time), got {ts!r}")
-        if not math.isfinite(ts):
-            raise ValueError(f"event['ts'] must be finite, got {ts!r}")
-        kind, vm = event.get("event"), event.get("vm")
-        _check_str("event['event']", kind)
-        _check_str("event['vm']", vm, empty_ok=True)
-        detail = {k: v for k, v in event.items() if k not in ("ts", "event", "vm")}
-        text = codec.encode(detail, "event")
+        row = _event_row(event)
         async with self._writing("append_event") as conn:
-            cur = await conn.execute(
-                "INSERT INTO event (ts, event, vm, detail) VALUES (?, ?, ?, ?)",
-                (float(ts), kind, vm, text))
-            row_id = cur.lastrowid
-            await cur.close()
+            row_id = await self._insert_event(conn, row, "append_event")
+        return row_id
+
+    async def _insert_event(self, conn: aiosqlite.Connection,
+                            row: tuple[float, str, str, str], operation: str) -> int:
+        cur = await conn.execute(
+            "INSERT INTO event (ts, event, vm, detail) VALUES (?, ?, ?, ?)", row)
+        row_id = cur.lastrowid
+        await cur.close()
         if row_id is None:   # pragma: no cover - SQLite always sets it after an INSERT
             raise StoreError("INSERT gave no row id", path=str(self._path),
-                             operation="append_event")
+                             operation=operation)
         return row_id
+
+    # ------------------------------------------------------------------ import
+
+    async def import_records(self, profiles: Sequence[tuple[ProfileRow, bool]],
+                             goldens: Sequence[GoldenRecord], *, replace_golden: bool,
+                             event: Mapping[str, Any]) -> ImportOutcome:
+        """Merge records from elsewhere (a verified baseline bundle) in ONE transaction,
+        with `event` (its `ts`, `event`, `vm` as for `append_event`) appended to the event
+        log in that same transaction, its detail extended with `outcome`
+        (`ImportOutcome.to_json()`): all of it is written, or none.
+
+        `profiles`: (row, upgrade) pairs; a build id not stored is added; one stored is
+        kept, or replaced by `row` when `upgrade` (the caller judged it richer).
+        `goldens`: merged by (build id, boot profile): added when none is stored; left
+        alone when the stored one has the same hashes (`GoldenRecord.same_hashes`);
+        otherwise replaced if `replace_golden`, else the stored one is kept. The decisions
+        are taken inside the transaction, so a baseline written meanwhile by another
+        process is never overwritten unseen. Each golden's profile must be stored or
+        among `profiles` (StoreError otherwise, and nothing is written).
+        """
+        for row, _ in profiles:
+            if not isinstance(row, ProfileRow):
+                raise TypeError(f"profiles must hold ProfileRow, got {type(row).__name__}")
+        golden_params = [(g, self._golden_params(g.build_id, g.boot_profile, g.source_vm,
+                                                 g.regions, g.contents)) for g in goldens]
+        _event_row(event)   # checked before anything is written
+        p_added: list[str] = []
+        p_upgraded: list[str] = []
+        p_kept: list[str] = []
+        g_out: dict[str, list[tuple[str, str]]] = {
+            "added": [], "unchanged": [], "replaced": [], "kept_local": []}
+        async with self._writing("import_records") as conn:
+            for row, upgrade in profiles:
+                cur = await conn.execute(
+                    "INSERT INTO profile (build_id, release, version, data, added_at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (build_id) DO NOTHING",
+                    (row.build_id, row.release, row.version, row.data, time.time()))
+                added = cur.rowcount == 1
+                await cur.close()
+                if added:
+                    p_added.append(row.build_id)
+                elif upgrade:
+                    await conn.execute(
+                        "UPDATE profile SET data = ?, release = ?, version = ?"
+                        " WHERE build_id = ?",
+                        (row.data, row.release, row.version, row.build_id))
+                    p_upgraded.append(row.build_id)
+                else:
+                    p_kept.append(row.build_id)
+            for g, (region_params, content_params) in golden_params:
+                key = (g.build_id, g.boot_profile)
+                local = await _golden_record(conn, *key)
+                if local is None:
+                    verdict = "added"
+                elif local.same_hashes(g):
+                    g_out["unchanged"].append(key)
+                    continue
+                elif replace_golden:
+                    verdict = "replaced"
+                else:
+                    g_out["kept_local"].append(key)
+                    continue
+                await self._write_golden(conn, key, g.source_vm, g.created_at,
+                                         region_params, content_params)
+                g_out[verdict].append(key)
+            outcome = ImportOutcome(
+                tuple(p_added), tuple(p_upgraded), tuple(p_kept),
+                *(tuple(g_out[k]) for k in ("added", "unchanged", "replaced", "kept_local")))
+            await self._insert_event(conn, _event_row({**event, "outcome": outcome.to_json()}),
+                                     "import_records")
+        return outcome
 
     async def events(self, vm: str | None = None, since_id: int = 0,
                      limit: int = 1000) -> list[EventRow]:
@@ -493,6 +586,50 @@ class Store:
 async def _pragma_int(conn: aiosqlite.Connection, name: str) -> int:
     rows = list(await conn.execute_fetchall(f"PRAGMA {name}"))
     return int(rows[0][0])
+
+
+def _event_row(event: Mapping[str, Any]) -> tuple[float, str, str, str]:
+    """An event's (ts, event, vm, detail) columns; TypeError/ValueError if malformed."""
+    ts = event.get("ts")
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise TypeError(f"event['ts'] must be a float (Unix time), got {ts!r}")
+    if not math.isfinite(ts):
+        raise ValueError(f"event['ts'] must be finite, got {ts!r}")
+    kind, vm = event.get("event"), event.get("vm")
+    _check_str("event['event']", kind)
+    _check_str("event['vm']", vm, empty_ok=True)
+    assert isinstance(kind, str) and isinstance(vm, str)
+    detail = {k: v for k, v in event.items() if k not in ("ts", "event", "vm")}
+    return float(ts), kind, vm, codec.encode(detail, "event")
+
+
+async def _golden_regions(conn: aiosqlite.Connection, build_id: str,
+                          boot_profile: str) -> dict[str, GoldenRegion]:
+    rows = await conn.execute_fetchall(
+        "SELECT name, size, region_hash, page_hashes, per_boot, boots, meta"
+        " FROM golden_region WHERE build_id = ? AND boot_profile = ?"
+        " ORDER BY name", (build_id, boot_profile))
+    return {str(r[0]): GoldenRegion(size=int(r[1]), region_hash=bytes(r[2]),
+                                    page_hashes=bytes(r[3]), per_boot=bytes(r[4]),
+                                    boots=int(r[5]), meta=codec.decode(r[6]))
+            for r in rows}
+
+
+async def _golden_record(conn: aiosqlite.Connection, build_id: str,
+                         boot_profile: str) -> GoldenRecord | None:
+    """The golden baseline `(build_id, boot_profile)`, read with `conn` (the caller holds
+    the transaction that makes the reads one snapshot)."""
+    rows = list(await conn.execute_fetchall(
+        "SELECT source_vm, created_at FROM golden WHERE build_id = ? AND boot_profile = ?",
+        (build_id, boot_profile)))
+    if not rows:
+        return None
+    regions = await _golden_regions(conn, build_id, boot_profile)
+    contents = {str(r[0]): bytes(r[1]) for r in await conn.execute_fetchall(
+        "SELECT name, data FROM golden_content WHERE build_id = ? AND boot_profile = ?"
+        " ORDER BY name", (build_id, boot_profile))}
+    return GoldenRecord(build_id, boot_profile, str(rows[0][0]), float(rows[0][1]),
+                        regions, contents)
 
 
 def _profile_row(r: Any) -> ProfileRow:

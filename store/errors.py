@@ -1,8 +1,10 @@
 """Errors of the store: the database cannot be opened, migrated, read or written.
 
     KscanError
-    └── StoreError                 path, operation, sqlite_error (e.g. "SQLITE_NOTADB")
-        └── SchemaError            found / supported schema versions, foreign databases
+    ├── StoreError                 path, operation, sqlite_error (e.g. "SQLITE_NOTADB")
+    │   └── SchemaError            found / supported schema versions, foreign databases
+    ├── BundleError                a baseline bundle is refused (store.bundle): path, why
+    └── KeyFileError               a signing or trusted key file cannot be used: path, why
 
 Third-party errors (`sqlite3.Error`, which aiosqlite re-raises unchanged, and `OSError`
 from creating the file) are converted in exactly one place, `StoreError.from_exception`,
@@ -88,3 +90,20 @@ class SchemaError(StoreError):
         self.found = found
         self.supported = supported
         super().__init__(message, path=path, operation="open", hint=hint)
+
+
+class BundleError(KscanError):
+    """A baseline bundle (`store.bundle`) is refused: unreadable, malformed, over a limit,
+    signed by another key, or modified. Nothing has been written when it is raised."""
+
+    def __init__(self, message: str, *, path: str, hint: str = "") -> None:
+        self.path = path
+        super().__init__(f"bundle {path}: {message}", hint=hint)
+
+
+class KeyFileError(KscanError):
+    """An Ed25519 key file (PEM) cannot be used: missing, not PEM, another algorithm."""
+
+    def __init__(self, message: str, *, path: str, hint: str = "") -> None:
+        self.path = path
+        super().__init__(f"key {path}: {message}", hint=hint)

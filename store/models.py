@@ -18,7 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EventRow", "GoldenInfo", "GoldenRegion", "ProfileInfo", "ProfileRow"]
+__all__ = ["EventRow", "GoldenInfo", "GoldenRecord", "GoldenRegion", "ImportOutcome",
+           "ProfileInfo", "ProfileRow"]
 
 PAGE_SIZE = 4096
 REGION_HASH_SIZE = 16
@@ -147,3 +148,48 @@ class EventRow:
     def as_dict(self) -> dict[str, Any]:
         """The event as it was appended (without `id`)."""
         return {"ts": self.ts, "event": self.event, "vm": self.vm, **self.detail}
+
+
+@dataclass(frozen=True, slots=True)
+class GoldenRecord:
+    """A whole golden baseline as one record: what `Store.get_golden_record` reads in one
+    snapshot, what a baseline bundle carries, what `Store.import_records` writes."""
+
+    build_id: str
+    boot_profile: str
+    source_vm: str
+    created_at: float                   # Unix time
+    regions: dict[str, GoldenRegion]
+    contents: dict[str, bytes]          # region name → stored content (may be empty)
+
+    def same_hashes(self, other: GoldenRecord) -> bool:
+        """Whether both give every page the same verdict: the same regions with the same
+        size, hashes and per-boot pages (boot counts, metadata and contents aside)."""
+        if self.regions.keys() != other.regions.keys():
+            return False
+        return all((a.size, a.region_hash, a.page_hashes, a.per_boot)
+                   == (b.size, b.region_hash, b.page_hashes, b.per_boot)
+                   for a, b in ((r, other.regions[n]) for n, r in self.regions.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class ImportOutcome:
+    """What `Store.import_records` did with each record, by build id (profiles) or
+    (build id, boot profile) (golden baselines)."""
+
+    profiles_added: tuple[str, ...] = ()
+    profiles_upgraded: tuple[str, ...] = ()
+    profiles_kept: tuple[str, ...] = ()          # already stored, left as they were
+    golden_added: tuple[tuple[str, str], ...] = ()
+    golden_unchanged: tuple[tuple[str, str], ...] = ()   # the same hashes already stored
+    golden_replaced: tuple[tuple[str, str], ...] = ()    # a different one, replaced
+    golden_kept_local: tuple[tuple[str, str], ...] = ()  # a different one, kept
+
+    def to_json(self) -> dict[str, Any]:
+        return {"profiles": {"added": list(self.profiles_added),
+                             "upgraded": list(self.profiles_upgraded),
+                             "kept": list(self.profiles_kept)},
+                "golden": {k: [list(x) for x in v] for k, v in (
+                    ("added", self.golden_added), ("unchanged", self.golden_unchanged),
+                    ("replaced", self.golden_replaced),
+                    ("kept_local", self.golden_kept_local))}}

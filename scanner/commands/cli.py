@@ -221,6 +221,40 @@ async def cmd_accept(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- bundles
+
+
+async def cmd_export(args: argparse.Namespace) -> int:
+    from scanner.commands.bundles import export_bundle
+
+    res = await export_bundle(args.out, args.key, args.db, args.build_id or ())
+    print(f"wrote {res.path}: {len(res.profiles)} profile(s), {len(res.goldens)} golden "
+          f"baseline(s), {res.size} B, signed by key {res.key_id[:16]} "
+          f"({res.seconds:.1f} s)")
+    for g in res.goldens:
+        boots = max(r.boots for r in g.regions.values())
+        print(f"  {g.build_id}  boot profile {g.boot_profile}, {boots} verified boot(s), "
+              f"from {g.source_vm or '?'}")
+    return EXIT_OK
+
+
+async def cmd_import(args: argparse.Namespace) -> int:
+    from scanner.commands.bundles import import_bundle
+
+    res = await import_bundle(args.bundle, args.trust, args.db, replace=args.replace,
+                              richer=_knows_less)
+    o, b = res.outcome, res.bundle
+    print(f"imported {res.path} (signed by key {b.key_id[:16]}, {b.producer}): profiles "
+          f"{len(o.profiles_added)} added, {len(o.profiles_upgraded)} upgraded, "
+          f"{len(o.profiles_kept)} already stored; golden baselines {len(o.golden_added)} "
+          f"added, {len(o.golden_replaced)} replaced, {len(o.golden_unchanged)} already "
+          f"stored, {len(o.golden_kept_local)} kept local ({res.seconds:.1f} s)")
+    for build_id, key in o.golden_kept_local:
+        print(f"kscan: kept the local golden baseline of {build_id} boot profile {key}: it "
+              "differs from the bundle's (--replace takes the bundle's)", file=sys.stderr)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -382,6 +416,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", help="why (kept in the event log)")
     _db_arg(p)
     p.set_defaults(func=cmd_accept)
+
+    p = sub.add_parser(
+        "export", help="write profiles and golden baselines to one signed bundle file",
+        description="Write the stored kernel profiles and golden baselines (with their "
+        "boot profiles, per-boot pages, verified-boot counts and golden content) to one "
+        "file signed with an Ed25519 private key, for other hosts to `kscan import`.",
+        epilog="examples:\n  openssl genpkey -algorithm ed25519 -out kscan-sign.pem\n"
+               "  openssl pkey -in kscan-sign.pem -pubout -out kscan-sign.pub.pem\n"
+               "  kscan export --out debian-6.1.kbundle --key kscan-sign.pem",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", required=True, metavar="BUNDLE", help="the bundle file to write")
+    p.add_argument("--key", required=True, metavar="KEY.pem",
+                   help="Ed25519 private key, PEM (openssl genpkey -algorithm ed25519)")
+    p.add_argument("--build-id", action="append", metavar="ID",
+                   help="only this kernel build (repeatable; default: every stored one)")
+    _db_arg(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import", help="verify a signed bundle and merge its baselines into the database",
+        description="Verify a bundle made by `kscan export` with the signer's public key, "
+        "then add its profiles and golden baselines. Nothing is written unless the whole "
+        "bundle verifies. A golden baseline already stored for the same kernel and boot "
+        "profile is kept when it differs from the bundle's, unless --replace. Recorded in "
+        "the event log with the key's fingerprint.",
+        epilog="example:\n  kscan import debian-6.1.kbundle --trust kscan-sign.pub.pem",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("bundle", metavar="BUNDLE", help="a bundle written by kscan export")
+    p.add_argument("--trust", required=True, metavar="PUB.pem",
+                   help="the signer's Ed25519 public key, PEM (openssl pkey -pubout)")
+    p.add_argument("--replace", action="store_true",
+                   help="replace local golden baselines that differ from the bundle's")
+    _db_arg(p)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
         "run", help="watch VMs continuously; JSON-lines events on stdout",

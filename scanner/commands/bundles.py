@@ -1,0 +1,182 @@
+"""`kscan export` and `kscan import`: share verified baselines across a fleet.
+
+Export writes the stored kernel profiles and golden baselines (all, or those of the
+build ids asked for) into one bundle signed with an Ed25519 key (`store.bundle` has the
+format). Import verifies a bundle against one trusted public key before it opens the
+database, checks that what it carries is usable (every profile reads as a profile of
+its build id; every baseline's regions are the four kscan checks, with a page hash per
+page and content of the region's size), then merges it in one transaction:
+
+* profiles: a build id not stored is added; a stored one is kept, or upgraded when the
+  bundle's knows more (`richer`, e.g. the CLI's "stored by an older kscan" test);
+* golden baselines, by (build id, boot profile): added when there is none; left alone
+  when the stored one has the same hashes; a different local one is kept (reported),
+  unless `replace`;
+* an `imported` event with the bundle's key id and what was done, in the same
+  transaction.
+
+Importing the same bundle twice changes nothing the second time (but logs it again).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from kscan.errors import KscanError
+from scanner.check.locate import REGIONS
+from scanner.errors import KernelImageError
+from scanner.image.kernel_profile import KernelProfile
+from store import Store, default_db_path
+from store.bundle import (
+    Bundle,
+    encode_bundle,
+    key_id,
+    load_private_key,
+    load_public_key,
+    read_bundle_file,
+    write_bundle_file,
+)
+from store.errors import BundleError
+from store.models import GoldenRecord, ImportOutcome, ProfileRow
+
+__all__ = ["ExportResult", "ImportResult", "export_bundle", "import_bundle"]
+
+PAGE = 4096
+
+#: (stored profile, the bundle's) → whether the bundle's should replace the stored one.
+Richer = Callable[[KernelProfile, KernelProfile], bool]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: str
+    key_id: str
+    profiles: tuple[ProfileRow, ...]
+    goldens: tuple[GoldenRecord, ...]
+    size: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    path: str
+    bundle: Bundle
+    outcome: ImportOutcome
+    seconds: float
+
+
+async def export_bundle(out: str | os.PathLike[str], key_path: str | os.PathLike[str],
+                        db: str | None, build_ids: Sequence[str] = ()) -> ExportResult:
+    """Write the profiles and golden baselines of `build_ids` (all when empty) to `out`,
+    signed with the Ed25519 private key in `key_path`."""
+    t0 = time.perf_counter()
+    key = load_private_key(key_path)
+    db_path = Path(db) if db is not None else default_db_path()
+    if not db_path.exists():
+        raise KscanError(f"database {db_path} does not exist: nothing to export",
+                         hint="export on the host that made the baselines, or pass --db")
+    async with Store.open(db_path) as st:
+        stored = {p.build_id for p in await st.list_profiles()}
+        wanted = list(dict.fromkeys(build_ids)) if build_ids else sorted(stored)
+        unknown = [b for b in wanted if b not in stored]
+        if unknown:
+            raise KscanError(f"no stored profile with build id {', '.join(unknown)}",
+                             hint="`kscan profile list` shows the stored build ids")
+        if not wanted:
+            raise KscanError(f"database {db_path} holds no profiles: nothing to export",
+                             hint="add a kernel with `kscan profile add` and baseline it")
+        profiles = []
+        for b in wanted:
+            row = await st.get_profile(b)
+            if row is not None:
+                profiles.append(row)
+        goldens = []
+        for info in await st.list_golden():
+            if info.build_id in wanted:
+                rec = await st.get_golden_record(info.build_id, info.boot_profile)
+                if rec is not None:
+                    goldens.append(rec)
+        blob = encode_bundle(profiles, goldens, key)
+        write_bundle_file(out, blob)
+        kid = key_id(key)
+        await st.append_event({
+            "ts": time.time(), "event": "exported", "vm": "", "bundle": str(out),
+            "key_id": kid, "size": len(blob), "profiles": [p.build_id for p in profiles],
+            "golden": [[g.build_id, g.boot_profile] for g in goldens]})
+    return ExportResult(str(out), kid, tuple(profiles), tuple(goldens), len(blob),
+                        time.perf_counter() - t0)
+
+
+async def import_bundle(path: str | os.PathLike[str], trust_path: str | os.PathLike[str],
+                        db: str | None, *, replace: bool = False,
+                        richer: Richer | None = None) -> ImportResult:
+    """Verify the bundle at `path` with the Ed25519 public key in `trust_path`, check its
+    records, and merge them into the database (see the module doc). Raises BundleError
+    or KeyFileError, with the database untouched (not even created), if anything is
+    wrong with the bundle or the key."""
+    t0 = time.perf_counter()
+    where = str(path)
+    trusted = load_public_key(trust_path)
+    bundle = read_bundle_file(path, trusted)
+    new_profiles = {p.build_id: _usable_profile(p, where) for p in bundle.profiles}
+    for g in bundle.goldens:
+        _check_golden(g, where)
+    async with Store.open(db) as st:
+        pairs = []
+        for row in bundle.profiles:
+            upgrade = False
+            if richer is not None:
+                old = await st.get_profile(row.build_id)
+                if old is not None:
+                    try:
+                        upgrade = richer(KernelProfile.from_bytes(old.data),
+                                         new_profiles[row.build_id])
+                    except KernelImageError:
+                        upgrade = True   # the stored one does not even read: take ours
+            pairs.append((row, upgrade))
+        outcome = await st.import_records(
+            pairs, bundle.goldens, replace_golden=replace,
+            event={"ts": time.time(), "event": "imported", "vm": "", "bundle": where,
+                   "key_id": bundle.key_id, "bundle_created": bundle.created,
+                   "producer": bundle.producer, "replace": replace})
+    return ImportResult(where, bundle, outcome, time.perf_counter() - t0)
+
+
+def _usable_profile(row: ProfileRow, where: str) -> KernelProfile:
+    try:
+        prof = KernelProfile.from_bytes(row.data)
+    except KernelImageError as err:
+        raise BundleError(f"profile {row.build_id} cannot be read by this kscan "
+                          f"({err.message})", path=where,
+                          hint="export with a kscan no newer than this one") from err
+    if prof.build_id != row.build_id:
+        raise BundleError(f"profile filed under {row.build_id} is the profile of "
+                          f"{prof.build_id}", path=where)
+    return prof
+
+
+def _check_golden(g: GoldenRecord, where: str) -> None:
+    what = f"golden baseline {g.build_id} {g.boot_profile!r}"
+    unknown = sorted(set(g.regions) - set(REGIONS))
+    if unknown:
+        raise BundleError(f"{what}: unknown regions {', '.join(unknown)}", path=where)
+    for name, r in g.regions.items():
+        if r.pages != (r.size + PAGE - 1) // PAGE:
+            raise BundleError(f"{what}: {name} has {r.pages} page hashes for {r.size} bytes",
+                              path=where)
+        content = g.contents.get(name)
+        if content is None:
+            continue
+        try:
+            framed = zstandard.frame_content_size(content)
+        except zstandard.ZstdError:
+            framed = -1
+        if framed != r.size:
+            raise BundleError(f"{what}: the content of {name} is not a zstd frame of "
+                              f"{r.size} bytes", path=where)
