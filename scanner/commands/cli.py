@@ -18,6 +18,7 @@ import orjson
 
 from kscan import __version__
 from kscan.errors import KscanError
+from scanner.terminal import printable
 
 if TYPE_CHECKING:
     from scanner.check.verify import CheckReport
@@ -62,7 +63,7 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.to_json())
     else:
-        print(report.to_text())
+        print(printable(report.to_text(), keep_newlines=True, limit=0))
     return EXIT_OK
 
 
@@ -118,7 +119,7 @@ async def cmd_baseline(args: argparse.Namespace) -> int:
     for res in await baseline_vms(sources, args.db):
         vm, gb, key = res.vm, res.build, res.boot_profile
         per_boot = {n: r.per_boot_pages() for n, r in gb.regions.items()}
-        print(f"baseline of {vm}: "
+        print(f"baseline of {printable(vm)}: "
               f"boot profile {key}, {gb.boots} verified boot(s)")
         for name, r in gb.regions.items():
             pb = per_boot[name]
@@ -130,6 +131,9 @@ async def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _print_report_text(rep: CheckReport) -> None:
+    def print(text: str) -> None:  # noqa: A001 - every line escaped: VM names are the peer's
+        sys.stdout.write(printable(text) + "\n")
+
     verdict = "TAMPERED" if rep.tampered else "clean"
     print(f"{rep.vm}: {verdict}  (kernel {rep.release}, slide {rep.slide:#x}, "
           f"boot profile {rep.boot_profile})")
@@ -170,7 +174,7 @@ async def cmd_accept(args: argparse.Namespace) -> int:
 
     res = await accept_vm(args.qmp, args.db, args.note or "")
     rep, n = res.report, res.accepted_pages
-    print(f"{rep.vm}: accepted {n} changed page(s) as this VM's new baseline"
+    print(f"{printable(rep.vm)}: accepted {n} changed page(s) as this VM's new baseline"
           + ("" if n else " (nothing differed)") + "; recorded in the event log")
     return EXIT_OK
 
@@ -377,6 +381,16 @@ def run_async(coro_fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
     return uvloop.run(coro_fn(args))
 
 
+def _input_of(args: argparse.Namespace) -> str:
+    """The input a command was given, to name it in an error line."""
+    for attr, flag in (("qmp", "--qmp"), ("replay", "--replay"), ("path", "")):
+        value = getattr(args, attr, None)
+        if value:
+            value = ", ".join(value) if isinstance(value, list) else value
+            return f"{flag} {value}".strip()
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -385,10 +399,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("KSCAN_DEBUG") == "1":
             raise
         one_line = " ".join(str(err).split())  # third-party text may hold newlines
-        print(f"kscan: {one_line}", file=sys.stderr)
+        print(f"kscan: {printable(one_line)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except (Exception, MemoryError, RecursionError) as err:
+        # Not one of ours: a hostile input kscan did not foresee, or a bug. Exit 1 must
+        # only ever mean tampering, and no traceback reaches the user.
+        if os.environ.get("KSCAN_DEBUG") == "1":
+            raise
+        what = " ".join(f"{type(err).__name__}: {err}".split())
+        where = " ".join(filter(None, [args.command, getattr(args, "profile_command", None),
+                                       _input_of(args)]))
+        print(f"kscan: {printable(where)}: unexpected error: {printable(what, limit=300)} "
+              "(the input is malformed or this is a bug; KSCAN_DEBUG=1 shows the "
+              "traceback)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 
-from scanner.errors import VmStateError
+from scanner.errors import QmpError, VmStateError
 from scanner.qemu.hmp import VcpuState
 from scanner.qemu.qmp import QmpVm, RunState
 from scanner.vm.bootprofile import BootProfile, read_boot_profile
 from translate import GuestMemory, PageWalker, RamRange, kernel_walker
 
-__all__ = ["AttachedVm"]
+__all__ = ["ATTACH_TIMEOUT", "AttachedVm"]
+
+#: Attaching (connect, name, RAM layout, mapping, registers) must be done within this.
+ATTACH_TIMEOUT = 60.0
 
 
 class AttachedVm:
@@ -32,12 +35,34 @@ class AttachedVm:
         self.vcpus = vcpus
 
     @classmethod
-    async def attach(cls, socket: str | os.PathLike[str]) -> AttachedVm:
-        qmp = await QmpVm.connect(socket)
+    async def attach(cls, socket: str | os.PathLike[str], *, owner: int | None = None,
+                     timeout: float = ATTACH_TIMEOUT) -> AttachedVm:
+        """Attach within `timeout` seconds in all. With `owner` (a uid: discovery names
+        the QEMU process's), the socket and every memory file must belong to it."""
+        path = os.fspath(socket)
+        if owner is not None:
+            try:
+                uid = os.stat(path).st_uid
+            except OSError as err:
+                raise QmpError(f"cannot stat: {err.strerror}", socket=path) from err
+            if uid != owner:
+                raise QmpError(f"socket owned by uid {uid}, not by the QEMU process's "
+                               f"uid {owner}", socket=path,
+                               hint="kscan only talks to sockets of the VM's own user")
+        qmp = await QmpVm.connect(path)
+        try:
+            async with qmp.deadline("attach", timeout):
+                return await cls._attach(qmp, owner)
+        except BaseException:
+            await qmp.close()
+            raise
+
+    @classmethod
+    async def _attach(cls, qmp: QmpVm, owner: int | None) -> AttachedVm:
         try:
             name = await qmp.name()
             layout = await qmp.ram_layout(vm=name)
-            mem = GuestMemory(layout, name=name)
+            mem = GuestMemory(layout, name=name, owner=owner)
             try:
                 vcpus = await qmp.vcpus()
                 if not vcpus:

@@ -30,6 +30,8 @@ class SourceKind(enum.StrEnum):
 class VmSource:
     kind: SourceKind
     path: str
+    #: DISCOVER: the uid of the QEMU process; its socket and memory files must be its.
+    owner: int | None = None
 
     @classmethod
     def parse(cls, text: str | os.PathLike[str]) -> VmSource:
@@ -48,4 +50,4 @@ async def open_vm(source: VmSource | str | os.PathLike[str]) -> VmHandle:
     src = source if isinstance(source, VmSource) else VmSource.parse(source)
     if src.kind is SourceKind.REPLAY:
         return await ReplayVm.open(src.path)
-    return await AttachedVm.attach(src.path)
+    return await AttachedVm.attach(src.path, owner=src.owner)
