@@ -30,9 +30,7 @@ def printable(text: object, *, keep_newlines: bool = False, limit: int = MAX_CHA
         s = s[:limit] + f"... [{len(s) - limit} more characters]"
     out = []
     for ch in s:
-        if ch == "\n" and keep_newlines:
-            out.append(ch)
-        elif ch.isprintable() or ch == " ":
+        if (ch == "\n" and keep_newlines) or ch.isprintable():
             out.append(ch)
         elif unicodedata.category(ch) in ("Zs",):
             out.append(" ")

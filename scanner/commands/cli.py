@@ -131,7 +131,7 @@ async def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _print_report_text(rep: CheckReport) -> None:
-    def print(text: str) -> None:  # noqa: A001 - every line escaped: VM names are the peer's
+    def print(text: str) -> None:  # every line escaped: VM names are the peer's
         sys.stdout.write(printable(text) + "\n")
 
     verdict = "TAMPERED" if rep.tampered else "clean"
@@ -205,6 +205,27 @@ def _percent(text: str) -> float:
     return v
 
 
+def _uid(user: str) -> int:
+    import pwd
+
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        if user.isdigit():
+            return int(user)
+        raise UsageError(f"--discover-user {user!r}: no such user") from None
+
+
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number") from None
+    if not 0 <= v < 1e9:
+        raise argparse.ArgumentTypeError(f"{v:g}: must be 0 or more")
+    return v
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
@@ -228,7 +249,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(qmp=tuple(args.qmp or ()), discover=args.discover,
                     replay=tuple(args.replay or ()), policy=policy,
                     action=parse_action(args.on_tamper), forensics_dir=forensics,
-                    workers=args.workers, stats_every=args.stats_every)
+                    workers=args.workers, stats_every=args.stats_every,
+                    discover_uids=frozenset(_uid(u) for u in args.discover_user or ()),
+                    keep_days=args.keep_days, forensics_max_mb=args.forensics_max_mb)
     tune_malloc()
     stop = asyncio.Event()
     install_signal_handlers(stop)
@@ -341,7 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qmp", action="append", metavar="SOCK",
                    help="QMP socket or glob (repeatable); sockets appearing later are picked up")
     p.add_argument("--discover", action="store_true",
-                   help="also watch running QEMU processes found by their command line")
+                   help="also watch running QEMU processes (executable a QEMU binary, run "
+                        "by root or a --discover-user)")
+    p.add_argument("--discover-user", action="append", metavar="USER",
+                   help="with --discover, also watch QEMU processes of this user "
+                        "(repeatable); their sockets and memory files must be theirs")
     p.add_argument("--replay", action="append", metavar="DIR",
                    help="watch a recorded VM, or a glob of them (tools/record.py; for "
                         "benchmarks and tests)")
@@ -356,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "pause stops the VM; exec runs CMD with the event JSON on stdin")
     p.add_argument("--forensics-dir", metavar="DIR",
                    help="where forensic copies go (default: forensics/ beside the database)")
+    p.add_argument("--keep-days", type=_non_negative, default=0.0, metavar="DAYS",
+                   help="prune events older than this from the database's log, hourly; "
+                        "the last tamper of each VM is kept (default 0: keep all)")
+    p.add_argument("--forensics-max-mb", type=_non_negative, default=0.0, metavar="MIB",
+                   help="remove the oldest forensic copies beyond this size, hourly; the "
+                        "newest of each VM is kept (default 0: no cap)")
     p.add_argument("--workers", type=int, default=2, help="hashing threads (default 2)")
     p.add_argument("--stats-every", type=float, default=60.0, metavar="SECONDS",
                    help="emit a stats event this often (default 60)")
