@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import bz2
 import lzma
+import os
+import stat
 import struct
 import zlib
 from collections.abc import Callable
 from os import PathLike
-from pathlib import Path
 
 from scanner.errors import KernelImageError
 
@@ -45,6 +46,9 @@ __all__ = ["DEFAULT_MAX_OUTPUT", "detect_compression", "extract_vmlinux"]
 
 #: Default cap on the decompressed payload (a real x86-64 kernel is ~30-80 MiB).
 DEFAULT_MAX_OUTPUT = 512 << 20
+#: Cap on the image file read (a bzImage is ~10 MiB; a vmlinux with debug info can
+#: reach several hundred MiB).
+MAX_IMAGE_BYTES = 1 << 30
 
 ELF_MAGIC = b"\x7fELF"
 
@@ -114,16 +118,36 @@ def extract_vmlinux(path_or_bytes: str | PathLike[str] | bytes | bytearray | mem
         data = bytes(path_or_bytes)
     else:
         where = str(path_or_bytes)
-        try:
-            data = Path(path_or_bytes).read_bytes()
-        except OSError as err:
-            raise KernelImageError(f"cannot read kernel image: {err.strerror or err}",
-                                   path=where) from err
+        data = _read_image(where)
     if data[:4] == ELF_MAGIC:
         return data
     offset, length = _locate_payload(data, where)
     payload = memoryview(data)[offset:offset + length]
     return _decompress_payload(payload, where=where, base=offset, max_output=max_output)
+
+
+def _read_image(where: str) -> bytes:
+    """The file's bytes: a regular file of at most MAX_IMAGE_BYTES (no FIFO, no device:
+    `/dev/zero` would be read forever)."""
+    try:
+        with open(where, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise KernelImageError("not a regular file", path=where,
+                                       hint="pass a kernel image file (bzImage/vmlinuz "
+                                            "or vmlinux)")
+            if st.st_size > MAX_IMAGE_BYTES:
+                raise KernelImageError(
+                    f"file is {st.st_size:#x} bytes, more than a kernel image's "
+                    f"{MAX_IMAGE_BYTES:#x}", path=where)
+            data = f.read(MAX_IMAGE_BYTES + 1)
+    except OSError as err:
+        raise KernelImageError(f"cannot read kernel image: {err.strerror or err}",
+                               path=where) from err
+    if len(data) > MAX_IMAGE_BYTES:  # it grew while being read
+        raise KernelImageError(f"file grew past {MAX_IMAGE_BYTES:#x} bytes while read",
+                               path=where)
+    return data
 
 
 # --------------------------------------------------------------------------- bzImage
