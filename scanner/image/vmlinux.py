@@ -34,9 +34,7 @@ pyelftools and numpy errors are converted to `scanner.errors.KernelImageError` h
 from __future__ import annotations
 
 import io
-import os
 import re
-import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -51,7 +49,7 @@ from elftools.construct.core import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from scanner.errors import KernelImageError
-from scanner.image.kimage import DEFAULT_MAX_OUTPUT, extract_vmlinux
+from scanner.image.kimage import DEFAULT_MAX_OUTPUT, extract_vmlinux, read_regular_file
 from scanner.image.notes import find_build_id
 
 __all__ = [
@@ -412,18 +410,8 @@ def _try_layout(words: npt.NDArray[np.int32], zeros: npt.NDArray[np.intp], lists
 
 def _read_system_map(system_map: str | PathLike[str]) -> dict[str, int]:
     """Symbols from a System.map ("ADDR TYPE NAME" lines); {} for Debian's stub."""
-    try:
-        with open(system_map, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise KernelImageError("not a regular file", path=str(system_map))
-            raw = f.read(MAX_SYSTEM_MAP + 1)
-        if len(raw) > MAX_SYSTEM_MAP:
-            raise KernelImageError(f"System.map is larger than {MAX_SYSTEM_MAP:#x} bytes",
-                                   path=str(system_map))
-        text = raw.decode("utf-8", errors="replace")
-    except OSError as err:
-        raise KernelImageError(f"cannot read System.map: {err.strerror or err}",
-                               path=str(system_map)) from err
+    text = read_regular_file(str(system_map), MAX_SYSTEM_MAP, "System.map").decode(
+        "utf-8", errors="replace")
     symbols: dict[str, int] = {}
     for line in text.splitlines():
         parts = line.split()

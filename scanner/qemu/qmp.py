@@ -175,9 +175,11 @@ class QmpVm:
                            command=cmd, hint="the VM may have exited") from err
 
     @contextlib.asynccontextmanager
-    async def deadline(self, what: str, timeout: float = OPERATION_TIMEOUT
+    async def deadline(self, what: str, timeout: float | None = None
                        ) -> AsyncIterator[None]:
-        """One deadline over a whole operation of several commands."""
+        """One deadline over a whole operation of several commands (default
+        OPERATION_TIMEOUT)."""
+        timeout = OPERATION_TIMEOUT if timeout is None else timeout
         try:
             async with asyncio.timeout(timeout):
                 yield
@@ -285,7 +287,7 @@ class QmpVm:
             raise VmStateError(
                 f"memory backend {', '.join(private)} has share=off: the file does not see "
                 "the guest's writes", vm=vm, hint="add share=on to -object memory-backend-file")
-        return layout_from_flatview(await self.flatview(), files)
+        return layout_from_flatview(await self.flatview(), files, vm)
 
     async def gva2gpa(self, va: int, cpu: int = 0) -> int | None:
         """QEMU's own translation (HMP gva2gpa) — kscan's test oracle."""
@@ -329,7 +331,8 @@ class QmpVm:
         return words
 
 
-def layout_from_flatview(ranges: Sequence[FlatRange], files: dict[str, Memdev]) -> list[RamRange]:
+def layout_from_flatview(ranges: Sequence[FlatRange], files: dict[str, Memdev],
+                         vm: str | None = None) -> list[RamRange]:
     """Keep the flat-view ranges that belong to file backends; merge those that continue
     each other in both GPA and file offset."""
     out: list[RamRange] = []
@@ -339,7 +342,7 @@ def layout_from_flatview(ranges: Sequence[FlatRange], files: dict[str, Memdev]) 
             continue
         if fr.offset + fr.size > dev.size:
             raise VmStateError(f"flat view maps {fr.name}+{fr.offset:#x} past its size "
-                               f"{dev.size:#x}", vm=dev.id)
+                               f"{dev.size:#x}", vm=vm or dev.id)
         r = RamRange(fr.start, fr.size, dev.path, dev.offset + fr.offset)
         if out and out[-1].path == r.path and out[-1].end == r.gpa and \
                 out[-1].offset + out[-1].size == r.offset:

@@ -36,7 +36,7 @@ class AttachedVm:
 
     @classmethod
     async def attach(cls, socket: str | os.PathLike[str], *, owner: int | None = None,
-                     timeout: float = ATTACH_TIMEOUT) -> AttachedVm:
+                     timeout: float | None = None) -> AttachedVm:
         """Attach within `timeout` seconds in all. With `owner` (a uid: discovery names
         the QEMU process's), the socket and every memory file must belong to it."""
         path = os.fspath(socket)
@@ -51,7 +51,7 @@ class AttachedVm:
                                hint="kscan only talks to sockets of the VM's own user")
         qmp = await QmpVm.connect(path)
         try:
-            async with qmp.deadline("attach", timeout):
+            async with qmp.deadline("attach", ATTACH_TIMEOUT if timeout is None else timeout):
                 return await cls._attach(qmp, owner)
         except BaseException:
             await qmp.close()
