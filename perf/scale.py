@@ -182,6 +182,13 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
+def missing_modules(names: tuple[str, ...]) -> list[str]:
+    """Optional modules this run will import at its end, checked at its start."""
+    import importlib.util
+
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
 def plot(points: list[dict[str, Any]], path: Path, budget: float) -> None:
     import matplotlib
 
@@ -229,7 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=OUT / "scale",
                     help="where the replayed fleet and the database go")
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
+    ap.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib)")
     args = ap.parse_args(argv)
+    if not args.no_plot:
+        missing = missing_modules(("matplotlib",))
+        if missing:  # found now, not after a 20-minute run
+            print(f"perf/scale.py: {', '.join(missing)} not installed; install the perf "
+                  "extras (pip install -e '.[perf]') or pass --no-plot", file=sys.stderr)
+            return 2
     points_n = [int(x) for x in args.points.split(",")]
     rng = random.Random(args.seed)
 
@@ -299,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         k.stop()
     growth = ((points[-1]["uss_mb"] - points[0]["uss_mb"])
               / max(1, points[-1]["vms"] - points[0]["vms"])) if len(points) > 1 else 0.0
-    plot(points, args.plot, args.budget)
+    if not args.no_plot:
+        plot(points, args.plot, args.budget)
     figures = {"replayed": True, "budget_percent": args.budget, "points": points,
                "uss_growth_mb_per_vm": growth, "plot": str(args.plot), "machine": machine()}
     rows = [(f"{p['vms']} VMs", f"sweep {p['sweep_cpu_s']:.2f} CPU-s / {p['sweep_wall_s']:.1f} s"

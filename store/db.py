@@ -566,6 +566,27 @@ class Store:
                                      "import_records")
         return outcome
 
+    async def prune_events(self, before: float,
+                           keep_last_of: tuple[str, ...] = ("tamper",)) -> int:
+        """Delete events older than `before` (Unix time), except the newest event of
+        each type in `keep_last_of` per VM (the last tamper of a VM is never pruned);
+        return how many were deleted. The append-only trigger is lifted only inside
+        this one transaction."""
+        if not math.isfinite(before):
+            raise ValueError(f"before must be finite, got {before!r}")
+        marks = ",".join("?" * len(keep_last_of)) or "NULL"
+        async with self._writing("prune_events") as conn:
+            await conn.execute("DROP TRIGGER event_no_delete")
+            cur = await conn.execute(
+                f"""DELETE FROM event WHERE ts < ? AND id NOT IN (
+                        SELECT max(id) FROM event WHERE event IN ({marks})
+                        GROUP BY vm, event)""",
+                (float(before), *keep_last_of))
+            deleted = cur.rowcount
+            await cur.close()
+            await conn.execute(schema.EVENT_NO_DELETE)
+        return max(0, deleted)
+
     async def events(self, vm: str | None = None, since_id: int = 0,
                      limit: int = 1000) -> list[EventRow]:
         """Events with id > `since_id` (of `vm` only, if given), oldest first, at most

@@ -19,14 +19,16 @@ Tables (v2):
                     normalized region bytes; optional, read only on demand);
                     FK → golden, ON DELETE CASCADE                              [v2]
     vm_state        vm_id → state (JSON, store.codec)
-    event           append-only log; UPDATE and DELETE are refused by triggers
+    event           append-only log; UPDATE and DELETE are refused by triggers (only
+                    `Store.prune_events` removes old rows, by age, keeping the last
+                    tamper of each VM)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "Migration"]
+__all__ = ["APPLICATION_ID", "EVENT_NO_DELETE", "MIGRATIONS", "SCHEMA_VERSION", "Migration"]
 
 #: "kscn" as a big-endian int32, in the SQLite header at offset 68.
 APPLICATION_ID = 0x6B73636E
@@ -40,6 +42,12 @@ class Migration:
     summary: str
     statements: tuple[str, ...]
 
+
+#: The trigger that keeps the event log append-only against DELETE. `Store.prune_events`
+#: drops and re-creates it inside its own transaction (no other connection ever sees
+#: the log without it), so this text must stay exactly the one v1 created.
+EVENT_NO_DELETE = """CREATE TRIGGER event_no_delete BEFORE DELETE ON event
+       BEGIN SELECT RAISE(ABORT, 'event log is append-only: DELETE refused'); END"""
 
 _V1 = Migration(1, "initial schema", (
     """CREATE TABLE profile (
@@ -88,8 +96,7 @@ _V1 = Migration(1, "initial schema", (
     "CREATE INDEX event_by_vm ON event (vm, id)",
     """CREATE TRIGGER event_no_update BEFORE UPDATE ON event
        BEGIN SELECT RAISE(ABORT, 'event log is append-only: UPDATE refused'); END""",
-    """CREATE TRIGGER event_no_delete BEFORE DELETE ON event
-       BEGIN SELECT RAISE(ABORT, 'event log is append-only: DELETE refused'); END""",
+    EVENT_NO_DELETE,
 ))
 
 # Kept apart from golden_region so that `get_golden` never reads these multi-MB blobs.

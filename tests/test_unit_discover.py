@@ -4,6 +4,7 @@ finding real (fake-named) QEMU processes in the process table."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -90,14 +91,17 @@ def test_expand_sockets_glob_and_paths(tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.fixture
 def fake_qemus(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], ...]]:
-    """Two processes whose argv[0] is a qemu-system-x86_64-fake symlink to Python (which
-    ignores the QEMU options after -c), one with file-backed RAM, one without; and one
-    process with an unrelated name but QEMU-like arguments."""
+    """Two processes whose executable is a copy of Python named qemu-system-x86_64-fake
+    (Python ignores the QEMU options after -c), one with file-backed RAM, one without; one
+    process with an unrelated name but QEMU-like arguments; and an impostor: argv[0] a
+    qemu-system-x86_64 *symlink* to Python, so /proc/PID/exe is Python."""
     real = os.path.realpath(sys.executable)
     link = tmp_path / "qemu-system-x86_64-fake"
-    link.symlink_to(real)
+    shutil.copy2(real, link)
     other = tmp_path / "not-qemu"
-    other.symlink_to(real)
+    shutil.copy2(real, other)
+    impostor = tmp_path / "qemu-system-x86_64"
+    impostor.symlink_to(real)
     sleep = "import time; time.sleep(30)"
     procs = (
         subprocess.Popen([str(link), "-c", sleep, "-qmp", "unix:/x/file.sock,server=on",
@@ -109,6 +113,8 @@ def fake_qemus(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], ...]]:
                           "-object", "memory-backend-ram,id=ram0,size=1G"]),
         subprocess.Popen([str(other), "-c", sleep, "-qmp", "unix:/x/other.sock,server=on",
                           "-object", "memory-backend-file,id=r,mem-path=/dev/shm/y"]),
+        subprocess.Popen([str(impostor), "-c", sleep, "-qmp", "unix:/x/evil.sock,server=on",
+                          "-object", "memory-backend-file,id=r,mem-path=/dev/shm/z"]),
     )
     try:
         # wait until their command lines are visible
@@ -130,11 +136,13 @@ def fake_qemus(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], ...]]:
 
 
 def test_find_qemu_processes(fake_qemus: tuple[subprocess.Popen[bytes], ...]) -> None:
-    file_proc, ram_proc, other_proc = fake_qemus
+    file_proc, ram_proc, other_proc, impostor = fake_qemus
     found = {p.pid: p for p in find_qemu_processes()}
-    assert found[file_proc.pid] == QemuProcess(file_proc.pid, "/x/file.sock", True)
-    assert found[ram_proc.pid] == QemuProcess(ram_proc.pid, "/x/lv.sock", False)
+    uid = os.getuid()
+    assert found[file_proc.pid] == QemuProcess(file_proc.pid, "/x/file.sock", True, uid)
+    assert found[ram_proc.pid] == QemuProcess(ram_proc.pid, "/x/lv.sock", False, uid)
     assert other_proc.pid not in found
+    assert impostor.pid not in found  # argv[0] says QEMU, /proc/PID/exe says Python
     assert os.getpid() not in found
     # Only names asked for.
     assert not {file_proc.pid, ram_proc.pid} & {p.pid for p in find_qemu_processes(["qemu-kvm"])}
@@ -144,7 +152,7 @@ def test_find_qemu_processes(fake_qemus: tuple[subprocess.Popen[bytes], ...]) ->
 
 def test_find_qemu_processes_gone_after_kill(tmp_path: Path) -> None:
     link = tmp_path / "qemu-system-x86_64-gone"
-    link.symlink_to(os.path.realpath(sys.executable))
+    shutil.copy2(os.path.realpath(sys.executable), link)
     p = subprocess.Popen([str(link), "-c", "import time; time.sleep(30)"])
     try:
         deadline = time.monotonic() + 5
@@ -152,8 +160,36 @@ def test_find_qemu_processes_gone_after_kill(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "fake QEMU process never seen"
             time.sleep(0.02)
         assert next(q for q in find_qemu_processes() if q.pid == p.pid) == \
-            QemuProcess(p.pid, None, False)
+            QemuProcess(p.pid, None, False, os.getuid())
     finally:
         p.kill()
         p.wait()
     assert p.pid not in {q.pid for q in find_qemu_processes()}
+
+
+class _Uids:
+    def __init__(self, real: int, effective: int) -> None:
+        self.real, self.effective = real, effective
+
+
+class _Proc:
+    def __init__(self, pid: int, exe: str, uid: int, euid: int | None = None) -> None:
+        self.info = {"pid": pid, "name": "qemu-system-x86_64", "exe": exe,
+                     "uids": _Uids(uid, uid if euid is None else euid),
+                     "cmdline": ["qemu-system-x86_64", "-qmp", f"unix:/s/{pid}.sock",
+                                 "-object", "memory-backend-file,id=r,mem-path=/m"]}
+
+
+def test_discovery_trusts_only_root_or_named_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local user's QEMU (or a process pretending to be one) is not discovered unless
+    its user is named with --discover-user; a setuid switch does not get one in."""
+    procs = [_Proc(1, "/usr/bin/qemu-system-x86_64", 0),
+             _Proc(2, "/usr/bin/qemu-system-x86_64", 1000),
+             _Proc(3, "/usr/bin/qemu-system-x86_64", 1001),
+             _Proc(4, "/usr/bin/qemu-system-x86_64", 1000, euid=0),
+             _Proc(5, "/home/eve/qemu-system-x86_64 (deleted)", 0),
+             _Proc(6, "/usr/bin/python3", 0)]
+    monkeypatch.setattr("scanner.qemu.discover.psutil.process_iter", lambda attrs: procs)
+    assert [(p.pid, p.uid) for p in find_qemu_processes()] == [(1, 0), (5, 0)]
+    assert [(p.pid, p.uid) for p in find_qemu_processes(uids=[1000])] == [
+        (1, 0), (2, 1000), (4, 1000), (5, 0)]

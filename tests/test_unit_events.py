@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import threading
 import time
 from typing import Any
 
@@ -84,46 +85,81 @@ def test_writes_to_a_real_pipe() -> None:
     assert all(e["event"] == "vm_found" and e["source"] == "/s" for e in got)
 
 
-def test_stats_dropped_when_full_other_events_wait() -> None:
-    """The writer is stuck persisting the first event; the 2-slot queue fills with stats,
-    further stats are dropped and counted, a tamper event waits for room and is written."""
-    out = io.BytesIO()
-    persisted: list[dict[str, Any]] = []
+class StalledOut:
+    """A stdout whose reader has stopped: write blocks until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.data = b""
+
+    def write(self, b: bytes) -> int:
+        self.entered.set()
+        self.release.wait(30)
+        self.data += b
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_stalled_stdout_never_blocks_emit_and_keeps_tamper() -> None:
+    """The writer thread is stuck in write(); the 2-line queue fills. emit never waits;
+    stats go first, then routine events (they are in the database), never tamper."""
+    out = StalledOut()
+    persisted: list[str] = []
 
     async def go() -> EventSink:
-        release = asyncio.Event()
-        entered = asyncio.Event()
-
         async def persist(ev: dict[str, Any]) -> None:
-            persisted.append(ev)
-            entered.set()
-            await release.wait()
+            persisted.append(f"{ev['event']}:{ev.get('n')}")
 
-        sink = EventSink(out, persist=persist, queue_size=2)
+        sink = EventSink(out, persist=persist, queue_size=2, stall_warning=0.05)  # type: ignore[arg-type]
         sink.start()
-        await sink.emit("vm_attached", "a")
-        await asyncio.wait_for(entered.wait(), 2)  # writer now blocked in persist
-        for i in range(7):
-            await sink.emit("stats", None, n=i)
-        assert sink.dropped == 5
-        tamper = asyncio.ensure_future(sink.emit("tamper", "a", n=99))
-        vm_gone = asyncio.ensure_future(sink.emit("vm_lost", "a"))
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert not tamper.done() and not vm_gone.done()  # waiting, not dropped
-        assert sink.dropped == 5
-        release.set()
-        await asyncio.wait_for(asyncio.gather(tamper, vm_gone), 2)
+        await sink.emit("vm_found", "a", n=0)
+        await asyncio.get_running_loop().run_in_executor(None, out.entered.wait, 2)
+        t0 = time.monotonic()
+        await sink.emit("stats", None, n=1)
+        await sink.emit("stats", None, n=2)
+        await sink.emit("stats", None, n=3)            # queue full: dropped
+        await sink.emit("vm_booting", "a", n=4)        # evicts stats 1
+        await sink.emit("tamper", "a", n=5)            # evicts stats 2
+        await sink.emit("vm_booting", "a", n=6)        # nothing to evict: stdout skips it
+        await sink.emit("tamper", "a", n=7)            # the reserve beyond the bound
+        await sink.emit("action", "a", n=10)
+        assert time.monotonic() - t0 < 0.5             # emit never waited for stdout
+        await asyncio.sleep(0.2)
+        assert sink.stalled
+        assert sink.dropped == 4
+        out.release.set()
         await sink.close()
         return sink
 
     sink = asyncio.run(go())
-    got = lines(out.getvalue())
-    assert [(e["event"], e.get("n")) for e in got] == [
-        ("vm_attached", None), ("stats", 0), ("stats", 1), ("tamper", 99), ("vm_lost", None)]
-    assert sink.dropped == 5 and sink.written == 5
-    # persist: non-stats only, in order
-    assert [e["event"] for e in persisted] == ["vm_attached", "tamper", "vm_lost"]
+    got = [(e["event"], e["n"]) for e in lines(out.data)]
+    assert got == [("vm_found", 0), ("vm_booting", 4), ("tamper", 5), ("tamper", 7),
+                   ("action", 10)]
+    # In the database before stdout, all but stats, the skipped vm_booting included.
+    assert persisted == ["vm_found:0", "vm_booting:4", "tamper:5", "vm_booting:6",
+                         "tamper:7", "action:10"]
+    assert sink.written == 5
+
+
+def test_close_gives_up_on_a_stalled_stdout() -> None:
+    out = StalledOut()
+
+    async def go() -> float:
+        sink = EventSink(out, queue_size=4, close_timeout=0.2)  # type: ignore[arg-type]
+        sink.start()
+        await sink.emit("tamper", "a")
+        await sink.emit("kscan_stopped", None)
+        t0 = time.monotonic()
+        await sink.close()
+        return time.monotonic() - t0
+
+    try:
+        assert asyncio.run(go()) < 2
+    finally:
+        out.release.set()
 
 
 def test_many_non_stats_events_never_dropped_with_slow_persist() -> None:
@@ -204,7 +240,7 @@ def test_broken_stdout_keeps_persisting() -> None:
     sink = asyncio.run(go())
     assert persisted == ["kscan_started", "tamper", "action", "vm_lost"]
     assert out.writes == 1  # stdout is abandoned after the first failure
-    assert sink.written == 6
+    assert sink.written + sink.dropped == 6
 
 
 def test_real_pipe_closed_by_reader_keeps_persisting() -> None:

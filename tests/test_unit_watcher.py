@@ -353,6 +353,10 @@ async def _life(world: dict[str, Any]) -> None:
         assert r["before"] == original.hex()
         forensics = Path(tamper["forensics"])
         assert forensics.parent.parent == ctx.forensics_dir
+        for _ in range(200):  # written after the event, off the loop
+            if (forensics / "baseline.json").is_file():
+                break
+            await asyncio.sleep(0.01)
         assert (forensics / "report.json").is_file()
         live = (forensics / "pages" / f"text-{TAMPER_PAGE:05d}.live.bin").read_bytes()
         assert live[TAMPER_AT:TAMPER_AT + 5] == b"\xe9\x11\x22\x33\x44"

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,33 +46,69 @@ class RamRange:
 
 
 class _Mapping:
-    """One backend file, mapped read-only in full."""
+    """One backend file, mapped read-only in full.
 
-    def __init__(self, path: str) -> None:
+    Only a regular file is accepted: it is opened with O_NONBLOCK so that a FIFO or a
+    device named by a hostile peer cannot block the caller (an event loop) in open(),
+    and then refused by its type. The descriptor stays open so that `shrunk` can ask
+    the very file that is mapped (not whatever the path names now) for its size."""
+
+    def __init__(self, path: str, owner: int | None = None) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as err:
             raise BackendError(path, f"cannot open: {err.strerror}",
                                hint="run kscan as a user that can read QEMU's memory file") from err
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BackendError(path, f"not a regular file ({_kind(st.st_mode)})",
+                                   hint="guest RAM must be a memory-backend-file on a "
+                                        "regular file (e.g. in /dev/shm or hugetlbfs)")
+            if owner is not None and st.st_uid != owner:
+                raise BackendError(path, f"owned by uid {st.st_uid}, not by the QEMU "
+                                   f"process's uid {owner}",
+                                   hint="kscan reads only memory files of the VM's own user")
+            size = st.st_size
             if size <= 0:
                 raise BackendError(path, "file is empty")
             self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except OSError as err:
-            raise BackendError(path, f"cannot mmap read-only: {err}") from err
-        finally:
             os.close(fd)
+            raise BackendError(path, f"cannot mmap read-only: {err}") from err
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
         self.path = path
         self.size = size
         self.view = memoryview(self.mm)
 
+    def current_size(self) -> int:
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError:
+            return 0
+
     def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
         self.view.release()
         # Views handed out to callers keep the buffer exported; then the mapping is
         # freed when the last of them goes away.
         with contextlib.suppress(BufferError):
             self.mm.close()
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return f"mode {mode:#o}"
 
 
 class GuestMemory:
@@ -82,7 +119,8 @@ class GuestMemory:
     #: snapshots, and whoever wants to see later writes must call `view()` again.
     zero_copy: bool = True
 
-    def __init__(self, ranges: Iterable[RamRange], *, name: str = "vm") -> None:
+    def __init__(self, ranges: Iterable[RamRange], *, name: str = "vm",
+                 owner: int | None = None) -> None:
         self.name = name
         self._maps: dict[str, _Mapping] = {}
         rs = sorted(ranges, key=lambda r: r.gpa)
@@ -95,7 +133,7 @@ class GuestMemory:
                     raise BackendError(r.path, f"bad RAM range gpa={r.gpa:#x} size={r.size:#x}")
                 m = self._maps.get(r.path)
                 if m is None:
-                    m = self._maps[r.path] = _Mapping(r.path)
+                    m = self._maps[r.path] = _Mapping(r.path, owner)
                 if r.offset + r.size > m.size:
                     raise BackendError(
                         r.path,
@@ -122,6 +160,17 @@ class GuestMemory:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+    def shrunk(self) -> str | None:
+        """Why reading could fault (SIGBUS): a backing file now smaller than its mapping.
+        None if every file still covers what was mapped. Callers check this before each
+        pass; a file truncated between this check and a read still faults (the process
+        gets SIGBUS): that window is documented, not closed."""
+        for m in self._maps.values():
+            now = m.current_size()
+            if now < m.size:
+                return f"{m.path} shrank from {m.size:#x} to {now:#x} bytes"
+        return None
 
     # -- lookups ---------------------------------------------------------------------
     @property

@@ -18,6 +18,7 @@ import orjson
 
 from kscan import __version__
 from kscan.errors import KscanError
+from scanner.terminal import printable
 
 if TYPE_CHECKING:
     from scanner.check.verify import CheckReport
@@ -73,7 +74,7 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.to_json())
     else:
-        print(report.to_text())
+        print(printable(report.to_text(), keep_newlines=True, limit=0))
     return EXIT_OK
 
 
@@ -152,7 +153,7 @@ async def cmd_baseline(args: argparse.Namespace) -> int:
     for res in await baseline_vms(sources, args.db):
         vm, gb, key = res.vm, res.build, res.boot_profile
         per_boot = {n: r.per_boot_pages() for n, r in gb.regions.items()}
-        print(f"baseline of {vm}: "
+        print(f"baseline of {printable(vm)}: "
               f"boot profile {key}, {gb.boots} verified boot(s)")
         for name, r in gb.regions.items():
             pb = per_boot[name]
@@ -164,6 +165,9 @@ async def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _print_report_text(rep: CheckReport) -> None:
+    def print(text: str) -> None:  # every line escaped: VM names are the peer's
+        sys.stdout.write(printable(text) + "\n")
+
     verdict = "TAMPERED" if rep.tampered else "clean"
     print(f"{rep.vm}: {verdict}  (kernel {rep.release}, slide {rep.slide:#x}, "
           f"boot profile {rep.boot_profile})")
@@ -216,7 +220,7 @@ async def cmd_accept(args: argparse.Namespace) -> int:
 
     res = await accept_vm(_libvirt_source(args) or args.qmp, args.db, args.note or "")
     rep, n = res.report, res.accepted_pages
-    print(f"{rep.vm}: accepted {n} changed page(s) as this VM's new baseline"
+    print(f"{printable(rep.vm)}: accepted {n} changed page(s) as this VM's new baseline"
           + ("" if n else " (nothing differed)") + "; recorded in the event log")
     return EXIT_OK
 
@@ -281,6 +285,27 @@ def _percent(text: str) -> float:
     return v
 
 
+def _uid(user: str) -> int:
+    import pwd
+
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        if user.isdigit():
+            return int(user)
+        raise UsageError(f"--discover-user {user!r}: no such user") from None
+
+
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number") from None
+    if not 0 <= v < 1e9:
+        raise argparse.ArgumentTypeError(f"{v:g}: must be 0 or more")
+    return v
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
@@ -309,7 +334,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
                     replay=tuple(args.replay or ()), policy=policy,
                     action=parse_action(args.on_tamper), forensics_dir=forensics,
                     workers=args.workers, stats_every=args.stats_every, strict=args.strict,
-                    libvirt=args.connect if args.libvirt else None)
+                    libvirt=args.connect if args.libvirt else None,
+                    discover_uids=frozenset(_uid(u) for u in args.discover_user or ()),
+                    keep_days=args.keep_days, forensics_max_mb=args.forensics_max_mb)
     tune_malloc()
     stop = asyncio.Event()
     install_signal_handlers(stop)
@@ -471,7 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qmp", action="append", metavar="SOCK",
                    help="QMP socket or glob (repeatable); sockets appearing later are picked up")
     p.add_argument("--discover", action="store_true",
-                   help="also watch running QEMU processes found by their command line")
+                   help="also watch running QEMU processes (executable a QEMU binary, run "
+                        "by root or a --discover-user)")
+    p.add_argument("--discover-user", action="append", metavar="USER",
+                   help="with --discover, also watch QEMU processes of this user "
+                        "(repeatable); their sockets and memory files must be theirs")
     p.add_argument("--replay", action="append", metavar="DIR",
                    help="watch a recorded VM, or a glob of them (tools/record.py; for "
                         "benchmarks and tests)")
@@ -491,6 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "pause stops the VM; exec runs CMD with the event JSON on stdin")
     p.add_argument("--forensics-dir", metavar="DIR",
                    help="where forensic copies go (default: forensics/ beside the database)")
+    p.add_argument("--keep-days", type=_non_negative, default=0.0, metavar="DAYS",
+                   help="prune events older than this from the database's log, hourly; "
+                        "the last tamper of each VM is kept (default 0: keep all)")
+    p.add_argument("--forensics-max-mb", type=_non_negative, default=0.0, metavar="MIB",
+                   help="remove the oldest forensic copies beyond this size, hourly; the "
+                        "newest of each VM is kept (default 0: no cap)")
     p.add_argument("--workers", type=int, default=2, help="hashing threads (default 2)")
     p.add_argument("--stats-every", type=float, default=60.0, metavar="SECONDS",
                    help="emit a stats event this often (default 60)")
@@ -538,6 +575,16 @@ def run_async(coro_fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
     return uvloop.run(coro_fn(args))
 
 
+def _input_of(args: argparse.Namespace) -> str:
+    """The input a command was given, to name it in an error line."""
+    for attr, flag in (("qmp", "--qmp"), ("replay", "--replay"), ("path", "")):
+        value = getattr(args, attr, None)
+        if value:
+            value = ", ".join(value) if isinstance(value, list) else value
+            return f"{flag} {value}".strip()
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -546,10 +593,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("KSCAN_DEBUG") == "1":
             raise
         one_line = " ".join(str(err).split())  # third-party text may hold newlines
-        print(f"kscan: {one_line}", file=sys.stderr)
+        print(f"kscan: {printable(one_line)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except (Exception, MemoryError, RecursionError) as err:
+        # Not one of ours: a hostile input kscan did not foresee, or a bug. Exit 1 must
+        # only ever mean tampering, and no traceback reaches the user.
+        if os.environ.get("KSCAN_DEBUG") == "1":
+            raise
+        what = " ".join(f"{type(err).__name__}: {err}".split())
+        where = " ".join(filter(None, [args.command, getattr(args, "profile_command", None),
+                                       _input_of(args)]))
+        print(f"kscan: {printable(where)}: unexpected error: {printable(what, limit=300)} "
+              "(the input is malformed or this is a bug; KSCAN_DEBUG=1 shows the "
+              "traceback)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

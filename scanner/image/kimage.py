@@ -33,18 +33,22 @@ from __future__ import annotations
 
 import bz2
 import lzma
+import os
+import stat
 import struct
 import zlib
 from collections.abc import Callable
 from os import PathLike
-from pathlib import Path
 
 from scanner.errors import KernelImageError
 
-__all__ = ["DEFAULT_MAX_OUTPUT", "detect_compression", "extract_vmlinux"]
+__all__ = ["DEFAULT_MAX_OUTPUT", "detect_compression", "extract_vmlinux", "read_regular_file"]
 
 #: Default cap on the decompressed payload (a real x86-64 kernel is ~30-80 MiB).
 DEFAULT_MAX_OUTPUT = 512 << 20
+#: Cap on the image file read (a bzImage is ~10 MiB; a vmlinux with debug info can
+#: reach several hundred MiB).
+MAX_IMAGE_BYTES = 1 << 30
 
 ELF_MAGIC = b"\x7fELF"
 
@@ -114,16 +118,43 @@ def extract_vmlinux(path_or_bytes: str | PathLike[str] | bytes | bytearray | mem
         data = bytes(path_or_bytes)
     else:
         where = str(path_or_bytes)
-        try:
-            data = Path(path_or_bytes).read_bytes()
-        except OSError as err:
-            raise KernelImageError(f"cannot read kernel image: {err.strerror or err}",
-                                   path=where) from err
+        data = _read_image(where)
     if data[:4] == ELF_MAGIC:
         return data
     offset, length = _locate_payload(data, where)
     payload = memoryview(data)[offset:offset + length]
     return _decompress_payload(payload, where=where, base=offset, max_output=max_output)
+
+
+def read_regular_file(where: str, limit: int, what: str = "kernel image") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (no FIFO, no device:
+    `/dev/zero` would be read forever, a FIFO would block in open)."""
+    return _read_image(where, limit, what)
+
+
+def _read_image(where: str, limit: int | None = None, what: str = "kernel image") -> bytes:
+    limit = MAX_IMAGE_BYTES if limit is None else limit
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; refused just below.
+        fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise KernelImageError("not a regular file", path=where,
+                                       hint="pass a kernel image file (bzImage/vmlinuz "
+                                            "or vmlinux)")
+            if st.st_size > limit:
+                raise KernelImageError(
+                    f"file is {st.st_size:#x} bytes, more than a {what}'s {limit:#x}",
+                    path=where)
+            os.set_blocking(fd, True)
+            data = f.read(limit + 1)
+    except OSError as err:
+        raise KernelImageError(f"cannot read {what}: {err.strerror or err}",
+                               path=where) from err
+    if len(data) > limit:  # it grew while being read
+        raise KernelImageError(f"file grew past {limit:#x} bytes while read", path=where)
+    return data
 
 
 # --------------------------------------------------------------------------- bzImage

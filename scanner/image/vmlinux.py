@@ -36,9 +36,11 @@ from __future__ import annotations
 import io
 import re
 import struct
+import zlib
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -47,7 +49,7 @@ from elftools.construct.core import ConstructError
 from elftools.elf.elffile import ELFFile
 
 from scanner.errors import KernelImageError
-from scanner.image.kimage import DEFAULT_MAX_OUTPUT, extract_vmlinux
+from scanner.image.kimage import DEFAULT_MAX_OUTPUT, extract_vmlinux, read_regular_file
 from scanner.image.notes import find_build_id
 
 __all__ = [
@@ -63,6 +65,14 @@ __all__ = [
 PROTECTED_SECTIONS = (".text", ".rodata", "__ex_table")
 
 _SHF_ALLOC = 0x2
+_SHF_COMPRESSED = 0x800
+_ELFCOMPRESS_ZLIB = 1
+_CHDR64 = 24  # Elf64_Chdr: ch_type, ch_reserved, ch_size, ch_addralign
+_U64_END = 1 << 64
+#: A real System.map is ~5-10 MiB.
+MAX_SYSTEM_MAP = 256 << 20
+#: Notes are a few hundred bytes; never read or inflate more than this of them.
+MAX_NOTES = 1 << 20
 _BANNER = b"Linux version "
 _MAX_BANNERS = 64
 
@@ -159,9 +169,13 @@ def load_kernel_image(path: str | PathLike[str], *, system_map: str | PathLike[s
         return _parse(Path(path), data, system_map)
     except KernelImageError:
         raise
-    except (ELFError, ConstructError, struct.error, ValueError, IndexError,
-            OverflowError, UnicodeDecodeError) as err:
-        raise KernelImageError(f"malformed kernel ELF: {err}", path=where) from err
+    except (ELFError, ConstructError, struct.error, ValueError, IndexError, KeyError,
+            OverflowError, UnicodeDecodeError, zlib.error, RecursionError) as err:
+        raise KernelImageError(f"malformed kernel ELF: {type(err).__name__}: {err}",
+                               path=where) from err
+    except MemoryError as err:
+        raise KernelImageError("parsing the kernel ELF ran out of memory", path=where,
+                               hint="the image claims implausible sizes") from err
 
 
 # --------------------------------------------------------------------------- parsing
@@ -178,13 +192,29 @@ def _parse(path: Path, data: bytes, system_map: str | PathLike[str] | None) -> K
 
     sections: dict[str, Section] = {}
     nobits: set[str] = set()
-    for sec in elf.iter_sections():
+    for index, sec in enumerate(elf.iter_sections()):
         if not sec["sh_flags"] & _SHF_ALLOC:
             continue
-        sections[sec.name] = Section(sec.name, sec["sh_addr"], sec["sh_size"], sec["sh_offset"])
+        size = sec["sh_size"]
+        # Bytes kscan may allocate for a section are bounded by the file: a NOBITS
+        # section (zeros) may not claim more than the whole payload, and an allocated
+        # section is never compressed (SHF_COMPRESSED is for debug sections only).
+        if sec["sh_flags"] & _SHF_COMPRESSED:
+            raise KernelImageError(f"allocated section {index} ({sec.name}) is compressed "
+                                   "(SHF_COMPRESSED): not a kernel image", path=where)
+        if sec["sh_type"] == "SHT_NOBITS" and size > len(data):
+            raise KernelImageError(
+                f"NOBITS section {index} ({sec.name}) claims {size:#x} bytes, more than "
+                f"the whole image ({len(data):#x})", path=where)
+        if sec["sh_addr"] + size > _U64_END:
+            raise KernelImageError(
+                f"section {index} ({sec.name}) at {sec['sh_addr']:#x} + size {size:#x} "
+                "wraps past 2^64", path=where)
+        sections[sec.name] = Section(sec.name, sec["sh_addr"], size, sec["sh_offset"])
         if sec["sh_type"] == "SHT_NOBITS":
             nobits.add(sec.name)
-    missing = [name for name in PROTECTED_SECTIONS if name not in sections or name in nobits]
+    missing = [name for name in PROTECTED_SECTIONS
+               if name not in sections or name in nobits or not sections[name].size]
     if missing:
         raise KernelImageError(
             f"no {'/'.join(missing)} section (of {'/'.join(PROTECTED_SECTIONS)}): "
@@ -192,7 +222,7 @@ def _parse(path: Path, data: bytes, system_map: str | PathLike[str] | None) -> K
             hint="pass the guest's bzImage/vmlinuz or its vmlinux")
 
     lo, hi = _image_range(elf, where)
-    build_id = _build_id(elf, where)
+    build_id = _build_id(elf, data, where)
     version = _banner(data, sections[".rodata"], where)
     parts = version.split()
     if len(parts) < 3:
@@ -245,6 +275,24 @@ def _elf_extent(elf: ELFFile, size: int, where: str) -> int:
     return int(end)
 
 
+def _section_data(sec: Any, data: bytes, where: str, limit: int) -> bytes:
+    """A non-allocated section's bytes, at most `limit` of them; a compressed
+    (SHF_COMPRESSED, zlib) section is inflated to at most `limit` bytes."""
+    off, size = sec["sh_offset"], sec["sh_size"]
+    raw = data[off:off + size]
+    if not sec["sh_flags"] & _SHF_COMPRESSED:
+        return raw[:limit]
+    if len(raw) < _CHDR64 or struct.unpack_from("<I", raw)[0] != _ELFCOMPRESS_ZLIB:
+        raise KernelImageError(f"section {sec.name} is compressed in a format kscan does "
+                               "not read", path=where, offset=off)
+    try:
+        out = zlib.decompressobj().decompress(raw[_CHDR64:], limit)
+    except zlib.error as err:
+        raise KernelImageError(f"section {sec.name}: corrupt zlib data: {err}",
+                               path=where, offset=off) from err
+    return out
+
+
 def _image_range(elf: ELFFile, where: str) -> tuple[int, int]:
     """[lo, hi): the kernel's loaded virtual range, from its PT_LOAD segments.
 
@@ -260,10 +308,15 @@ def _image_range(elf: ELFFile, where: str) -> tuple[int, int]:
     return min(lo for lo, _ in loads), max(hi for _, hi in loads)
 
 
-def _build_id(elf: ELFFile, where: str) -> str:
+def _build_id(elf: ELFFile, data: bytes, where: str) -> str:
     sec = elf.get_section_by_name(".notes")
-    blobs = [sec.data()] if sec is not None else [
-        seg.data() for seg in elf.iter_segments() if seg["p_type"] == "PT_NOTE"]
+    if sec is not None and sec["sh_type"] != "SHT_NOBITS":
+        blobs = [_section_data(sec, data, where, MAX_NOTES)]
+    else:
+        # From the file's bytes, not pyelftools' data(): its NOBITS answer is sh_size
+        # zeros, and it inflates compressed sections to whatever size they claim.
+        blobs = [data[seg["p_offset"]:seg["p_offset"] + min(seg["p_filesz"], MAX_NOTES)]
+                 for seg in elf.iter_segments() if seg["p_type"] == "PT_NOTE"]
     for blob in blobs:
         found = find_build_id(blob)
         if found is not None:
@@ -357,11 +410,8 @@ def _try_layout(words: npt.NDArray[np.int32], zeros: npt.NDArray[np.intp], lists
 
 def _read_system_map(system_map: str | PathLike[str]) -> dict[str, int]:
     """Symbols from a System.map ("ADDR TYPE NAME" lines); {} for Debian's stub."""
-    try:
-        text = Path(system_map).read_text(encoding="utf-8", errors="replace")
-    except OSError as err:
-        raise KernelImageError(f"cannot read System.map: {err.strerror or err}",
-                               path=str(system_map)) from err
+    text = read_regular_file(str(system_map), MAX_SYSTEM_MAP, "System.map").decode(
+        "utf-8", errors="replace")
     symbols: dict[str, int] = {}
     for line in text.splitlines():
         parts = line.split()

@@ -6,6 +6,13 @@ up. `--discover` scans the process table for QEMU system emulators and reads the
 command lines for a QMP socket (`-qmp unix:PATH,...`, or libvirt's
 `-chardev socket,id=X,path=PATH,... -mon chardev=X,mode=control`); processes whose RAM
 is not in a `memory-backend-file` are reported once and skipped.
+
+Any local user can start a process and name it `qemu-system-x86_64`, so neither the
+process name nor argv[0] is trusted: a process is taken only if its executable
+(`/proc/PID/exe`, which the kernel sets and the process cannot fake) is a QEMU system
+emulator, and it runs as root or as one of the users named with `--discover-user`.
+Attaching then requires the QMP socket and the memory files to be owned by that same
+user (`QemuProcess.uid`, enforced in `scanner.vm.live`).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class QemuProcess:
     pid: int
     qmp: str | None
     file_backed: bool
+    uid: int | None = None  # the process's real uid (None: not read)
 
 
 def _split_opts(arg: str) -> list[str]:
@@ -89,19 +97,28 @@ def qmp_socket_of(cmdline: Sequence[str]) -> str | None:
     return None
 
 
-def find_qemu_processes(names: Iterable[str] = ("qemu-system-x86_64", "qemu-kvm")
-                        ) -> list[QemuProcess]:
+def find_qemu_processes(names: Iterable[str] = ("qemu-system-x86_64", "qemu-kvm"),
+                        uids: Iterable[int] = ()) -> list[QemuProcess]:
+    """QEMU processes whose executable is named like one of `names` and whose owner is
+    root or one of `uids`."""
     wanted = tuple(names)
+    allowed = {0, *uids}
     out = []
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+    for proc in psutil.process_iter(["pid", "name", "exe", "uids", "cmdline"]):
         try:
             cmd = proc.info["cmdline"] or []
-            name = proc.info["name"] or ""
+            exe = proc.info["exe"] or ""
+            uids_info = proc.info["uids"]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        exe = os.path.basename(cmd[0]) if cmd else name
-        if not any(exe.startswith(n) or name.startswith(n) for n in wanted):
+        # /proc/PID/exe, not argv[0] or the process name: those are the process's say.
+        base = os.path.basename(exe.removesuffix(" (deleted)"))
+        if not exe or not any(base.startswith(n) for n in wanted):
+            continue
+        if uids_info is None or uids_info.real not in allowed \
+                or uids_info.effective not in allowed:
             continue
         out.append(QemuProcess(proc.info["pid"], qmp_socket_of(cmd),
-                               any("memory-backend-file" in a for a in cmd)))
+                               any("memory-backend-file" in a for a in cmd),
+                               uids_info.real))
     return out

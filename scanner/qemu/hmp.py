@@ -25,19 +25,24 @@ __all__ = ["FlatRange", "VcpuState", "parse_flatview", "parse_registers"]
 MAX_VCPUS = 4096
 MAX_LINES = 200_000
 
-_CPU_HDR = re.compile(r"^CPU#(\d+)\s*$", re.M)
+# Every number is bounded in digits (a 64-bit register is 16 hex digits, a vCPU index at
+# most 4 decimal ones): a peer sending thousands of digits must not reach int(), whose
+# cost grows with them (and which refuses more than 4300 decimal digits). A longer
+# number does not match, so its line reads as missing.
+_CPU_HDR = re.compile(r"^CPU#(\d{1,5})\s*$", re.M)
+_HEX = r"([0-9a-fA-F]{1,16})\b"
 _REG = {
-    "cr0": re.compile(r"\bCR0=([0-9a-fA-F]+)"),
-    "cr2": re.compile(r"\bCR2=([0-9a-fA-F]+)"),
-    "cr3": re.compile(r"\bCR3=([0-9a-fA-F]+)"),
-    "cr4": re.compile(r"\bCR4=([0-9a-fA-F]+)"),
-    "efer": re.compile(r"\bEFER=([0-9a-fA-F]+)"),
+    "cr0": re.compile(r"\bCR0=" + _HEX),
+    "cr2": re.compile(r"\bCR2=" + _HEX),
+    "cr3": re.compile(r"\bCR3=" + _HEX),
+    "cr4": re.compile(r"\bCR4=" + _HEX),
+    "efer": re.compile(r"\bEFER=" + _HEX),
 }
 #: RIP in long mode; EIP when the vCPU is in 16/32-bit mode (firmware, early boot).
-_IP = re.compile(r"\b[RE]IP=([0-9a-fA-F]+)")
+_IP = re.compile(r"\b[RE]IP=" + _HEX)
 _TABLE = {
-    "idt": re.compile(r"^IDT=\s*([0-9a-fA-F]+)\s+([0-9a-fA-F]+)", re.M),
-    "gdt": re.compile(r"^GDT=\s*([0-9a-fA-F]+)\s+([0-9a-fA-F]+)", re.M),
+    "idt": re.compile(r"^IDT=\s*" + _HEX + r"\s+" + _HEX, re.M),
+    "gdt": re.compile(r"^GDT=\s*" + _HEX + r"\s+" + _HEX, re.M),
 }
 _CPL = re.compile(r"\bCPL=(\d)")
 _HLT = re.compile(r"\bHLT=(\d)")
@@ -74,6 +79,8 @@ def _hex(rx: re.Pattern[str], text: str, what: str, cpu: int) -> int:
 
 def parse_registers(text: str) -> list[VcpuState]:
     """Parse `info registers -a` (or a single CPU's `info registers`)."""
+    if text.count("\n") > MAX_LINES:
+        raise ParseError("'info registers' output is implausibly long")
     heads = list(_CPU_HDR.finditer(text))
     if len(heads) > MAX_VCPUS:
         raise ParseError(f"{len(heads)} vCPUs is more than QEMU supports")
@@ -128,8 +135,8 @@ class FlatRange:
 
 
 _FLAT_LINE = re.compile(
-    r"^\s*([0-9a-fA-F]+)-([0-9a-fA-F]+)\s+\((?:prio\s+-?\d+,\s*)?([^)]*)\):\s+(\S+)"
-    r"(?:\s+@([0-9a-fA-F]+))?"
+    r"^\s*([0-9a-fA-F]{1,16})-([0-9a-fA-F]{1,16})\s+\((?:prio\s+-?\d{1,10},\s*)?"
+    r"([^)]{0,200})\):\s+(\S{1,200})(?:\s+@([0-9a-fA-F]{1,16})\b)?"
 )
 _FLATVIEW = re.compile(r"^FlatView #\d+", re.M)
 
@@ -152,8 +159,9 @@ def parse_flatview(text: str, address_space: str = "memory") -> list[FlatRange]:
             if not m:
                 continue
             start, end = int(m.group(1), 16), int(m.group(2), 16)
-            if end < start:
-                raise ParseError(f"flat view range {start:#x}-{end:#x} ends before it starts")
+            if end < start or (m.group(5) and int(m.group(5), 16) + end - start >= 1 << 64):
+                raise ParseError(f"flat view range {start:#x}-{end:#x} ends before it starts "
+                                 "or its offset wraps past 2^64")
             out.append(FlatRange(start, end, m.group(3).strip(), m.group(4),
                                  int(m.group(5), 16) if m.group(5) else 0))
         return out

@@ -19,7 +19,7 @@ import enum
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,16 @@ logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 15.0
+#: Deadline of one operation made of several commands (the RAM layout: one qom-get per
+#: memdev; the CPU model): a peer answering each command just in time must not stretch
+#: it without bound.
+OPERATION_TIMEOUT = 30.0
+#: More memory backends than this is not a VM kscan can read (QEMU allows 256 NUMA
+#: nodes; real VMs have one or two backends).
+MAX_MEMDEVS = 256
+#: Feature words: QEMU reports ~40; refuse a reply far beyond that.
+MAX_FEATURE_WORDS = 1024
+_U64 = 1 << 64
 
 
 class RunStatus(enum.StrEnum):
@@ -106,8 +116,6 @@ class QmpVm:
         #: RESET events seen (a guest reboot, or a system_reset): kscan run drops the
         #: VM's per-boot state on one, even if the kernel comes back at the same slide.
         self.resets = 0
-        # Counted in the listener's filter, which queues nothing: no unbounded queue.
-        client.register_listener(EventListener(event_filter=self._on_event))
 
     def _on_event(self, msg: Message) -> bool:
         if msg.get("event") == "RESET":
@@ -150,7 +158,11 @@ class QmpVm:
             await _quiet_disconnect(client)
             raise QmpError(f"not a QMP peer: {err}", socket=path,
                            hint="pass QEMU's -qmp socket") from err
-        return cls(path, client)
+        vm = cls(path, client)
+        # RESETs are counted in a listener's filter, which queues nothing: no unbounded
+        # queue of events in a long-running watcher.
+        client.register_listener(EventListener(event_filter=vm._on_event))
+        return vm
 
     async def close(self) -> None:
         await _quiet_disconnect(self._client)
@@ -177,6 +189,24 @@ class QmpVm:
             raise QmpError(f"connection lost: {err or type(err).__name__}", socket=self.socket,
                            command=cmd, hint="the VM may have exited") from err
 
+    @contextlib.asynccontextmanager
+    async def deadline(self, what: str, timeout: float | None = None
+                       ) -> AsyncIterator[None]:
+        """One deadline over a whole operation of several commands (default
+        OPERATION_TIMEOUT)."""
+        timeout = OPERATION_TIMEOUT if timeout is None else timeout
+        try:
+            async with asyncio.timeout(timeout):
+                yield
+        except TimeoutError:
+            raise QmpError(f"{what} took longer than {timeout:g}s", socket=self.socket,
+                           command=what, hint="the QEMU process is overloaded or not "
+                           "a well-behaved QMP peer") from None
+
+    def _bad(self, command: str, what: str) -> QmpError:
+        return QmpError(f"malformed reply: {what}", socket=self.socket, command=command,
+                        hint="the peer is not a QEMU kscan understands")
+
     async def hmp(self, command_line: str, timeout: float = COMMAND_TIMEOUT,
                   cpu_index: int | None = None) -> str:
         """An HMP command; `cpu_index` selects the vCPU for this command only (HMP `cpu N`
@@ -194,7 +224,7 @@ class QmpVm:
     async def name(self) -> str:
         reply = await self.execute("query-name")
         name = reply.get("name") if isinstance(reply, dict) else None
-        if isinstance(name, str) and name:
+        if isinstance(name, str) and name and len(name) <= 256:
             return name
         return os.path.basename(os.path.dirname(self.socket)) or self.socket
 
@@ -226,22 +256,32 @@ class QmpVm:
             raise QmpError(str(err), socket=self.socket, command="info mtree -f") from err
 
     async def memdevs(self) -> list[Memdev]:
+        async with self.deadline("query-memdev"):
+            return await self._memdevs()
+
+    async def _memdevs(self) -> list[Memdev]:
         reply = await self.execute("query-memdev")
         if not isinstance(reply, list):
             raise QmpError("query-memdev reply is not a list", socket=self.socket,
                            command="query-memdev")
+        if len(reply) > MAX_MEMDEVS:
+            raise self._bad("query-memdev", f"{len(reply)} memory backends")
         out = []
         for dev in reply:
             if not isinstance(dev, dict) or not isinstance(dev.get("id"), str):
                 continue
-            mid, size = dev["id"], int(dev.get("size", 0))
+            mid, size = dev["id"], dev.get("size", 0)
+            if not _is_u64(size):
+                raise self._bad("query-memdev", f"memdev {mid!r} has size {size!r:.40}")
             path = await self._qom_get(f"/objects/{mid}", "mem-path")
             share = dev.get("share")
             if share is None:
                 share = await self._qom_get(f"/objects/{mid}", "share")
             offset = await self._qom_get(f"/objects/{mid}", "offset")
-            out.append(Memdev(mid, size, path if isinstance(path, str) else None,
-                              bool(share), offset if isinstance(offset, int) else 0))
+            if offset is not None and not _is_u64(offset):
+                raise self._bad("qom-get", f"memdev {mid!r} has offset {offset!r:.40}")
+            out.append(Memdev(mid, size, path if isinstance(path, str) and path else None,
+                              share is True, offset or 0))
         return out
 
     async def _qom_get(self, path: str, prop: str) -> Any:
@@ -267,7 +307,7 @@ class QmpVm:
             raise VmStateError(
                 f"memory backend {', '.join(private)} has share=off: the file does not see "
                 "the guest's writes", vm=vm, hint="add share=on to -object memory-backend-file")
-        return layout_from_flatview(await self.flatview(), files)
+        return layout_from_flatview(await self.flatview(), files, vm)
 
     async def gva2gpa(self, va: int, cpu: int = 0) -> int | None:
         """QEMU's own translation (HMP gva2gpa) — kscan's test oracle."""
@@ -278,17 +318,36 @@ class QmpVm:
 
     async def cpu_model(self) -> tuple[str, list[Any]]:
         """(QOM type, feature words) of vCPU 0: what boot-time code patching depends on."""
-        cpus = await self.execute("query-cpus-fast")
-        if not isinstance(cpus, list) or not cpus or "qom-path" not in cpus[0]:
-            raise QmpError("query-cpus-fast gave no vCPU", socket=self.socket,
-                           command="query-cpus-fast")
-        path = cpus[0]["qom-path"]
-        kind = await self._qom_get(path, "type")
-        words = await self._qom_get(path, "feature-words")
-        return (str(kind), words if isinstance(words, list) else [])
+        async with self.deadline("query-cpus-fast"):
+            cpus = await self.execute("query-cpus-fast")
+            if (not isinstance(cpus, list) or not cpus or not isinstance(cpus[0], dict)
+                    or not isinstance(cpus[0].get("qom-path"), str)):
+                raise QmpError("query-cpus-fast gave no vCPU", socket=self.socket,
+                               command="query-cpus-fast")
+            path = cpus[0]["qom-path"]
+            kind = await self._qom_get(path, "type")
+            words = await self._qom_get(path, "feature-words")
+        if kind is not None and (not isinstance(kind, str) or len(kind) > 256):
+            raise self._bad("qom-get", f"CPU type {kind!r:.40}")
+        return (str(kind), self._feature_words(words))
+
+    def _feature_words(self, words: Any) -> list[Any]:
+        """The feature words, each a flat object of strings and 64-bit integers."""
+        if not isinstance(words, list):
+            return []
+        if len(words) > MAX_FEATURE_WORDS:
+            raise self._bad("qom-get", f"{len(words)} feature words")
+        for w in words:
+            if not isinstance(w, dict) or not all(
+                    isinstance(k, str) and len(k) <= 64
+                    and (_is_u64(v) or (isinstance(v, str) and len(v) <= 64))
+                    for k, v in w.items()):
+                raise self._bad("qom-get", f"feature word {str(w)[:60]!r}")
+        return words
 
 
-def layout_from_flatview(ranges: Sequence[FlatRange], files: dict[str, Memdev]) -> list[RamRange]:
+def layout_from_flatview(ranges: Sequence[FlatRange], files: dict[str, Memdev],
+                         vm: str | None = None) -> list[RamRange]:
     """Keep the flat-view ranges that belong to file backends; merge those that continue
     each other in both GPA and file offset."""
     out: list[RamRange] = []
@@ -298,7 +357,7 @@ def layout_from_flatview(ranges: Sequence[FlatRange], files: dict[str, Memdev]) 
             continue
         if fr.offset + fr.size > dev.size:
             raise VmStateError(f"flat view maps {fr.name}+{fr.offset:#x} past its size "
-                               f"{dev.size:#x}", vm=dev.id)
+                               f"{dev.size:#x}", vm=vm or dev.id)
         r = RamRange(fr.start, fr.size, dev.path, dev.offset + fr.offset)
         if out and out[-1].path == r.path and out[-1].end == r.gpa and \
                 out[-1].offset + out[-1].size == r.offset:
@@ -307,6 +366,10 @@ def layout_from_flatview(ranges: Sequence[FlatRange], files: dict[str, Memdev]) 
         else:
             out.append(r)
     return out
+
+
+def _is_u64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _U64
 
 
 async def _quiet_disconnect(client: QMPClient) -> None:

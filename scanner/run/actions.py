@@ -6,21 +6,26 @@
   event JSON on stdin; bounded by a timeout; its exit status becomes an event.
 
 Every detection, whatever the action, keeps a forensic copy under
-`<forensics dir>/<vm>/<UTC time>/`: `report.json` (the full check report), for each
-changed page the live bytes as found in guest memory and normalized, and
-`baseline.json` with the baseline's hashes of those pages and regions.
+`<forensics dir>/<vm>/<UTC time>/`: `report.json` (the check report), for each changed
+page the live bytes as found in guest memory and normalized, and `baseline.json` with
+the baseline's hashes of those pages and regions — capped at `MAX_FORENSIC_PAGES` pages
+and `MAX_RANGES_PER_PAGE` byte ranges per page, with the totals in the report. The
+copy is taken at detection time (`collect_forensics`, cheap) and written afterwards in
+a thread (`write_forensics`): the `tamper` event and the action never wait for a disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import os
 import re
 import shlex
+import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +34,13 @@ import orjson
 
 from kscan.errors import KscanError
 from scanner.check.locate import LiveKernel
-from scanner.check.verify import CheckReport
+from scanner.check.verify import CheckReport, PageMismatch
 from store import GoldenRegion
 from translate import PAGE, GuestMemory, TranslationError
 
-__all__ = ["Action", "ActionKind", "parse_action", "run_exec", "save_forensics"]
+__all__ = ["Action", "ActionKind", "ForensicCopy", "collect_forensics", "parse_action",
+           "prune_forensics", "run_exec", "save_forensics", "tamper_fields",
+           "write_forensics"]
 
 EXEC_TIMEOUT = 30.0
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -79,22 +86,102 @@ def parse_action(text: str) -> Action:
     raise ActionError(f"--on-tamper {text!r}: use report, pause or exec:COMMAND")
 
 
-def save_forensics(root: Path, vm: str, report: CheckReport, lk: LiveKernel,
-                   mem: GuestMemory, normalized: Mapping[str, bytes | bytearray],
-                   golden: Mapping[str, GoldenRegion]) -> Path:
-    """Write the forensic copy of a detection; returns its directory."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(report.ts))
-    d = root / _SAFE.sub("_", vm) / f"{stamp}-{int(report.ts * 1000) % 1000:03d}"
-    (d / "pages").mkdir(parents=True, exist_ok=True, mode=0o700)
-    (d / "report.json").write_bytes(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2))
+#: Caps on what one detection writes. A tamper covering all of `.text` changes ~3,600
+#: pages with tens of thousands of byte ranges: uncapped, that was ~18 MiB of event
+#: JSON and ~28 MiB of forensics per distinct change set. The event and the copy keep
+#: the first pages/ranges and say how many there were in all.
+MAX_EVENT_PAGES = 64
+MAX_RANGES_PER_PAGE = 16
+MAX_EVENT_FINDINGS = 64
+MAX_FORENSIC_PAGES = 64
+
+
+def capped_mismatches(mismatches: Sequence[PageMismatch], pages: int = MAX_EVENT_PAGES,
+                      ranges: int = MAX_RANGES_PER_PAGE) -> list[dict[str, Any]]:
+    """The first `pages` mismatches as JSON, each with at most `ranges` byte ranges
+    (`ranges_total` says how many it had when cut)."""
+    out = []
+    for m in mismatches[:pages]:
+        j = m.to_json()
+        if len(m.ranges) > ranges:
+            j["ranges"] = j["ranges"][:ranges]
+            j["ranges_total"] = len(m.ranges)
+        out.append(j)
+    return out
+
+
+def tamper_fields(report: CheckReport) -> dict[str, Any]:
+    """The `tamper` event's mismatches and findings, capped, with their totals."""
+    ms, fs = report.mismatches, report.findings
+    return {"mismatches": capped_mismatches(ms),
+            "mismatches_total": len(ms),
+            "ranges_total": sum(len(m.ranges) for m in ms),
+            "findings": [f.to_json() for f in fs[:MAX_EVENT_FINDINGS]],
+            "findings_total": len(fs)}
+
+
+def _safe_name(vm: str) -> str:
+    """A VM name as one path component that stays inside the forensics root: no
+    separators, never `.`/`..` or a hidden name, bounded in length."""
+    name = _SAFE.sub("_", vm)[:100]
+    return name if name and not name.startswith(".") else "_" + name
+
+
+def forensic_dir(root: Path, vm: str, ts: float) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(ts))
+    d = root / _safe_name(vm) / f"{stamp}-{int(ts * 1000) % 1000:03d}"
+    if os.path.commonpath([os.path.abspath(d), os.path.abspath(root)]) != \
+            os.path.abspath(root):  # pragma: no cover - _safe_name makes this impossible
+        raise ActionError(f"forensic path {d} is outside {root}")
+    return d
+
+
+@dataclass(frozen=True)
+class ForensicCopy:
+    """The bytes of one forensic copy, taken at detection time; written later, off the
+    event loop, by `write_forensics`."""
+
+    dir: Path
+    files: tuple[tuple[str, bytes], ...]  # (path relative to dir, contents)
+
+
+def collect_forensics(root: Path, vm: str, report: CheckReport, mem: GuestMemory,
+                      normalized: Mapping[str, bytes | bytearray],
+                      golden: Mapping[str, GoldenRegion],
+                      max_pages: int = MAX_FORENSIC_PAGES) -> ForensicCopy:
+    """Take the forensic copy of a detection: the report (pages and ranges capped, with
+    totals), for the first `max_pages` changed pages the live bytes as found in guest
+    memory and normalized, and the baseline's hashes of those pages. Cheap (at most
+    2 × `max_pages` pages are copied): run where the detection is."""
+    d = forensic_dir(root, vm, report.ts)
+    ms = report.mismatches
+    kept = ms[:max_pages]
+    kept_ids = {id(m) for m in kept}
+    capped = dataclasses.replace(report, regions=tuple(
+        dataclasses.replace(r, mismatches=tuple(m for m in r.mismatches
+                                                if id(m) in kept_ids))
+        for r in report.regions))
+    rep = capped.to_json()
+    rep["result"] = "tampered"
+    for r in rep["regions"]:
+        for m in r["mismatches"]:
+            if len(m["ranges"]) > MAX_RANGES_PER_PAGE:
+                m["ranges_total"] = len(m["ranges"])
+                m["ranges"] = m["ranges"][:MAX_RANGES_PER_PAGE]
+    rep["mismatches_total"] = len(ms)
+    rep["pages_copied"] = len(kept)
+    files: list[tuple[str, bytes]] = [
+        ("report.json", orjson.dumps(rep, option=orjson.OPT_INDENT_2, default=str))]
     base: dict[str, Any] = {"build_id": report.build_id, "boot_profile": report.boot_profile,
                             "slide": report.slide, "regions": {}}
-    for m in report.mismatches:
-        stem = f"{m.region.lstrip('.')}-{m.page:05d}"
-        page = bytes(normalized[m.region][m.page * PAGE:(m.page + 1) * PAGE])
-        (d / "pages" / f"{stem}.normalized.bin").write_bytes(page)
-        with contextlib.suppress(TranslationError):
-            (d / "pages" / f"{stem}.live.bin").write_bytes(bytes(mem.view(m.gpa, len(page))))
+    for m in kept:
+        stem = f"pages/{m.region.lstrip('.')}-{m.page:05d}"
+        region = normalized.get(m.region)
+        if region is not None:
+            page = bytes(region[m.page * PAGE:(m.page + 1) * PAGE])
+            files.append((f"{stem}.normalized.bin", page))
+        with contextlib.suppress(TranslationError, ValueError):
+            files.append((f"{stem}.live.bin", bytes(mem.view(m.gpa, PAGE))))
         g = golden.get(m.region)
         if g is not None:
             r = base["regions"].setdefault(m.region, {"region_hash": g.region_hash.hex(),
@@ -103,9 +190,57 @@ def save_forensics(root: Path, vm: str, report: CheckReport, lk: LiveKernel,
                 r["pages"][str(m.page)] = {"hash": f"{g.page_hash(m.page):016x}",
                                            "per_boot": g.is_per_boot(m.page),
                                            "va": m.va, "gpa": m.gpa}
-    (d / "baseline.json").write_bytes(orjson.dumps(base, option=orjson.OPT_INDENT_2))
+    files.append(("baseline.json", orjson.dumps(base, option=orjson.OPT_INDENT_2)))
+    return ForensicCopy(d, tuple(files))
+
+
+def write_forensics(copy: ForensicCopy) -> Path:
+    """Write a forensic copy (blocking I/O: call it in a thread); its directory."""
+    d = copy.dir
+    (d / "pages").mkdir(parents=True, exist_ok=True, mode=0o700)
+    for rel, data in copy.files:
+        (d / rel).write_bytes(data)
     os.chmod(d, 0o700)
     return d
+
+
+def save_forensics(root: Path, vm: str, report: CheckReport, lk: LiveKernel,
+                   mem: GuestMemory, normalized: Mapping[str, bytes | bytearray],
+                   golden: Mapping[str, GoldenRegion]) -> Path:
+    """Collect and write a forensic copy at once (for callers off the event loop)."""
+    return write_forensics(collect_forensics(root, vm, report, mem, normalized, golden))
+
+
+def prune_forensics(root: Path, max_bytes: int) -> int:
+    """Remove the oldest forensic copies until `root` holds at most `max_bytes`; the
+    newest copy of each VM is never removed. Returns how many copies were removed.
+    (Blocking I/O: call it in a thread.)"""
+    if not root.is_dir():
+        return 0
+    copies: list[tuple[str, Path, int]] = []  # (dir name: UTC stamp, path, bytes)
+    newest: set[Path] = set()
+    for vm_dir in root.iterdir():
+        if not vm_dir.is_dir() or vm_dir.is_symlink():
+            continue
+        dirs = sorted((d for d in vm_dir.iterdir() if d.is_dir() and not d.is_symlink()),
+                      key=lambda d: d.name)
+        if dirs:
+            newest.add(dirs[-1])
+        for d in dirs:
+            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file()
+                       and not f.is_symlink())
+            copies.append((d.name, d, size))
+    total = sum(size for _, _, size in copies)
+    removed = 0
+    for _, d, size in sorted(copies, key=lambda c: c[0]):
+        if total <= max_bytes:
+            break
+        if d in newest:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        total -= size
+        removed += 1
+    return removed
 
 
 async def run_exec(argv: tuple[str, ...], event: dict[str, Any],

@@ -30,7 +30,7 @@ from kscan.errors import KscanError
 from scanner.examine import Examined, GoldenSet, golden_for, load_profiles
 from scanner.image.kernel_profile import KernelProfile
 from scanner.qemu.discover import expand_sockets, find_qemu_processes
-from scanner.run.actions import Action, ActionKind
+from scanner.run.actions import Action, ActionKind, prune_forensics
 from scanner.run.events import EventSink
 from scanner.run.libvirt_fleet import LibvirtFleet
 from scanner.run.scheduler import Policy, Scheduler
@@ -46,6 +46,9 @@ T = TypeVar("T")
 CACHE_SECONDS = 30.0
 UNREACHABLE_BACKOFF = 30.0
 RELOST_BACKOFF = 2.0
+#: A source that keeps failing is retried later and later, up to this.
+MAX_BACKOFF = 300.0
+PRUNE_EVERY = 3600.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,12 @@ class RunConfig:
     stats_every: float = 60.0
     strict: bool = False
     libvirt: str | None = None  # watch every running domain of this libvirt URI
+    #: --discover: the users (uids) whose QEMU processes are watched besides root's.
+    discover_uids: frozenset[int] = frozenset()
+    #: Pruning: events older than this many days (0: keep all), forensic copies beyond
+    #: this many MiB (0: no cap); never the last tamper of a VM.
+    keep_days: float = 0.0
+    forensics_max_mb: float = 0.0
 
 
 class Engine:
@@ -78,10 +87,12 @@ class Engine:
                                        thread_name_prefix="kscan-hash")
         self.watchers: dict[str, VmWatcher | None] = {}  # source → watcher (None: attaching)
         self._retry_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}  # consecutive failures of a source
         self._said: dict[str, str] = {}
         self._profiles: tuple[float, list[KernelProfile]] = (0.0, [])
         self._golden: dict[tuple[str, str], tuple[float, GoldenSet]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop
         #: Slow paths in flight at once. Each holds ~19 MB of region copies from examine
         #: to the end of its check, so this bounds memory; more would not run faster
         #: than the worker threads anyway.
@@ -136,6 +147,7 @@ class Engine:
 
     # -- main ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
         await self.sink.emit("kscan_started", None, version=__version__,
                              policy=self.cfg.policy.describe(),
                              on_tamper=self.action.describe(), strict=self.strict,
@@ -152,6 +164,8 @@ class Engine:
                          tg.create_task(self._reconcile(), name="reconcile")]
                 if self.fleet is not None:
                     tasks.append(tg.create_task(self.fleet.follow(), name="libvirt"))
+                if self.cfg.keep_days or self.cfg.forensics_max_mb:
+                    tasks.append(tg.create_task(self._prune(), name="prune"))
                 await stop.wait()
                 for t in [*tasks, *self._tasks]:
                     t.cancel()
@@ -163,7 +177,13 @@ class Engine:
 
     async def _discovery(self, tg: asyncio.TaskGroup) -> None:
         while True:
-            for src in self._sources():
+            try:
+                sources = await asyncio.to_thread(self._sources)
+            except Exception as err:  # a surprise here must not end the run
+                log.exception("discovery failed")
+                await self._say_error("discovery", err)
+                sources = []
+            for src in sources:
                 if src.path in self.watchers:
                     continue
                 if self._retry_at.get(src.path, 0.0) > time.monotonic():
@@ -174,26 +194,42 @@ class Engine:
                 t.add_done_callback(self._tasks.discard)
             await asyncio.sleep(self.cfg.discover_every)
 
+    async def _say_error(self, source: str, err: BaseException) -> None:
+        message = f"{type(err).__name__}: {err}"
+        if self._said.get(source) != message:
+            self._said[source] = message
+            await self.sink.emit("error", None, source=source, message=message,
+                                 hint="kscan goes on; this is retried")
+
     def _sources(self) -> list[VmSource]:
+        """The VMs to watch now (runs in a thread: globs and /proc reads block)."""
         out = [VmSource(SourceKind.QMP, s) for s in sorted(expand_sockets(self.cfg.qmp))]
         if self.cfg.discover:
-            for p in find_qemu_processes():
+            for p in find_qemu_processes(uids=self.cfg.discover_uids):
                 if p.qmp is None:
                     continue
                 if not p.file_backed:
                     key = f"pid:{p.pid}"
                     if key not in self._said:
                         self._said[key] = "skipped"
-                        asyncio.get_running_loop().create_task(self.sink.emit(
-                            "vm_skipped", None, pid=p.pid, qmp=p.qmp,
+                        self._loop.call_soon_threadsafe(self._spawn_emit, dict(
+                            event="vm_skipped", pid=p.pid, qmp=p.qmp,
                             reason="guest RAM is not in a memory-backend-file"))
                     continue
-                out.append(VmSource(SourceKind.DISCOVER, os.path.abspath(p.qmp)))
+                out.append(VmSource(SourceKind.DISCOVER, os.path.abspath(p.qmp), owner=p.uid))
         out.extend(VmSource(SourceKind.REPLAY, d)
                    for d in sorted(expand_sockets(self.cfg.replay)))
         if self.fleet is not None:
             out.extend(self.fleet.sources())
         return out
+
+    def _spawn_emit(self, fields: dict[str, Any]) -> None:
+        async def emit() -> None:
+            await self.sink.emit(fields.pop("event"), None, **fields)
+
+        t = self._loop.create_task(emit())
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     async def _open(self, src: VmSource) -> VmHandle:
         if src.kind is SourceKind.LIBVIRT and self.fleet is not None:
@@ -207,18 +243,28 @@ class Engine:
                 t.cancel()
         return self.watchers.pop(source, False) is not False
 
+    def _backoff(self, source: str, base: float) -> float:
+        """`base`, doubled for each failure of the source in a row, up to MAX_BACKOFF."""
+        n = self._failures.get(source, 0)
+        self._failures[source] = n + 1
+        return float(min(MAX_BACKOFF, base * 2 ** min(n, 16)))
+
     async def _watch(self, src: VmSource) -> None:
+        """One VM, isolated: whatever its inputs raise becomes an event of its own, and
+        it is retried later; no other VM notices."""
         source = src.path
         backoff = RELOST_BACKOFF
         try:
             try:
                 vm = await self._open(src)
-            except KscanError as err:
-                backoff = UNREACHABLE_BACKOFF
-                if self._said.get(source) != str(err):
-                    self._said[source] = str(err)
+            except (KscanError, Exception) as err:  # any reply of a hostile peer
+                backoff = self._backoff(source, UNREACHABLE_BACKOFF)
+                message = str(err) if isinstance(err, KscanError) else \
+                    f"{type(err).__name__}: {err}"
+                if self._said.get(source) != message:
+                    self._said[source] = message
                     await self.sink.emit("vm_unreachable", None, source=source,
-                                         message=str(err))
+                                         message=message, retry_s=backoff)
                 return
             self._said.pop(source, None)
             w = VmWatcher(self, vm, source)
@@ -228,9 +274,14 @@ class Engine:
                 await w.run()
             except Exception as err:  # a bug or a surprise must not stop the other VMs
                 log.exception("%s: watcher failed", vm.name)
+                backoff = self._backoff(source, RELOST_BACKOFF)
                 await self.sink.emit("error", vm.name, source=source,
                                      message=f"{type(err).__name__}: {err}",
-                                     hint="kscan stopped watching this VM; it is retried")
+                                     hint="kscan stopped watching this VM; it is retried",
+                                     retry_s=backoff)
+            else:
+                if w.state is WatchState.WATCHING:
+                    self._failures.pop(source, None)
         finally:
             self.watchers.pop(source, None)
             self._retry_at[source] = time.monotonic() + backoff
@@ -239,6 +290,28 @@ class Engine:
         while True:
             await asyncio.sleep(1.0)
             self.scheduler.reconcile()
+
+    async def _prune(self) -> None:
+        """Keep the event log and the forensics dir bounded (never the last tamper of
+        a VM, nor its newest forensic copy)."""
+        while True:
+            try:
+                events = 0
+                if self.cfg.keep_days:
+                    events = await self.store.prune_events(
+                        time.time() - self.cfg.keep_days * 86400, keep_last_of=("tamper",))
+                copies = 0
+                if self.cfg.forensics_max_mb:
+                    copies = await asyncio.to_thread(
+                        prune_forensics, self.forensics_dir,
+                        int(self.cfg.forensics_max_mb * (1 << 20)))
+                if events or copies:
+                    await self.sink.emit("pruned", None, events=events,
+                                         forensic_copies=copies)
+            except Exception as err:
+                log.exception("pruning failed")
+                await self._say_error("prune", err)
+            await asyncio.sleep(PRUNE_EVERY)
 
     async def _stats(self) -> None:
         last_cpu, last_t, last_scans = time.process_time(), time.monotonic(), self.scans

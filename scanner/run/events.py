@@ -1,94 +1,204 @@
 """The event stream: one JSON object per line on stdout, and the database's event log.
 
 Every event has `ts` (Unix time, float), `event` (its type) and `vm` (the VM's name, or
-null for kscan's own events), plus fields of its type (README: "Events"). Lines are
-written by one task from a bounded queue. Policy when the reader of stdout is slower
-than kscan: events of the types in `DROPPABLE` (routine `stats`) are dropped and
-counted (`dropped` in the next stats event); every other event waits for room, so no
-detection is ever lost.
+null for kscan's own events), plus fields of its type (README: "Events").
 
-Events also go to the database's append-only log, except `DROPPABLE` ones.
+Order of a detection's path: an event is appended to the database's append-only log
+first (every type except `DROPPABLE`), then queued for stdout; `emit` never waits for
+stdout, so a stalled reader cannot hold up a VM's action, scans or any other VM.
+
+Stdout is written by a thread of its own (a blocking write on the event loop would
+freeze every VM), from a bounded queue of `queue_size` lines. When the queue is full:
+
+1. `stats` (`DROPPABLE`) go first: a new one is not queued, and queued ones are evicted
+   to make room for other events; each counts in `dropped`;
+2. other events, except those in `NEVER_DROP`, are then left out of stdout only (they
+   are in the database already) and count in `dropped` too;
+3. `NEVER_DROP` events (`tamper`, `action`, `tamper_cleared`, `forensics_failed`) are
+   always queued, in a reserve of another `queue_size` lines beyond the bound; only
+   beyond that reserve would one be left out of stdout (counted, and in the database).
+
+If stdout accepts nothing for `stall_warning` seconds kscan says so on stderr, once per
+stall, and again when it flows. On close the queue is given `CLOSE_TIMEOUT` seconds to
+drain; the rest is reported on stderr (it is in the database).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import IO, Any
 
 import orjson
 
-__all__ = ["DROPPABLE", "EventSink"]
+from scanner.terminal import printable
+
+__all__ = ["DROPPABLE", "NEVER_DROP", "EventSink"]
 
 log = logging.getLogger("kscan.events")
 
 DROPPABLE = frozenset({"stats"})
+NEVER_DROP = frozenset({"tamper", "action", "tamper_cleared", "forensics_failed"})
 QUEUE_SIZE = 4096
+STALL_WARNING = 10.0
+CLOSE_TIMEOUT = 5.0
+#: Lines handed to the writer thread at once, at most this many bytes (one write call).
+BATCH_BYTES = 1 << 20
 
 
 class EventSink:
     def __init__(self, out: IO[bytes] | None = None,
                  persist: Callable[[dict[str, Any]], Any] | None = None,
-                 queue_size: int = QUEUE_SIZE) -> None:
+                 queue_size: int = QUEUE_SIZE, stall_warning: float = STALL_WARNING,
+                 close_timeout: float = CLOSE_TIMEOUT) -> None:
         self._out = out if out is not None else sys.stdout.buffer
         self._persist = persist
-        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(queue_size)
+        self._size = max(1, queue_size)
+        self._stall_warning = stall_warning
+        self._close_timeout = close_timeout
+        #: (event type, line); bounded by `_size` (+ `_size` for NEVER_DROP events).
+        self._lines: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._ready = asyncio.Event()
         self.dropped = 0
         self.written = 0
+        self.stalled = False
         self._task: asyncio.Task[None] | None = None
         #: Fields added to every event of a VM, by VM name (a libvirt domain's uuid).
         self.labels: dict[str, dict[str, Any]] = {}
+        self._thread: _WriterThread | None = None
+        self._closing = False
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._writer(), name="events")
+        loop = asyncio.get_running_loop()
+        self._thread = _WriterThread(self._out, loop)
+        self._thread.start()
+        self._task = loop.create_task(self._writer(), name="events")
 
     async def emit(self, event: str, vm: str | None, **fields: Any) -> dict[str, Any]:
         extra = self.labels.get(vm, {}) if vm is not None else {}
         ev = {"ts": time.time(), "event": event, "vm": vm, **extra, **fields}
-        if event in DROPPABLE:
+        if self._persist is not None and event not in DROPPABLE:
             try:
-                self._queue.put_nowait(ev)
-            except asyncio.QueueFull:
-                self.dropped += 1
-        else:
-            await self._queue.put(ev)
+                await self._persist(ev)
+            except Exception as err:  # the stream must go on; the log says why
+                log.error("event not stored in the database: %s", printable(err))
+        if event not in DROPPABLE:
+            log.info("%s", printable(human(ev)))
+        line = orjson.dumps(ev, option=orjson.OPT_NON_STR_KEYS, default=_default) + b"\n"
+        self._enqueue(event, line)
         return ev
 
-    async def _writer(self) -> None:
-        opts = orjson.OPT_NON_STR_KEYS
-        while True:
-            ev = await self._queue.get()
-            if ev is None:
+    def _enqueue(self, event: str, line: bytes) -> None:
+        q = self._lines
+        if len(q) >= self._size:
+            if event in DROPPABLE:
+                self.dropped += 1
                 return
-            line = orjson.dumps(ev, option=opts, default=_default) + b"\n"
+            evicted = next((i for i, (kind, _) in enumerate(q) if kind in DROPPABLE), None)
+            if evicted is not None:
+                del q[evicted]
+                self.dropped += 1
+            elif event not in NEVER_DROP or len(q) >= 2 * self._size:
+                self.dropped += 1
+                self._say_stalled()
+                return
+        q.append((event, line))
+        self._ready.set()
+
+    def _say_stalled(self) -> None:
+        if not self.stalled:
+            self.stalled = True
+            print("kscan: stdout is not being read: stats and routine events are left "
+                  "out of it (they are counted; every event but stats is in the "
+                  "database's event log)", file=sys.stderr, flush=True)
+
+    async def _writer(self) -> None:
+        assert self._thread is not None
+        while True:
+            while not self._lines:
+                if self._closing:
+                    return
+                self._ready.clear()
+                await self._ready.wait()
+            batch, size = [], 0
+            while self._lines and size < BATCH_BYTES:
+                _, line = self._lines.popleft()
+                batch.append(line)
+                size += len(line)
+            fut = self._thread.submit(b"".join(batch))
             try:
-                self._out.write(line)
-                if self._queue.empty():
-                    self._out.flush()
-            except BrokenPipeError:
-                log.warning("stdout closed; events go to the database only")
-                self._out = _Null()
-            self.written += 1
-            if ev["event"] not in DROPPABLE:
-                log.info("%s", human(ev))
-            if self._persist is not None and ev["event"] not in DROPPABLE:
-                try:
-                    await self._persist(ev)
-                except Exception as err:  # the stream must go on; the log says why
-                    log.error("event not stored in the database: %s", err)
+                await asyncio.wait_for(asyncio.shield(fut), self._stall_warning)
+            except TimeoutError:
+                self._say_stalled()
+                await fut
+            if self.stalled and not self._lines:
+                self.stalled = False
+                print("kscan: stdout is being read again", file=sys.stderr, flush=True)
+            self.written += len(batch)
 
     async def close(self) -> None:
         if self._task is None:
             return
-        await self._queue.put(None)
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        with contextlib.suppress(Exception):
-            self._out.flush()
+        self._closing = True
+        self._ready.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self._close_timeout)
+        except TimeoutError:
+            left = len(self._lines)
+            print(f"kscan: stdout did not take the last events within "
+                  f"{self._close_timeout:g}s; {left} queued line(s) not written (every "
+                  "event but stats is in the database)", file=sys.stderr, flush=True)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        except asyncio.CancelledError:
+            pass
+        if self._thread is not None:
+            self._thread.stop()
+
+
+class _WriterThread(threading.Thread):
+    """Writes batches to stdout; blocking here blocks only this (daemon) thread."""
+
+    def __init__(self, out: IO[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name="kscan-stdout", daemon=True)
+        self._out: IO[bytes] | _Null = out
+        self._loop = loop
+        self._jobs: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = \
+            queue.SimpleQueue()
+
+    def submit(self, data: bytes) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._jobs.put((data, fut))
+        return fut
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            data, fut = job
+            try:
+                self._out.write(data)
+                self._out.flush()
+            except (BrokenPipeError, ValueError, OSError) as err:
+                log.warning("stdout closed (%s); events go to the database only",
+                            type(err).__name__)
+                self._out = _Null()
+            with contextlib.suppress(RuntimeError):  # the loop may be gone at exit
+                self._loop.call_soon_threadsafe(_done, fut)
+
+
+def _done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def human(ev: dict[str, Any]) -> str:

@@ -35,7 +35,15 @@ from scanner.check.locate import REGIONS
 from scanner.check.verify import CheckReport
 from scanner.errors import BaselineMissing, ProfileError, QmpError, VmStateError
 from scanner.examine import Examined, GoldenSet, check_examined, examine, reexamine
-from scanner.run.actions import ActionKind, run_exec, save_forensics
+from scanner.run.actions import (
+    EXEC_TIMEOUT,
+    ActionKind,
+    ForensicCopy,
+    collect_forensics,
+    run_exec,
+    tamper_fields,
+    write_forensics,
+)
 from scanner.run.context import WatchContext
 from scanner.vm import VmHandle
 from translate import BackendError, TranslationError
@@ -81,6 +89,8 @@ class VmWatcher:
         self._state_at = 0.0  # monotonic time of the last run-state query
         self.patched_set: int | None = None  # the verified patching last reported
         self._resets = vm.resets()  # QEMU RESET events already accounted for
+        self._acting: set[asyncio.Task[None]] = set()  # actions and forensics under way
+        self._act_lock = asyncio.Lock()
 
     # -- helpers ---------------------------------------------------------------------
     async def emit(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -106,9 +116,14 @@ class VmWatcher:
             self.ctx.scheduler.remove(self.name)
             self._drop_reference()
             try:
-                await self.vm.close()
-            except Exception as err:  # closing must not mask why we stopped
-                log.debug("closing %s: %s", self.name, err)
+                await self._finish_actions()
+            finally:
+                for t in self._acting:
+                    t.cancel()
+                try:
+                    await self.vm.close()
+                except Exception as err:  # closing must not mask why we stopped
+                    log.debug("closing %s: %s", self.name, err)
 
     async def _run(self) -> None:
         self.ctx.scheduler.add(self.name)
@@ -170,7 +185,16 @@ class VmWatcher:
         if state.status.gone:
             raise VmGone(f"VM is {state.status}")
         profiles = await self.ctx.profiles()
+        self._check_backing()
         return await examine(self.vm, profiles, self.ctx.timed_in_worker)
+
+    def _check_backing(self) -> None:
+        """A memory file that shrank would fault the next read with SIGBUS and kill
+        kscan: give the VM up instead (the engine re-attaches it, which maps the file
+        as it is now). A truncation after this check still faults (README: SIGBUS)."""
+        why = self.vm.mem.shrunk()
+        if why is not None:
+            raise VmGone(f"guest memory file shrank: {why}; re-attaching")
 
     async def _slow(self, work: Callable[[], Awaitable[T]], urgent: bool = False) -> T:
         """Slow-path work waits for the budget like scans do: it reserves the usual
@@ -267,6 +291,7 @@ class VmWatcher:
         # the GIL released) per VM. Handing it to a worker thread cost more CPU in
         # futures and wake-ups than it saved; under a CPU budget below one core the
         # parallelism buys nothing. Slow paths (tens of ms) do go to the workers.
+        self._check_backing()  # no await from here to the reads below
         t0 = time.thread_time()
         res = check_registers(self.ref, self.vm.mem, vcpus)
         if res.ok:
@@ -289,8 +314,12 @@ class VmWatcher:
                     # Translations and registers proven unchanged: re-read just what
                     # changed. (An IDT change takes the full path: its gates must be
                     # decoded again.)
-                    ex = await self._slow(lambda: reexamine(
-                        self.vm, last, res.changed, self.ctx.timed_in_worker), urgent=True)
+                    async def reread() -> Examined:
+                        self._check_backing()
+                        return await reexamine(self.vm, last, res.changed,
+                                               self.ctx.timed_in_worker)
+
+                    ex = await self._slow(reread, urgent=True)
                 else:
                     ex = await self._slow(self._examine, urgent=True)
                 golden = await self.ctx.golden(ex)
@@ -307,28 +336,64 @@ class VmWatcher:
             await self._full_check(ex, golden, first=rebooted)
 
     async def _on_tamper(self, ex: Examined, golden: GoldenSet, report: CheckReport) -> None:
-        forensics = save_forensics(self.ctx.forensics_dir, self.name, report, ex.lk,
-                                   self.vm.mem, ex.normalized, golden.regions)
+        """Report first (the event is in the database before anything else happens),
+        then act, then write the forensic copy — the last two in a task of this
+        watcher's, so neither holds the slow-path slot this runs under, and a failing
+        disk can neither suppress the event nor delay the pause."""
         action = self.ctx.action
+        try:
+            copy: ForensicCopy | Exception = collect_forensics(
+                self.ctx.forensics_dir, self.name, report, self.vm.mem, ex.normalized,
+                golden.regions)
+        except Exception as err:  # the copy is evidence, the event is the detection
+            copy = err
         ev = await self.emit(
-            "tamper", action=action.describe(), forensics=str(forensics),
+            "tamper", action=action.describe(),
+            forensics=str(copy.dir) if isinstance(copy, ForensicCopy) else None,
             build_id=report.build_id, slide=report.slide, seen_at=self.seen_at,
-            hint=report.hint,
-            mismatches=[m.to_json() for m in report.mismatches],
-            findings=[f.to_json() for f in report.findings],
+            hint=report.hint, **tamper_fields(report),
             patched=report.patches.to_json() if report.patches else None,
         )
-        if action.kind is ActionKind.PAUSE:
+        task = asyncio.get_running_loop().create_task(
+            self._act(ev, copy), name=f"act:{self.name}")
+        self._acting.add(task)
+        task.add_done_callback(self._acting.discard)
+
+    async def _act(self, ev: dict[str, Any], copy: ForensicCopy | Exception) -> None:
+        async with self._act_lock:  # one VM's detections are acted on in order
+            action = self.ctx.action
+            if action.kind is ActionKind.PAUSE:
+                try:
+                    await self.vm.pause()
+                    state = await self.vm.run_state()
+                    await self.emit("action", action="pause", ok=state.status == "paused",
+                                    run_state=state.status)
+                except Exception as err:
+                    await self.emit("action", action="pause", ok=False,
+                                    error=_describe(err))
+            elif action.kind is ActionKind.EXEC:
+                result = await run_exec(action.argv, ev)
+                await self.emit("action", action=action.describe(), **result)
             try:
-                await self.vm.pause()
-                state = await self.vm.run_state()
-                await self.emit("action", action="pause", ok=state.status == "paused",
-                                run_state=state.status)
-            except KscanError as err:
-                await self.emit("action", action="pause", ok=False, error=str(err))
-        elif action.kind is ActionKind.EXEC:
-            result = await run_exec(action.argv, ev)
-            await self.emit("action", action=action.describe(), **result)
+                if isinstance(copy, Exception):
+                    raise copy
+                await asyncio.to_thread(write_forensics, copy)
+            except Exception as err:
+                await self.emit("forensics_failed", forensics=ev.get("forensics"),
+                                message=_describe(err),
+                                hint="the detection stands (see the tamper event); fix "
+                                     "--forensics-dir (writable, space left)")
+
+    async def _finish_actions(self) -> None:
+        """Let this VM's actions finish (bounded by the hook timeout) when it goes."""
+        if self._acting:
+            _, pending = await asyncio.wait(set(self._acting), timeout=EXEC_TIMEOUT + 5)
+            for t in pending:
+                t.cancel()
+
+
+def _describe(err: BaseException) -> str:
+    return str(err) if isinstance(err, KscanError) else f"{type(err).__name__}: {err}"
 
 
 def _change_set(report: CheckReport) -> frozenset[Any]:

@@ -13,14 +13,16 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable
 
-from scanner.errors import VmStateError
+from scanner.errors import QmpError, VmStateError
 from scanner.qemu.hmp import VcpuState
 from scanner.qemu.qmp import QmpVm, RunState
 from scanner.vm.bootprofile import BootProfile, read_boot_profile
 from translate import GuestMemory, PageWalker, RamRange, kernel_walker
 
-__all__ = ["AttachedVm", "MemoryOpener"]
+__all__ = ["ATTACH_TIMEOUT", "AttachedVm", "MemoryOpener"]
 
+#: Attaching (connect, name, RAM layout, mapping, registers) must be done within this.
+ATTACH_TIMEOUT = 60.0
 #: Opens a VM's guest memory by VM name: its RAM layout and the mapped memory.
 MemoryOpener = Callable[[str], Awaitable[tuple[list[RamRange], GuestMemory]]]
 
@@ -38,15 +40,33 @@ class AttachedVm:
         self.uuid: str | None = None  # a libvirt domain's UUID (scanner.vm.domain)
 
     @classmethod
-    async def attach(cls, socket: str | os.PathLike[str]) -> AttachedVm:
-        """Attach over a QMP socket; guest RAM from its memory-backend files."""
-        qmp = await QmpVm.connect(socket)
+    async def attach(cls, socket: str | os.PathLike[str], *, owner: int | None = None,
+                     timeout: float | None = None) -> AttachedVm:
+        """Attach over a QMP socket, within `timeout` seconds in all; guest RAM from its
+        memory-backend files. With `owner` (a uid: discovery names the QEMU process's),
+        the socket and every memory file must belong to it."""
+        path = os.fspath(socket)
+        if owner is not None:
+            try:
+                uid = os.stat(path).st_uid
+            except OSError as err:
+                raise QmpError(f"cannot stat: {err.strerror}", socket=path) from err
+            if uid != owner:
+                raise QmpError(f"socket owned by uid {uid}, not by the QEMU process's "
+                               f"uid {owner}", socket=path,
+                               hint="kscan only talks to sockets of the VM's own user")
+        qmp = await QmpVm.connect(path)
 
         async def memory(name: str) -> tuple[list[RamRange], GuestMemory]:
             layout = await qmp.ram_layout(vm=name)
-            return layout, GuestMemory(layout, name=name)
+            return layout, GuestMemory(layout, name=name, owner=owner)
 
-        return await cls.on_monitor(qmp, memory)
+        try:
+            async with qmp.deadline("attach", ATTACH_TIMEOUT if timeout is None else timeout):
+                return await cls.on_monitor(qmp, memory)
+        except BaseException:
+            await qmp.close()
+            raise
 
     @classmethod
     async def on_monitor(cls, qmp: QmpVm, memory: MemoryOpener,

@@ -33,6 +33,8 @@ class VmSource:
     kind: SourceKind
     path: str
     connect: str = ""  # LIBVIRT: the libvirt connection URI (default qemu:///system)
+    #: DISCOVER: the uid of the QEMU process; its socket and memory files must be its.
+    owner: int | None = None
 
     @classmethod
     def parse(cls, text: str | os.PathLike[str]) -> VmSource:
@@ -55,4 +57,4 @@ async def open_vm(source: VmSource | str | os.PathLike[str]) -> VmHandle:
         from scanner.vm.domain import attach_domain
 
         return await attach_domain(src.path, src.connect or "qemu:///system")
-    return await AttachedVm.attach(src.path)
+    return await AttachedVm.attach(src.path, owner=src.owner)
