@@ -76,3 +76,61 @@ def guests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestPool]:
 def kernel_profile() -> KernelProfile:
     """The profile of the Debian cloud kernel the test guests boot."""
     return profile_from_path(ensure_kernel().vmlinuz)
+
+
+# -- every event the suite emits matches the published schema -----------------------------
+
+SCHEMA = Path(__file__).resolve().parent.parent / "contrib" / "events.schema.json"
+
+
+class EmittedEvents:
+    """Events the product emitted during the test session: by every in-process engine
+    (its sink's `emit`) and by every `kscan run` a test drives (tools.kscan_run.KscanRun).
+    Not what tests feed an EventSink directly to test its mechanics."""
+
+    def __init__(self) -> None:
+        self.inproc: list[dict[str, Any]] = []
+        self.runs: list[Any] = []
+
+    def all(self) -> list[dict[str, Any]]:
+        return self.inproc + [e for r in self.runs for e in list(r.events)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def emitted_events() -> Iterator[EmittedEvents]:
+    import jsonschema
+
+    from scanner.run.engine import Engine
+    from tools.kscan_run import KscanRun
+
+    seen = EmittedEvents()
+    engine_init, run_init = Engine.__init__, KscanRun.__init__
+
+    def engine(self: Engine, *args: Any, **kwargs: Any) -> None:
+        engine_init(self, *args, **kwargs)
+        sink_emit = self.sink.emit
+
+        async def emit(event: str, vm: str | None, **fields: Any) -> dict[str, Any]:
+            ev = await sink_emit(event, vm, **fields)
+            if len(seen.inproc) < 100_000:
+                seen.inproc.append(ev)
+            return ev
+
+        self.sink.emit = emit  # type: ignore[method-assign]
+
+    def run(self: KscanRun, *args: Any, **kwargs: Any) -> None:
+        run_init(self, *args, **kwargs)
+        seen.runs.append(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Engine, "__init__", engine)
+        mp.setattr(KscanRun, "__init__", run)
+        yield seen
+    validator = jsonschema.Draft202012Validator(__import__("json").loads(SCHEMA.read_text()))
+    bad = []
+    for ev in seen.all():
+        errors = sorted(validator.iter_errors(ev), key=str)
+        if errors:
+            bad.append(f"{ev.get('event')}: {errors[0].message} (at {list(errors[0].path)})")
+    assert not bad, (f"{len(bad)} of {len(seen.all())} emitted events do not match "
+                     f"{SCHEMA.name}: " + "; ".join(sorted(set(bad))[:10]))

@@ -23,6 +23,7 @@ class FakeVm:
     def __init__(self, name: str) -> None:
         self.name = name
         self.closed = False
+        self.uuid = None
 
     async def close(self) -> None:
         self.closed = True

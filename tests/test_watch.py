@@ -126,7 +126,13 @@ def test_tampering_each_region_found_by_check_and_run(victim: Guest, db: str,
             assert [(x["region"], x["page"], x["basis"]) for x in m] == [(region, page, basis)]
             assert [(r["start"], r["end"]) for r in m[0]["ranges"]] == [(start, start + n)]
             assert m[0]["va"] % PAGE == (kernel_profile.section(region).addr + page * PAGE) % PAGE
-            assert Path(ev["forensics"], "report.json").exists()
+            # The forensic copy is written after the event and the action (a failing
+            # disk must not delay or suppress the detection): it follows within seconds.
+            report = Path(ev["forensics"], "report.json")
+            deadline = time.monotonic() + 10
+            while not report.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert report.exists()
             # The one-shot check sees the same.
             rc, rep = check_json(victim, db)
             assert rc == 1

@@ -18,6 +18,7 @@ import contextlib
 import enum
 import logging
 import os
+import re
 import stat
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ MAX_MEMDEVS = 256
 #: Feature words: QEMU reports ~40; refuse a reply far beyond that.
 MAX_FEATURE_WORDS = 1024
 _U64 = 1 << 64
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
 class RunStatus(enum.StrEnum):
@@ -227,6 +231,16 @@ class QmpVm:
         if isinstance(name, str) and name and len(name) <= 256:
             return name
         return os.path.basename(os.path.dirname(self.socket)) or self.socket
+
+    async def query_uuid(self) -> str | None:
+        """The VM's UUID (`-uuid`), or None if QEMU has none (all zeros) or the reply is
+        not a UUID."""
+        reply = await self.execute("query-uuid")
+        text = reply.get("UUID") if isinstance(reply, dict) else None
+        if (isinstance(text, str) and _UUID.fullmatch(text)
+                and text != "00000000-0000-0000-0000-000000000000"):
+            return text.lower()
+        return None
 
     async def run_state(self) -> RunState:
         reply = await self.execute("query-status")

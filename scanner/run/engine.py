@@ -269,6 +269,8 @@ class Engine:
             self._said.pop(source, None)
             w = VmWatcher(self, vm, source)
             self.watchers[source] = w
+            if vm.uuid:
+                self.sink.labels[vm.name] = {"uuid": vm.uuid}
             await self.sink.emit("vm_found", vm.name, source=source, kind=src.kind)
             try:
                 await w.run()

@@ -1,7 +1,9 @@
 """The event stream: one JSON object per line on stdout, and the database's event log.
 
-Every event has `ts` (Unix time, float), `event` (its type) and `vm` (the VM's name, or
-null for kscan's own events), plus fields of its type (README: "Events").
+Every event has `ts` (Unix time, float), `event` (its type), `severity` (critical,
+warning, notice, info), `host` (this host's name) and `vm` (the VM's name, or null for
+kscan's own events), `uuid` where the VM has one, plus fields of its type (README:
+"Events"; the JSON Schema in contrib/events.schema.json).
 
 Order of a detection's path: an event is appended to the database's append-only log
 first (every type except `DROPPABLE`), then queued for stdout; `emit` never waits for
@@ -30,6 +32,7 @@ import collections
 import contextlib
 import logging
 import queue
+import socket
 import sys
 import threading
 import time
@@ -51,6 +54,31 @@ STALL_WARNING = 10.0
 CLOSE_TIMEOUT = 5.0
 #: Lines handed to the writer thread at once, at most this many bytes (one write call).
 BATCH_BYTES = 1 << 20
+
+
+#: The host every event comes from (a SIEM sees many).
+HOST = socket.gethostname()
+
+#: Severity of each event type, in the manner of Falco's priorities. Tampering is the
+#: one critical event; what needs an operator's look is a warning; what changes a VM's
+#: standing is a notice; the rest is info.
+SEVERITY: dict[str, str] = {
+    "tamper": "critical",
+    "vm_lost": "warning", "vm_unreachable": "warning", "error": "warning",
+    "forensics_failed": "warning", "profile_missing": "warning",
+    "baseline_missing": "warning",
+    "tamper_cleared": "notice", "kernel_patched": "notice", "vm_rebooted": "notice",
+    "vm_found": "notice", "vm_skipped": "notice", "pruned": "notice", "action": "notice",
+    "reloaded": "notice",
+}
+SEVERITIES = ("critical", "warning", "notice", "info")
+
+
+def severity(event: str, fields: dict[str, Any]) -> str:
+    """The severity of an event: a failed action is a warning; unknown types are info."""
+    if event == "action" and fields.get("ok") is False:
+        return "warning"
+    return SEVERITY.get(event, "info")
 
 
 class EventSink:
@@ -83,7 +111,8 @@ class EventSink:
 
     async def emit(self, event: str, vm: str | None, **fields: Any) -> dict[str, Any]:
         extra = self.labels.get(vm, {}) if vm is not None else {}
-        ev = {"ts": time.time(), "event": event, "vm": vm, **extra, **fields}
+        ev = {"ts": time.time(), "event": event, "severity": severity(event, fields),
+              "host": HOST, "vm": vm, **extra, **fields}
         if self._persist is not None and event not in DROPPABLE:
             try:
                 await self._persist(ev)

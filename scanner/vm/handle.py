@@ -20,6 +20,7 @@ class VmHandle(Protocol):
     name: str
     mem: GuestMemory
     vcpus: list[VcpuState]
+    uuid: str | None  # the VM's UUID when it has one (QEMU -uuid, libvirt)
 
     def walker(self, vcpu: int = 0) -> PageWalker: ...
     async def refresh_vcpus(self) -> list[VcpuState]: ...

@@ -63,7 +63,12 @@ class AttachedVm:
 
         try:
             async with qmp.deadline("attach", ATTACH_TIMEOUT if timeout is None else timeout):
-                return await cls.on_monitor(qmp, memory)
+                vm = await cls.on_monitor(qmp, memory)
+                try:
+                    vm.uuid = await qmp.query_uuid()
+                except QmpError:
+                    vm.uuid = None  # an old or odd QEMU: events simply carry no uuid
+                return vm
         except BaseException:
             await qmp.close()
             raise

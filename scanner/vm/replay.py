@@ -40,6 +40,7 @@ class ReplayVm:
         self.vcpus = vcpus
         self._boot = boot
         self._state = state
+        self.uuid: str | None = None
 
     @classmethod
     async def open(cls, directory: str | os.PathLike[str]) -> ReplayVm:
