@@ -34,6 +34,7 @@ from scanner.qemu.discover import expand_sockets, find_qemu_processes
 from scanner.run.actions import Action, ActionKind, prune_forensics
 from scanner.run.events import EventSink
 from scanner.run.libvirt_fleet import LibvirtFleet
+from scanner.run.metrics import MetricsServer, VmTotals
 from scanner.run.scheduler import Policy, Scheduler
 from scanner.run.service import Notifier, monotonic_usec
 from scanner.run.watcher import VmWatcher, WatchState
@@ -76,14 +77,6 @@ class RunConfig:
     #: this many MiB (0: no cap); never the last tamper of a VM.
     keep_days: float = 0.0
     forensics_max_mb: float = 0.0
-
-
-@dataclass
-class VmTotals:
-    """What earlier watchers of a VM (by name) counted, so that per-VM counters keep
-    growing across a re-attach."""
-    scans: int = 0
-    verified_at: float | None = None
 
 
 class Engine:
@@ -499,7 +492,6 @@ async def _serve(engine: Engine, stop: asyncio.Event,
     """The engine with what operating it needs: metrics, sd_notify, SIGHUP."""
     import signal
 
-    from scanner.run.metrics import MetricsServer
     from scanner.run.service import run_service_tasks
 
     loop = asyncio.get_running_loop()

@@ -18,21 +18,22 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kscan import __version__
 from kscan.errors import KscanError
+from scanner.run.events import EventSink
+from scanner.run.scheduler import Scheduler
+from scanner.run.watcher import VmWatcher, WatchState
 
 if TYPE_CHECKING:
     import asyncio
 
     from prometheus_client.registry import Collector
 
-    from scanner.run.engine import Engine
-
-__all__ = ["MetricsServer", "Snapshot", "parse_address", "snapshot"]
+__all__ = ["MetricsServer", "Observed", "Snapshot", "VmTotals", "parse_address", "snapshot"]
 
 log = logging.getLogger("kscan.metrics")
 
@@ -41,6 +42,37 @@ SNAPSHOT_TIMEOUT = 2.0
 
 class MetricsError(KscanError):
     """--metrics cannot be served."""
+
+
+@dataclass
+class VmTotals:
+    """What earlier watchers of a VM (by name) counted, so that per-VM counters keep
+    growing across a re-attach."""
+    scans: int = 0
+    verified_at: float | None = None
+
+
+class Observed(Protocol):
+    """What the metrics read of the engine (`scanner.run.engine.Engine`)."""
+
+    @property
+    def scheduler(self) -> Scheduler: ...
+    @property
+    def sink(self) -> EventSink: ...
+    @property
+    def watchers(self) -> Mapping[str, VmWatcher | None]: ...
+    @property
+    def vm_totals(self) -> Mapping[str, VmTotals]: ...
+    @property
+    def vm_events(self) -> Mapping[str, Mapping[str, int]]: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def scans(self) -> int: ...
+    @property
+    def reloads(self) -> int: ...
+    @property
+    def ready(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -73,10 +105,8 @@ class Snapshot:
     vms: list[VmRow] = field(default_factory=list)
 
 
-def snapshot(engine: Engine) -> Snapshot:
+def snapshot(engine: Observed) -> Snapshot:
     """The engine's state, read on the event loop (nothing changes while this runs)."""
-    from scanner.run.watcher import WatchState
-
     sched = engine.scheduler
     states = {s.value: 0 for s in WatchState}
     states["attaching"] = 0
@@ -106,7 +136,7 @@ def snapshot(engine: Engine) -> Snapshot:
 class EngineCollector:
     """A prometheus-client collector reading `Snapshot`s taken on the loop."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: Observed, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
         self.loop = loop
         self._last: Snapshot | None = None
@@ -236,7 +266,7 @@ def parse_address(text: str) -> tuple[str, int]:
 class MetricsServer:
     """prometheus-client's HTTP server (a daemon thread) with kscan's own registry."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop,
+    def __init__(self, engine: Observed, loop: asyncio.AbstractEventLoop,
                  address: str) -> None:
         from prometheus_client import CollectorRegistry, start_http_server
 
