@@ -157,3 +157,15 @@ def test_run_exec_never_uses_a_shell(tmp_path: Path) -> None:
     res = asyncio.run(run_exec(act.argv, EVENT))
     assert res["ok"] is True
     assert not marker.exists()
+
+
+def test_run_exec_hook_ignoring_stdin_under_uvloop() -> None:
+    """`kscan run` runs on uvloop, which reports the pipe a hook closed unread as
+    RuntimeError (not BrokenPipeError): the action is still reported."""
+    import uvloop
+
+    async def many() -> list[dict[str, Any]]:
+        return [await run_exec(("/bin/true",), EVENT, timeout=10) for _ in range(5)]
+
+    for res in uvloop.run(many()):
+        assert res["ok"] is True and res["exit_code"] == 0

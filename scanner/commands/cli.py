@@ -23,6 +23,7 @@ from scanner.terminal import printable
 if TYPE_CHECKING:
     from scanner.check.verify import CheckReport
     from scanner.image.kernel_profile import KernelProfile
+    from scanner.run.engine import RunConfig
     from scanner.vm import VmSource
 
 EXIT_OK, EXIT_TAMPERED, EXIT_ERROR = 0, 1, 2
@@ -308,22 +309,59 @@ def _non_negative(text: str) -> float:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     import logging
-    from pathlib import Path
 
-    from scanner.run.actions import parse_action
-    from scanner.run.engine import RunConfig, install_signal_handlers, run_engine, tune_malloc
-    from scanner.run.scheduler import Policy
-    from store.paths import default_db_path
+    from scanner.run.engine import install_signal_handlers, run_engine, tune_malloc
 
-    if not (args.qmp or args.discover or args.replay or args.libvirt):
-        raise UsageError("nothing to watch", hint="give --qmp SOCK (or a glob), --discover, "
-                         "--libvirt, or --replay DIR")
+    cfg = run_config(args)
     if args.libvirt:
         from scanner.qemu.libvirt_domain import binding
 
         binding()  # fail now, in one line, if the extra is not installed
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="kscan: %(message)s", stream=sys.stderr)
+    tune_malloc()
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    if args.duration:
+        asyncio.get_running_loop().call_later(args.duration, stop.set)
+    await run_engine(cfg, args.db, stop, reloader=_reloader(args), metrics=args.metrics)
+    return EXIT_OK
+
+
+def _reloader(args: argparse.Namespace) -> Callable[[], RunConfig]:
+    """What SIGHUP calls: the command line parsed again with the configuration file
+    read again (the command line still overrides it)."""
+    argv = list(getattr(args, "argv", None) or ())
+
+    def reload() -> RunConfig:
+        import logging
+
+        from scanner.commands.config import parse_with_config
+
+        new = parse_with_config(build_parser, argv)
+        for key in ("db", "metrics", "connect", "workers"):
+            if getattr(new, key) != getattr(args, key):
+                logging.getLogger("kscan").warning(
+                    "reload: %s changed in the configuration; it takes a restart", key)
+        return run_config(new)
+
+    return reload
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """`kscan run`'s options (command line and configuration file) as a RunConfig."""
+    from pathlib import Path
+
+    from scanner.run.actions import parse_action
+    from scanner.run.engine import RunConfig
+    from scanner.run.scheduler import Policy
+    from store.paths import default_db_path
+
+    if not (args.qmp or args.discover or args.replay or args.libvirt):
+        raise UsageError("nothing to watch", hint="give --qmp SOCK (or a glob), --discover, "
+                         "--libvirt, or --replay DIR" + (
+                             f" (on the command line or in {args.config_file})"
+                             if getattr(args, "config_file", None) else ""))
     auto = args.interval == "auto"
     policy = Policy(auto=auto, fixed=0.0 if auto else float(args.interval),
                     budget=args.cpu_budget / 100 if args.cpu_budget else None,
@@ -337,13 +375,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
                     libvirt=args.connect if args.libvirt else None,
                     discover_uids=frozenset(_uid(u) for u in args.discover_user or ()),
                     keep_days=args.keep_days, forensics_max_mb=args.forensics_max_mb)
-    tune_malloc()
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
-    if args.duration:
-        asyncio.get_running_loop().call_later(args.duration, stop.set)
-    await run_engine(cfg, args.db, stop)
-    return EXIT_OK
+    return cfg
 
 
 # --------------------------------------------------------------------------- main
@@ -536,6 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: "
+                        "none; e.g. 127.0.0.1:9464, [::1]:9464)")
+    p.add_argument("--config", metavar="PATH", default=None,
+                   help="a TOML file of run options (keys: the options with _ for -, db "
+                        "included; the command line overrides it; default "
+                        "/etc/kscan/kscan.toml if it exists, --config '' for none); "
+                        "SIGHUP reads it again")
     _db_arg(p)
     p.set_defaults(func=cmd_run)
     return ap
@@ -586,7 +626,15 @@ def _input_of(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from scanner.commands.config import parse_with_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_with_config(build_parser, argv)
+    except KscanError as err:  # the configuration file: one line, exit 2
+        print(f"kscan: {printable(' '.join(str(err).split()))}", file=sys.stderr)
+        return EXIT_ERROR
+    args.argv = argv
     try:
         return run_async(args.func, args)
     except KscanError as err:

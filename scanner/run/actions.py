@@ -252,9 +252,23 @@ async def run_exec(argv: tuple[str, ...], event: dict[str, Any],
             stderr=asyncio.subprocess.PIPE)
     except OSError as err:
         return {"ok": False, "error": f"cannot run {argv[0]}: {err.strerror}"}
+    async def talk() -> bytes:
+        # The event is written here, not by communicate(): a hook that exits without
+        # reading it closes the pipe, which uvloop reports as RuntimeError (asyncio as
+        # BrokenPipeError) — the hook ran all the same; its exit code tells.
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(orjson.dumps(event, default=str) + b"\n")
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            pass
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+            proc.stdin.close()
+        _, err = await proc.communicate()
+        return err
+
     try:
-        _, err_out = await asyncio.wait_for(
-            proc.communicate(orjson.dumps(event, default=str) + b"\n"), timeout)
+        err_out = await asyncio.wait_for(talk(), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()

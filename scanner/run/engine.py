@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -33,12 +34,14 @@ from scanner.qemu.discover import expand_sockets, find_qemu_processes
 from scanner.run.actions import Action, ActionKind, prune_forensics
 from scanner.run.events import EventSink
 from scanner.run.libvirt_fleet import LibvirtFleet
+from scanner.run.metrics import MetricsServer, VmTotals
 from scanner.run.scheduler import Policy, Scheduler
+from scanner.run.service import Notifier, monotonic_usec
 from scanner.run.watcher import VmWatcher, WatchState
 from scanner.vm import SourceKind, VmHandle, VmSource, open_vm
 from store import Store
 
-__all__ = ["Engine", "RunConfig"]
+__all__ = ["Engine", "RunConfig", "VmTotals"]
 
 log = logging.getLogger("kscan.engine")
 T = TypeVar("T")
@@ -49,6 +52,10 @@ RELOST_BACKOFF = 2.0
 #: A source that keeps failing is retried later and later, up to this.
 MAX_BACKOFF = 300.0
 PRUNE_EVERY = 3600.0
+#: Events counted per VM (for --metrics).
+COUNTED_EVENTS = frozenset({"tamper", "kernel_patched"})
+#: RunConfig fields a SIGHUP cannot change (the process must be restarted for them).
+RESTART_FIELDS = ("workers", "libvirt")
 
 
 @dataclass(frozen=True)
@@ -101,9 +108,27 @@ class Engine:
         self.fleet: LibvirtFleet | None = None
         if cfg.libvirt:
             self.fleet = LibvirtFleet(cfg.libvirt, sink, self.forget)
+        # -- operations (metrics, systemd, reload) --
+        self.started_at = time.time()
+        self.vm_totals: dict[str, VmTotals] = {}
+        self.vm_events: dict[str, dict[str, int]] = {}  # vm → event type → count
+        self.first_pass = asyncio.Event()  # the first discovery pass is done
+        self.first_sources: frozenset[str] = frozenset()
+        self.ready = False
+        self.reloads = 0
+        #: SIGHUP: returns the configuration anew (re-reads the config file).
+        self.reloader: Callable[[], RunConfig] | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._prune_task: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self.notifier: Notifier | None = None  # systemd's, when run as a service
 
     # -- the watchers' context (scanner.run.context.WatchContext) -----------------------
     async def emit(self, event: str, vm: str | None, **fields: Any) -> dict[str, Any]:
+        if vm is not None and event in COUNTED_EVENTS:
+            counts = self.vm_events.setdefault(vm, {})
+            counts[event] = counts.get(event, 0) + 1
         return await self.sink.emit(event, vm, **fields)
 
     async def profiles(self) -> list[KernelProfile]:
@@ -159,16 +184,19 @@ class Engine:
             if self.fleet is not None:
                 await self.fleet.start()
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 tasks = [tg.create_task(self._discovery(tg), name="discovery"),
                          tg.create_task(self._stats(), name="stats"),
                          tg.create_task(self._reconcile(), name="reconcile")]
                 if self.fleet is not None:
                     tasks.append(tg.create_task(self.fleet.follow(), name="libvirt"))
                 if self.cfg.keep_days or self.cfg.forensics_max_mb:
-                    tasks.append(tg.create_task(self._prune(), name="prune"))
+                    self._prune_task = tg.create_task(self._prune(), name="prune")
+                    tasks.append(self._prune_task)
                 await stop.wait()
-                for t in [*tasks, *self._tasks]:
-                    t.cancel()
+                for t in [*tasks, *self._tasks, self._prune_task, self._reloading]:
+                    if t is not None:
+                        t.cancel()
         finally:
             if self.fleet is not None:
                 await self.fleet.close()
@@ -192,6 +220,9 @@ class Engine:
                 t = tg.create_task(self._watch(src), name=f"vm:{src.path}")
                 self._tasks.add(t)
                 t.add_done_callback(self._tasks.discard)
+            if not self.first_pass.is_set():
+                self.first_sources = frozenset(s.path for s in sources)
+                self.first_pass.set()
             await asyncio.sleep(self.cfg.discover_every)
 
     async def _say_error(self, source: str, err: BaseException) -> None:
@@ -241,7 +272,18 @@ class Engine:
         for t in self._tasks:
             if t.get_name() == f"vm:{source}":
                 t.cancel()
-        return self.watchers.pop(source, False) is not False
+        w = self.watchers.pop(source, False)
+        if isinstance(w, VmWatcher):
+            self._retire(w)
+        return w is not False
+
+    def _retire(self, w: VmWatcher) -> None:
+        """Keep what a watcher that ends counted (its VM may be attached again)."""
+        totals = self.vm_totals.setdefault(w.name, VmTotals())
+        totals.scans += w.scans
+        w.scans = 0  # counted once, whichever of forget() and _watch() comes last
+        if w.verified_at is not None:
+            totals.verified_at = w.verified_at
 
     def _backoff(self, source: str, base: float) -> float:
         """`base`, doubled for each failure of the source in a row, up to MAX_BACKOFF."""
@@ -285,7 +327,9 @@ class Engine:
                 if w.state is WatchState.WATCHING:
                     self._failures.pop(source, None)
         finally:
-            self.watchers.pop(source, None)
+            ended = self.watchers.pop(source, None)
+            if ended is not None:
+                self._retire(ended)
             self._retry_at[source] = time.monotonic() + backoff
 
     async def _reconcile(self) -> None:
@@ -315,6 +359,99 @@ class Engine:
                 await self._say_error("prune", err)
             await asyncio.sleep(PRUNE_EVERY)
 
+    # -- reload (SIGHUP) -------------------------------------------------------------
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the configuration, profiles and baselines. One reload at a
+        time; SIGHUPs during one make one more reload after it."""
+        self._reload_again = True
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.get_running_loop().create_task(
+                self._reload_loop(), name="reload")
+
+    async def _reload_loop(self) -> None:
+        while self._reload_again:
+            self._reload_again = False
+            await self.reload()
+
+    def settled(self, source: str) -> bool:
+        """The source has been attached, or has failed (unreachable, lost) once."""
+        if self.watchers.get(source) is not None:
+            return True
+        return source not in self.watchers and source in self._retry_at
+
+    def status(self) -> str:
+        """One line for systemd's STATUS=."""
+        watching = [w for w in self.watchers.values() if w is not None]
+        return (f"watching {len(watching)} VM(s), {self.scans} scans, "
+                f"{self.reloads} reload(s)")
+
+    async def reload(self) -> None:
+        """Apply the configuration anew without touching the watchers: VMs keep their
+        state and rhythm; the new policy, budget, action, strictness and sources apply
+        from now on. Profiles and baselines are read again at once."""
+        notifier = self.notifier
+        if notifier is not None:
+            notifier.send("RELOADING=1", monotonic_usec())
+        try:
+            new = await asyncio.to_thread(self.reloader) if self.reloader else self.cfg
+        except Exception as err:  # a bad file: keep running as configured
+            message = str(err) if isinstance(err, KscanError) else \
+                f"{type(err).__name__}: {err}"
+            await self.sink.emit("error", None, source="reload", message=message,
+                                 hint="the configuration in force is kept; fix the "
+                                      "file and reload again")
+            if notifier is not None:
+                notifier.send("READY=1", "STATUS=reload failed: configuration kept")
+            return
+        old = self.cfg
+        changed = sorted(f.name for f in dataclasses.fields(RunConfig)
+                         if getattr(old, f.name) != getattr(new, f.name))
+        restart = [n for n in changed if n in RESTART_FIELDS]
+        applied = dataclasses.replace(new, **{n: getattr(old, n) for n in RESTART_FIELDS})
+        self.cfg = applied
+        self.scheduler.policy = applied.policy
+        self.scheduler._stale()
+        self.action = applied.action
+        self.strict = applied.strict
+        self.forensics_dir = applied.forensics_dir
+        self._profiles = (0.0, [])
+        self._golden.clear()
+        if ((applied.keep_days or applied.forensics_max_mb) and self._tg is not None
+                and (self._prune_task is None or self._prune_task.done())):
+            self._prune_task = self._tg.create_task(self._prune(), name="prune")
+        dropped: list[str] = []
+        if {"qmp", "replay", "discover", "discover_uids"} & set(changed):
+            dropped = await self._drop_unconfigured()
+        profiles = await self.profiles()
+        self.reloads += 1
+        await self.sink.emit("reloaded", None, version=__version__,
+                             policy=applied.policy.describe(),
+                             on_tamper=self.action.describe(), strict=self.strict,
+                             forensics_dir=str(self.forensics_dir),
+                             sources={"qmp": list(applied.qmp), "discover": applied.discover,
+                                      "replay": list(applied.replay),
+                                      "libvirt": applied.libvirt},
+                             changed=changed, restart_needed=restart, dropped=dropped,
+                             profiles=len(profiles))
+        if notifier is not None:
+            notifier.send("READY=1", f"STATUS={self.status()}")
+
+    async def _drop_unconfigured(self) -> list[str]:
+        """Stop watching sources the configuration no longer names."""
+        try:
+            now = {s.path for s in await asyncio.to_thread(self._sources)}
+        except Exception as err:
+            await self._say_error("discovery", err)
+            return []
+        gone = [src for src in list(self.watchers) if src not in now]
+        for src in gone:
+            w = self.watchers.get(src)
+            self.forget(src)
+            self._retry_at.pop(src, None)
+            await self.sink.emit("vm_lost", w.name if w is not None else None, source=src,
+                                 reason="no longer in the configuration (reload)")
+        return gone
+
     async def _stats(self) -> None:
         last_cpu, last_t, last_scans = time.process_time(), time.monotonic(), self.scans
         while True:
@@ -332,7 +469,11 @@ class Engine:
 
 
 async def run_engine(cfg: RunConfig, db: str | None, stop: asyncio.Event,
-                     out: Any = None) -> None:
+                     out: Any = None, *, reloader: Callable[[], RunConfig] | None = None,
+                     metrics: str | None = None, notifier: Notifier | None = None) -> None:
+    """Run the engine until `stop`. `metrics`: HOST:PORT to serve Prometheus metrics on;
+    `reloader`: what SIGHUP calls for the configuration anew; `notifier`: systemd's
+    (from the environment by default; inert outside systemd)."""
     async with Store.open(db) as st:
         async def persist(ev: dict[str, Any]) -> None:
             # The log keys events by VM name; kscan's own events have vm null → "".
@@ -341,9 +482,41 @@ async def run_engine(cfg: RunConfig, db: str | None, stop: asyncio.Event,
         sink = EventSink(out, persist=persist)
         sink.start()
         try:
-            await Engine(cfg, st, sink).run(stop)
+            engine = Engine(cfg, st, sink)
+            await _serve(engine, stop, reloader, metrics, notifier or Notifier())
         finally:
             await sink.close()
+
+
+async def _serve(engine: Engine, stop: asyncio.Event,
+                 reloader: Callable[[], RunConfig] | None, metrics: str | None,
+                 notifier: Notifier) -> None:
+    """The engine with what operating it needs: metrics, sd_notify, SIGHUP."""
+    import signal
+
+    from scanner.run.service import run_service_tasks
+
+    loop = asyncio.get_running_loop()
+    engine.reloader = reloader
+    engine.notifier = notifier
+    server = MetricsServer(engine, loop, metrics) if metrics else None
+    hup = False
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, engine.request_reload)
+        hup = True
+    service = loop.create_task(run_service_tasks(engine, notifier), name="service")
+    try:
+        await engine.run(stop)
+    finally:
+        notifier.send("STOPPING=1")
+        service.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await service
+        if hup:
+            loop.remove_signal_handler(signal.SIGHUP)
+        if server is not None:
+            await asyncio.to_thread(server.close)
+        notifier.close()
 
 
 def tune_malloc() -> None:

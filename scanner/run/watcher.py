@@ -82,6 +82,7 @@ class VmWatcher:
         self.slide: int | None = None  # of the kernel last checked (a change: reboot)
         self.reported: frozenset[Any] | None = None  # the change set last reported
         self.scans = 0
+        self.verified_at: float | None = None  # Unix time of the last verdict (metrics)
         self.state = WatchState.ATTACHED
         self.seen_at: float | None = None  # when the fast path last saw a difference
         self.last: Examined | None = None  # the last check, without its region copies
@@ -237,6 +238,7 @@ class VmWatcher:
         self.last = ex.without_copies()
         self.last_report = report
         self.state = WatchState.WATCHING
+        self.verified_at = time.time()
         if first:
             self.ctx.scheduler.mark_hot(self.name)
             await self.emit("vm_identified", build_id=ex.lk.profile.build_id,
@@ -302,6 +304,7 @@ class VmWatcher:
         self.scans += 1
         self.ctx.count_scan()
         if res.ok:
+            self.verified_at = time.time()
             return
         log.info("%s: %s %s: slow path", self.name, res.reason, ",".join(res.changed))
         self.seen_at = time.time()
