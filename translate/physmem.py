@@ -185,6 +185,13 @@ class GuestMemory:
 
     def _locate(self, gpa: int, size: int) -> tuple[_Mapping, int]:
         """The mapping and host offset of [gpa, gpa+size), which must be in one range."""
+        i, delta = self._range_of(gpa, size)
+        m, off = self._slots[i]
+        return m, off + delta
+
+    def _range_of(self, gpa: int, size: int) -> tuple[int, int]:
+        """The index of the RAM range holding all of [gpa, gpa+size), and gpa's offset in
+        it; PhysicalAddressError naming the hole or the crossed boundary otherwise."""
         i = bisect.bisect_right(self._starts, gpa) - 1
         if i < 0 or gpa < 0:
             raise PhysicalAddressError(gpa, size, "below the first RAM range")
@@ -195,8 +202,7 @@ class GuestMemory:
         if size < 0 or gpa + size > r.end:
             raise PhysicalAddressError(gpa, size, f"crosses the end of RAM range "
                                        f"{r.gpa:#x}-{r.end - 1:#x}")
-        m, off = self._slots[i]
-        return m, off + (gpa - r.gpa)
+        return i, gpa - r.gpa
 
     def contains(self, gpa: int, size: int = 1) -> bool:
         try:

@@ -25,7 +25,6 @@ not blocked by Yama's `ptrace_scope` ≥ 2) or CAP_SYS_PTRACE.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import itertools
 import os
@@ -126,18 +125,9 @@ class HostMemory(GuestMemory):
             r.close()
 
     def _where(self, gpa: int, size: int) -> tuple[_Mapping | ProcessReader, int]:
-        i = bisect.bisect_right(self._starts, gpa) - 1
-        if i < 0 or gpa < 0:
-            raise PhysicalAddressError(gpa, size, "below the first RAM range")
-        r = self.ranges[i]
-        if gpa >= r.end:
-            raise PhysicalAddressError(gpa, size, f"not RAM on {self.name} (in a hole or past "
-                                       f"the top of RAM {self.top:#x})")
-        if size < 0 or gpa + size > r.end:
-            raise PhysicalAddressError(gpa, size, f"crosses the end of RAM range "
-                                       f"{r.gpa:#x}-{r.end - 1:#x}")
+        i, delta = self._range_of(gpa, size)
         backend, off = self._host[i]
-        return backend, off + (gpa - r.gpa)
+        return backend, off + delta
 
     def contains(self, gpa: int, size: int = 1) -> bool:
         try:
