@@ -49,7 +49,11 @@ examples:
   kscan check --qmp /run/vm7/qmp.sock              verify once: exit 0 clean, 1 tampered
   kscan run --qmp '/run/*/qmp.sock' --interval auto    watch them all (JSON lines)
   kscan check --libvirt web01                      a libvirt domain (kscan[libvirt])
+  kscan check --qmp /run/vm7/qmp.sock --strict     tracing counts as tampering too
   kscan run --libvirt                              every running libvirt domain
+  kscan run --config /etc/kscan/kscan.toml         as the systemd unit runs it
+  kscan export --out base.kscan --key signer.pem   share verified baselines
+  kscan import base.kscan --trust signer.pub.pem   trust them on another host
 
 The database defaults to $XDG_STATE_HOME/kscan/kscan.db (~/.local/state/kscan/kscan.db);
 --db PATH chooses another.
