@@ -47,8 +47,8 @@ class KernelImageError(KscanError):
 class ProfileError(KscanError):
     """No stored kernel profile fits a VM, or its KASLR slide cannot be found."""
 
-    def __init__(self, message: str, *, vm: str, version: str | None = None,
+    def __init__(self, message: str, *, vm: str | None, version: str | None = None,
                  hint: str = "") -> None:
         self.vm = vm
         self.version = version
-        super().__init__(f"VM {vm}: {message}", hint=hint)
+        super().__init__(f"VM {vm}: {message}" if vm else message, hint=hint)

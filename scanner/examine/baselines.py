@@ -35,7 +35,7 @@ async def load_profiles(st: Store, *, required: bool = True) -> list[KernelProfi
         if row is not None:
             out.append(KernelProfile.from_bytes(row.data))
     if not out and required:
-        raise ProfileError("the database has no kernel profiles", vm="-",
+        raise ProfileError("the database has no kernel profiles", vm=None,
                            hint="add the guests' kernel first: kscan profile add "
                                 "/path/to/vmlinuz-RELEASE")
     return out
