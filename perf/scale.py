@@ -298,7 +298,6 @@ def main(argv: list[str] | None = None) -> int:
             log(f"fleet: {have} -> {n} replayed VMs")
             grow(have, n)
             have = n
-            added = started if args.cold else time.monotonic()
             t0, warm_mark = time.monotonic(), k.mark()
             if args.cold:
                 t0, warm_mark = started, 0
@@ -309,11 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"tampering reported on untouched VM {false[0]['vm']}")
                 time.sleep(1)
             warm = time.monotonic() - t0
-            if args.cool:
-                rest = HOT_SECONDS + 5 - (time.monotonic() - added)
-                log(f"{n} VMs verified after {warm:.0f}s; {max(0.0, rest):.0f}s more until "
+            if args.cool:  # a VM is hot for HOT_SECONDS after its first check
+                log(f"{n} VMs verified after {warm:.0f}s; {HOT_SECONDS + 5:.0f}s more until "
                     "none is hot")
-                time.sleep(max(0.0, rest))
+                time.sleep(HOT_SECONDS + 5)
             stats = settle(k, args.settle)
             period = stats["period_s"]
             window = args.window or max(20.0, 2 * period)
