@@ -24,7 +24,11 @@ point, once every VM has had its first check:
 Targets at 500 VMs: latency p99 ≤ 15 s within a 10 % budget; USS ≤ 150 MB, growing by
 < 0.2 MB per VM. Writes perf/scale.png (latency and CPU vs VM count).
 
-    python perf/scale.py [--points 100,300,500] [--tampers 24] [--json]
+`--cold`: the whole fleet (the largest point) is there before kscan starts, so every VM
+is first checked in one start-up burst (`--startup-budget`); the steady state measured
+after it must be the one growth gives (fleet period, CPU, latency).
+
+    python perf/scale.py [--points 100,300,500] [--tampers 24] [--cold] [--json]
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from perf.common import OUT, ROOT, database, emit, log, machine, recordings, run
 from scanner.check.locate import locate_kernel
 from scanner.examine import load_profiles
+from scanner.run.scheduler import HOT_SECONDS
 from scanner.vm.replay import ReplayVm
 from store import Store
 from tools.kscan_run import KscanRun
@@ -237,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the replayed fleet and the database go")
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
     ap.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib)")
+    ap.add_argument("--cool", action="store_true",
+                    help="measure each point only once no VM is hot any more (attached in "
+                         "the last 5 minutes): the steady state of a fleet at rest")
+    ap.add_argument("--cold", action="store_true",
+                    help="a cold start: the largest point's VMs all there before kscan "
+                         "starts (one point), instead of a growing fleet")
     args = ap.parse_args(argv)
     if not args.no_plot:
         missing = missing_modules(("matplotlib",))
@@ -245,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                   "extras (pip install -e '.[perf]') or pass --no-plot", file=sys.stderr)
             return 2
     points_n = [int(x) for x in args.points.split(",")]
+    if args.cold:
+        points_n = [max(points_n)]
     rng = random.Random(args.seed)
 
     recs = recordings(args.distinct)
@@ -255,28 +268,39 @@ def main(argv: list[str] | None = None) -> int:
     db = database(work, recs[0])
     targets = run(text_targets(recs, db))
     log(f"REPLAYED VMs: {len(recs)} real guests recorded, copied per VM; no QEMU runs")
+    source_of: dict[str, str] = {}
+
+    def grow(have: int, n: int) -> None:
+        staging = work / "staging"
+        for i in range(have, n):
+            src = recs[i % len(recs)]
+            shutil.rmtree(staging, ignore_errors=True)
+            (d,) = clone(src, str(staging / "vm"), 1, i)
+            final = fleet / f"vm{i:04d}"
+            d.rename(final)  # appears complete, or not at all
+            data = json.loads((final / "vm.json").read_text())
+            data["name"] = final.name
+            (final / "vm.json").write_text(json.dumps(data))
+            source_of[final.name] = src.name
+
+    have = 0
+    if args.cold:
+        log(f"cold start: {points_n[0]} replayed VMs there before kscan starts")
+        grow(0, points_n[0])
+        have = points_n[0]
+    started = time.monotonic()
     k = Kscan(["--replay", str(fleet / "vm*"), "--db", db, "--interval", "auto",
                "--cpu-budget", str(args.budget), "--stats-every", "5",
                "--forensics-dir", str(work / "forensics")], work / "run.err")
-    source_of: dict[str, str] = {}
     points = []
     try:
-        have = 0
         for n in points_n:
             log(f"fleet: {have} -> {n} replayed VMs")
-            staging = work / "staging"
-            for i in range(have, n):
-                src = recs[i % len(recs)]
-                shutil.rmtree(staging, ignore_errors=True)
-                (d,) = clone(src, str(staging / "vm"), 1, i)
-                final = fleet / f"vm{i:04d}"
-                d.rename(final)  # appears complete, or not at all
-                data = json.loads((final / "vm.json").read_text())
-                data["name"] = final.name
-                (final / "vm.json").write_text(json.dumps(data))
-                source_of[final.name] = src.name
+            grow(have, n)
             have = n
             t0, warm_mark = time.monotonic(), k.mark()
+            if args.cold:
+                t0, warm_mark = started, 0
             while k.count("vm_clean") < n:
                 with k.cond:
                     false = [e for e in k.events[warm_mark:] if e["event"] == "tamper"]
@@ -284,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"tampering reported on untouched VM {false[0]['vm']}")
                 time.sleep(1)
             warm = time.monotonic() - t0
+            if args.cool:  # a VM is hot for HOT_SECONDS after its first check
+                log(f"{n} VMs verified after {warm:.0f}s; {HOT_SECONDS + 5:.0f}s more until "
+                    "none is hot")
+                time.sleep(HOT_SECONDS + 5)
             stats = settle(k, args.settle)
             period = stats["period_s"]
             window = args.window or max(20.0, 2 * period)
@@ -306,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0),
                 "latency_p99_s": percentile(lat, 0.99), "latency_p50_s": percentile(lat, 0.5),
                 "latency_max_s": max(lat), "latency_samples": len(lat), "uss_mb": uss,
-                "warmup_s": warm,
+                "warmup_s": warm, "cold": args.cold, "cool": args.cool,
+                "period_factor": stats.get("period_factor"),
             })
             log(json.dumps(points[-1]))
     finally:

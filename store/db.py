@@ -310,6 +310,14 @@ class Store:
         return [ProfileInfo(str(r[0]), str(r[1]), str(r[2]), float(r[3]), int(r[4]))
                 for r in rows]
 
+    async def profile_size(self, build_id: str) -> int | None:
+        """The length of the stored profile's data (None if none): changes when the
+        profile is replaced by a richer one (`add_profile(..., replace=True)`)."""
+        async with self._reading("profile_size") as conn:
+            rows = list(await conn.execute_fetchall(
+                "SELECT length(data) FROM profile WHERE build_id = ?", (build_id,)))
+        return int(rows[0][0]) if rows else None
+
     async def find_profiles_by_release(self, release: str) -> list[ProfileRow]:
         """Profiles (with data) whose release (`uname -r`) equals `release`, oldest first."""
         async with self._reading("find_profiles_by_release") as conn:
@@ -471,6 +479,33 @@ class Store:
         """Forget the state of `vm_id`; True if there was one."""
         async with self._writing("delete_vm_state") as conn:
             cur = await conn.execute("DELETE FROM vm_state WHERE vm_id = ?", (vm_id,))
+            deleted = cur.rowcount > 0
+            await cur.close()
+        return deleted
+
+    async def put_resume(self, vm_id: str, state: bytes) -> None:
+        """Replace what VM `vm_id` resumes from after a restart (opaque bytes). The VM's
+        per-VM state must be stored (StoreError otherwise); deleting it deletes this."""
+        _check_str("vm_id", vm_id)
+        if not isinstance(state, bytes):
+            raise TypeError(f"state must be bytes, got {type(state).__name__}")
+        async with self._writing("put_resume") as conn:
+            await conn.execute(
+                "INSERT INTO vm_resume (vm_id, state, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (vm_id) DO UPDATE SET state = excluded.state,"
+                " updated_at = excluded.updated_at", (vm_id, state, time.time()))
+
+    async def get_resume(self, vm_id: str) -> bytes | None:
+        """What `put_resume` stored for `vm_id`, or None."""
+        async with self._reading("get_resume") as conn:
+            rows = list(await conn.execute_fetchall(
+                "SELECT state FROM vm_resume WHERE vm_id = ?", (vm_id,)))
+        return bytes(rows[0][0]) if rows else None
+
+    async def delete_resume(self, vm_id: str) -> bool:
+        """Forget what `vm_id` resumes from; True if there was something."""
+        async with self._writing("delete_resume") as conn:
+            cur = await conn.execute("DELETE FROM vm_resume WHERE vm_id = ?", (vm_id,))
             deleted = cur.rowcount > 0
             await cur.close()
         return deleted

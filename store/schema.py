@@ -11,7 +11,7 @@ one that has shipped. Statements run one by one inside the transaction (so no
 rebuilds a table must keep the references valid (`PRAGMA foreign_key_check` runs
 before the commit).
 
-Tables (v2):
+Tables (v3):
     profile         build_id → release, version, data (opaque profile bytes)
     golden          (build_id, boot_profile) → source_vm, created_at; FK → profile
     golden_region   (build_id, boot_profile, name) → size, hashes, per_boot, boots, meta
@@ -19,6 +19,9 @@ Tables (v2):
                     normalized region bytes; optional, read only on demand);
                     FK → golden, ON DELETE CASCADE                              [v2]
     vm_state        vm_id → state (JSON, store.codec)
+    vm_resume       vm_id → state (opaque bytes: what a fast pass needs to resume the VM
+                    after a restart, `scanner.check.resume`); FK → vm_state,
+                    ON DELETE CASCADE                                            [v3]
     event           append-only log; UPDATE and DELETE are refused by triggers (only
                     `Store.prune_events` removes old rows, by age, keeping the last
                     tamper of each VM)
@@ -112,8 +115,18 @@ _V2 = Migration(2, "golden_content: stored region bytes of golden baselines", (
     )""",
 ))
 
+# Kept apart from vm_state: written after every clean full check, read once per VM at
+# start, and dropped with the VM's per-VM state (a reset, a re-baseline of the VM).
+_V3 = Migration(3, "vm_resume: the fast-pass state a restarted kscan resumes a VM from", (
+    """CREATE TABLE vm_resume (
+        vm_id       TEXT PRIMARY KEY NOT NULL REFERENCES vm_state (vm_id) ON DELETE CASCADE,
+        state       BLOB NOT NULL CHECK (typeof(state) = 'blob'),
+        updated_at  REAL NOT NULL
+    )""",
+))
+
 #: In order, versions 1, 2, 3, ... with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
 
 #: The newest schema this code knows.
 SCHEMA_VERSION = MIGRATIONS[-1].version

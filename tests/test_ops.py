@@ -385,8 +385,8 @@ def test_config_values_and_command_line_override(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("cpu_budgte = 5", "unknown key 'cpu_budgte'"),
     ("cpu-budget = 5", "unknown key 'cpu-budget' (did you mean cpu_budget?)"),
-    ('cpu_budget = "ten"', "cpu_budget: --cpu-budget 'ten': a percentage"),
-    ("cpu_budget = 100000", "cpu_budget: --cpu-budget 100000: must be > 0"),
+    ('cpu_budget = "ten"', "cpu_budget: 'ten' is not a percentage"),
+    ("cpu_budget = 100000", "cpu_budget: 100000%: must be > 0"),
     ("strict = 1", "strict: expected true or false, got an integer"),
     ('workers = "2"', "workers: expected an integer, got a string"),
     ("workers = true", "workers: expected an integer, got a boolean"),

@@ -51,3 +51,9 @@ def test_scale_runs(tmp_path: Path) -> None:
 def test_events_runs() -> None:
     f = bench("events.py", "--events", "2000", "--rounds", "1")
     assert f["events_per_s"] > 0 and f["writer_vs_bare"] > 0
+
+
+def test_startup_runs(tmp_path: Path) -> None:
+    f = bench("startup.py", "--vms", "4", "--distinct", "2", "--work", str(tmp_path / "st"))
+    assert f["vms"] == 4 and f["cold_s"] > 0 and f["warm_s"] > 0
+    assert f["warm_resumed"] == 4  # the restart resumed every VM from its persisted state

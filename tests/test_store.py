@@ -383,6 +383,52 @@ def test_vm_state_round_trip_with_bytes(db: Path) -> None:
     assert text == ("{}",)
 
 
+def test_resume_state_needs_the_vm_state_and_goes_with_it(db: Path) -> None:
+    async def body() -> None:
+        async with Store.open(db) as st:
+            assert await st.get_resume("vm-a") is None
+            with pytest.raises(StoreError):  # no per-VM state to resume from
+                await st.put_resume("vm-a", b"record")
+            await st.put_vm_state("vm-a", {"boot": 1})
+            await st.put_resume("vm-a", b"record")
+            await st.put_resume("vm-a", b"newer")
+            assert await st.get_resume("vm-a") == b"newer"
+            await st.put_vm_state("vm-a", {"boot": 2})  # replaced: the record stays
+            assert await st.get_resume("vm-a") == b"newer"
+            assert await st.delete_vm_state("vm-a")  # a reset: the record goes with it
+            assert await st.get_resume("vm-a") is None
+            await st.put_vm_state("vm-b", {})
+            await st.put_resume("vm-b", b"x")
+            assert await st.delete_resume("vm-b") and not await st.delete_resume("vm-b")
+            with pytest.raises(TypeError):
+                await st.put_resume("vm-b", "not bytes")  # type: ignore[arg-type]
+    run(body)
+    con = raw(db)
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        con.execute("INSERT INTO vm_resume VALUES ('vm-b', 'text, not blob', 1.0)")
+
+
+def test_v2_database_migrates_to_v3_keeping_vm_state(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store.schema, "MIGRATIONS", MIGRATIONS[:2])
+
+    async def v2() -> None:
+        async with Store.open(db) as st:
+            assert st.schema_version == 2
+            await st.put_vm_state("vm-a", {"kept": True})
+    run(v2)
+    monkeypatch.undo()
+
+    async def v3() -> None:
+        async with Store.open(db) as st:
+            assert st.schema_version == 3
+            assert await st.get_vm_state("vm-a") == {"kept": True}
+            assert await st.get_resume("vm-a") is None
+            await st.put_resume("vm-a", b"record")
+            assert await st.get_resume("vm-a") == b"record"
+    run(v3)
+
+
 @pytest.mark.parametrize(("bad", "exc"), [
     ({"x": {1, 2}}, TypeError),
     ({"x": {1: "int key"}}, TypeError),
@@ -545,7 +591,9 @@ def test_migration_from_v1_applies_newer_steps(db: Path,
     assert con.execute("SELECT x FROM v2_marker").fetchall() == [(3,)]
 
 
-def test_v1_database_migrates_to_v2_keeping_its_data(db: Path) -> None:
+def test_v1_database_migrates_to_v2_keeping_its_data(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store.schema, "MIGRATIONS", MIGRATIONS[:2])
     _make_v1_by_hand(db)
     con = raw(db)
     con.execute("INSERT INTO golden VALUES ('b1', 'p', 'vm-old', 7.0)")

@@ -373,3 +373,97 @@ def test_urgent_work_skips_the_queue() -> None:
     order = asyncio.run(go())
     assert order.index("urgent") <= 1, order  # at most the scan already waiting goes first
     assert sorted(order) == ["scan0", "scan1", "scan2", "urgent"]
+
+
+# -- the start-up burst ----------------------------------------------------------------------
+
+def test_the_startup_burst_refills_at_its_budget_until_every_first_verdict(
+        clock: FakeClock) -> None:
+    s = Scheduler(Policy(budget=0.10, startup_budget=1.0, min_interval=0.01,
+                         max_interval=1e9))
+    assert s.starting and "100% until every VM is verified" in s.policy.describe()
+    for vm in ("a", "b"):
+        s.expect(vm)
+        s.add(vm)
+    s._tokens = -5.0
+    clock.t += 1.0
+    s._refill()
+    assert s._tokens == pytest.approx(-4.0)  # one core's worth per second
+    # The period is the steady one throughout (routine scans keep their rhythm).
+    s.record("a", 0.01)
+    s.record("b", 0.01)
+    clock.t += sched.PERIOD_REFRESH + 0.01
+    assert s.period() == pytest.approx(2 * 0.01 / 0.5 / 0.10)
+    s.verdict("a")
+    assert s.starting and s.pending() == 1
+    s.remove("b")  # gone before its verdict: not waited for
+    assert not s.starting and s.pending() == 0
+    debt = s._tokens  # refilled at one core until the burst ended, kept as it was
+    assert debt == pytest.approx(-4.0 + sched.PERIOD_REFRESH + 0.01)
+    clock.t += 1.0
+    s._refill()
+    assert s._tokens == pytest.approx(debt + 0.10)  # steady refill from here
+    s.expect("c")  # a VM that appears later is not a start-up
+    assert s.pending() == 0
+
+
+def test_no_burst_when_the_startup_budget_is_not_larger() -> None:
+    for sb in (None, 0.05, 0.10):
+        s = Scheduler(Policy(budget=0.10, startup_budget=sb))
+        assert not s.starting
+        s.expect("a")
+        assert s.pending() == 0
+    assert not Scheduler(Policy(budget=None, startup_budget=1.0)).starting
+
+
+def _first_checks(s: Scheduler, clock: FakeClock, vms: list[str], rate: float) -> None:
+    """Each VM's first check (30 ms charged, 5 ms more uncounted) at CPU rate `rate`,
+    reconciled every simulated second, then its first three fast passes (1 ms)."""
+    for vm in vms:
+        s.expect(vm)
+        s.add(vm)
+    due = clock.t + 1.0
+    for vm in vms:
+        s.settle(0.0, 0.030)
+        s.record_slow(0.030)
+        clock.cpu += 0.035
+        clock.t += 0.035 / rate
+        while clock.t >= due:
+            s.reconcile()
+            due += 1.0
+        s.verdict(vm)
+    for vm in vms:
+        for _ in range(3):
+            s.record(vm, 0.001)
+
+
+def _steady(s: Scheduler, clock: FakeClock, seconds: int) -> float:
+    """Run at exactly the budget for `seconds` and until every VM is cool; the period."""
+    for _ in range(seconds + int(HOT_SECONDS) + 1):
+        clock.t += 1.0
+        clock.cpu += 0.10
+        s.reconcile()
+    return s.period()
+
+
+def test_a_cold_start_leaves_the_steady_state_growth_gives(clock: FakeClock) -> None:
+    """500 VMs verified at once at one core, or 100 at a time at 10 %: the same fast-pass
+    costs and the same feedback factor, so the same period. First checks (30x a fast
+    pass) teach nothing to the scan-cost estimate, and the burst's CPU rate (10x the
+    budget) nothing to the feedback. Both runs end at the budget, where the factor
+    holds still: the period must agree to within float rounding (1e-9)."""
+    vms = [f"vm{i:03d}" for i in range(500)]
+    cold = Scheduler(Policy(budget=0.10, startup_budget=1.0, min_interval=0.01,
+                            max_interval=1e9))
+    _first_checks(cold, clock, vms, rate=1.0)
+    assert not cold.starting
+    p_cold = _steady(cold, clock, 30)
+    grown = Scheduler(Policy(budget=0.10, min_interval=0.01, max_interval=1e9))
+    for i in range(0, 500, 100):
+        _first_checks(grown, clock, vms[i:i + 100], rate=0.10)
+        _steady(grown, clock, 30)
+    p_grown = _steady(grown, clock, 30)
+    assert cold.cost("vm000") == pytest.approx(0.001) == grown.cost("vm499")
+    assert p_cold == pytest.approx(p_grown, rel=1e-9)
+    assert p_cold == pytest.approx(500 * 0.001 * cold.overhead / 0.10)
+    assert cold.overhead == pytest.approx(1.0)

@@ -545,3 +545,191 @@ def test_the_same_tampering_after_a_reboot_is_reported_again(world: dict[str, An
     assert [(m.region, m.page) for m in report.mismatches] == [(".text", TAMPER_PAGE)]
     # ...and reported again, though it is the change reported before the reboot.
     assert "tamper" in kinds
+
+
+# -- a restart of kscan: resuming from the persisted state ----------------------------------
+
+class Counted:
+    """Counts the slow paths (`examine`, `reexamine`) a watcher takes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.examines = 0
+        real_examine, real_reexamine = watcher_mod.examine, watcher_mod.reexamine
+
+        async def examine(*a: Any, **k: Any) -> Examined:
+            self.examines += 1
+            return await real_examine(*a, **k)
+
+        async def reexamine(*a: Any, **k: Any) -> Examined:
+            self.examines += 1
+            return await real_reexamine(*a, **k)
+
+        monkeypatch.setattr(watcher_mod, "examine", examine)
+        monkeypatch.setattr(watcher_mod, "reexamine", reexamine)
+
+
+async def _first_run(world: dict[str, Any], st: Store, ram: SyntheticRam
+                     ) -> tuple[Path, dict[str, Any]]:
+    """kscan's first run over the VM: checked in full, clean; then kscan stops."""
+    ctx, vm, _, task, mem = await _start(world, st, ram)
+    clean = await ctx.wait("vm_clean", 0)
+    assert clean["per_vm_baseline_taken"] and "resumed" not in clean
+    assert await st.get_resume(vm.name) is not None
+    vm.lost = "kscan stopped"
+    await _finish(task)
+    return mem, clean
+
+
+async def _second_run(world: dict[str, Any], st: Store
+                      ) -> tuple[Ctx, LosableVm, VmWatcher, asyncio.Task[None]]:
+    """kscan started again over the same VM (its memory as the test left it)."""
+    ctx = Ctx(st, world["tmp"] / "forensics")
+    vm = await LosableVm.open(world["tmp"] / "life")
+    assert isinstance(vm, LosableVm)
+    w = VmWatcher(ctx, vm, "replay:" + str(world["tmp"] / "life"))
+    return ctx, vm, w, asyncio.create_task(w.run())
+
+
+def test_a_restart_resumes_an_unchanged_vm_with_one_fast_pass(
+        world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VM did not change while kscan was down: its verdict comes from one fast pass
+    against the persisted state, with no slow path; watching goes on from there (a
+    tampering afterwards is found and localized as always)."""
+    async def go() -> None:
+        async with Store.open(world["db"]) as st:
+            ram = build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False)
+            mem, first = await _first_run(world, st, ram)
+            counted = Counted(monkeypatch)
+            ctx, vm, w, task = await _second_run(world, st)
+            clean = await ctx.wait("vm_clean", 0)
+            assert ctx.kinds() == ["vm_identified", "vm_clean"]
+            assert counted.examines == 0 and ctx.scans == 1  # one fast pass, no slow path
+            ident = ctx.events[0]
+            assert ident["resumed"] is True and ident["slide"] == SLIDE
+            assert ident["build_id"] == BUILD_ID.hex() and ident["boot_profile"] == BOOT.key
+            assert clean["resumed"] is True and clean["per_vm_baseline_taken"] is False
+            assert clean["regions"] == first["regions"]
+            assert w.resumed and state_of(w) is WatchState.WATCHING and w.slide == SLIDE
+            assert ctx.scheduler.cost(vm.name) < 0.05  # learnt from that fast pass
+            await ctx.scans_after(3)
+            assert counted.examines == 0 and ctx.kinds() == ["vm_identified", "vm_clean"]
+            # Watching after a resume finds a tampering like after a full check.
+            poke(mem, 0x10_0000 + TAMPER_PAGE * PAGE + TAMPER_AT, b"\xe9\x11\x22\x33\x44")
+            tamper = await ctx.wait("tamper", 2)
+            assert [(m["region"], m["page"]) for m in tamper["mismatches"]] == [
+                (".text", TAMPER_PAGE)]
+            assert counted.examines == 1
+            vm.lost = "done"
+            await _finish(task)
+
+    asyncio.run(asyncio.wait_for(go(), 15))
+
+
+def test_a_vm_changed_while_kscan_was_down_takes_the_full_path(
+        world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        async with Store.open(world["db"]) as st:
+            ram = build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False)
+            mem, _ = await _first_run(world, st, ram)
+            poke(mem, 0x10_0000 + TAMPER_PAGE * PAGE + TAMPER_AT, b"\xe9\x11\x22\x33\x44")
+            counted = Counted(monkeypatch)
+            ctx, vm, w, task = await _second_run(world, st)
+            tamper = await ctx.wait("tamper", 0)
+            assert counted.examines == 1 and not w.resumed
+            assert "vm_clean" not in ctx.kinds()
+            assert "resumed" not in ctx.events[ctx.kinds().index("vm_identified")]
+            (m,) = tamper["mismatches"]
+            assert (m["region"], m["page"], m["basis"]) == (".text", TAMPER_PAGE, "golden")
+            vm.lost = "done"
+            await _finish(task)
+
+    asyncio.run(asyncio.wait_for(go(), 15))
+
+
+def test_a_vm_rebooted_while_kscan_was_down_takes_the_full_path(
+        world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another slide: other page-table entries, other bytes — a new boot, checked in
+    full, with a new per-VM baseline."""
+    async def go() -> None:
+        async with Store.open(world["db"]) as st:
+            ram = build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False)
+            mem, _ = await _first_run(world, st, ram)
+            rebooted = build_ram(REBOOT_SLIDE, 0x20_0000, 0x3333, text_writable=False)
+            poke(mem, 0, bytes(rebooted.data))
+            counted = Counted(monkeypatch)
+            ctx, vm, w, task = await _second_run(world, st)
+            clean = await ctx.wait("vm_clean", 0)
+            assert counted.examines == 1 and not w.resumed
+            assert ctx.kinds() == ["vm_identified", "vm_clean"]
+            assert ctx.events[0]["slide"] == REBOOT_SLIDE and "resumed" not in ctx.events[0]
+            assert clean["per_vm_baseline_taken"] is True and "resumed" not in clean
+            state = await st.get_vm_state(vm.name)
+            assert state is not None and state["boot"]["slide"] == REBOOT_SLIDE
+            vm.lost = "done"
+            await _finish(task)
+            # ...and the state persisted now is the new boot's: a restart resumes it.
+            ctx2, vm2, w2, task2 = await _second_run(world, st)
+            await ctx2.wait("vm_clean", 0)
+            assert w2.resumed and counted.examines == 1 and w2.slide == REBOOT_SLIDE
+            vm2.lost = "done"
+            await _finish(task2)
+
+    asyncio.run(asyncio.wait_for(go(), 15))
+
+
+@pytest.mark.parametrize("corrupt", [
+    b"", b"\x00\xff garbage", b"[]", b'{"format": 2}', b'{"format": 1}',
+    "fields of the wrong type", "a saved run outside RAM", "another per-VM state",
+])
+def test_a_corrupt_or_stale_persisted_state_is_ignored(
+        world: dict[str, Any], monkeypatch: pytest.MonkeyPatch, corrupt: bytes | str) -> None:
+    """Whatever the persisted record holds, it is used only if it parses completely and
+    proves the VM unchanged; otherwise the VM is checked in full, as on a first start,
+    and a good record is written again."""
+    async def go() -> None:
+        import orjson
+
+        async with Store.open(world["db"]) as st:
+            ram = build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False)
+            await _first_run(world, st, ram)
+            good = await st.get_resume("life")
+            assert good is not None
+            doc = orjson.loads(good)
+            if corrupt == "fields of the wrong type":
+                doc["slide"], doc["digests"][".text"] = str(doc["slide"]), 17
+                blob = orjson.dumps(doc)
+            elif corrupt == "a saved run outside RAM":
+                doc["runs"][".text"] = [[RAM + 0x1000, PAGE]]
+                blob = orjson.dumps(doc)
+            elif corrupt == "another per-VM state":
+                state = await st.get_vm_state("life")
+                assert state is not None
+                await st.put_vm_state("life", {**state, "taken_at": state["taken_at"] + 1})
+                blob = good
+            else:
+                assert isinstance(corrupt, bytes)
+                blob = corrupt
+            await st.put_resume("life", blob)
+            counted = Counted(monkeypatch)
+            ctx, vm, w, task = await _second_run(world, st)
+            clean = await ctx.wait("vm_clean", 0)
+            assert counted.examines == 1 and not w.resumed and "resumed" not in clean
+            assert "tamper" not in ctx.kinds()
+            again = await st.get_resume("life")
+            assert again is not None and again != blob
+            vm.lost = "done"
+            await _finish(task)
+
+    asyncio.run(asyncio.wait_for(go(), 15))
+
+
+def test_a_qemu_reset_drops_the_persisted_state(world: dict[str, Any]) -> None:
+    """Deleting the per-VM state (a reset) deletes what the VM would resume from."""
+    async def go() -> None:
+        async with Store.open(world["db"]) as st:
+            ram = build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False)
+            await _first_run(world, st, ram)
+            assert await st.delete_vm_state("life")
+            assert await st.get_resume("life") is None
+
+    asyncio.run(asyncio.wait_for(go(), 10))

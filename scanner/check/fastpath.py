@@ -50,6 +50,14 @@ class TableFingerprint:
         self.pages: list[tuple[int, tuple[tuple[int, int], ...]]] = [
             (page, tuple(pairs)) for page, pairs in sorted(pages.items())]
 
+    @classmethod
+    def from_pages(cls, pages: Sequence[tuple[int, tuple[tuple[int, int], ...]]]
+                   ) -> TableFingerprint:
+        """The fingerprint whose `pages` are these (as persisted by `scanner.check.resume`)."""
+        fp = cls(())
+        fp.pages = [(page, tuple(pairs)) for page, pairs in pages]
+        return fp
+
     def unchanged(self, mem: GuestMemory) -> bool:
         try:
             for page, pairs in self.pages:

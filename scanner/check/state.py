@@ -10,9 +10,12 @@ than trusted.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 __all__ = ["BootIdentity", "PageRecord", "VmState"]
 
@@ -84,6 +87,18 @@ class VmState:
         return {"boot": self.boot.to_plain(), "boot_profile": self.boot_profile,
                 "per_boot": _pages_to_plain(self.per_boot),
                 "accepted": _pages_to_plain(self.accepted), "taken_at": self.taken_at}
+
+    def digest(self) -> bytes:
+        """sha256 of what a check compares with: the boot, the boot profile, the hash of
+        every per-boot and accepted page, and when the state was taken (a state taken
+        again, or a page accepted since, gives another digest)."""
+        def hashes(pages: Pages) -> list[Any]:
+            return [[r, [[p, rec.hash] for p, rec in sorted(recs.items())]]
+                    for r, recs in sorted(pages.items()) if recs]
+
+        return hashlib.sha256(orjson.dumps(
+            [self.boot.build_id, self.boot.slide, self.boot_profile, hashes(self.per_boot),
+             hashes(self.accepted), self.taken_at])).digest()
 
     @classmethod
     def from_plain(cls, d: Any) -> VmState | None:

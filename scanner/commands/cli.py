@@ -283,10 +283,12 @@ def _percent(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--cpu-budget {text!r}: a percentage") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage") from None
     if not 0 < v <= 100 * (os.cpu_count() or 1):
-        raise argparse.ArgumentTypeError(f"--cpu-budget {v:g}: must be > 0 and at most "
-                                         f"{100 * (os.cpu_count() or 1)}")
+        raise argparse.ArgumentTypeError(f"{v:g}%: must be > 0 and at most "
+                                         f"{100 * (os.cpu_count() or 1)} (percent of one "
+                                         "core; this host has "
+                                         f"{os.cpu_count() or 1})")
     return v
 
 
@@ -369,7 +371,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     auto = args.interval == "auto"
     policy = Policy(auto=auto, fixed=0.0 if auto else float(args.interval),
                     budget=args.cpu_budget / 100 if args.cpu_budget else None,
-                    min_interval=args.min_interval, max_interval=args.max_interval)
+                    min_interval=args.min_interval, max_interval=args.max_interval,
+                    startup_budget=args.startup_budget / 100)
     forensics = Path(args.forensics_dir) if args.forensics_dir else \
         (Path(args.db).parent if args.db else default_db_path().parent) / "forensics"
     cfg = RunConfig(qmp=tuple(args.qmp or ()), discover=args.discover,
@@ -551,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-VM scan interval; auto adapts under --cpu-budget (default auto)")
     p.add_argument("--cpu-budget", type=_percent, default=10.0, metavar="PERCENT",
                    help="CPU kscan may use, in percent of one core (default 10)")
+    p.add_argument("--startup-budget", type=_percent, default=100.0, metavar="PERCENT",
+                   help="CPU kscan may use until every VM has its first verdict, in "
+                        "percent of one core (default 100); then --cpu-budget holds")
     p.add_argument("--min-interval", type=float, default=1.0, metavar="SECONDS")
     p.add_argument("--max-interval", type=float, default=300.0, metavar="SECONDS")
     p.add_argument("--on-tamper", default="report", metavar="report|pause|exec:CMD",

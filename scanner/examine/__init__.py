@@ -5,9 +5,21 @@ fetch what it is compared with (`baselines`), verify and record per-VM state
 (`checking`). Shared by the one-shot commands and `kscan run`.
 """
 
-from scanner.examine.baselines import GoldenSet, golden_for, load_profiles
-from scanner.examine.checking import check_examined, guest_reader, verify_examined
+from scanner.examine.baselines import (
+    GoldenSet,
+    golden_digest,
+    golden_for,
+    golden_regions,
+    load_profiles,
+)
+from scanner.examine.checking import (
+    check_examined,
+    guest_reader,
+    verify_and_record,
+    verify_examined,
+)
 from scanner.examine.reading import Examined, RunSync, examine, inline, reexamine
 
-__all__ = ["Examined", "GoldenSet", "RunSync", "check_examined", "examine", "golden_for",
-           "guest_reader", "inline", "load_profiles", "reexamine", "verify_examined"]
+__all__ = ["Examined", "GoldenSet", "RunSync", "check_examined", "examine", "golden_digest",
+           "golden_for", "golden_regions", "guest_reader", "inline", "load_profiles",
+           "reexamine", "verify_and_record", "verify_examined"]

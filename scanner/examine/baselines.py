@@ -7,15 +7,18 @@ examined VM's (kernel build, boot profile) (`golden_for`), for one-shot commands
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from scanner.check.locate import REGIONS
+from scanner.check.resume import digest
 from scanner.errors import BaselineMissing, ProfileError, VmStateError
 from scanner.examine.reading import Examined
 from scanner.image.kernel_profile import KernelProfile
+from scanner.vm import BootProfile
 from store import GoldenRegion, Store
 
-__all__ = ["GoldenSet", "golden_for", "load_profiles"]
+__all__ = ["GoldenSet", "golden_digest", "golden_for", "golden_regions", "load_profiles"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,27 @@ async def load_profiles(st: Store, *, required: bool = True) -> list[KernelProfi
                            hint="add the guests' kernel first: kscan profile add "
                                 "/path/to/vmlinuz-RELEASE")
     return out
+
+
+def golden_digest(regions: Mapping[str, GoldenRegion]) -> bytes:
+    """sha256 of what a golden baseline compares: each region's size, region hash, page
+    hashes and per-boot pages (another baseline, or one merged since, differs)."""
+    parts: list[bytes] = []
+    for name in sorted(regions):
+        r = regions[name]
+        parts += [name.encode(), r.size.to_bytes(8, "little"), r.region_hash,
+                  r.page_hashes, r.per_boot]
+    return digest(*parts)
+
+
+async def golden_regions(st: Store, build_id: str,
+                         boot: BootProfile) -> dict[str, GoldenRegion] | None:
+    """The golden regions a check of this (build, boot profile) uses, as `golden_for`
+    picks them (the boot profile's key, else kscan 0.1's); None if there are none."""
+    golden = await st.get_golden(build_id, boot.key)
+    if golden is None:
+        golden = await st.get_golden(build_id, boot.legacy_key)
+    return golden
 
 
 async def golden_for(st: Store, ex: Examined) -> GoldenSet:

@@ -10,7 +10,7 @@ from scanner.examine.reading import Examined, RunSync, inline
 from store import Store
 from translate import GuestMemory, TranslationError
 
-__all__ = ["check_examined", "guest_reader", "verify_examined"]
+__all__ = ["check_examined", "guest_reader", "verify_and_record", "verify_examined"]
 
 #: The largest read a verifier may make through guest memory (a trampoline, a slot).
 _MAX_READ = 1 << 16
@@ -52,7 +52,17 @@ async def check_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet 
                          run_sync: RunSync[Verification] = inline, *,
                          mem: GuestMemory | None = None, strict: bool = False) -> CheckReport:
     """Verify, and store the VM's per-VM state when this check took it."""
+    v = await verify_and_record(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict)
+    return v.report
+
+
+async def verify_and_record(st: Store, ex: Examined, vm_id: str,
+                            golden: GoldenSet | None = None,
+                            run_sync: RunSync[Verification] = inline, *,
+                            mem: GuestMemory | None = None,
+                            strict: bool = False) -> Verification:
+    """`check_examined`, returning the per-VM state the check used as well."""
     v = await verify_examined(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict)
     if v.report.per_vm_baseline_taken:
         await st.put_vm_state(vm_id, v.state.to_plain())
-    return v.report
+    return v

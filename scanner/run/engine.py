@@ -105,6 +105,7 @@ class Engine:
         #: than the worker threads anyway.
         self._slow_slots = asyncio.Semaphore(max(1, cfg.workers))
         self.scans = 0
+        self._swept = False  # the first discovery pass has spawned its watchers
         self.fleet: LibvirtFleet | None = None
         if cfg.libvirt:
             self.fleet = LibvirtFleet(cfg.libvirt, sink, self.forget)
@@ -223,6 +224,7 @@ class Engine:
             if not self.first_pass.is_set():
                 self.first_sources = frozenset(s.path for s in sources)
                 self.first_pass.set()
+            self._swept = True
             await asyncio.sleep(self.cfg.discover_every)
 
     async def _say_error(self, source: str, err: BaseException) -> None:
@@ -336,6 +338,12 @@ class Engine:
         while True:
             await asyncio.sleep(1.0)
             self.scheduler.reconcile()
+            sched = self.scheduler
+            if (sched.starting and self._swept and not sched.pending()
+                    and None not in self.watchers.values()):
+                # The start-up burst is over: every VM found at start (none is still
+                # attaching) has its first verdict, or none could be attached.
+                sched.end_startup()
 
     async def _prune(self) -> None:
         """Keep the event log and the forensics dir bounded (never the last tamper of

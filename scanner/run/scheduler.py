@@ -20,6 +20,14 @@ Once a second the whole process's CPU time is reconciled with what was charged: 
 rest (event loop, database thread, event writer) is charged too, and a feedback factor
 on P steers the process's measured CPU rate to the budget — so the budget holds for the
 whole process, and is used, not left idle.
+
+**Start-up.** At start the bucket refills at `--startup-budget` (default one core)
+instead, until every VM attached by then has had its first verdict (or turned out not
+checkable yet): first checks of a whole fleet are done in a burst, not at 10 % of a
+core. P is computed from `--cpu-budget` all along (routine scans keep their steady
+rhythm meanwhile); the feedback factor and the CPU-rate EWMA are frozen during the
+burst and start afresh when it ends — so nothing first checks cost leaks into the
+steady state. The cost EWMA c_i learns from fast passes only.
 """
 
 from __future__ import annotations
@@ -47,10 +55,15 @@ class Policy:
     budget: float | None = 0.10  # fraction of one core; None: no cap
     min_interval: float = 1.0
     max_interval: float = 300.0
+    #: Fraction of one core until every VM has its first verdict (None: no burst;
+    #: `kscan run --startup-budget`, default 100 %).
+    startup_budget: float | None = None
 
     def describe(self) -> str:
         iv = "auto" if self.auto else f"{self.fixed:g}s"
         b = f"{self.budget * 100:g}% of one core" if self.budget else "no CPU cap"
+        if self.budget and self.startup_budget and self.startup_budget > self.budget:
+            b += f" ({self.startup_budget * 100:g}% until every VM is verified)"
         return f"interval {iv}, {b}, bounds {self.min_interval:g}-{self.max_interval:g}s"
 
 
@@ -75,6 +88,52 @@ class Scheduler:
         self._wall_mark = time.monotonic()
         #: The process's CPU use, CPU seconds per second (EWMA, ~10 s).
         self.rate = policy.budget or 0.0
+        #: The start-up burst: on until every VM expected has had its first verdict.
+        self.starting = bool(policy.budget and policy.startup_budget
+                             and policy.startup_budget > policy.budget)
+        self._pending: set[str] = set()
+        self._expected_any = False
+        if self.starting:
+            self._tokens = self._budget() * BURST_SECONDS
+
+    def _budget(self) -> float:
+        """The bucket's refill rate now: the start-up budget during the burst."""
+        b = self.policy.budget or 0.0
+        if self.starting and self.policy.startup_budget:
+            return max(b, self.policy.startup_budget)
+        return b
+
+    # -- the start-up burst -------------------------------------------------------------
+    def expect(self, vm: str) -> None:
+        """A VM was attached: during the burst, it is waited for (its first verdict)."""
+        if self.starting:
+            self._pending.add(vm)
+            self._expected_any = True
+
+    def verdict(self, vm: str) -> None:
+        """`vm` had its first verdict, or cannot be checked yet (booting, no profile or
+        baseline): the burst no longer waits for it."""
+        self._pending.discard(vm)
+        if self._expected_any and not self._pending:
+            self.end_startup()
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def end_startup(self) -> None:
+        """Settle to `--cpu-budget`: the bucket keeps any debt but no credit beyond the
+        steady burst, and the CPU-rate EWMA and its feedback start from here."""
+        if not self.starting:
+            return
+        self._refill()
+        self.starting = False
+        self._pending.clear()
+        b = self.policy.budget or 0.0
+        self._tokens = min(b * BURST_SECONDS, self._tokens)
+        self.rate = b
+        self._proc_mark, self._charged_mark = time.process_time(), self.charged
+        self._wall_mark = time.monotonic()
+        self._stale()
 
     # -- bookkeeping -----------------------------------------------------------------
     def add(self, vm: str) -> None:
@@ -89,6 +148,8 @@ class Scheduler:
         self._measured.discard(vm)
         self._hot_until.pop(vm, None)
         self._stale()
+        if vm in self._pending:
+            self.verdict(vm)
 
     def mark_hot(self, vm: str) -> None:
         self._hot_until[vm] = time.monotonic() + HOT_SECONDS
@@ -136,7 +197,7 @@ class Scheduler:
 
     # -- the hard cap ----------------------------------------------------------------
     def _refill(self) -> None:
-        b = self.policy.budget
+        b = self._budget()
         now = time.monotonic()
         if b:
             self._tokens = min(b * BURST_SECONDS, self._tokens + (now - self._stamp) * b)
@@ -147,20 +208,19 @@ class Scheduler:
         Waiters queue on a lock, so they go one by one (FIFO), not as a herd. `urgent`
         work — localizing a change the fast path just saw — skips the queue (it still
         waits for the debt to be repaid, so the budget holds on average)."""
-        b = self.policy.budget
-        if not b:
+        if not self.policy.budget:
             return
         if urgent:
             self._refill()
             if self._tokens < 0:
-                await asyncio.sleep(-self._tokens / b)
+                await asyncio.sleep(-self._tokens / self._budget())
                 self._refill()
             self._tokens -= expected
             return
         async with self._lock:
             self._refill()
             if self._tokens < 0:
-                await asyncio.sleep(-self._tokens / b)
+                await asyncio.sleep(-self._tokens / self._budget())
                 self._refill()
             self._tokens -= expected
 
@@ -184,6 +244,8 @@ class Scheduler:
         if uncounted > 0:
             self._refill()
             self._tokens -= uncounted
+        if self.starting:
+            return  # the burst steers nothing: the steady state starts afresh after it
         self.rate = (1 - RATE_EWMA) * self.rate + RATE_EWMA * used / dt
         # Multiplicative, damped, bounded: a long P when over budget, shorter when under.
         ratio = max(0.25, min(4.0, self.rate / b))
@@ -193,7 +255,7 @@ class Scheduler:
     def settle(self, expected: float, actual: float) -> None:
         """Correct a reservation with what the work really cost."""
         self.charged += actual
-        b = self.policy.budget
-        if b:
+        if self.policy.budget:
             self._refill()
-            self._tokens = min(b * BURST_SECONDS, self._tokens - (actual - expected))
+            self._tokens = min(self._budget() * BURST_SECONDS,
+                               self._tokens - (actual - expected))

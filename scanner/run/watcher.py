@@ -32,9 +32,19 @@ from scanner.check.fastpath import (
     make_reference,
 )
 from scanner.check.locate import REGIONS
+from scanner.check.resume import Saved, resume_check
+from scanner.check.state import BootIdentity, VmState
 from scanner.check.verify import CheckReport
 from scanner.errors import BaselineMissing, ProfileError, QmpError, VmStateError
-from scanner.examine import Examined, GoldenSet, check_examined, examine, reexamine
+from scanner.examine import (
+    Examined,
+    GoldenSet,
+    examine,
+    golden_digest,
+    golden_regions,
+    reexamine,
+    verify_and_record,
+)
 from scanner.run.actions import (
     EXEC_TIMEOUT,
     ActionKind,
@@ -45,8 +55,9 @@ from scanner.run.actions import (
     write_forensics,
 )
 from scanner.run.context import WatchContext
-from scanner.vm import VmHandle
-from translate import BackendError, TranslationError
+from scanner.vm import VmHandle, pti_active
+from store import StoreError
+from translate import BackendError, TranslationError, kernel_space
 
 __all__ = ["VmWatcher", "WatchState"]
 
@@ -92,6 +103,9 @@ class VmWatcher:
         self._resets = vm.resets()  # QEMU RESET events already accounted for
         self._acting: set[asyncio.Task[None]] = set()  # actions and forensics under way
         self._act_lock = asyncio.Lock()
+        self.resumed = False  # given its first verdict from the persisted state
+        self._resume_tried = False
+        ctx.scheduler.expect(self.name)  # the start-up burst waits for its first verdict
 
     # -- helpers ---------------------------------------------------------------------
     async def emit(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -139,6 +153,11 @@ class VmWatcher:
         check it in full once."""
         said: set[str] = set()
         self.state = WatchState.BOOTING
+        if not self._resume_tried:  # once per watch: kscan (or this watch) just started
+            self._resume_tried = True
+            if await self._resume():
+                self.ctx.scheduler.verdict(self.name)
+                return
         while True:
             async with self.ctx.slow_slot():
                 try:
@@ -148,6 +167,7 @@ class VmWatcher:
                     wait = await self._not_checkable(err, said)
                     if wait is None:
                         raise
+                    self.ctx.scheduler.verdict(self.name)  # not checkable yet
                 else:
                     if self.slide is not None and ex.lk.slide != self.slide:
                         # A reboot seen through its boot window (the kernel went away,
@@ -157,8 +177,105 @@ class VmWatcher:
                     # the change reported before (a rootkit that reinstalls at boot).
                     self.reported = None
                     await self._full_check(ex, golden, first=True)
+                    self.ctx.scheduler.verdict(self.name)
                     return
             await asyncio.sleep(wait)
+
+    async def _resume(self) -> bool:
+        """Resume from the persisted state of the last clean full check: one fast pass
+        proves the VM is exactly what was verified (`scanner.check.resume`), and its
+        verdict is given without a slow path. False: take the full path."""
+        st, name = self.ctx.store, self.name
+        try:
+            blob = await st.get_resume(name)
+            if blob is None:
+                return False
+            saved = Saved.from_bytes(blob)
+            state = VmState.from_plain(await st.get_vm_state(name)) if saved else None
+        except StoreError as err:  # an unreadable row: the full path rewrites both
+            log.info("%s: persisted state unreadable (%s): full check", name, err)
+            return False
+        why = None
+        if saved is None:
+            why = "persisted fast-pass state unreadable"
+        elif state is None or state.boot != BootIdentity(saved.build_id, saved.slide):
+            why = "no per-VM state of that boot"
+        elif state.digest() != saved.state:
+            why = "per-VM state changed since"
+        if why is not None or saved is None:
+            log.info("%s: not resumed (%s): full check", name, why)
+            return False
+        # The stored profile's row, not the decoded profile: at start every VM resumes
+        # at once, and decoding (~12 ms) in each would be most of a resume's cost.
+        profile = next((p for p in await st.list_profiles()
+                        if p.build_id == saved.build_id), None)
+        if profile is None or profile.size != saved.profile_size:
+            log.info("%s: not resumed (kernel profile gone or replaced): full check", name)
+            return False
+        run = await self.vm.run_state()
+        if run.status.gone:
+            raise VmGone(f"VM is {run.status}")
+        boot = await self.vm.boot_profile()
+        sched = self.ctx.scheduler
+        expected = sched.cost(name)
+        await sched.acquire(expected)
+        vcpus = await self.vm.refresh_vcpus()
+        self._check_backing()  # no await from here to the reads below
+        t0 = time.thread_time()
+        try:
+            ks = kernel_space(self.vm.mem, vcpus[0])
+            boot = dataclasses.replace(boot, pti=pti_active(self.vm.mem, ks.pgd, ks.top_shift))
+        except TranslationError as err:
+            why = f"kernel page table unreadable: {err}"
+        cpu = time.thread_time() - t0
+        golden = await golden_regions(st, saved.build_id, boot) if why is None else None
+        ref = None
+        if why is not None:
+            pass
+        elif golden is None or golden_digest(golden) != saved.golden:
+            why = "golden baseline changed since"
+        else:
+            self._check_backing()  # no await from here to the reads below
+            t0 = time.thread_time()
+            ref, why = resume_check(saved, self.vm.mem, vcpus, boot.key)
+            cpu += time.thread_time() - t0
+            sched.record(name, cpu)  # a fast pass: it teaches the scan-cost estimate
+            self.scans += 1
+            self.ctx.count_scan()
+        sched.settle(expected, cpu)
+        if ref is None:
+            log.info("%s: not resumed (%s): full check", name, why)
+            return False
+        self._drop_reference()
+        self.ref, self.slide, self.reported = ref, saved.slide, frozenset()
+        self.resumed = True
+        self.state = WatchState.WATCHING
+        await self.emit("vm_identified", build_id=saved.build_id, release=profile.release,
+                        slide=saved.slide, boot_profile=saved.boot_key,
+                        per_vm_baseline_taken=False, resumed=True)
+        await self.emit("vm_clean", per_vm_baseline_taken=False,
+                        regions=saved.summary.get("regions", {}), resumed=True)
+        return True
+
+    async def _persist(self, ex: Examined, golden: GoldenSet, report: CheckReport,
+                       state: VmState) -> None:
+        """Keep what a restarted kscan resumes this VM from: after a clean check (not
+        tampered, no run-time patching: a resume reports neither), with the reference
+        now held. Never needed for correctness: failing to write it only costs the
+        next start a full check."""
+        if self.ref is None or report.tampered or report.patched:
+            return
+        st = self.ctx.store
+        try:
+            size = await st.profile_size(ex.lk.profile.build_id)
+            if size is None:
+                return
+            saved = Saved.of(self.ref, ex.lk.profile.build_id, ex.lk.slide, ex.boot.key,
+                             golden_digest(golden.regions), state.digest(), size,
+                             {"regions": _summary(report)["regions"]})
+            await st.put_resume(self.name, saved.to_bytes())
+        except StoreError as err:
+            log.warning("%s: could not persist the resume state: %s", self.name, err)
 
     async def _not_checkable(self, err: BaseException, said: set[str]) -> float | None:
         """Say (once) why the VM cannot be checked yet; how long to wait before trying
@@ -214,9 +331,10 @@ class VmWatcher:
     # -- checks ----------------------------------------------------------------------
     async def _full_check(self, ex: Examined, golden: GoldenSet, first: bool) -> CheckReport:
         """Verify an examined VM (holding a slow-path slot), then report and act."""
-        report = await check_examined(self.ctx.store, ex, self.name, golden,
-                                      self.ctx.timed_in_worker, mem=self.vm.mem,
-                                      strict=self.ctx.strict)
+        checked = await verify_and_record(self.ctx.store, ex, self.name, golden,
+                                          self.ctx.timed_in_worker, mem=self.vm.mem,
+                                          strict=self.ctx.strict)
+        report = checked.report
         partial = len(ex.normalized) < len(REGIONS)
         if partial and self.ref is not None and self.last_report is not None:
             # Only some regions were re-read (their translations proven unchanged): the
@@ -239,6 +357,7 @@ class VmWatcher:
         self.last_report = report
         self.state = WatchState.WATCHING
         self.verified_at = time.time()
+        await self._persist(ex, golden, report, checked.state)
         if first:
             self.ctx.scheduler.mark_hot(self.name)
             await self.emit("vm_identified", build_id=ex.lk.profile.build_id,
