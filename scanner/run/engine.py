@@ -98,6 +98,7 @@ class Engine:
         self._said: dict[str, str] = {}
         self._profiles: tuple[float, list[KernelProfile]] = (0.0, [])
         self._golden: dict[tuple[str, str], tuple[float, GoldenSet]] = {}
+        self._cache_lock = asyncio.Lock()  # single-flight refresh of the two caches
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop
         #: Slow paths in flight at once. Each holds ~19 MB of region copies from examine
@@ -133,19 +134,29 @@ class Engine:
         return await self.sink.emit(event, vm, **fields)
 
     async def profiles(self) -> list[KernelProfile]:
-        at, cached = self._profiles
-        if time.monotonic() - at > CACHE_SECONDS or not cached:
-            self._profiles = (time.monotonic(), await load_profiles(self.store, required=False))
+        # One refresh at a time: when the cache expires, hundreds of watchers ask at
+        # once, and each would otherwise read and decode every profile itself.
+        if self._stale(self._profiles[0]) or not self._profiles[1]:
+            async with self._cache_lock:
+                if self._stale(self._profiles[0]) or not self._profiles[1]:
+                    self._profiles = (time.monotonic(),
+                                      await load_profiles(self.store, required=False))
         return self._profiles[1]
 
     async def golden(self, ex: Examined) -> GoldenSet:
         key = (ex.lk.profile.build_id, ex.boot.key)
         hit = self._golden.get(key)
-        if hit is None or time.monotonic() - hit[0] > CACHE_SECONDS:
-            value = await golden_for(self.store, ex)
-            self._golden[key] = (time.monotonic(), value)
-            return value
+        if hit is None or self._stale(hit[0]):
+            async with self._cache_lock:
+                hit = self._golden.get(key)
+                if hit is None or self._stale(hit[0]):
+                    hit = (time.monotonic(), await golden_for(self.store, ex))
+                    self._golden[key] = hit
         return hit[1]
+
+    @staticmethod
+    def _stale(at: float) -> bool:
+        return time.monotonic() - at > CACHE_SECONDS
 
     @contextlib.asynccontextmanager
     async def slow_slot(self) -> AsyncIterator[None]:
