@@ -26,7 +26,7 @@ from types import TracebackType
 
 from translate.errors import BackendError, PhysicalAddressError
 
-__all__ = ["GuestMemory", "RamRange"]
+__all__ = ["GuestMemory", "RamRange", "append_ram"]
 
 _U64 = struct.Struct("<Q")
 
@@ -43,6 +43,17 @@ class RamRange:
     @property
     def end(self) -> int:
         return self.gpa + self.size
+
+
+def append_ram(ranges: list[RamRange], r: RamRange) -> None:
+    """Append `r`, merged into the last range when it continues it both in guest-physical
+    addresses and in the same file (QEMU's flat view splits RAM at region boundaries)."""
+    if ranges:
+        last = ranges[-1]
+        if last.path == r.path and last.end == r.gpa and last.offset + last.size == r.offset:
+            ranges[-1] = RamRange(last.gpa, last.size + r.size, last.path, last.offset)
+            return
+    ranges.append(r)
 
 
 class _Mapping:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from scanner.errors import VmStateError
 from scanner.qemu.hmp import FlatRange
 from scanner.qemu.qmp import QmpVm
-from translate.physmem import RamRange
+from translate.physmem import RamRange, append_ram
 
 __all__ = ["Vma", "parse_gpa2hva", "parse_maps", "process_layout", "ram_source", "read_maps"]
 
@@ -175,12 +175,7 @@ async def process_layout(mon: QmpVm, pid: int, *, vm: str) -> list[RamRange]:
         if hva is None:
             raise VmStateError(f"QEMU gives no host address for RAM at {fr.start:#x}", vm=vm)
         r = ram_source(pid, vmas, fr, hva, vm=vm)
-        if out and out[-1].path == r.path and out[-1].end == r.gpa and \
-                out[-1].offset + out[-1].size == r.offset:
-            last = out[-1]
-            out[-1] = RamRange(last.gpa, last.size + r.size, last.path, last.offset)
-        else:
-            out.append(r)
+        append_ram(out, r)
     if not out:
         raise VmStateError("no RAM of a memory backend in QEMU's flat view", vm=vm)
     return out

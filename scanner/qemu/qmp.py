@@ -31,7 +31,7 @@ from qemu.qmp.qmp_client import ExecuteError
 
 from scanner.errors import QmpError, VmStateError
 from scanner.qemu.hmp import FlatRange, ParseError, VcpuState, parse_flatview, parse_registers
-from translate.physmem import RamRange
+from translate.physmem import RamRange, append_ram
 
 __all__ = ["Memdev", "QmpVm", "RunState", "RunStatus"]
 
@@ -373,12 +373,7 @@ def layout_from_flatview(ranges: Sequence[FlatRange], files: dict[str, Memdev],
             raise VmStateError(f"flat view maps {fr.name}+{fr.offset:#x} past its size "
                                f"{dev.size:#x}", vm=vm or dev.id)
         r = RamRange(fr.start, fr.size, dev.path, dev.offset + fr.offset)
-        if out and out[-1].path == r.path and out[-1].end == r.gpa and \
-                out[-1].offset + out[-1].size == r.offset:
-            last = out[-1]
-            out[-1] = RamRange(last.gpa, last.size + r.size, last.path, last.offset)
-        else:
-            out.append(r)
+        append_ram(out, r)
     return out
 
 
