@@ -47,7 +47,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from os import PathLike
 from pathlib import Path
@@ -105,13 +105,16 @@ class Kallsyms:
     types: str
     text: tuple[int, int] = (0, 0)
     tables: KallsymsTables | None = None
-    _addr_list: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (len(self.addresses) == len(self.names) == len(self.types)):
             raise ValueError("addresses, names and types differ in length")
-        if not self._addr_list:
-            self._addr_list.extend(self.addresses.tolist())
+
+    @cached_property
+    def _addr_list(self) -> list[int]:
+        """The addresses as Python ints, for bisect: built on first use (a profile kept by
+        `kscan run` symbolizes only when something changed; ~2 MB for 44,000 symbols)."""
+        return [int(a) for a in self.addresses.tolist()]
 
     def __len__(self) -> int:
         return len(self.names)
