@@ -733,3 +733,53 @@ def test_a_qemu_reset_drops_the_persisted_state(world: dict[str, Any]) -> None:
             assert await st.get_resume("life") is None
 
     asyncio.run(asyncio.wait_for(go(), 10))
+
+
+def test_qemu_is_asked_before_a_slow_path_slot_is_taken(world: dict[str, Any],
+                                                        monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """A slow or hostile QMP peer must not hold one of the few slow-path slots every VM's
+    slow path needs: registers and boot profile are asked for before a slot is taken
+    (first checks, and full re-checks after a change)."""
+    held = [False]
+    asked_while_held: list[str] = []
+    plain_slot = Ctx.slow_slot
+
+    @contextlib.asynccontextmanager
+    async def slot(self: Ctx) -> AsyncIterator[None]:
+        async with plain_slot(self):
+            held[0] = True
+            try:
+                yield
+            finally:
+                held[0] = False
+
+    def watch(name: str, fn: Any) -> Any:
+        async def asked(self: LosableVm, *a: Any) -> Any:
+            if held[0]:
+                asked_while_held.append(name)
+            return await fn(self, *a)
+        return asked
+
+    monkeypatch.setattr(Ctx, "slow_slot", slot)
+    for name in ("refresh_vcpus", "boot_profile", "run_state"):
+        monkeypatch.setattr(LosableVm, name, watch(name, getattr(LosableVm, name)))
+
+    async def go() -> None:
+        async with Store.open(world["db"]) as st:
+            ram = build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False)
+            ctx, vm, _, task, mem = await _start(world, st, ram)
+            await ctx.wait("vm_clean", 0)
+            # A change to the IDT takes the full path (examine again).
+            poke(mem, GPA_OF_IDT(ram), b"\x00\x11")
+            await ctx.wait("tamper", 0)
+            vm.lost = "done"
+            await _finish(task)
+            assert ctx.kinds()[:3] == ["vm_identified", "vm_clean", "tamper"]
+
+    asyncio.run(asyncio.wait_for(go(), 10))
+    assert asked_while_held == []
+
+
+def GPA_OF_IDT(ram: SyntheticRam) -> int:  # noqa: N802 - reads like the constant it is
+    return ram.mapped[IDT_VA][0]

@@ -18,8 +18,16 @@ from scanner.examine.checking import (
     verify_and_record,
     verify_examined,
 )
-from scanner.examine.reading import Examined, RunSync, examine, inline, reexamine
+from scanner.examine.reading import (
+    Examined,
+    RunSync,
+    Snapshot,
+    examine,
+    inline,
+    reexamine,
+    snapshot,
+)
 
-__all__ = ["Examined", "GoldenSet", "RunSync", "check_examined", "examine", "golden_digest",
-           "golden_for", "golden_regions", "guest_reader", "inline", "load_profiles",
-           "reexamine", "verify_and_record", "verify_examined"]
+__all__ = ["Examined", "GoldenSet", "RunSync", "Snapshot", "check_examined", "examine",
+           "golden_digest", "golden_for", "golden_regions", "guest_reader", "inline",
+           "load_profiles", "reexamine", "snapshot", "verify_and_record", "verify_examined"]

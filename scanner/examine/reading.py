@@ -22,7 +22,7 @@ from scanner.qemu.hmp import VcpuState
 from scanner.vm import BootProfile, VmHandle, pti_active
 from translate import KernelSpace, kernel_space
 
-__all__ = ["Examined", "RunSync", "examine", "inline", "reexamine"]
+__all__ = ["Examined", "RunSync", "Snapshot", "examine", "inline", "reexamine", "snapshot"]
 
 T = TypeVar("T")
 
@@ -61,11 +61,27 @@ def _read(vm: VmHandle, lk: LiveKernel, names: Collection[str],
     return {n: r[0] for n, r in read.items()}, {n: r[1] for n, r in read.items()}
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What examining a VM asks QEMU for: its vCPUs' registers and its boot profile.
+    Taken before a slow-path slot is held, so a slow QMP peer holds none."""
+
+    vcpus: tuple[VcpuState, ...]
+    boot: BootProfile
+
+
+async def snapshot(vm: VmHandle) -> Snapshot:
+    return Snapshot(tuple(await vm.refresh_vcpus()), await vm.boot_profile())
+
+
 async def examine(vm: VmHandle, profiles: list[KernelProfile],
-                  run_sync: RunSync[Examined] = inline) -> Examined:
-    """Locate the VM's kernel, refuse it if not booted, read its regions normalized."""
-    vcpus = tuple(await vm.refresh_vcpus())
-    boot = await vm.boot_profile()
+                  run_sync: RunSync[Examined] = inline,
+                  snap: Snapshot | None = None) -> Examined:
+    """Locate the VM's kernel, refuse it if not booted, read its regions normalized.
+    `snap`: the VM's registers and boot profile, if already asked for."""
+    if snap is None:
+        snap = await snapshot(vm)
+    vcpus, boot = snap.vcpus, snap.boot
 
     def compute() -> Examined:
         ks = kernel_space(vm.mem, vcpus[0])
@@ -79,11 +95,14 @@ async def examine(vm: VmHandle, profiles: list[KernelProfile],
 
 
 async def reexamine(vm: VmHandle, prev: Examined, names: Collection[str],
-                    run_sync: RunSync[Examined] = inline) -> Examined:
+                    run_sync: RunSync[Examined] = inline,
+                    vcpus: tuple[VcpuState, ...] | None = None) -> Examined:
     """Read again only the regions `names`, through the previous check's translations.
     Only valid when those translations are proven unchanged (the fast path's page-table
-    fingerprint and every vCPU's kernel mapping); the kernel is not located again."""
-    vcpus = tuple(await vm.refresh_vcpus())
+    fingerprint and every vCPU's kernel mapping); the kernel is not located again.
+    `vcpus`: the registers the proof used (asked for again if not given)."""
+    if vcpus is None:
+        vcpus = tuple(await vm.refresh_vcpus())
 
     def compute() -> Examined:
         normalized, digests = _read(vm, prev.lk, names, vcpus[0].idtr_limit)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -39,10 +40,12 @@ from scanner.errors import BaselineMissing, ProfileError, QmpError, VmStateError
 from scanner.examine import (
     Examined,
     GoldenSet,
+    Snapshot,
     examine,
     golden_digest,
     golden_regions,
     reexamine,
+    snapshot,
     verify_and_record,
 )
 from scanner.run.actions import (
@@ -159,14 +162,28 @@ class VmWatcher:
                 self.ctx.scheduler.verdict(self.name)
                 return
         while True:
+            wait = BOOT_POLL
+            try:
+                # QMP first, without a slow-path slot: a peer that answers slowly must
+                # not hold one of the few slots every VM's slow path needs.
+                prep = await self._prepare()
+            except Exception as err:
+                found = await self._not_checkable(err, said)
+                if found is None:
+                    raise
+                wait = found
+                self.ctx.scheduler.verdict(self.name)  # not checkable yet
+                await asyncio.sleep(wait)
+                continue
             async with self.ctx.slow_slot():
                 try:
-                    ex = await self._slow(self._examine)
+                    ex = await self._slow(functools.partial(self._examine, prep))
                     golden = await self.ctx.golden(ex)  # BaselineMissing if there is none
                 except Exception as err:
-                    wait = await self._not_checkable(err, said)
-                    if wait is None:
+                    found = await self._not_checkable(err, said)
+                    if found is None:
                         raise
+                    wait = found
                     self.ctx.scheduler.verdict(self.name)  # not checkable yet
                 else:
                     if self.slide is not None and ex.lk.slide != self.slide:
@@ -298,13 +315,17 @@ class VmWatcher:
             said.add(event)
             await self.emit(event, message=err.message, **fields)
 
-    async def _examine(self) -> Examined:
+    async def _prepare(self) -> Snapshot:
+        """What a full examination asks QEMU for (run state, registers, boot profile)."""
         state = await self.vm.run_state()
         if state.status.gone:
             raise VmGone(f"VM is {state.status}")
+        return await snapshot(self.vm)
+
+    async def _examine(self, snap: Snapshot) -> Examined:
         profiles = await self.ctx.profiles()
         self._check_backing()
-        return await examine(self.vm, profiles, self.ctx.timed_in_worker)
+        return await examine(self.vm, profiles, self.ctx.timed_in_worker, snap)
 
     def _check_backing(self) -> None:
         """A memory file that shrank would fault the next read with SIGBUS and kill
@@ -429,26 +450,32 @@ class VmWatcher:
         self.seen_at = time.time()
         sched.mark_hot(self.name)
         last = self.last
+        # Translations and registers proven unchanged: re-read just what changed, with
+        # the registers this scan read. (An IDT change takes the full path: its gates
+        # must be decoded again.) Otherwise ask QEMU first, before taking a slot.
+        partial = (res.outcome is FastOutcome.BYTES_CHANGED and last is not None
+                   and "idt" not in res.changed)
+        try:
+            prep = None if partial else await self._prepare()
+        except VmStateError as err:
+            await self._kernel_gone(err)
+            return
         async with self.ctx.slow_slot():
             try:
-                if (res.outcome is FastOutcome.BYTES_CHANGED and last is not None
-                        and "idt" not in res.changed):
-                    # Translations and registers proven unchanged: re-read just what
-                    # changed. (An IDT change takes the full path: its gates must be
-                    # decoded again.)
+                if prep is None:
+                    assert last is not None
+
                     async def reread() -> Examined:
                         self._check_backing()
                         return await reexamine(self.vm, last, res.changed,
-                                               self.ctx.timed_in_worker)
+                                               self.ctx.timed_in_worker, tuple(vcpus))
 
                     ex = await self._slow(reread, urgent=True)
                 else:
-                    ex = await self._slow(self._examine, urgent=True)
+                    ex = await self._slow(lambda: self._examine(prep), urgent=True)
                 golden = await self.ctx.golden(ex)
             except (VmStateError, TranslationError, ProfileError) as err:
-                # The kernel is not where it was: a reboot, or its mappings were torn down.
-                self._drop_reference()
-                await self.emit("vm_booting", message=f"kernel no longer found: {err.message}")
+                await self._kernel_gone(err)
                 return
             rebooted = self.slide is not None and ex.lk.slide != self.slide
             if rebooted:
@@ -456,6 +483,11 @@ class VmWatcher:
                 self.reported = None
             # A new boot is identified and its first check reported like the first one.
             await self._full_check(ex, golden, first=rebooted)
+
+    async def _kernel_gone(self, err: KscanError) -> None:
+        """The kernel is not where it was: a reboot, or its mappings were torn down."""
+        self._drop_reference()
+        await self.emit("vm_booting", message=f"kernel no longer found: {err.message}")
 
     async def _on_tamper(self, ex: Examined, golden: GoldenSet, report: CheckReport) -> None:
         """Report first (the event is in the database before anything else happens),
