@@ -781,5 +781,5 @@ def test_qemu_is_asked_before_a_slow_path_slot_is_taken(world: dict[str, Any],
     assert asked_while_held == []
 
 
-def GPA_OF_IDT(ram: SyntheticRam) -> int:  # noqa: N802 - reads like the constant it is
+def GPA_OF_IDT(ram: SyntheticRam) -> int:
     return ram.mapped[IDT_VA][0]
