@@ -771,7 +771,7 @@ def test_qemu_is_asked_before_a_slow_path_slot_is_taken(world: dict[str, Any],
             ctx, vm, _, task, mem = await _start(world, st, ram)
             await ctx.wait("vm_clean", 0)
             # A change to the IDT takes the full path (examine again).
-            poke(mem, GPA_OF_IDT(ram), b"\x00\x11")
+            poke(mem, idt_gpa(ram), b"\x00\x11")
             await ctx.wait("tamper", 0)
             vm.lost = "done"
             await _finish(task)
@@ -781,5 +781,5 @@ def test_qemu_is_asked_before_a_slow_path_slot_is_taken(world: dict[str, Any],
     assert asked_while_held == []
 
 
-def GPA_OF_IDT(ram: SyntheticRam) -> int:
+def idt_gpa(ram: SyntheticRam) -> int:
     return ram.mapped[IDT_VA][0]
