@@ -120,8 +120,7 @@ class Store:
                 finally:
                     with suppress(sqlite3.Error):
                         await conn.execute("ROLLBACK")
-                rows = list(await conn.execute_fetchall("PRAGMA journal_mode = WAL"))
-                mode = str(rows[0][0]).lower() if rows else "?"
+                mode = await cls._wal(conn, busy_timeout)
                 if mode != "wal":
                     raise StoreError(f"cannot switch to WAL journal mode (got {mode!r})",
                                      path=where, operation="open",
@@ -134,6 +133,27 @@ class Store:
                 await conn.close()
             raise
         return cls(conn, path, version)
+
+    @staticmethod
+    async def _wal(conn: aiosqlite.Connection, busy_timeout: float) -> str:
+        """Put the database in WAL mode (persistent: once set, every later open finds it)
+        and return the mode. Switching needs the database to itself for a moment, and
+        SQLite does not wait for that through the busy timeout: when processes open a new
+        database at once, retry within the same timeout."""
+        deadline = time.monotonic() + max(busy_timeout, 0.1)
+        delay = 0.005
+        while True:
+            rows = list(await conn.execute_fetchall("PRAGMA journal_mode"))
+            if rows and str(rows[0][0]).lower() == "wal":
+                return "wal"
+            try:
+                rows = list(await conn.execute_fetchall("PRAGMA journal_mode = WAL"))
+                return str(rows[0][0]).lower() if rows else "?"
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     async def close(self) -> None:
         """Close the connection and stop its thread. Idempotent."""
