@@ -70,6 +70,9 @@ log = logging.getLogger("kscan.watch")
 
 BOOT_POLL = 2.0
 RETRY_MISSING = 30.0  # no profile / no baseline: look again this often
+#: A tampering seen while the kernel is patching itself is looked at again this much
+#: later before it is reported (see `_full_check`).
+CONFIRM_DELAY = 0.3
 #: While watching, ask QEMU for the run state at most this often (a VM that shuts down
 #: or panics under -no-shutdown keeps its QMP socket and its memory: scans alone would
 #: never notice it is gone).
@@ -350,12 +353,31 @@ class VmWatcher:
             sched.settle(expected, 0.0)
 
     # -- checks ----------------------------------------------------------------------
-    async def _full_check(self, ex: Examined, golden: GoldenSet, first: bool) -> CheckReport:
+    async def _full_check(self, ex: Examined, golden: GoldenSet, first: bool,
+                          confirm: bool = True) -> CheckReport:
         """Verify an examined VM (holding a slow-path slot), then report and act."""
         checked = await verify_and_record(self.ctx.store, ex, self.name, golden,
                                           self.ctx.timed_in_worker, mem=self.vm.mem,
                                           strict=self.ctx.strict)
         report = checked.report
+        if (confirm and report.tampered and report.patches is not None
+                and _change_set(report) != self.reported):
+            # The kernel is patching itself right now (its own patching verified in the
+            # same pages): a scan can catch text_poke or an ftrace trampoline being
+            # replaced half-way. Look once more, in full, before reporting; a change
+            # that is still there is reported from that second look.
+            await asyncio.sleep(CONFIRM_DELAY)
+            try:
+                again = await self._slow(functools.partial(
+                    self._examine, Snapshot(ex.vcpus, ex.boot)), urgent=True)
+            except (VmStateError, TranslationError, ProfileError):
+                pass  # the kernel moved meanwhile: report what was seen
+            else:
+                second = await self._full_check(again, golden, first, confirm=False)
+                if not second.tampered:
+                    log.info("%s: a change seen while the kernel patched itself was gone "
+                             "on a second look", self.name)
+                return second
         partial = len(ex.normalized) < len(REGIONS)
         if partial and self.ref is not None and self.last_report is not None:
             # Only some regions were re-read (their translations proven unchanged): the
