@@ -483,7 +483,7 @@ def load(gdir: Path) -> Guest | None:
     try:
         lines = (gdir / "spec").read_text().split("\n")
         pid = int((gdir / "pid").read_text())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):  # not a guest directory (or a file beside them)
         return None
     spec = GuestSpec(name=lines[0], mem_mb=int(lines[1]), smp=int(lines[2]), cpu=lines[3],
                      append=lines[4] if len(lines) > 4 else "",
