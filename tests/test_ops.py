@@ -12,7 +12,6 @@ names in NOTIFY_SOCKET.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import shutil
@@ -31,20 +30,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scanner.commands.cli import build_parser
 from scanner.commands.config import ConfigError, load_config, parse_with_config, subparser
-from scanner.commands.oneshot import baseline_vms
 from scanner.run.metrics import MetricsError, parse_address
 from scanner.run.service import Notifier
-from scanner.vm import SourceKind, VmSource
-from store import Store
 from tests.kscan_proc import RunProc, kscan
 from tests.test_unit_watcher import (
-    GOLDEN_SLIDE,
     PAGE,
     SLIDE,
     TAMPER_AT,
     TAMPER_PAGE,
     build_ram,
-    make_profile,
+    golden_db,
     poke,
     write_vm,
 )
@@ -94,19 +89,7 @@ def tamper(mem: Path) -> None:
 def fleet(tmp_path: Path) -> dict[str, Any]:
     """A database with the synthetic kernel's profile and golden baseline, and two
     replayed VMs (vms/ops0, vms/ops1) of it."""
-    db = tmp_path / "kscan.db"
-    prof = make_profile()
-
-    async def setup() -> None:
-        async with Store.open(db) as st:
-            assert await st.add_profile(prof.build_id, prof.release, prof.version,
-                                        prof.to_bytes())
-        golden = tmp_path / "golden"
-        write_vm(golden, "golden", build_ram(GOLDEN_SLIDE, 0x30_0000, 0x1111,
-                                             text_writable=False))
-        await baseline_vms([VmSource(SourceKind.REPLAY, str(golden))], str(db))
-
-    asyncio.run(asyncio.wait_for(setup(), 20))
+    db = golden_db(tmp_path)
     mems = {f"ops{i}": make_vm(tmp_path / "vms" / f"ops{i}", f"ops{i}") for i in range(2)}
     return {"db": db, "tmp": tmp_path, "mems": mems}
 

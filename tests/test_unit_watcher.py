@@ -252,6 +252,12 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     from a clean VM at GOLDEN_SLIDE, loaded at another GPA, with its own per-boot data)."""
     monkeypatch.setattr(watcher_mod, "BOOT_POLL", POLL)
     monkeypatch.setattr(watcher_mod, "STATE_EVERY", POLL)
+    return {"db": golden_db(tmp_path), "tmp": tmp_path}
+
+
+def golden_db(tmp_path: Path) -> Path:
+    """A database in `tmp_path` with the synthetic kernel's profile and its golden
+    baseline, taken from a clean replayed VM at GOLDEN_SLIDE."""
     db = tmp_path / "kscan.db"
     prof = make_profile()
 
@@ -265,8 +271,8 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         (res,) = await baseline_vms([VmSource(SourceKind.REPLAY, str(golden_dir))], str(db))
         assert res.build.regions[".rodata"].per_boot_pages() == [PER_BOOT_PAGE]
 
-    asyncio.run(asyncio.wait_for(setup(), 10))
-    return {"db": db, "tmp": tmp_path}
+    asyncio.run(asyncio.wait_for(setup(), 20))
+    return db
 
 
 async def _start(world: dict[str, Any], st: Store, ram: SyntheticRam
