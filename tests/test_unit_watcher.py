@@ -37,7 +37,6 @@ from scanner.examine import Examined, GoldenSet, golden_for, load_profiles
 from scanner.hashing import page_hashes
 from scanner.image.kernel_profile import KernelProfile, SectionInfo
 from scanner.image.relocs import RegionRelocs
-from scanner.qemu.hmp import VcpuState
 from scanner.qemu.qmp import RunState
 from scanner.run.actions import Action, ActionKind
 from scanner.run.scheduler import Policy, Scheduler
@@ -47,6 +46,7 @@ from scanner.vm.bootprofile import BootProfile
 from scanner.vm.replay import ReplayVm, write_replay
 from store import Store
 from tests.synthetic import NX, PAGE, RW, P, SyntheticRam
+from translate.vcpu import VcpuState
 from translate.x86 import CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_NXE
 
 T = TypeVar("T")

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from scanner.check.locate import LiveKernel
 from scanner.check.measure import region_views
 from scanner.hashing import raw_digest
-from scanner.qemu.hmp import VcpuState
 from translate import GuestMemory, TranslationError, kernel_pgd_candidates
+from translate.vcpu import VcpuState
 from translate.x86 import CR0_WP, CR4_SMAP, CR4_SMEP
 
 __all__ = ["FastOutcome", "FastResult", "Reference", "TableFingerprint", "check_memory",

@@ -15,9 +15,9 @@ from typing import Any
 from scanner.check.locate import LiveKernel, locate_kernel
 from scanner.errors import ProfileError, VmStateError
 from scanner.image.kernel_profile import KernelProfile
-from scanner.qemu.hmp import VcpuState
 from scanner.vm import AttachedVm, SourceKind, VmSource
 from translate import RamRange, Run, TranslationError
+from translate.vcpu import VcpuState
 from translate.x86 import CR0_WP, CR4_LA57, CR4_SMAP, CR4_SMEP
 
 __all__ = ["InspectReport", "inspect_vm"]
