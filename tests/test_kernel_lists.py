@@ -1,0 +1,217 @@
+"""The module list reader on synthetic kernel memory, laid out with the real kernels'
+BTF layouts (6.1: core_layout/init_layout; 6.12: mem[]), and hostile lists."""
+
+from __future__ import annotations
+
+import functools
+import struct
+
+import pytest
+
+from scanner.check.kernel_lists import (
+    KernelReader,
+    ModuleList,
+    read_modules,
+    taint_letters,
+    walk_list,
+)
+from scanner.image.btf import parse_btf
+from scanner.image.layouts import Layouts, layouts_from_btf
+from tests.realkernels import real_image
+
+MODULES = 0xFFFF_FFFF_82B2_7160      # `modules` (the list head)
+HEAP = 0xFFFF_FFFF_C000_0000          # where the synthetic struct modules live
+E, OOT = 1 << 13, 1 << 12
+
+
+@functools.cache
+def layouts(which: str) -> Layouts:
+    return layouts_from_btf(parse_btf(real_image(which).section_bytes(".BTF")))
+
+
+class FakeKernel:
+    """Sparse kernel memory: `write` anywhere, `read` (a ReadVA) returns None off it."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[int, bytearray] = {}
+        self.reads = 0
+
+    def alloc(self, va: int, size: int) -> None:
+        self.chunks[va] = bytearray(size)
+
+    def write(self, va: int, data: bytes) -> None:
+        for base, buf in self.chunks.items():
+            if base <= va and va + len(data) <= base + len(buf):
+                buf[va - base:va - base + len(data)] = data
+                return
+        raise AssertionError(f"write outside memory at {va:#x}")
+
+    def u64(self, va: int, v: int) -> None:
+        self.write(va, struct.pack("<Q", v))
+
+    def read(self, va: int, size: int) -> bytes | None:
+        self.reads += 1
+        for base, buf in self.chunks.items():
+            if base <= va and va + size <= base + len(buf):
+                return bytes(buf[va - base:va - base + size])
+        return None
+
+
+def put(buf: bytearray, lay: Layouts, path: str, value: int) -> None:
+    f = lay["module"][path]
+    if f.bit_size:
+        raise AssertionError("no bitfields in what the test writes")
+    buf[f.offset:f.offset + f.size] = value.to_bytes(f.size, "little")
+
+
+def build(which: str, mods: list[dict[str, object]]) -> tuple[FakeKernel, Layouts]:
+    """A `modules` list of struct modules described by `mods` (name, state, sig_ok,
+    taints, text/data areas)."""
+    lay = layouts(which)
+    mod = lay["module"]
+    k = FakeKernel()
+    k.alloc(MODULES, 16)
+    addrs = [HEAP + i * 0x1000 for i in range(len(mods))]
+    nodes = [a + mod["list"].offset for a in addrs]
+    ring = [MODULES, *nodes]
+    for i, d in enumerate(mods):
+        buf = bytearray(lay["module"].size)
+        put(buf, lay, "state", int(d.get("state", 0)))  # type: ignore[call-overload]
+        name = str(d["name"]).encode()
+        nf = mod["name"]
+        buf[nf.offset:nf.offset + len(name)] = name
+        put(buf, lay, "sig_ok", int(bool(d.get("sig_ok", False))))
+        put(buf, lay, "taints", int(d.get("taints", 0)))  # type: ignore[call-overload]
+        text, size = int(d.get("text", 0x2000)), int(d.get("size", 0x5000))  # type: ignore[call-overload]
+        base = int(d.get("base", 0xFFFF_FFFF_C100_0000 + i * 0x10_0000))  # type: ignore[call-overload]
+        if "mem" in mod:
+            mm = lay["module_memory"]
+            kinds = {v: k_ for k_, v in lay.enums.items() if k_.startswith("MOD_")}
+            for j in range(mod["mem"].count):
+                at = mod["mem"].offset + j * mm.size
+                area = {"MOD_TEXT": (base, text), "MOD_DATA": (base + 0x8000, size - text)
+                        }.get(kinds.get(j, ""), (0, 0))
+                buf[at + mm["base"].offset:at + mm["base"].offset + 8] = \
+                    area[0].to_bytes(8, "little")
+                buf[at + mm["size"].offset:at + mm["size"].offset + 4] = \
+                    area[1].to_bytes(4, "little")
+        else:
+            put(buf, lay, "core_layout.base", base)
+            put(buf, lay, "core_layout.size", size)
+            put(buf, lay, "core_layout.text_size", text)
+            put(buf, lay, "core_layout.ro_size", text + 0x1000)
+            put(buf, lay, "core_layout.ro_after_init_size", text + 0x1000)
+        k.alloc(addrs[i], 0x1000)
+        k.write(addrs[i], bytes(buf))
+    for i, node in enumerate(ring):
+        k.u64(node, ring[(i + 1) % len(ring)])
+        k.u64(node + 8, ring[i - 1])
+    return k, lay
+
+
+THREE = [{"name": "benign", "sig_ok": False, "taints": E | OOT},
+         {"name": "virtio_blk", "sig_ok": True, "taints": 0},
+         {"name": "coming_one", "state": 1, "sig_ok": True}]
+
+
+@pytest.mark.parametrize("which", ["6.1", "6.12"])
+def test_reads_the_module_list(which: str) -> None:
+    k, lay = build(which, THREE)
+    ml = read_modules(KernelReader(k.read), lay, MODULES)
+    assert ml.complete and ml.problems == ()
+    assert [m.name for m in ml] == ["benign", "virtio_blk", "coming_one"]
+    assert [m.state for m in ml] == ["live", "live", "coming"]
+    assert [m.sig_ok for m in ml] == [False, True, True]
+    assert ml.modules[0].taint == "OE" and ml.modules[1].taint == ""
+    first = ml.modules[0]
+    assert first.address == HEAP
+    text = first.text
+    assert len(text) == 1 and (text[0].base, text[0].size) == (0xFFFF_FFFF_C100_0000, 0x2000)
+    if which == "6.1":
+        kinds = [(m.kind, m.size) for m in first.memory]
+        assert kinds == [("text", 0x2000), ("rodata", 0x1000), ("data", 0x2000)]
+    else:
+        assert {m.kind for m in first.memory} == {"text", "data"}
+    # Owner lookups: by address, in text and data, and not in any module.
+    hit = ml.owner(0xFFFF_FFFF_C100_0000 + 0x1FFF)
+    assert hit is not None and hit[0].name == "benign" and hit[1].kind == "text"
+    hit = ml.owner(0xFFFF_FFFF_C110_0000)
+    assert hit is not None and hit[0].name == "virtio_blk"
+    assert ml.owner(0xFFFF_FFFF_C100_0000 + 0x5000) is None     # past 6.1's, a gap in 6.12
+    assert ml.owner(0xFFFF_FFFF_8100_0000) is None
+    assert ml.to_json()["modules"][0]["taint"] == "OE"   # type: ignore[index]
+
+
+def test_empty_list() -> None:
+    k, lay = build("6.1", [])
+    ml = read_modules(KernelReader(k.read), lay, MODULES)
+    assert ml.complete and len(ml) == 0 and ml.owner(HEAP) is None
+
+
+def test_a_cycle_that_skips_the_head_is_incomplete_not_endless() -> None:
+    k, lay = build("6.1", THREE)
+    node = HEAP + 0x2000 + lay["module"]["list"].offset
+    k.u64(node, HEAP + lay["module"]["list"].offset)    # third → first, never the head
+    ml = read_modules(KernelReader(k.read), lay, MODULES)
+    assert not ml.complete and "cycle" in ml.problems[0]
+    assert [m.name for m in ml] == ["benign", "virtio_blk", "coming_one"]
+
+
+@pytest.mark.parametrize("bad", [0x1000, 0xFFFF_FFFF_C000_0003, 0xFFFF_FFFF_DEAD_0000])
+def test_bad_next_pointers_stop_the_walk(bad: int) -> None:
+    k, lay = build("6.1", THREE)
+    k.u64(HEAP + 0x1000 + lay["module"]["list"].offset, bad)
+    ml = read_modules(KernelReader(k.read), lay, MODULES)
+    assert not ml.complete and [m.name for m in ml] == ["benign", "virtio_blk"]
+
+
+def test_a_long_list_is_bounded() -> None:
+    k, lay = build("6.1", [{"name": f"m{i}"} for i in range(40)])
+    ml = read_modules(KernelReader(k.read), lay, MODULES, limit=10)
+    assert not ml.complete and len(ml) == 10 and "more than 10" in ml.problems[0]
+    # A budget too small for the list: stops, says so, no exception.
+    ml = read_modules(KernelReader(k.read, budget=4096), lay, MODULES)
+    assert not ml.complete and len(ml) < 40
+
+
+def test_a_node_unlinked_one_way_is_noted() -> None:
+    """A module that removed itself by hand but left a neighbour's prev pointing at it."""
+    k, lay = build("6.1", THREE)
+    off = lay["module"]["list"].offset
+    k.u64(HEAP + off, HEAP + 0x2000 + off)               # benign.next skips virtio_blk
+    walk = walk_list(KernelReader(k.read), MODULES)
+    assert walk.complete and walk.broken_links == (HEAP + off,)
+    ml = read_modules(KernelReader(k.read), lay, MODULES)
+    assert [m.name for m in ml] == ["benign", "coming_one"] and ml.problems
+
+
+def test_hostile_names_and_areas() -> None:
+    k, lay = build("6.1", [{"name": "x", "base": 0x7FFF_0000_0000},
+                           {"name": "y", "size": 0x1000, "text": 0x2000}])
+    nf = lay["module"]["name"]
+    k.write(HEAP + nf.offset, b"\x1b[31mevil\\" + b"A" * (nf.size - 9))   # no NUL
+    ml = read_modules(KernelReader(k.read), lay, MODULES)
+    name = ml.modules[0].name
+    assert name.startswith("\\x1b[31mevil\\x5c") and len(name) < 4 * nf.size
+    assert ml.modules[0].memory == ()                       # user-space base: dropped
+    assert any("not in kernel memory" in p for p in ml.problems)
+    assert any("out of order" in p for p in ml.problems)   # y: text beyond size
+    for m in ml.modules[1].memory:
+        assert m.size <= 0x1000
+
+
+def test_taint_letters() -> None:
+    assert taint_letters(0) == ""
+    assert taint_letters(E) == "E" and taint_letters(1 | E | OOT) == "POE"
+    assert taint_letters(1 << 40).endswith("?")
+
+
+def test_owner_with_overlapping_hostile_areas() -> None:
+    from scanner.check.kernel_lists import ModuleInfo, ModuleMemory
+    a = ModuleInfo("a", HEAP, "live", (ModuleMemory("text", 0xFFFF_FFFF_C000_0000, 0x10_0000),),
+                   True, 0)
+    b = ModuleInfo("b", HEAP, "live", (ModuleMemory("text", 0xFFFF_FFFF_C000_1000, 0x1000),),
+                   True, 0)
+    ml = ModuleList((a, b), True)
+    assert ml.owner(0xFFFF_FFFF_C000_1800)[0].name == "b"  # type: ignore[index]
+    assert ml.owner(0xFFFF_FFFF_C000_3000)[0].name == "a"  # type: ignore[index]
