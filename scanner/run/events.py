@@ -69,7 +69,7 @@ SEVERITY: dict[str, str] = {
     "baseline_missing": "warning",
     "tamper_cleared": "notice", "kernel_patched": "notice", "vm_rebooted": "notice",
     "vm_found": "notice", "vm_skipped": "notice", "pruned": "notice", "action": "notice",
-    "reloaded": "notice",
+    "reloaded": "notice", "module_loaded": "notice", "module_unloaded": "notice",
 }
 SEVERITIES = ("critical", "warning", "notice", "info")
 
@@ -78,6 +78,8 @@ def severity(event: str, fields: dict[str, Any]) -> str:
     """The severity of an event: a failed action is a warning; unknown types are info."""
     if event == "action" and fields.get("ok") is False:
         return "warning"
+    if event == "module_loaded" and fields.get("sig_ok") is False:
+        return "warning"  # the kernel did not accept its signature
     return SEVERITY.get(event, "info")
 
 

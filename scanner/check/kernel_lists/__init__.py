@@ -8,7 +8,8 @@ version. Everything read is hostile: lists are walked with a bound and cycle det
 every pointer is range-checked, every string is bounded, and a list that cannot be read
 in full is said to be incomplete rather than trusted.
 
-* `memory.KernelReader` — bounded typed reads (u32/u64/pointers/strings/struct fields);
+* `memory.KernelReader` — bounded typed reads (u64, whole structs, bounded strings);
+  `memory.walker_reader` — a `ReadVA` through a kernel page table;
 * `lists.walk_list` — a bounded, cycle-checked `list_head` walk;
 * `modules.read_modules` — the module list (`struct module` via `modules`): name, state,
   memory ranges (6.1's `core_layout`/`init_layout`, 6.4+'s `mem[]`), `sig_ok`, taints;
@@ -16,7 +17,7 @@ in full is said to be incomplete rather than trusted.
 """
 
 from scanner.check.kernel_lists.lists import ListWalk, walk_list
-from scanner.check.kernel_lists.memory import KernelReader
+from scanner.check.kernel_lists.memory import KernelReader, walker_reader
 from scanner.check.kernel_lists.modules import (
     ModuleInfo,
     ModuleList,
@@ -28,4 +29,5 @@ from scanner.check.kernel_lists.modules import (
 )
 
 __all__ = ["KernelReader", "ListWalk", "ModuleInfo", "ModuleList", "ModuleMemory",
-           "modules_off", "read_guest_modules", "read_modules", "taint_letters", "walk_list"]
+           "modules_off", "read_guest_modules", "read_modules", "taint_letters", "walk_list",
+           "walker_reader"]

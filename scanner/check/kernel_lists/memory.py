@@ -12,8 +12,9 @@ import struct
 
 from scanner.check.patching import ReadVA
 from scanner.image.layouts import Field, StructLayout
+from translate import PageWalker, TranslationError
 
-__all__ = ["KERNEL_HALF", "KernelReader", "is_kernel_pointer"]
+__all__ = ["KERNEL_HALF", "KernelReader", "is_kernel_pointer", "walker_reader"]
 
 #: Lowest kernel address (4-level paging; 5-level kernels start lower still but their
 #: allocations used here — modules, vmalloc, direct map — lie above it too).
@@ -21,10 +22,29 @@ KERNEL_HALF = 0xFF00_0000_0000_0000
 #: Default bytes one reader may read (a module list of 4096 entries reads ~4 MB).
 DEFAULT_BUDGET = 8 << 20
 MAX_STRING = 256
+#: The largest single read a walker reader serves.
+MAX_READ = 1 << 16
 
 
 def is_kernel_pointer(va: int) -> bool:
     return KERNEL_HALF <= va <= 0xFFFF_FFFF_FFFF_FFFF
+
+
+def walker_reader(walker: PageWalker) -> ReadVA:
+    """A `ReadVA` through one kernel page table: None for anything unmapped, outside
+    RAM, or larger than MAX_READ. (Copies: these reads are small.)"""
+    mem = walker.mem
+
+    def read(va: int, size: int) -> bytes | None:
+        if not 0 < size <= MAX_READ:
+            return None
+        try:
+            t = walker.translate_range(va, size)
+            return b"".join(bytes(mem.view(g, n)) for g, n in t.gpa_runs())
+        except (TranslationError, OverflowError, ValueError):
+            return None
+
+    return read
 
 
 class KernelReader:
