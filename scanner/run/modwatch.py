@@ -101,7 +101,10 @@ class ModuleWatch:
             self._head = (m.gpa, bytes(walker.mem.view(m.gpa, 16)))
         except (TranslationError, ValueError, OSError):
             self._head = None
-        ml = read_guest_modules(profile, slide, walker_reader(walker))
+        return self.update(read_guest_modules(profile, slide, walker_reader(walker)))
+
+    def update(self, ml: ModuleList) -> list[ModuleEvent]:
+        """The events of a fresh read of this boot's list (pure: no memory access)."""
         self.last = ml
         if not ml.complete:
             return []
