@@ -67,6 +67,8 @@ EXAMPLES: list[tuple[str, str | None, dict[str, Any]]] = [
                               "text": [{"kind": "text", "base": 0xFFFFFFFFC03D0000,
                                         "size": 0x1000}]}),
     ("module_unloaded", "vm1", {"name": "kscan_benign", "address": 0xFFFFFFFFC03D2000}),
+    ("module_list_broken", "vm1", {"problems": ["cycle: node 0xffffffffc0002008 seen twice"],
+                                   "modules_read": 2, "reads": 3}),
 ]
 
 

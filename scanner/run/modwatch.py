@@ -12,8 +12,10 @@ worth a look — each module already loaded without a valid signature, as
 `module_loaded` (notice; warning when `sig_ok` is false) and each that goes is
 `module_unloaded` (notice). A module is (name, address of its struct module). A read
 that did not come back to the list head is not compared (a module being loaded or
-unloaded while kscan reads is not news; a list broken for good is the attribution
-checks' business): the reference stays until a complete read.
+unloaded while kscan reads is not news): the reference stays until a complete read.
+But the kernel changes its list under a mutex, so a list that does not close
+`BROKEN_AFTER` reads in a row is no race: a guest could break it on purpose to silence
+these events. That is said once per boot, as `module_list_broken` (warning).
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from scanner.check.kernel_lists import (
 from scanner.image.kernel_profile import KernelProfile
 from translate import GuestMemory, PageWalker, TranslationError
 
-__all__ = ["EVERY", "ModuleEvent", "ModuleWatch"]
+__all__ = ["BROKEN_AFTER", "EVERY", "ModuleEvent", "ModuleWatch"]
 
 #: Fast passes between full reads of the list when its head did not change.
 EVERY = 30
+#: Incomplete reads in a row that make a list broken rather than caught changing.
+BROKEN_AFTER = 3
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,16 @@ class ModuleWatch:
         self.last: ModuleList | None = None
         self._head: tuple[int, bytes] | None = None   # (gpa, 16 bytes) of `modules`
         self._passes = 0
+        self._incomplete = 0
+        self._broken_said = False
         self._boot: tuple[str, int] | None = None
 
     def reset(self) -> None:
         """A new boot: the next complete read is a new reference."""
         self.known = self.last = None
         self._head = None
-        self._passes = 0
+        self._passes = self._incomplete = 0
+        self._broken_said = False
 
     def due(self, mem: GuestMemory) -> bool:
         """After a clean fast pass: should the list be read again? Cheap."""
@@ -107,7 +114,14 @@ class ModuleWatch:
         """The events of a fresh read of this boot's list (pure: no memory access)."""
         self.last = ml
         if not ml.complete:
-            return []
+            self._incomplete += 1
+            if self._incomplete < BROKEN_AFTER or self._broken_said:
+                return []
+            self._broken_said = True
+            return [ModuleEvent("module_list_broken", {
+                "problems": list(ml.problems), "modules_read": len(ml),
+                "reads": self._incomplete})]
+        self._incomplete = 0
         now = {(m.name, m.address): m for m in ml}
         before = self.known
         self.known = now
