@@ -3,6 +3,7 @@ BTF layouts (6.1: core_layout/init_layout; 6.12: mem[]), and hostile lists."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import struct
 
@@ -215,3 +216,31 @@ def test_owner_with_overlapping_hostile_areas() -> None:
     ml = ModuleList((a, b), True)
     assert ml.owner(0xFFFF_FFFF_C000_1800)[0].name == "b"  # type: ignore[index]
     assert ml.owner(0xFFFF_FFFF_C000_3000)[0].name == "a"  # type: ignore[index]
+
+
+def test_kernel_taint_not_explained_by_listed_modules() -> None:
+    """A module that unlinked itself (or rewrote its own record) leaves its taint on the
+    kernel's `tainted_mask`: kscan says which taint no listed module accounts for."""
+    from scanner.check.kernel_lists import read_guest_modules
+    from scanner.image.kernel_profile import KernelProfile
+
+    k, lay = build("6.1", [{"name": "signed_one", "sig_ok": True, "taints": 0}])
+    taint_va = MODULES + 0x100
+    k.alloc(taint_va, 8)
+    W = 1 << 9                                   # a WARN: not a module taint
+    k.u64(taint_va, E | OOT | W)
+    prof = KernelProfile(build_id="b", release="r", version="v", sections={}, relocs={},
+                         text_head=b"", ex_table=b"", layouts=lay,
+                         data_symbols={"modules": (MODULES, "D"),
+                                       "tainted_mask": (taint_va, "D")})
+    ml = read_guest_modules(prof, 0, k.read)
+    assert ml.kernel_taints == E | OOT | W
+    assert taint_letters(ml.unexplained_taints) == "OE"
+    assert ml.to_json()["unexplained_taint"] == "OE" and ml.to_json()["kernel_taint"] == "WOE"
+    # A listed unsigned out-of-tree module accounts for both.
+    unsigned = dataclasses.replace(ml.modules[0], name="x", taints=E | OOT)
+    ml2 = ModuleList((*ml.modules, unsigned), True, kernel_taints=E | OOT | W)
+    assert ml2.unexplained_taints == 0
+    # No symbol: unknown, nothing claimed.
+    bare = dataclasses.replace(prof, data_symbols={"modules": (MODULES, "D")})
+    assert read_guest_modules(bare, 0, k.read).to_json()["kernel_taint"] is None

@@ -74,6 +74,7 @@ DATA_SYMBOLS = (
     "prog_idr", "bpf_kallsyms", "bpf_tree", "__x86_return_thunk", "ftrace_ops_assist_func",
     "ftrace_regs_caller", "ftrace_caller", "ftrace_stub", "klp_patches", "init_task",
     "_stext", "_etext", "__start_rodata", "__end_rodata", "_sdata", "_edata",
+    "tainted_mask",
 )
 
 #: Bounds on stored layouts (far above the tables here).
