@@ -594,9 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
     p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("--metrics", metavar="HOST:PORT", default=None,
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: "
-                        "none; e.g. 127.0.0.1:9464, [::1]:9464)")
+    p.add_argument("--metrics", metavar="HOST:PORT|unix:PATH", default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, or over "
+                        "HTTP on a unix socket created 0660 (default: none; e.g. "
+                        "127.0.0.1:9464, [::1]:9464, unix:/run/kscan/metrics.sock)")
     p.add_argument("--config", metavar="PATH", default=None,
                    help="a TOML file of run options (keys: the options with _ for -, db "
                         "included; the command line overrides it; default "
