@@ -19,7 +19,9 @@ to the same bucket, so bursts of it delay routine scans instead of breaking the 
 Once a second the whole process's CPU time is reconciled with what was charged: the
 rest (event loop, database thread, event writer) is charged too, and a feedback factor
 on P steers the process's measured CPU rate to the budget — so the budget holds for the
-whole process, and is used, not left idle.
+whole process, and is used, not left idle. One exception: the CPU of the metrics
+server's threads (`exempt`), bounded by its own pacing and cache, is not charged — a
+client scraping in a loop must not be able to delay scans.
 
 **Start-up.** At start the bucket refills at `--startup-budget` (default one core)
 instead, until every VM attached by then has had its first verdict (or turned out not
