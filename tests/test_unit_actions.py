@@ -230,7 +230,7 @@ def test_run_exec_timeout_kills_the_hooks_whole_process_group(tmp_path: Path,
             "open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(60)")
     runner = uvloop.run if loop == "uvloop" else asyncio.run
     try:
-        res = runner(run_exec((PY, "-c", code, str(pidfile)), EVENT, timeout=3))
+        res = runner(run_exec((PY, "-c", code, str(pidfile)), EVENT, timeout=8))
         assert res["ok"] is False and "timed out" in res["error"]
         assert _gone(int(pidfile.read_text()))   # the grandchild too
     finally:

@@ -215,8 +215,8 @@ def write_forensics(copy: ForensicCopy) -> Path:
     which another local user could read or plant anything."""
     d = copy.dir
     root = d.parent.parent
-    if not root.exists():
-        root.mkdir(parents=True, mode=0o700)
+    if not root.exists():   # kscan's own: private too (one that exists is the admin's)
+        root.mkdir(parents=True, mode=0o700, exist_ok=True)
     for sub in (d.parent, d, d / "pages"):
         _private_dir(sub)
     for rel, data in copy.files:
