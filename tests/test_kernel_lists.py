@@ -244,3 +244,65 @@ def test_kernel_taint_not_explained_by_listed_modules() -> None:
     # No symbol: unknown, nothing claimed.
     bare = dataclasses.replace(prof, data_symbols={"modules": (MODULES, "D")})
     assert read_guest_modules(bare, 0, k.read).to_json()["kernel_taint"] is None
+
+
+def _with_symbols(which: str, syms: list[tuple[str, int, int]], n: int | None = None
+                  ) -> tuple[FakeKernel, Layouts]:
+    """One module whose `kallsyms` points at a mod_kallsyms with `syms` (name, value,
+    size); `n` overrides num_symtab."""
+    k, lay = build(which, [{"name": "withsyms"}])
+    mk = lay["mod_kallsyms"]
+    mkva, symtab, strtab = HEAP + 0x10000, HEAP + 0x11000, HEAP + 0x12000
+    k.alloc(mkva, 0x1000)
+    k.alloc(symtab, 0x1000)
+    k.alloc(strtab, 0x1000)
+    strs = b"\0"
+    table = bytes(24)                                   # symbol 0: the null symbol
+    for name, value, size in syms:
+        table += struct.pack("<IBBHQQ", len(strs), 0x12, 0, 1, value, size)
+        strs += name.encode() + b"\0"
+    k.write(symtab, table)
+    k.write(strtab, strs)
+    rec = bytearray(mk.size)
+    for f, v in (("symtab", symtab), ("num_symtab", n if n is not None else len(syms) + 1),
+                 ("strtab", strtab)):
+        rec[mk[f].offset:mk[f].offset + mk[f].size] = v.to_bytes(mk[f].size, "little")
+    k.write(mkva, bytes(rec))
+    k.u64(HEAP + lay["module"]["kallsyms"].offset, mkva)
+    return k, lay
+
+
+@pytest.mark.parametrize("which", ["6.1", "6.12"])
+def test_module_symbols_name_addresses_inside_a_module(which: str) -> None:
+    from scanner.check.kernel_lists import read_module_symbols
+
+    text = 0xFFFF_FFFF_C100_0000
+    k, lay = _with_symbols(which, [("kscan_hook_cb", text + 0x60, 0x58),
+                                   ("init_module", text, 0x40),
+                                   ("\x1b[2Jevil", text + 0x200, 0)])
+    ml = read_modules(KernelReader(k.read), lay, MODULES)
+    syms = read_module_symbols(KernelReader(k.read), lay, ml.modules[0])
+    assert syms is not None and len(syms) == 3
+    assert syms.symbolize(text + 0x64) == "kscan_hook_cb+0x4 [withsyms]"
+    assert syms.symbolize(text) == "init_module [withsyms]"
+    assert syms.symbolize(text + 0x50) is None                  # between two symbols
+    assert syms.symbolize(text + 0x200) == "\\x1b[2Jevil [withsyms]"
+    assert syms.lookup("kscan_hook_cb") == text + 0x60
+
+
+def test_module_symbols_hostile_counts_and_pointers() -> None:
+    from scanner.check.kernel_lists import read_module_symbols
+
+    k, lay = _with_symbols("6.1", [("f", 0xFFFF_FFFF_C100_0000, 8)], n=1 << 30)
+    ml = read_modules(KernelReader(k.read), lay, MODULES)
+    assert read_module_symbols(KernelReader(k.read), lay, ml.modules[0]) is None
+    # A num_symtab past the readable table: nothing is misnamed.
+    k, lay = _with_symbols("6.1", [("f", 0xFFFF_FFFF_C100_0000, 8)], n=4000)
+    syms = read_module_symbols(KernelReader(k.read), lay, read_modules(
+        KernelReader(k.read), lay, MODULES).modules[0])
+    assert syms is None or syms.names == ("f",)
+    # A kallsyms pointer to user space: falls back to core_kallsyms (empty here).
+    k, lay = _with_symbols("6.1", [("f", 0xFFFF_FFFF_C100_0000, 8)])
+    k.u64(HEAP + lay["module"]["kallsyms"].offset, 0x4000)
+    ml = read_modules(KernelReader(k.read), lay, MODULES)
+    assert read_module_symbols(KernelReader(k.read), lay, ml.modules[0]) is None
