@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
+import shutil
 import struct
+import subprocess
+from pathlib import Path
 
 import orjson
 import pytest
@@ -20,6 +24,7 @@ from scanner.errors import KernelImageError
 from scanner.image.btf import Btf, Kind, MemberInfo, parse_btf
 from scanner.image.kernel_profile import KernelProfile, profile_from_image
 from scanner.image.layouts import Field, Layouts, StructLayout, layouts_from_btf
+from tests.needs import unavailable
 from tests.realkernels import real_image
 
 
@@ -333,3 +338,64 @@ def test_image_without_btf_says_what_is_off() -> None:
 def test_btf_class_is_what_parse_returns() -> None:
     assert isinstance(parse_btf(sample()[0].blob()), Btf)
     assert StructLayout("x", 8, {}).get("y") is None
+
+
+@pytest.mark.parametrize("which", ["6.1", "6.12"])
+def test_real_image_against_bpftool(which: str, tmp_path: Path) -> None:
+    """Every type of the real images as bpftool (the kernel tree's own BTF reader) dumps
+    it: kind and name of each id, size and members (bit offsets, bitfield sizes) of every
+    struct and union, values of every enum."""
+    bpftool = shutil.which("bpftool") or ("/usr/sbin/bpftool"
+                                          if Path("/usr/sbin/bpftool").exists() else None)
+    if bpftool is None:
+        unavailable("bpftool not installed")
+    raw = real_image(which).section_bytes(".BTF")
+    blob = tmp_path / "btf"
+    blob.write_bytes(raw)
+    dump = subprocess.run([bpftool, "btf", "dump", "file", str(blob), "format", "raw"],
+                          capture_output=True, text=True, check=True).stdout
+    btf = parse_btf(raw)
+    head = re.compile(r"^\[(\d+)\] (\w+) '([^']*)'(?: size=(\d+))?")
+    member = re.compile(r"^\t'([^']*)' type_id=(\d+) bits_offset=(\d+)(?: bitfield_size=(\d+))?")
+    enumval = re.compile(r"^\t'([^']*)' val=(-?\d+)")
+    ids = 0
+    cur: int | None = None
+    members: list[tuple[str, int, int, int]] = []
+    values: list[tuple[str, int]] = []
+    compared = {"members": 0, "enumerators": 0}
+
+    def finish() -> None:
+        if cur is None:
+            return
+        kind = btf.kind(cur)
+        if kind in (Kind.STRUCT, Kind.UNION):
+            got = [(m.name or "(anon)", m.type_id, m.bit_offset, m.bitfield_size)
+                   for m in btf.members(cur)]
+            assert got == members, cur
+            compared["members"] += len(got)
+        elif kind in (Kind.ENUM, Kind.ENUM64):
+            assert btf.enumerators(cur) == values, cur
+            compared["enumerators"] += len(values)
+
+    for line in dump.splitlines():
+        h = head.match(line)
+        if h:
+            finish()
+            cur, kind, name, size = int(h[1]), h[2], h[3], h[4]
+            ids += 1
+            assert btf.kind(cur).name == kind, (cur, kind)
+            assert (btf.name(cur) or "(anon)") == name, cur
+            if size is not None and btf.kind(cur) in (Kind.STRUCT, Kind.UNION):
+                assert btf.size_of(cur) == int(size), cur
+            members, values = [], []
+            continue
+        m = member.match(line)
+        if m:
+            members.append((m[1], int(m[2]), int(m[3]), int(m[4] or 0)))
+            continue
+        e = enumval.match(line)
+        if e:
+            values.append((e[1], int(e[2])))
+    finish()
+    assert ids == len(btf) - 1 > 50_000
+    assert compared["members"] > 50_000 and compared["enumerators"] > 5_000, compared
