@@ -230,9 +230,18 @@ def test_hostile_references_are_bounded() -> None:
     big = b.array(arr, 1 << 30)                       # 9: ... of 1 GiB arrays
     b.struct("huge", 8, [("h", big, 0, 0)])
     b.struct("unaligned", 8, [("u", 7, 3, 0)])       # a u8 at bit 3, not a bitfield
+    # 12: a chain of structs, each with 2,000 anonymous members of the next one: a
+    # search that does not remember where it looked would visit 2000**5 of them.
+    b.raw(Kind.INT, 0, 4, struct.pack("<I", 32))
+    first = b.count + 1
+    for level in range(6):
+        target = first + level + 1 if level < 5 else first - 1
+        b.struct(f"fan{level}", 8, [("", target, 0, 0)] * 2000)
     btf = parse_btf(b.blob())
+    assert btf.member("fan0", "no_such_member") is None
+    assert btf.member("selfish", "y") is None        # searched once, not forever
     for call in (lambda: btf.strip(1), lambda: btf.size_of(3) and btf.size_of(999),
-                 lambda: btf.member("bad_member", "x"), lambda: btf.member("selfish", "y"),
+                 lambda: btf.member("bad_member", "x"),
                  lambda: btf.member("cyc", "t"), lambda: btf.member("huge", "h"),
                  lambda: btf.member("unaligned", "u")):
         with pytest.raises(KernelImageError):
