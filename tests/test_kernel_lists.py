@@ -17,7 +17,7 @@ from scanner.check.kernel_lists import (
     walk_list,
 )
 from scanner.image.btf import parse_btf
-from scanner.image.layouts import Layouts, layouts_from_btf
+from scanner.image.layouts import DataSymbol, Layouts, layouts_from_btf
 from tests.realkernels import real_image
 
 MODULES = 0xFFFF_FFFF_82B2_7160      # `modules` (the list head)
@@ -231,8 +231,8 @@ def test_kernel_taint_not_explained_by_listed_modules() -> None:
     k.u64(taint_va, E | OOT | W)
     prof = KernelProfile(build_id="b", release="r", version="v", sections={}, relocs={},
                          text_head=b"", ex_table=b"", layouts=lay,
-                         data_symbols={"modules": (MODULES, "D"),
-                                       "tainted_mask": (taint_va, "D")})
+                         data_symbols={"modules": DataSymbol(MODULES, "D"),
+                                       "tainted_mask": DataSymbol(taint_va, "D")})
     ml = read_guest_modules(prof, 0, k.read)
     assert ml.kernel_taints == E | OOT | W
     assert taint_letters(ml.unexplained_taints) == "OE"
@@ -242,7 +242,7 @@ def test_kernel_taint_not_explained_by_listed_modules() -> None:
     ml2 = ModuleList((*ml.modules, unsigned), True, kernel_taints=E | OOT | W)
     assert ml2.unexplained_taints == 0
     # No symbol: unknown, nothing claimed.
-    bare = dataclasses.replace(prof, data_symbols={"modules": (MODULES, "D")})
+    bare = dataclasses.replace(prof, data_symbols={"modules": DataSymbol(MODULES, "D")})
     assert read_guest_modules(bare, 0, k.read).to_json()["kernel_taint"] is None
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from scanner.check.kernel_lists import ModuleInfo, ModuleList, ModuleMemory
 from scanner.image.kernel_profile import KernelProfile
+from scanner.image.layouts import DataSymbol
 from scanner.run.modwatch import ModuleWatch
 from tests.synthetic import NX, RW, P, SyntheticRam
 from translate import PageWalker
@@ -105,7 +106,7 @@ def test_reads_through_page_tables_and_rereads_when_the_head_moves(tmp_path: Pat
     walker = PageWalker(mem, ram.pgd)
     profile = KernelProfile(build_id="b", release="r", version="v", sections={}, relocs={},
                             text_head=b"", ex_table=b"", layouts=lay,
-                            data_symbols={"modules": (MODULES - 0x1000_0000, "D")})
+                            data_symbols={"modules": DataSymbol(MODULES - 0x1000_0000, "D")})
 
     def poke(va: int, data: bytes) -> None:
         with open(path, "r+b") as f:
