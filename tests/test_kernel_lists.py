@@ -306,3 +306,23 @@ def test_module_symbols_hostile_counts_and_pointers() -> None:
     k.u64(HEAP + lay["module"]["kallsyms"].offset, 0x4000)
     ml = read_modules(KernelReader(k.read), lay, MODULES)
     assert read_module_symbols(KernelReader(k.read), lay, ml.modules[0]) is None
+
+
+def test_inspect_text_of_the_module_list() -> None:
+    from scanner.commands.inspection import modules_text
+
+    assert modules_text({"off": "kernel image has no .BTF section"}) == [
+        "modules: off: kernel image has no .BTF section"]
+    k, lay = build("6.1", THREE)
+    ml = dataclasses.replace(read_modules(KernelReader(k.read), lay, MODULES),
+                             kernel_taints=E | OOT)
+    text = modules_text(ml.to_json())
+    assert text[0] == "modules: 3 in the kernel's module list"
+    assert text[1].split() == ["benign", "live", "UNSIGNED", "taint", "OE", "text",
+                               "0xffffffffc1000000+0x2000"]
+    assert text[2].split()[2:5] == ["signed", "taint", "-"]
+    assert len(text) == 4                                 # OE is explained by benign
+    cut = ModuleList(ml.modules[1:], False, ("cycle: node 0x10 seen twice",), E | OOT)
+    text = modules_text(cut.to_json())
+    assert "INCOMPLETE: cycle" in text[0]
+    assert "OE is carried by no listed module" in text[-1]
