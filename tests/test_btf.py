@@ -410,3 +410,35 @@ def test_real_image_against_bpftool(which: str, tmp_path: Path) -> None:
     finish()
     assert ids == len(btf) - 1 > 50_000
     assert compared["members"] > 50_000 and compared["enumerators"] > 5_000, compared
+
+
+def test_profile_add_upgrades_a_profile_stored_without_layouts(tmp_path: Path) -> None:
+    """`kscan profile add` of a kernel whose stored profile predates struct layouts
+    replaces it (the way kallsyms and patch sites were added before)."""
+    import asyncio
+
+    from store import Store
+    from tests.kscan_proc import kscan
+    from tools.guests import ensure_kernel
+
+    db = str(tmp_path / "k.db")
+    prof = profile_from_image(real_image("6.1"))
+    old = _strip_header(prof.to_bytes(), "layouts", "btf_note", "data_symbols")
+
+    async def put() -> None:
+        async with Store.open(db) as st:
+            await st.add_profile(prof.build_id, prof.release, prof.version, old)
+
+    async def get() -> KernelProfile:
+        async with Store.open(db) as st:
+            row = await st.get_profile(prof.build_id)
+            assert row is not None
+            return KernelProfile.from_bytes(row.data)
+
+    asyncio.run(put())
+    assert asyncio.run(get()).layouts is None
+    out = kscan("profile", "add", str(ensure_kernel().vmlinuz), "--db", db)
+    assert out.returncode == 0 and out.stdout.startswith("upgraded profile "), out
+    assert "struct layouts from BTF" in out.stdout
+    stored = asyncio.run(get())
+    assert stored.layouts == prof.layouts and stored.data_symbol("modules") is not None
