@@ -365,7 +365,10 @@ class VmWatcher:
             # The kernel is patching itself right now (its own patching verified in the
             # same pages): a scan can catch text_poke or an ftrace trampoline being
             # replaced half-way. Look once more, in full, before reporting; a change
-            # that is still there is reported from that second look.
+            # that is still there is reported from that second look. What the first
+            # look saw is never only a log line: unless the second look reports the
+            # very same changes, it is a `tamper_transient` (an attacker can undo a
+            # change within the delay as easily as the kernel finishes a patch).
             await asyncio.sleep(CONFIRM_DELAY)
             try:
                 again = await self._slow(functools.partial(
@@ -373,10 +376,12 @@ class VmWatcher:
             except (VmStateError, TranslationError, ProfileError):
                 pass  # the kernel moved meanwhile: report what was seen
             else:
-                second = await self._full_check(again, golden, first, confirm=False)
-                if not second.tampered:
-                    log.info("%s: a change seen while the kernel patched itself was gone "
-                             "on a second look", self.name)
+                second: CheckReport | None = None
+                try:
+                    second = await self._full_check(again, golden, first, confirm=False)
+                finally:
+                    if second is None or _change_set(second) != _change_set(report):
+                        await self._transient(report, second)
                 return second
         partial = len(ex.normalized) < len(REGIONS)
         if partial and self.ref is not None and self.last_report is not None:
@@ -389,10 +394,12 @@ class VmWatcher:
                 patches=(report.patches if ".text" in ex.normalized
                          else self.last_report.patches))
             self.ref.digests.update(ex.raw_digests)
+            if ".text" in ex.normalized:  # what its patching reached was read again
+                self.ref.set_reached(self.vm.mem, checked.reached)
         else:
             self._drop_reference()
             self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ex.space.pgd,
-                                      ex.space.top_shift, ex.raw_digests)
+                                      ex.space.top_shift, ex.raw_digests, checked.reached)
         self.slide = ex.lk.slide
         # Keep what a partial re-check needs — not the region copies (~19 MB) and not
         # the decoded IDT gates.
@@ -420,6 +427,24 @@ class VmWatcher:
             self.reported = frozenset()
             await self._on_patched(report)
         return report
+
+    async def _transient(self, seen: CheckReport, second: CheckReport | None) -> None:
+        """A tampering seen once and not (or not as it was) on the second look: said
+        as a critical event with what was seen. Not acted on: the VM no longer shows
+        it (what the second look found, if anything, was reported on its own)."""
+        log.info("%s: a change seen while the kernel patched itself was %s on a second "
+                 "look", self.name, "gone" if second is not None and not second.tampered
+                 else "different")
+        await self.emit(
+            "tamper_transient", seen_at=self.seen_at, confirm_delay=CONFIRM_DELAY,
+            build_id=seen.build_id, slide=seen.slide,
+            second_look=("unknown" if second is None
+                         else "tampered" if second.tampered else "clean"),
+            message="a change seen while the kernel patched itself was not there as "
+                    "such on a second look: a patch caught half-way, or a tampering "
+                    "undone at once",
+            **tamper_fields(seen),
+            patched=seen.patches.to_json() if seen.patches else None)
 
     async def _on_patched(self, report: CheckReport) -> None:
         """Verified run-time patching is not tampering: said once per distinct set of
