@@ -90,11 +90,15 @@ class WatchState(enum.StrEnum):
 
 
 class VmWatcher:
-    def __init__(self, ctx: WatchContext, vm: VmHandle, source: str) -> None:
+    def __init__(self, ctx: WatchContext, vm: VmHandle, source: str,
+                 key: str | None = None) -> None:
         self.ctx = ctx
         self.vm = vm
-        self.name = vm.name
+        self.name = vm.name  # what events show; a QEMU can report any name
         self.source = source
+        #: What its per-VM state and resume record are stored under
+        #: (`scanner.vm.identity.state_key`; the name where none is given).
+        self.key = key if key is not None else vm.name
         self.ref: Reference | None = None
         self.slide: int | None = None  # of the kernel last checked (a change: reboot)
         self.reported: frozenset[Any] | None = None  # the change set last reported
@@ -207,11 +211,11 @@ class VmWatcher:
         verdict is given without a slow path. False: take the full path."""
         st, name = self.ctx.store, self.name
         try:
-            blob = await st.get_resume(name)
+            blob = await st.get_resume(self.key)
             if blob is None:
                 return False
             saved = Saved.from_bytes(blob)
-            state = VmState.from_plain(await st.get_vm_state(name)) if saved else None
+            state = VmState.from_plain(await st.get_vm_state(self.key)) if saved else None
         except StoreError as err:  # an unreadable row: the full path rewrites both
             log.info("%s: persisted state unreadable (%s): full check", name, err)
             return False
@@ -293,7 +297,7 @@ class VmWatcher:
             saved = Saved.of(self.ref, ex.lk.profile.build_id, ex.lk.slide, ex.boot.key,
                              golden_digest(golden.regions), state.digest(), size,
                              {"regions": _summary(report)["regions"]})
-            await st.put_resume(self.name, saved.to_bytes())
+            await st.put_resume(self.key, saved.to_bytes())
         except StoreError as err:
             log.warning("%s: could not persist the resume state: %s", self.name, err)
 
@@ -356,7 +360,7 @@ class VmWatcher:
     async def _full_check(self, ex: Examined, golden: GoldenSet, first: bool,
                           confirm: bool = True) -> CheckReport:
         """Verify an examined VM (holding a slow-path slot), then report and act."""
-        checked = await verify_and_record(self.ctx.store, ex, self.name, golden,
+        checked = await verify_and_record(self.ctx.store, ex, self.key, golden,
                                           self.ctx.timed_in_worker, mem=self.vm.mem,
                                           strict=self.ctx.strict)
         report = checked.report
@@ -471,7 +475,7 @@ class VmWatcher:
             # QEMU reset the VM: a reboot, even if the kernel comes back at the same
             # slide. Its per-boot pages are this boot's again: take them afresh.
             self._resets = self.vm.resets()
-            await self.ctx.store.delete_vm_state(self.name)
+            await self.ctx.store.delete_vm_state(self.key)
             self._drop_reference()
             await self.emit("vm_booting", message="QEMU reset the VM (a reboot)")
             return
