@@ -22,13 +22,15 @@ import pytest
 
 from scanner.image.kernel_profile import KernelProfile
 from scanner.qemu.qmp import QmpVm
+from scanner.vm import state_key
 from tests.conftest import GuestPool, run
-from tests.kscan_proc import RunProc, kscan, live_kernel
+from tests.kscan_proc import RunProc, flip_bytes, kscan, live_kernel, write_bytes
 from tools.guests import Guest, GuestSpec, ensure_kernel
 from tools.tamper import write_guest
 
 pytestmark = pytest.mark.guest
 TRACING = "/sys/kernel/tracing"
+TAMPER_AT = 0x500000 + 0x100  # a .text offset other live tests tamper with too
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +171,59 @@ def test_the_impostor_reports_the_victims_name(pool: dict[str, Guest]) -> None:
 
     assert run(name_of(pool["cv2"].qmp_aux)) == "cv1"
     assert run(name_of(pool["cv1"].qmp_aux)) == "cv1"
+
+
+def _state_rows(db: str) -> dict[str, bytes]:
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {str(k): bytes(v) if isinstance(v, bytes) else str(v).encode()
+                for k, v in con.execute("SELECT vm_id, state FROM vm_state")}
+    finally:
+        con.close()
+
+
+def test_an_impostor_claiming_a_watched_name_is_not_watched_under_it(
+        pool: dict[str, Guest], db: str, kernel_profile: KernelProfile,
+        tmp_path: Path) -> None:
+    """`cv2` is a QEMU started with `-name cv1` (what a --discover-user QEMU can do).
+    It appears while the victim is watched, with a tampering already reported: it gets
+    an `error`, is not watched, and neither the victim's watcher, nor its per-VM state,
+    nor the tamper report are touched (before: it was watched as `cv1`, sharing the
+    victim's state row, scheduler entry and verdicts)."""
+    victim, impostor = pool["cv1"], pool["cv2"]
+    late = tmp_path / "impostor.sock"  # appears later: an explicit path is re-looked at
+    proc = RunProc(["--qmp", str(victim.qmp), "--qmp", str(late), "--db", db,
+                    "--interval", "1", "--forensics-dir", str(tmp_path / "f")],
+                   tmp_path / "run.err")
+    old = None
+    try:
+        proc.wait_for(lambda e: e["vm"] == "cv1" and e["event"] == "vm_clean", 120)
+        old = run(flip_bytes(victim.qmp_aux, kernel_profile, ".text", TAMPER_AT, 2))
+        tamper = proc.wait_for(lambda e: e["vm"] == "cv1" and e["event"] == "tamper", 60)
+        key = state_key(str(victim.qmp), None)
+        rows = _state_rows(db)
+        assert key in rows and "cv1" not in rows  # keyed by identity, not by name
+        mark = proc.mark()
+        late.symlink_to(impostor.qmp)
+        err = proc.wait_for(lambda e: e["event"] == "error" and e.get("source") == str(late),
+                            60, after=mark)
+        assert err["name"] == "cv1" and str(victim.qmp) in err["message"]
+        time.sleep(5)  # several more scans of the victim; the impostor is retried later
+        after = proc.events[mark:]
+        assert not [e for e in after if e["event"] == "vm_found"]  # not watched at all
+        assert not [e for e in after if e.get("vm") == "cv1" and e["event"] in (
+            "vm_clean", "vm_identified", "tamper_cleared", "vm_lost", "vm_rebooted")]
+        assert _state_rows(db)[key] == rows[key]  # the victim's per-VM state untouched
+        assert len([k for k in _state_rows(db) if k != key]) == 0
+        # The victim's watcher runs on: its tampering undone → cleared.
+        run(write_bytes(victim.qmp_aux, kernel_profile, ".text", TAMPER_AT, old))
+        old = None
+        proc.wait_for(lambda e: e["vm"] == "cv1" and e["event"] == "tamper_cleared", 60,
+                      after=mark)
+        assert tamper["mismatches"][0]["page"] == TAMPER_AT // 4096
+    finally:
+        if old is not None:
+            run(write_bytes(victim.qmp_aux, kernel_profile, ".text", TAMPER_AT, old))
+        assert proc.stop() == 0

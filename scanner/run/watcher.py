@@ -373,7 +373,7 @@ class VmWatcher:
             # look saw is never only a log line: unless the second look reports the
             # very same changes, it is a `tamper_transient` (an attacker can undo a
             # change within the delay as easily as the kernel finishes a patch).
-            await asyncio.sleep(CONFIRM_DELAY)
+            await self._before_second_look()
             try:
                 again = await self._slow(functools.partial(
                     self._examine, Snapshot(ex.vcpus, ex.boot)), urgent=True)
@@ -431,6 +431,10 @@ class VmWatcher:
             self.reported = frozenset()
             await self._on_patched(report)
         return report
+
+    async def _before_second_look(self) -> None:
+        """The pause before a second look (tests interpose here)."""
+        await asyncio.sleep(CONFIRM_DELAY)
 
     async def _transient(self, seen: CheckReport, second: CheckReport | None) -> None:
         """A tampering seen once and not (or not as it was) on the second look: said
