@@ -342,6 +342,8 @@ class Engine:
             self.watchers[source] = w
             if vm.uuid:
                 self.sink.labels[vm.name] = {"uuid": vm.uuid}
+            else:  # not the uuid of a VM that was watched under this name before
+                self.sink.labels.pop(vm.name, None)
             await self.sink.emit("vm_found", vm.name, source=source, kind=src.kind)
             try:
                 await w.run()
