@@ -25,6 +25,7 @@ from scanner.check.fastpath import (
     FastOutcome,
     Reference,
     check_memory,
+    check_registers,
     make_reference,
 )
 from scanner.check.locate import Region
@@ -39,6 +40,8 @@ from translate import FOUR_LEVEL, GuestMemory, PageWalker, TranslationError
 TRAMP = 0xFFFF_FFFF_C000_2000  # module area (where create_trampoline allocates)
 TRAMP_GPA = 0x260000
 TRAMP_SIZE = 0x180  # the bytes the verifier reads: ftrace_caller's copy + ret + ops
+FAR = 0xFFFF_FF00_0000_3000  # code in another top-level slot than the regions' (510)
+FAR_GPA = 0x270000
 
 
 @dataclass
@@ -83,7 +86,8 @@ def world(tmp_path: Path) -> Iterator[World]:
     ram.map(KEXTAB & ~0xFFF, 0x220000, PAGE, P | NX)
     ram.map(IDT_VA, 0x230000, PAGE, P | NX)
     ram.map(TRAMP, TRAMP_GPA, PAGE, P)  # a module-area page, RO+X as set_memory_rox
-    for gpa in (0x100000, 0x200000, 0x220000, 0x230000, TRAMP_GPA):
+    ram.map(FAR, FAR_GPA, PAGE, P)
+    for gpa in (0x100000, 0x200000, 0x220000, 0x230000, TRAMP_GPA, FAR_GPA):
         ram.data[gpa:gpa + PAGE] = rnd.randbytes(PAGE)
     path = tmp_path / "ram"
     mem = ram.save(path)
@@ -232,3 +236,35 @@ def test_resume_records_keep_the_reached_code(world: World) -> None:
     doc["reached_digest"] = "00" * 16
     doc["reached_tables"] = [[0x1001, [[0, 1]]]]  # not a table page
     assert Saved.from_bytes(orjson.dumps(doc)) is None
+
+
+def test_every_vcpu_must_map_the_reached_code_as_the_kernel_does(world: World) -> None:
+    """Reached code in a top-level slot no region uses: a vCPU whose page table maps
+    that slot privately (its own copy of the trampoline) is caught like one that maps
+    the kernel privately — at the first reference, and after a partial re-check."""
+    ram = world.ram
+    slot = (FAR >> 39) & 0x1FF
+    other = ram.alloc()
+    for i in range(256, 512):
+        ram.put(other + i * 8, ram.get(ram.pgd + i * 8))
+    private = ram.alloc()  # a private upper table for that slot
+    ram.put(other + slot * 8, private | P)
+    world.poke(0, bytes(ram.data))  # in place: the file is mapped
+    rec = world.recorder()
+    assert rec(FAR, 0x40) is not None
+    vcpus = [world.vcpus[0], vcpu(1, other)]
+    same = [world.vcpus[0], vcpu(1, ram.pgd)]
+    world.vcpus = same  # the reference's control state: two vCPUs
+    for partial in (False, True):
+        ref = world.reference(() if partial else rec.ranges())
+        try:
+            if partial:
+                assert slot not in ref.top_index
+                assert check_registers(ref, world.mem, vcpus).ok  # not watched yet
+                ref.set_reached(world.mem, rec.ranges(), ram.pgd, 39)
+            assert slot in ref.top_index
+            res = check_registers(ref, world.mem, vcpus)
+            assert res.outcome is FastOutcome.MAPPING_CHANGED and "vCPU 1" in res.reason
+            assert check_registers(ref, world.mem, same).ok
+        finally:
+            ref.release()

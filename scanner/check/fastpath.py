@@ -103,9 +103,20 @@ class Reference:
         default_factory=lambda: TableFingerprint(()))
     reached_views: list[memoryview] = dataclasses.field(default_factory=list)
 
-    def set_reached(self, mem: GuestMemory, reached: Sequence[ReachedRange]) -> None:
+    def set_reached(self, mem: GuestMemory, reached: Sequence[ReachedRange],
+                    pgd: int | None = None, top_shift: int = 39) -> None:
         """Make `reached` (what the last verification of `.text` read outside it) the
-        code outside `.text` this reference holds."""
+        code outside `.text` this reference holds. With `pgd` (the kernel page table
+        the check walked), every vCPU must also share its top-level entries for the
+        reached addresses (the kernel runs a trampoline through whatever CR3 is live)."""
+        if pgd is not None:
+            new = sorted({(r.va >> top_shift) & 0x1FF for r in reached} - set(self.top_index))
+            if new:
+                table = mem.view(pgd, 4096).cast("Q")
+                pairs = sorted([*zip(self.top_index, self.top_values, strict=True),
+                                *((i, int(table[i])) for i in new)])
+                self.top_index = tuple(i for i, _ in pairs)
+                self.top_values = tuple(v for _, v in pairs)
         for v in self.reached_views:
             v.release()
         self.reached_views = []

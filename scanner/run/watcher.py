@@ -399,7 +399,8 @@ class VmWatcher:
                          else self.last_report.patches))
             self.ref.digests.update(ex.raw_digests)
             if ".text" in ex.normalized:  # what its patching reached was read again
-                self.ref.set_reached(self.vm.mem, checked.reached)
+                self.ref.set_reached(self.vm.mem, checked.reached, ex.space.pgd,
+                                     ex.space.top_shift)
         else:
             self._drop_reference()
             self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ex.space.pgd,
