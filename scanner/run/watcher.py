@@ -441,14 +441,12 @@ class VmWatcher:
         """A tampering seen once and not (or not as it was) on the second look: said
         as a critical event with what was seen. Not acted on: the VM no longer shows
         it (what the second look found, if anything, was reported on its own)."""
-        log.info("%s: a change seen while the kernel patched itself was %s on a second "
-                 "look", self.name, "gone" if second is not None and not second.tampered
-                 else "different")
+        look = "unknown" if second is None else "tampered" if second.tampered else "clean"
+        log.info("%s: a change seen while the kernel patched itself was not there as such "
+                 "on a second look (%s): tamper_transient", self.name, look)
         await self.emit(
             "tamper_transient", seen_at=self.seen_at, confirm_delay=CONFIRM_DELAY,
-            build_id=seen.build_id, slide=seen.slide,
-            second_look=("unknown" if second is None
-                         else "tampered" if second.tampered else "clean"),
+            build_id=seen.build_id, slide=seen.slide, second_look=look,
             message="a change seen while the kernel patched itself was not there as "
                     "such on a second look: a patch caught half-way, or a tampering "
                     "undone at once",
