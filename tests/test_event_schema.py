@@ -67,6 +67,14 @@ EXAMPLES: list[tuple[str, str | None, dict[str, Any]]] = [
                                  "ranges_total": 1, "findings": [], "findings_total": 0,
                                  "patched": PATCHED}),
     ("kscan_stopped", None, {"scans": 10}),
+    ("module_loaded", "vm1", {"name": "kscan_benign", "address": 0xFFFFFFFFC03D2000,
+                              "state": "live", "sig_ok": False, "taints": 0x3000,
+                              "taint": "OE", "initial": False,
+                              "text": [{"kind": "text", "base": 0xFFFFFFFFC03D0000,
+                                        "size": 0x1000}]}),
+    ("module_unloaded", "vm1", {"name": "kscan_benign", "address": 0xFFFFFFFFC03D2000}),
+    ("module_list_broken", "vm1", {"problems": ["cycle: node 0xffffffffc0002008 seen twice"],
+                                   "modules_read": 2, "reads": 3}),
 ]
 
 
@@ -100,6 +108,9 @@ def test_every_event_type_matches_the_schema_and_carries_host_and_severity() -> 
     assert by[("action", False)] == "warning" and by[("action", True)] == "notice"
     assert by[("vm_lost", None)] == "warning" and by[("kernel_patched", None)] == "notice"
     assert by[("stats", None)] == "info"
+    assert by[("module_loaded", None)] == "warning"        # unsigned
+    assert by[("module_unloaded", None)] == "notice"
+    assert severity("module_loaded", {"sig_ok": True}) == "notice"
     # Every type the schema knows is exercised here.
     assert {e["event"] for e in events} == set(SCHEMA["properties"]["event"]["enum"]) - {
         "reloaded"}

@@ -32,10 +32,10 @@ from scanner.check.locate import Region
 from scanner.check.reached import ReachedRange, Recorder, reached_digest
 from scanner.check.resume import Saved, resume_check
 from scanner.hashing import raw_digest
-from scanner.qemu.hmp import VcpuState
 from tests.synthetic import NX, PAGE, P, SyntheticRam
 from tests.test_unit_fastpath import IDT_VA, KEXTAB, KRODATA, KTEXT, vcpu
 from translate import FOUR_LEVEL, GuestMemory, PageWalker, TranslationError
+from translate.vcpu import VcpuState
 
 TRAMP = 0xFFFF_FFFF_C000_2000  # module area (where create_trampoline allocates)
 TRAMP_GPA = 0x260000

@@ -41,7 +41,6 @@ from scanner.hashing import page_hashes
 from scanner.image.kernel_profile import KernelProfile, SectionInfo
 from scanner.image.patchsites import PatchSites
 from scanner.image.relocs import RegionRelocs
-from scanner.qemu.hmp import VcpuState
 from scanner.qemu.qmp import RunState
 from scanner.run.actions import Action, ActionKind
 from scanner.run.scheduler import Policy, Scheduler
@@ -51,6 +50,7 @@ from scanner.vm.bootprofile import BootProfile
 from scanner.vm.replay import ReplayVm, write_replay
 from store import Store
 from tests.synthetic import NX, PAGE, RW, P, SyntheticRam
+from translate.vcpu import VcpuState
 from translate.x86 import CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_NXE
 
 T = TypeVar("T")

@@ -31,8 +31,8 @@ from scanner.check.locate import LiveKernel
 from scanner.check.measure import region_views
 from scanner.check.reached import ReachedRange, reached_digest
 from scanner.hashing import raw_digest
-from scanner.qemu.hmp import VcpuState
 from translate import GuestMemory, TranslationError, kernel_pgd_candidates
+from translate.vcpu import VcpuState
 from translate.x86 import CR0_WP, CR4_SMAP, CR4_SMEP
 
 __all__ = ["REACHED_BYTES", "REACHED_TABLES", "FastOutcome", "FastResult", "Reference",

@@ -40,8 +40,8 @@ from scanner.check.fastpath import (
     control_state,
 )
 from scanner.check.locate import REGIONS
-from scanner.qemu.hmp import VcpuState
 from translate import GuestMemory, TranslationError
+from translate.vcpu import VcpuState
 
 __all__ = ["FORMAT", "Saved", "resume_check"]
 

@@ -34,9 +34,9 @@ from scanner.check.patching import ReadVA, verify_text_changes
 from scanner.check.reached import ReachedRange
 from scanner.check.state import BootIdentity, PageRecord, VmState
 from scanner.hashing import page_hashes
-from scanner.qemu.hmp import VcpuState
 from scanner.vm.bootprofile import BootProfile
 from store import GoldenRegion
+from translate.vcpu import VcpuState
 from translate.x86 import CR0_WP, CR4_SMAP, CR4_SMEP, PAGE
 
 __all__ = ["Basis", "CheckReport", "Finding", "PageMismatch", "RegionVerdict",

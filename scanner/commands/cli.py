@@ -112,7 +112,11 @@ async def cmd_profile_add(args: argparse.Namespace) -> int:
                  else ", no symbols")
               + (f", {len(ps.ftrace) + len(ps.jump_code) + len(ps.static_call_addr)}"
                  " patch sites" if ps is not None else ", no patch sites (any .text change "
-                 "is tampering)"))
+                 "is tampering)")
+              + (f", {len(prof.layouts.structs)} struct layouts from BTF"
+                 if prof.layouts is not None else ""))
+        if prof.layouts_off:
+            print(f"note: {prof.layouts_off}")
     else:
         print(f"profile {prof.build_id} ({prof.release}) is already stored; nothing to do")
     return EXIT_OK
@@ -123,7 +127,9 @@ def _knows_less(old: KernelProfile, new: KernelProfile) -> bool:
     return ((old.kallsyms is None and new.kallsyms is not None)
             or (old.patch_sites is None and new.patch_sites is not None)
             or (old.early_idt is None and new.early_idt is not None)
-            or (not old.alt_relocs and bool(new.alt_relocs)))
+            or (not old.alt_relocs and bool(new.alt_relocs))
+            or (old.layouts is None and new.layouts is not None)
+            or (not old.data_symbols and bool(new.data_symbols)))
 
 
 async def cmd_profile_list(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 Memory layout (GPA → backend file and offset), each vCPU's control registers, the
 translation of the IDT page (VA → GPA, page size, permissions) and, when a database
 with kernel profiles is at hand, the kernel: version, build id, KASLR slide, and each
-protected region's VA, GPA runs, size and permissions, with the IDT gate check.
+protected region's VA, GPA runs, size and permissions, with the IDT gate check, and the
+guest's loaded modules as its own module list has them (scanner.check.kernel_lists).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from scanner.check.kernel_lists import modules_off, read_guest_modules, walker_reader
 from scanner.check.locate import LiveKernel, locate_kernel
 from scanner.errors import ProfileError, VmStateError
 from scanner.image.kernel_profile import KernelProfile
-from scanner.qemu.hmp import VcpuState
 from scanner.vm import AttachedVm, SourceKind, VmSource
-from translate import RamRange, Run, TranslationError
+from translate import PageWalker, RamRange, Run, TranslationError
+from translate.vcpu import VcpuState
 from translate.x86 import CR0_WP, CR4_LA57, CR4_SMAP, CR4_SMEP
 
 __all__ = ["InspectReport", "inspect_vm"]
@@ -89,6 +91,9 @@ class InspectReport:
         k = self.extra.get("kernel")
         if k is not None:
             lines.extend(kernel_text(k) if "error" not in k else [f"kernel: {k['error']}"])
+        m = self.extra.get("modules")
+        if m is not None:
+            lines.extend(modules_text(m))
         return "\n".join(lines)
 
 
@@ -142,6 +147,35 @@ def kernel_text(k: dict[str, Any]) -> list[str]:
     return lines
 
 
+def modules_section(lk: LiveKernel, walker: PageWalker) -> dict[str, Any]:
+    """The `modules` object of inspect's JSON: the guest's module list, or why not."""
+    off = modules_off(lk.profile)
+    if off is not None:
+        return {"off": off}
+    return read_guest_modules(lk.profile, lk.slide, walker_reader(walker)).to_json()
+
+
+def modules_text(m: dict[str, Any]) -> list[str]:
+    if "off" in m:
+        return [f"modules: off: {m['off']}"]
+    mods = m["modules"]
+    lines = [f"modules: {len(mods)} in the kernel's module list"
+             + ("" if m["complete"] else " (INCOMPLETE: " + "; ".join(m["problems"]) + ")")]
+    for mod in mods:
+        sig = {True: "signed", False: "UNSIGNED", None: "no-sig-check"}[mod["sig_ok"]]
+        text = [a for a in mod["memory"] if a["kind"] == "text"]
+        where = (f"text {text[0]['base']:#x}+{text[0]['size']:#x}" if text else "no text")
+        lines.append(f"  {mod['name']:<24} {mod['state']:<8} {sig:<12} "
+                     f"taint {mod['taint'] or '-':<4} {where}")
+    if m["complete"] and m["problems"]:
+        lines.extend(f"  note: {p}" for p in m["problems"])
+    if m.get("unexplained_taint"):
+        lines.append(f"  kernel taint {m['kernel_taint']}: {m['unexplained_taint']} is "
+                     "carried by no listed module (one left the list, was unloaded, or "
+                     "rewrote its own record)")
+    return lines
+
+
 async def inspect_vm(socket: str | os.PathLike[str] | VmSource,
                      db: str | None = None) -> InspectReport:
     """Inspect a VM by QMP socket, or a `VmSource` (a libvirt domain)."""
@@ -167,8 +201,10 @@ async def inspect_vm(socket: str | os.PathLike[str] | VmSource,
                                v0.idtr_base, size, runs, err)
         if profiles is not None:
             try:
-                lk = locate_kernel(vm.mem, vm.walker(0), vm.vcpus, profiles, vm=vm.name)
+                walker = vm.walker(0)
+                lk = locate_kernel(vm.mem, walker, vm.vcpus, profiles, vm=vm.name)
                 report.extra["kernel"] = kernel_section(lk)
+                report.extra["modules"] = modules_section(lk, walker)
             except (ProfileError, VmStateError, TranslationError) as e:
                 report.extra["kernel"] = {"error": str(e),
                                           "version": getattr(e, "version", None)}

@@ -68,10 +68,10 @@ SEVERITY: dict[str, str] = {
     "tamper": "critical", "tamper_transient": "critical",
     "vm_lost": "warning", "vm_unreachable": "warning", "error": "warning",
     "forensics_failed": "warning", "profile_missing": "warning",
-    "baseline_missing": "warning",
+    "baseline_missing": "warning", "module_list_broken": "warning",
     "tamper_cleared": "notice", "kernel_patched": "notice", "vm_rebooted": "notice",
     "vm_found": "notice", "vm_skipped": "notice", "pruned": "notice", "action": "notice",
-    "reloaded": "notice",
+    "reloaded": "notice", "module_loaded": "notice", "module_unloaded": "notice",
 }
 SEVERITIES = ("critical", "warning", "notice", "info")
 
@@ -80,6 +80,8 @@ def severity(event: str, fields: dict[str, Any]) -> str:
     """The severity of an event: a failed action is a warning; unknown types are info."""
     if event == "action" and fields.get("ok") is False:
         return "warning"
+    if event == "module_loaded" and fields.get("sig_ok") is False:
+        return "warning"  # the kernel did not accept its signature
     return SEVERITY.get(event, "info")
 
 

@@ -48,6 +48,7 @@ from scanner.examine import (
     snapshot,
     verify_and_record,
 )
+from scanner.image.kernel_profile import KernelProfile
 from scanner.run.actions import (
     EXEC_TIMEOUT,
     ActionKind,
@@ -58,9 +59,11 @@ from scanner.run.actions import (
     write_forensics,
 )
 from scanner.run.context import WatchContext
+from scanner.run.modwatch import ModuleWatch
 from scanner.vm import VmHandle, pti_active
 from store import StoreError
-from translate import BackendError, TranslationError, kernel_space
+from translate import BackendError, PageWalker, TranslationError, kernel_space
+from translate.vcpu import VcpuState
 
 __all__ = ["VmWatcher", "WatchState"]
 
@@ -115,6 +118,8 @@ class VmWatcher:
         self._act_lock = asyncio.Lock()
         self.resumed = False  # given its first verdict from the persisted state
         self._resume_tried = False
+        self.modwatch = ModuleWatch()  # the guest's module list (module_loaded/unloaded)
+        self._resumed_kernel: tuple[str, int] | None = None  # (build id, slide) resumed
         ctx.scheduler.expect(self.name)  # the start-up burst waits for its first verdict
 
     # -- helpers ---------------------------------------------------------------------
@@ -273,6 +278,7 @@ class VmWatcher:
         self._drop_reference()
         self.ref, self.slide, self.reported = ref, saved.slide, frozenset()
         self.resumed = True
+        self._resumed_kernel = (saved.build_id, saved.slide)
         self.state = WatchState.WATCHING
         await self.emit("vm_identified", build_id=saved.build_id, release=profile.release,
                         slide=saved.slide, boot_profile=saved.boot_key,
@@ -431,7 +437,39 @@ class VmWatcher:
                 await self.emit("vm_clean", **_summary(report))
             self.reported = frozenset()
             await self._on_patched(report)
+        await self._read_modules(ex.lk.profile, ex.lk.slide, ex.space.walker(self.vm.mem))
         return report
+
+    async def _read_modules(self, profile: KernelProfile, slide: int,
+                            walker: PageWalker) -> None:
+        """Read the guest's module list off the event loop; report what came and went
+        (scanner.run.modwatch). Said once per VM when the kernel's list cannot be read."""
+        was_off = self.modwatch.off
+        events = await self.ctx.timed_in_worker(
+            lambda: self.modwatch.read(profile, slide, walker))
+        if self.modwatch.off is not None and was_off is None:
+            log.info("%s: %s", self.name, self.modwatch.off)
+        for ev in events:
+            await self.emit(ev.event, **ev.fields)
+
+    async def _modules_again(self, vcpus: list[VcpuState]) -> None:
+        """Between full checks: the module list, through the kernel page table now."""
+        if self.last is not None:
+            profile, slide = self.last.lk.profile, self.last.lk.slide
+        elif self._resumed_kernel is not None:
+            build_id, slide = self._resumed_kernel
+            found = next((p for p in await self.ctx.profiles() if p.build_id == build_id),
+                         None)
+            if found is None:
+                return
+            profile = found
+        else:
+            return
+        try:
+            walker = kernel_space(self.vm.mem, vcpus[0]).walker(self.vm.mem)
+        except TranslationError:
+            return
+        await self._read_modules(profile, slide, walker)
 
     async def _before_second_look(self) -> None:
         """The pause before a second look (tests interpose here)."""
@@ -480,6 +518,7 @@ class VmWatcher:
             self._resets = self.vm.resets()
             await self.ctx.store.delete_vm_state(self.key)
             self._drop_reference()
+            self.modwatch.reset()
             await self.emit("vm_booting", message="QEMU reset the VM (a reboot)")
             return
         vcpus = await self.vm.refresh_vcpus()
@@ -499,6 +538,8 @@ class VmWatcher:
         self.ctx.count_scan()
         if res.ok:
             self.verified_at = time.time()
+            if self.modwatch.due(self.vm.mem):
+                await self._modules_again(vcpus)
             return
         log.info("%s: %s %s: slow path", self.name, res.reason, ",".join(res.changed))
         self.seen_at = time.time()
