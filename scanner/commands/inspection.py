@@ -16,7 +16,7 @@ from scanner.check.locate import LiveKernel, locate_kernel
 from scanner.errors import ProfileError, VmStateError
 from scanner.image.kernel_profile import KernelProfile
 from scanner.qemu.hmp import VcpuState
-from scanner.vm import AttachedVm, SourceKind, VmSource
+from scanner.vm import AttachedVm, CoreVm, SourceKind, VmSource
 from translate import RamRange, Run, TranslationError
 from translate.x86 import CR0_WP, CR4_LA57, CR4_SMAP, CR4_SMEP
 
@@ -144,12 +144,15 @@ def kernel_text(k: dict[str, Any]) -> list[str]:
 
 async def inspect_vm(socket: str | os.PathLike[str] | VmSource,
                      db: str | None = None) -> InspectReport:
-    """Inspect a VM by QMP socket, or a `VmSource` (a libvirt domain)."""
+    """Inspect a VM by QMP socket, or a `VmSource` (a libvirt domain, a core file)."""
     profiles = await _profiles_of(db) if db is not None else None
+    attached: AttachedVm | CoreVm
     if isinstance(socket, VmSource) and socket.kind is SourceKind.LIBVIRT:
         from scanner.vm.domain import attach_domain
 
         attached = await attach_domain(socket.path, socket.connect or "qemu:///system")
+    elif isinstance(socket, VmSource) and socket.kind is SourceKind.CORE:
+        attached = await CoreVm.open(socket.path)
     else:
         attached = await AttachedVm.attach(str(socket))
     async with attached as vm:
@@ -163,7 +166,8 @@ async def inspect_vm(socket: str | os.PathLike[str] | VmSource,
             runs = list(walker.translate_range(v0.idtr_base, size).runs)
         except TranslationError as e:
             err = str(e)
-        report = InspectReport(vm.name, status, vm.qmp.socket, vm.layout, vm.vcpus,
+        where = vm.path if isinstance(vm, CoreVm) else vm.qmp.socket
+        report = InspectReport(vm.name, status, where, vm.layout, vm.vcpus,
                                v0.idtr_base, size, runs, err)
         if profiles is not None:
             try:
