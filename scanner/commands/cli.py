@@ -341,7 +341,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
     install_signal_handlers(stop)
     if args.duration:
         asyncio.get_running_loop().call_later(args.duration, stop.set)
-    await run_engine(cfg, args.db, stop, reloader=_reloader(args), metrics=args.metrics)
+    await run_engine(cfg, args.db, stop, reloader=_reloader(args), metrics=args.metrics,
+                     event_format=args.event_format)
     return EXIT_OK
 
 
@@ -598,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this long (default: run until stopped)")
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
+    p.add_argument("--event-format", choices=("native", "ecs", "ocsf"), default="native",
+                   help="the shape of events on stdout: kscan's own (native, default), "
+                        "Elastic Common Schema 8.x (ecs) or OCSF 1.5 (ocsf: a tamper is a "
+                        "Detection Finding); the database keeps native events")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--metrics", metavar="HOST:PORT", default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: "

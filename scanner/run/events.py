@@ -85,8 +85,12 @@ class EventSink:
     def __init__(self, out: IO[bytes] | None = None,
                  persist: Callable[[dict[str, Any]], Any] | None = None,
                  queue_size: int = QUEUE_SIZE, stall_warning: float = STALL_WARNING,
-                 close_timeout: float = CLOSE_TIMEOUT) -> None:
+                 close_timeout: float = CLOSE_TIMEOUT,
+                 shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self._out = out if out is not None else sys.stdout.buffer
+        #: What stdout gets of each event (`scanner.run.formats`: ECS, OCSF); the
+        #: database keeps the native event.
+        self._shape = shape
         self._persist = persist
         self._size = max(1, queue_size)
         self._stall_warning = stall_warning
@@ -120,7 +124,8 @@ class EventSink:
                 log.error("event not stored in the database: %s", printable(err))
         if event not in DROPPABLE:
             log.info("%s", printable(human(ev)))
-        line = orjson.dumps(ev, option=orjson.OPT_NON_STR_KEYS, default=_default) + b"\n"
+        shown = self._shape(ev) if self._shape is not None else ev
+        line = orjson.dumps(shown, option=orjson.OPT_NON_STR_KEYS, default=_default) + b"\n"
         self._enqueue(event, line)
         return ev
 
