@@ -63,7 +63,8 @@ class PageMismatch:
     symbol: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"region": self.region, "page": self.page, "va": self.va, "gpa": self.gpa,
+        return {"region": self.region, "page": self.page, "va": self.va,
+                "gpa": self.gpa if self.gpa >= 0 else None,  # -1: not translated
                 "basis": self.basis, "symbol": self.symbol,
                 "ranges": [r.to_json() for r in self.ranges]}
 
