@@ -30,7 +30,7 @@ OCSF = jsonschema.Draft202012Validator(json.loads(
 #: Events only the database's log holds, as stored (vm "", no severity, no host).
 LOGGED = [
     {"ts": 1.5, "event": "baseline", "vm": "golden1", "build_id": "3b43", "boot_profile": "q/a",
-     "boots": 1, "slide": 0x1E000000, "per_boot_pages": {}},
+     "boots": 1, "slide": "0x1e000000", "per_boot_pages": {}},
     {"ts": 1.5, "event": "check", "vm": "vm7", "result": "clean", "regions": []},
     {"ts": 1.5, "event": "accepted", "vm": "vm7", "pages": [], "note": "",
      "boot_profile": "q/a", "build_id": "3b43"},

@@ -20,12 +20,12 @@ SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "contrib" /
                      "events.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 UUID = "6a1f0e3c-2b7d-4c9e-8f00-0123456789ab"
-MISMATCH = {"region": ".text", "page": 5, "va": 0xFFFFFFFF9A005000, "gpa": 0x1005000,
+MISMATCH = {"region": ".text", "page": 5, "va": "0xffffffff9a005000", "gpa": "0x1005000",
             "basis": "golden", "symbol": "vfs_read+0x10",
             "ranges": [{"start": 16, "end": 21, "before": "0f1f440000",
                         "after": "e911223344", "kind": "code overwritten with a jmp (inline "
                         "hook?)", "code": "inline_hook"}]}
-FINDING = {"kind": "idt_handler_outside_text", "vector": 14, "handler": 0xFFFFC90000A01000,
+FINDING = {"kind": "idt_handler_outside_text", "vector": 14, "handler": "0xffffc90000a01000",
            "message": "IDT gate 14 handler 0xffffc90000a01000 is outside kernel text"}
 SOURCES = {"qmp": ["/run/vm1/qmp.sock"], "discover": False, "replay": [], "libvirt": None}
 PATCHED = {"mechanisms": {"ftrace": 35053, "jump_label": 4}, "pages": 2363,
@@ -44,14 +44,14 @@ EXAMPLES: list[tuple[str, str | None, dict[str, Any]]] = [
     ("profile_missing", "vm1", {"message": "no profile", "version": "Linux 6.1",
                                 "hint": "kscan profile add"}),
     ("baseline_missing", "vm1", {"message": "no baseline", "hint": "kscan baseline"}),
-    ("vm_identified", "vm1", {"build_id": "3b43fad5", "release": "6.1.0", "slide": 0x1E000000,
+    ("vm_identified", "vm1", {"build_id": "3b43fad5", "release": "6.1.0", "slide": "0x1e000000",
                               "boot_profile": "qemu64/ab", "per_vm_baseline_taken": True}),
     ("vm_clean", "vm1", {"per_vm_baseline_taken": True, "regions": {
         ".text": {"pages": 3586, "golden_checked": 3586, "per_boot_checked": 0,
                   "accepted": 0}}}),
-    ("kernel_patched", "vm1", {"build_id": "3b43fad5", "slide": 0x1E000000, **PATCHED}),
+    ("kernel_patched", "vm1", {"build_id": "3b43fad5", "slide": "0x1e000000", **PATCHED}),
     ("tamper", "vm1", {"action": "pause", "forensics": "/f/vm1/x", "build_id": "3b43fad5",
-                       "slide": 0x1E000000, "seen_at": 1.0, "hint": None,
+                       "slide": "0x1e000000", "seen_at": 1.0, "hint": None,
                        "mismatches": [MISMATCH], "mismatches_total": 1, "ranges_total": 1,
                        "findings": [FINDING], "findings_total": 1, "patched": None}),
     ("action", "vm1", {"action": "pause", "ok": True, "run_state": "paused"}),
@@ -59,7 +59,7 @@ EXAMPLES: list[tuple[str, str | None, dict[str, Any]]] = [
                        "stderr": ""}),
     ("forensics_failed", "vm1", {"forensics": "/f/vm1/x", "message": "read-only", "hint": None}),
     ("tamper_cleared", "vm1", {"message": "VM matches its baselines again"}),
-    ("vm_rebooted", "vm1", {"slide": 0x2E000000}),
+    ("vm_rebooted", "vm1", {"slide": "0x2e000000"}),
     ("vm_lost", "vm1", {"reason": "QMP closed"}),
     ("error", "vm1", {"source": "/run/vm1/qmp.sock", "message": "boom", "hint": "retried",
                       "retry_s": 2.0}),

@@ -257,7 +257,7 @@ def human(ev: dict[str, Any]) -> str:
             + (f" {ev['error']}" if ev.get("error") else "")
     detail = ev.get("message") or ev.get("reason") or ""
     if kind == "vm_identified":
-        detail = f"{ev.get('release')} slide {ev.get('slide', 0):#x} {ev.get('boot_profile')}"
+        detail = f"{ev.get('release')} slide {ev.get('slide')} {ev.get('boot_profile')}"
     return f"{who}: {kind}" + (f": {detail}" if detail else "")
 
 
