@@ -75,7 +75,7 @@ EFER_LME = 1 << 8
 
 #: Bounds on what a core may ask kscan to read (a real one is far below each).
 MAX_SEGMENTS = 4096  # PT_LOAD blocks (QEMU writes one per RAM block)
-MAX_NOTES = 64 << 20  # bytes of PT_NOTE in all (QEMU: ~780 B per vCPU)
+MAX_NOTES = 8 << 20  # bytes of PT_NOTE in all (QEMU: ~820 B per vCPU, 4096 vCPUs: 3.3 MiB)
 MAX_GPA = 1 << 52  # the x86-64 architectural physical-address limit
 
 #: QEMUCPUState offsets: after version and size, 16 GPRs, rip, rflags, then 10 segments.
