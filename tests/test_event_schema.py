@@ -195,3 +195,20 @@ def test_events_only_the_log_holds_match_the_schema(tmp_path: Path) -> None:
     for row in rows:
         errors = [f"{list(e.path)}: {e.message}" for e in VALIDATOR.iter_errors(row)]
         assert errors == [], (row["event"], errors)
+
+
+def test_the_schema_knows_every_basis_and_finding_kind() -> None:
+    """The enums of the item shapes are the product's own values (a live tamper on a
+    per-boot page once carried a basis the schema spelled differently)."""
+    import ast
+
+    from scanner.check.verify import Basis
+
+    defs = SCHEMA["$defs"]
+    assert defs["mismatch"]["properties"]["basis"]["enum"] == [b.value for b in Basis]
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "scanner" / "check" /
+                      "verify.py").read_text())
+    kinds = {n.args[0].value for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id == "Finding" and n.args and isinstance(n.args[0], ast.Constant)}
+    assert kinds == set(defs["finding"]["properties"]["kind"]["enum"])
