@@ -141,3 +141,47 @@ def test_the_command_line_says_one_line_and_exits_2(tmp_path: Path) -> None:
         assert res.returncode == 2, res.stderr
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and "core" in lines[0] and "Traceback" not in res.stderr
+
+
+def test_the_baseline_of_a_core_is_the_only_one_of_its_build_or_named(tmp_path: Path) -> None:
+    """An image does not say which CPU model the VM had: one golden baseline of the
+    kernel's build (with the PTI seen in the image) is used; with two, the check
+    refuses and names them until --boot-profile picks one; a key whose PTI
+    contradicts the image is refused."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from scanner.commands.offline import core_boot_profile
+    from scanner.errors import BaselineMissing, VmStateError
+    from scanner.vm import BootProfile
+    from scanner.vm.core import CORE_CPU_MODEL
+    from store import Store
+    from tests.test_unit_watcher import BOOT, BUILD_ID, golden_db
+
+    db = golden_db(tmp_path)
+    image = BootProfile(CORE_CPU_MODEL, "unknown", 2, smep=True, smap=False)
+    ex = SimpleNamespace(vm="img", boot=image,
+                         lk=SimpleNamespace(profile=SimpleNamespace(
+                             build_id=BUILD_ID.hex(), release="6.1.0-synthetic")))
+
+    async def go() -> None:
+        async with Store.open(db) as st:
+            picked = await core_boot_profile(st, ex, None)  # type: ignore[arg-type]
+            assert picked.key == BOOT.key and picked.smep and picked.vcpus == 2
+            with pytest.raises(BaselineMissing):  # none with PTI
+                await core_boot_profile(st, SimpleNamespace(  # type: ignore[arg-type]
+                    vm="img", boot=BootProfile(CORE_CPU_MODEL, "unknown", 2, False, False,
+                                               pti=True), lk=ex.lk), None)
+            regions = await st.get_golden(BUILD_ID.hex(), BOOT.key)
+            assert regions is not None
+            await st.put_golden(BUILD_ID.hex(), "max-x86_64-cpu/beef", regions, "other")
+            with pytest.raises(VmStateError, match="max-x86_64-cpu/beef"):
+                await core_boot_profile(st, ex, None)  # type: ignore[arg-type]
+            named = await core_boot_profile(st, ex, "max-x86_64-cpu/beef")  # type: ignore[arg-type]
+            assert (named.cpu_model, named.features) == ("max-x86_64-cpu", "beef")
+            with pytest.raises(VmStateError, match="page-table isolation"):
+                await core_boot_profile(st, ex, "max-x86_64-cpu/beef/pti")  # type: ignore[arg-type]
+            with pytest.raises(VmStateError, match="MODEL/FEATURES"):
+                await core_boot_profile(st, ex, "nonsense")  # type: ignore[arg-type]
+
+    asyncio.run(go())
