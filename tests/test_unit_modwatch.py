@@ -33,7 +33,7 @@ def test_first_read_reports_only_unsigned_modules_then_changes() -> None:
     first = w.update(ModuleList((a, b, evil), True))
     assert [(e.event, e.fields["name"], e.fields["initial"]) for e in first] == [
         ("module_loaded", "evil", True)]
-    assert first[0].fields["text"] == [{"kind": "text", "base": BASE + 0x20000,
+    assert first[0].fields["text"] == [{"kind": "text", "base": hex(BASE + 0x20000),
                                         "size": 0x1000}]
     assert events(w, a, b, evil) == []                     # nothing changed
     new = mod("new", 3)

@@ -330,7 +330,7 @@ async def _life(world: dict[str, Any]) -> None:
         ident = await ctx.wait("vm_identified", 1)
         clean = await ctx.wait("vm_clean", 1)
         assert ctx.kinds() == ["vm_booting", "vm_identified", "vm_clean"]
-        assert ident["slide"] == SLIDE
+        assert ident["slide"] == hex(SLIDE)  # addresses are hex strings
         assert ident["build_id"] == BUILD_ID.hex() and ident["release"] == "6.1.0-synthetic"
         assert ident["boot_profile"] == BOOT.key
         assert ident["per_vm_baseline_taken"] is True
@@ -351,13 +351,13 @@ async def _life(world: dict[str, Any]) -> None:
         poke(mem, at, b"\xe9\x11\x22\x33\x44")
         tamper = await ctx.wait("tamper", 3)
         assert ctx.kinds()[3:] == ["tamper"]
-        assert tamper["action"] == "report" and tamper["slide"] == SLIDE
+        assert tamper["action"] == "report" and tamper["slide"] == hex(SLIDE)
         assert tamper["build_id"] == BUILD_ID.hex()
         assert tamper["findings"] == []
         (m,) = tamper["mismatches"]
         assert (m["region"], m["page"], m["basis"]) == (".text", TAMPER_PAGE, "golden")
-        assert m["va"] == text_va + TAMPER_PAGE * PAGE
-        assert m["gpa"] == text_gpa + TAMPER_PAGE * PAGE
+        assert m["va"] == hex(text_va + TAMPER_PAGE * PAGE)
+        assert m["gpa"] == hex(text_gpa + TAMPER_PAGE * PAGE)
         (r,) = m["ranges"]
         assert (r["start"], r["end"], r["after"]) == (TAMPER_AT, TAMPER_AT + 5, "e911223344")
         assert r["before"] == original.hex()
@@ -392,12 +392,12 @@ async def _life(world: dict[str, Any]) -> None:
         assert rebooted.pgd == booting.pgd
         poke(mem, 0, bytes(rebooted.data))
         reboot = await ctx.wait("vm_rebooted", 5)
-        assert reboot["slide"] == REBOOT_SLIDE
+        assert reboot["slide"] == hex(REBOOT_SLIDE)
         await ctx.scans_after(3)
         # Clean again: a new boot, so a new per-VM baseline (its per-boot .rodata page
         # is not the previous boot's); identified and reported clean like the first.
         assert ctx.kinds()[5:] == ["vm_rebooted", "vm_identified", "vm_clean"]
-        assert ctx.events[6]["slide"] == REBOOT_SLIDE
+        assert ctx.events[6]["slide"] == hex(REBOOT_SLIDE)
         assert state_of(w) is WatchState.WATCHING and w.slide == REBOOT_SLIDE
         assert w.last_report is not None and not w.last_report.tampered
         assert w.last_report.per_vm_baseline_taken
@@ -541,7 +541,8 @@ def test_a_reboot_seen_while_booting_says_vm_rebooted(world: dict[str, Any]) -> 
     # finished booting" by the wait for boot — not asserted here.)
     assert kinds[0] == "vm_booting" and "vm_identified" in kinds
     assert "vm_rebooted" in kinds
-    assert next(e for e in ctx.events if e["event"] == "vm_rebooted")["slide"] == REBOOT_SLIDE
+    rebooted = next(e for e in ctx.events if e["event"] == "vm_rebooted")
+    assert rebooted["slide"] == hex(REBOOT_SLIDE)
 
 
 def test_the_same_tampering_after_a_reboot_is_reported_again(world: dict[str, Any]) -> None:
@@ -615,7 +616,7 @@ def test_a_restart_resumes_an_unchanged_vm_with_one_fast_pass(
             assert ctx.kinds() == ["vm_identified", "vm_clean"]
             assert counted.examines == 0 and ctx.scans == 1  # one fast pass, no slow path
             ident = ctx.events[0]
-            assert ident["resumed"] is True and ident["slide"] == SLIDE
+            assert ident["resumed"] is True and ident["slide"] == hex(SLIDE)
             assert ident["build_id"] == BUILD_ID.hex() and ident["boot_profile"] == BOOT.key
             assert clean["resumed"] is True and clean["per_vm_baseline_taken"] is False
             assert clean["regions"] == first["regions"]
@@ -671,7 +672,7 @@ def test_a_vm_rebooted_while_kscan_was_down_takes_the_full_path(
             clean = await ctx.wait("vm_clean", 0)
             assert counted.examines == 1 and not w.resumed
             assert ctx.kinds() == ["vm_identified", "vm_clean"]
-            assert ctx.events[0]["slide"] == REBOOT_SLIDE and "resumed" not in ctx.events[0]
+            assert ctx.events[0]["slide"] == hex(REBOOT_SLIDE) and "resumed" not in ctx.events[0]
             assert clean["per_vm_baseline_taken"] is True and "resumed" not in clean
             state = await st.get_vm_state(vm.name)
             assert state is not None and state["boot"]["slide"] == REBOOT_SLIDE

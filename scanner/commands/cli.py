@@ -50,6 +50,7 @@ examples:
   kscan run --qmp '/run/*/qmp.sock' --interval auto    watch them all (JSON lines)
   kscan check --libvirt web01                      a libvirt domain (kscan[libvirt])
   kscan check --qmp /run/vm7/qmp.sock --strict     tracing counts as tampering too
+  kscan check --core vm7.elf --vm vm7              a memory image (dump-guest-memory)
   kscan run --libvirt                              every running libvirt domain
   kscan run --config /etc/kscan/kscan.toml         as the systemd unit runs it
   kscan export --out base.kscan --key signer.pem   share verified baselines
@@ -70,12 +71,14 @@ def _print_json(obj: Any) -> None:
 
 async def cmd_inspect(args: argparse.Namespace) -> int:
     from scanner.commands.inspection import inspect_vm
+    from scanner.vm import SourceKind, VmSource
     from store.paths import default_db_path
 
     db = args.db
     if db is None and default_db_path().exists():
         db = str(default_db_path())
-    report = await inspect_vm(_libvirt_source(args) or args.qmp, db=db)
+    report = await inspect_vm(_libvirt_source(args) or (
+        VmSource(SourceKind.CORE, args.core) if args.core else args.qmp), db=db)
     if args.json:
         _print_json(report.to_json())
     else:
@@ -216,9 +219,17 @@ async def cmd_check(args: argparse.Namespace) -> int:
     from scanner.commands.oneshot import check_vm
     from scanner.vm import SourceKind, VmSource
 
-    rep = await check_vm(_libvirt_source(args) or (
-        VmSource(SourceKind.QMP, args.qmp) if args.qmp
-        else VmSource(SourceKind.REPLAY, args.replay)), args.db, strict=args.strict)
+    if args.core:
+        from scanner.commands.offline import check_core
+
+        rep = await check_core(args.core, args.db, vm=args.vm, boot_profile=args.boot_profile,
+                               strict=args.strict)
+    else:
+        if args.vm or args.boot_profile:
+            raise UsageError("--vm and --boot-profile are for --core only")
+        rep = await check_vm(_libvirt_source(args) or (
+            VmSource(SourceKind.QMP, args.qmp) if args.qmp
+            else VmSource(SourceKind.REPLAY, args.replay)), args.db, strict=args.strict)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(rep.to_json()) + b"\n")
     else:
@@ -344,7 +355,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
     install_signal_handlers(stop)
     if args.duration:
         asyncio.get_running_loop().call_later(args.duration, stop.set)
-    await run_engine(cfg, args.db, stop, reloader=_reloader(args), metrics=args.metrics)
+    await run_engine(cfg, args.db, stop, reloader=_reloader(args), metrics=args.metrics,
+                     event_format=args.event_format)
     return EXIT_OK
 
 
@@ -419,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--qmp", metavar="SOCK", help="the VM's QMP unix socket")
+    src.add_argument("--core", metavar="FILE", help="an ELF memory image (dump-guest-memory)")
     _libvirt_args(p, src)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _db_arg(p)
@@ -474,7 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--qmp", metavar="SOCK")
     src.add_argument("--replay", metavar="DIR", help="a recorded VM (tools/record.py)")
+    src.add_argument("--core", metavar="FILE",
+                     help="an ELF memory image from QMP dump-guest-memory or virsh dump "
+                          "--memory-only (offline; nothing is recorded for the VM)")
     _libvirt_args(p, src)
+    p.add_argument("--vm", metavar="NAME",
+                   help="--core: the VM the image is of (its per-VM baseline is used; "
+                        "default: the file's name)")
+    p.add_argument("--boot-profile", metavar="KEY",
+                   help="--core: the boot profile whose golden baseline to use (needed "
+                        "only when several are stored for the kernel)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
@@ -599,6 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this long (default: run until stopped)")
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
+    p.add_argument("--event-format", choices=("native", "ecs", "ocsf"), default="native",
+                   help="the shape of events on stdout: kscan's own (native, default), "
+                        "Elastic Common Schema 8.x (ecs) or OCSF 1.5 (ocsf: a tamper is a "
+                        "Detection Finding); the database keeps native events")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--metrics", metavar="HOST:PORT|unix:PATH", default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics, or over "
@@ -650,7 +676,8 @@ def run_async(coro_fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
 
 def _input_of(args: argparse.Namespace) -> str:
     """The input a command was given, to name it in an error line."""
-    for attr, flag in (("qmp", "--qmp"), ("replay", "--replay"), ("path", "")):
+    for attr, flag in (("qmp", "--qmp"), ("replay", "--replay"), ("core", "--core"),
+                       ("path", "")):
         value = getattr(args, attr, None)
         if value:
             value = ", ".join(value) if isinstance(value, list) else value

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import zstandard
 
+from kscan.addresses import hex_addr
 from scanner.check.baseline import GoldenBuild, build_golden, capture
 from scanner.check.state import PageRecord
 from scanner.check.verify import CheckReport
@@ -60,7 +61,7 @@ async def baseline_vms(sources: Sequence[Source], db: str | None) -> list[Baseli
                 await st.append_event({
                     "ts": time.time(), "event": "baseline", "vm": vm.name,
                     "build_id": ex.lk.profile.build_id, "boot_profile": key,
-                    "boots": gb.boots, "slide": ex.lk.slide,
+                    "boots": gb.boots, "slide": hex_addr(ex.lk.slide),
                     "per_boot_pages": {n: r.per_boot_pages() for n, r in gb.regions.items()
                                        if r.per_boot_pages()},
                 })
@@ -103,7 +104,7 @@ async def accept_vm(source: Source, db: str | None, note: str = "") -> AcceptRes
                 page = bytes(buf[m.page * PAGE:(m.page + 1) * PAGE])
                 state.accepted.setdefault(m.region, {})[m.page] = PageRecord(
                     page_hash(page), cctx.compress(page))
-                pages.append({"region": m.region, "page": m.page, "va": m.va})
+                pages.append({"region": m.region, "page": m.page, "va": hex_addr(m.va)})
             await st.put_vm_state(key, state.to_plain())
             await st.append_event({"ts": time.time(), "event": "accepted", "vm": vm.name,
                                    "pages": pages, "note": note,

@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from kscan.addresses import hex_addr
 from kscan.errors import KscanError
 from scanner.check.locate import LiveKernel
 from scanner.check.verify import CheckReport, PageMismatch
@@ -174,7 +175,7 @@ def collect_forensics(root: Path, vm: str, report: CheckReport, mem: GuestMemory
     files: list[tuple[str, bytes]] = [
         ("report.json", orjson.dumps(rep, option=orjson.OPT_INDENT_2, default=str))]
     base: dict[str, Any] = {"build_id": report.build_id, "boot_profile": report.boot_profile,
-                            "slide": report.slide, "regions": {}}
+                            "slide": hex_addr(report.slide), "regions": {}}
     for m in kept:
         stem = f"pages/{m.region.lstrip('.')}-{m.page:05d}"
         region = normalized.get(m.region)
@@ -190,7 +191,8 @@ def collect_forensics(root: Path, vm: str, report: CheckReport, mem: GuestMemory
             if m.page < g.pages:
                 r["pages"][str(m.page)] = {"hash": f"{g.page_hash(m.page):016x}",
                                            "per_boot": g.is_per_boot(m.page),
-                                           "va": m.va, "gpa": m.gpa}
+                                           "va": hex_addr(m.va),
+                                           "gpa": hex_addr(m.gpa) if m.gpa >= 0 else None}
     files.append(("baseline.json", orjson.dumps(base, option=orjson.OPT_INDENT_2)))
     return ForensicCopy(d, tuple(files))
 

@@ -514,16 +514,22 @@ class Engine:
 
 async def run_engine(cfg: RunConfig, db: str | None, stop: asyncio.Event,
                      out: Any = None, *, reloader: Callable[[], RunConfig] | None = None,
-                     metrics: str | None = None, notifier: Notifier | None = None) -> None:
+                     metrics: str | None = None, notifier: Notifier | None = None,
+                     event_format: str = "native") -> None:
     """Run the engine until `stop`. `metrics`: HOST:PORT or unix:PATH to serve
     Prometheus metrics on; `reloader`: what SIGHUP calls for the configuration anew;
-    `notifier`: systemd's (from the environment by default; inert outside systemd)."""
+    `notifier`: systemd's (from the environment by default; inert outside systemd);
+    `event_format`: what stdout gets (`scanner.run.formats`; the database keeps native
+    events)."""
+    from scanner.run.formats import formatter
+
+    shape = None if event_format == "native" else formatter(event_format)
     async with Store.open(db) as st:
         async def persist(ev: dict[str, Any]) -> None:
             # The log keys events by VM name; kscan's own events have vm null → "".
             await st.append_event({**ev, "vm": ev["vm"] or ""})
 
-        sink = EventSink(out, persist=persist)
+        sink = EventSink(out, persist=persist, shape=shape)
         sink.start()
         try:
             engine = Engine(cfg, st, sink)

@@ -89,8 +89,12 @@ class EventSink:
     def __init__(self, out: IO[bytes] | None = None,
                  persist: Callable[[dict[str, Any]], Any] | None = None,
                  queue_size: int = QUEUE_SIZE, stall_warning: float = STALL_WARNING,
-                 close_timeout: float = CLOSE_TIMEOUT) -> None:
+                 close_timeout: float = CLOSE_TIMEOUT,
+                 shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self._out = out if out is not None else sys.stdout.buffer
+        #: What stdout gets of each event (`scanner.run.formats`: ECS, OCSF); the
+        #: database keeps the native event.
+        self._shape = shape
         self._persist = persist
         self._size = max(1, queue_size)
         self._stall_warning = stall_warning
@@ -124,7 +128,8 @@ class EventSink:
                 log.error("event not stored in the database: %s", printable(err))
         if event not in DROPPABLE:
             log.info("%s", printable(human(ev)))
-        line = orjson.dumps(ev, option=orjson.OPT_NON_STR_KEYS, default=_default) + b"\n"
+        shown = self._shape(ev) if self._shape is not None else ev
+        line = orjson.dumps(shown, option=orjson.OPT_NON_STR_KEYS, default=_default) + b"\n"
         self._enqueue(event, line)
         return ev
 
@@ -256,7 +261,7 @@ def human(ev: dict[str, Any]) -> str:
             + (f" {ev['error']}" if ev.get("error") else "")
     detail = ev.get("message") or ev.get("reason") or ""
     if kind == "vm_identified":
-        detail = f"{ev.get('release')} slide {ev.get('slide', 0):#x} {ev.get('boot_profile')}"
+        detail = f"{ev.get('release')} slide {ev.get('slide')} {ev.get('boot_profile')}"
     return f"{who}: {kind}" + (f": {detail}" if detail else "")
 
 

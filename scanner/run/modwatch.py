@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kscan.addresses import hex_addr
 from scanner.check.kernel_lists import (
     ModuleInfo,
     ModuleList,
@@ -50,7 +51,7 @@ class ModuleEvent:
 def _loaded(m: ModuleInfo, initial: bool) -> ModuleEvent:
     text = [a.to_json() for a in m.text]
     return ModuleEvent("module_loaded", {
-        "name": m.name, "address": m.address, "state": m.state, "sig_ok": m.sig_ok,
+        "name": m.name, "address": hex_addr(m.address), "state": m.state, "sig_ok": m.sig_ok,
         "taints": m.taints, "taint": m.taint, "text": text, "initial": initial})
 
 
@@ -128,6 +129,6 @@ class ModuleWatch:
         if before is None:
             return [_loaded(m, True) for m in ml if m.sig_ok is False]
         out = [_loaded(m, False) for k, m in now.items() if k not in before]
-        out += [ModuleEvent("module_unloaded", {"name": m.name, "address": m.address})
+        out += [ModuleEvent("module_unloaded", {"name": m.name, "address": hex_addr(m.address)})
                 for k, m in before.items() if k not in now]
         return out

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from kscan.addresses import hex_addr
 from kscan.errors import KscanError
 from scanner.check.fastpath import (
     FastOutcome,
@@ -201,7 +202,7 @@ class VmWatcher:
                     if self.slide is not None and ex.lk.slide != self.slide:
                         # A reboot seen through its boot window (the kernel went away,
                         # then came back at another slide).
-                        await self.emit("vm_rebooted", slide=ex.lk.slide)
+                        await self.emit("vm_rebooted", slide=hex_addr(ex.lk.slide))
                     # A new verification cycle: what it finds is reported afresh, even
                     # the change reported before (a rootkit that reinstalls at boot).
                     self.reported = None
@@ -281,7 +282,7 @@ class VmWatcher:
         self._resumed_kernel = (saved.build_id, saved.slide)
         self.state = WatchState.WATCHING
         await self.emit("vm_identified", build_id=saved.build_id, release=profile.release,
-                        slide=saved.slide, boot_profile=saved.boot_key,
+                        slide=hex_addr(saved.slide), boot_profile=saved.boot_key,
                         per_vm_baseline_taken=False, resumed=True)
         await self.emit("vm_clean", per_vm_baseline_taken=False,
                         regions=saved.summary.get("regions", {}), resumed=True)
@@ -422,7 +423,7 @@ class VmWatcher:
         if first:
             self.ctx.scheduler.mark_hot(self.name)
             await self.emit("vm_identified", build_id=ex.lk.profile.build_id,
-                            release=ex.lk.profile.release, slide=ex.lk.slide,
+                            release=ex.lk.profile.release, slide=hex_addr(ex.lk.slide),
                             boot_profile=ex.boot.key,
                             per_vm_baseline_taken=report.per_vm_baseline_taken)
         changes = _change_set(report)
@@ -484,7 +485,7 @@ class VmWatcher:
                  "on a second look (%s): tamper_transient", self.name, look)
         await self.emit(
             "tamper_transient", seen_at=self.seen_at, confirm_delay=CONFIRM_DELAY,
-            build_id=seen.build_id, slide=seen.slide, second_look=look,
+            build_id=seen.build_id, slide=hex_addr(seen.slide), second_look=look,
             message="a change seen while the kernel patched itself was not there as "
                     "such on a second look: a patch caught half-way, or a tampering "
                     "undone at once",
@@ -497,7 +498,8 @@ class VmWatcher:
         fp = report.patches.fingerprint() if report.patched and report.patches else None
         if fp is not None and fp != self.patched_set:
             assert report.patches is not None
-            await self.emit("kernel_patched", build_id=report.build_id, slide=report.slide,
+            await self.emit("kernel_patched", build_id=report.build_id,
+                            slide=hex_addr(report.slide),
                             **report.patches.to_json())
         self.patched_set = fp
 
@@ -574,7 +576,7 @@ class VmWatcher:
                 return
             rebooted = self.slide is not None and ex.lk.slide != self.slide
             if rebooted:
-                await self.emit("vm_rebooted", slide=ex.lk.slide)
+                await self.emit("vm_rebooted", slide=hex_addr(ex.lk.slide))
                 self.reported = None
             # A new boot is identified and its first check reported like the first one.
             await self._full_check(ex, golden, first=rebooted)
@@ -599,7 +601,7 @@ class VmWatcher:
         ev = await self.emit(
             "tamper", action=action.describe(),
             forensics=str(copy.dir) if isinstance(copy, ForensicCopy) else None,
-            build_id=report.build_id, slide=report.slide, seen_at=self.seen_at,
+            build_id=report.build_id, slide=hex_addr(report.slide), seen_at=self.seen_at,
             hint=report.hint, **tamper_fields(report),
             patched=report.patches.to_json() if report.patches else None,
         )

@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from kscan.addresses import hex_addr
 from scanner.check.kernel_lists.lists import walk_list
 from scanner.check.kernel_lists.memory import (
     KernelReader,
@@ -71,7 +72,7 @@ class ModuleMemory:
         return self.kind in ("text", "init_text")
 
     def to_json(self) -> dict[str, object]:
-        return {"kind": self.kind, "base": self.base, "size": self.size}
+        return {"kind": self.kind, "base": hex_addr(self.base), "size": self.size}
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class ModuleInfo:
         return self.sig_ok
 
     def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "address": self.address, "state": self.state,
+        return {"name": self.name, "address": hex_addr(self.address), "state": self.state,
                 "sig_ok": self.sig_ok, "taints": self.taints, "taint": self.taint,
                 "memory": [m.to_json() for m in self.memory]}
 
