@@ -384,8 +384,12 @@ async def cmd_run(args: argparse.Namespace) -> int:
         from scanner.qemu.libvirt_domain import binding
 
         binding()  # fail now, in one line, if the extra is not installed
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="kscan: %(message)s", stream=sys.stderr)
+    from scanner.run.journal import StderrFormatter, is_journal
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(StderrFormatter(journal=is_journal(2)))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING
+                        if args.quiet else logging.INFO, handlers=[handler])
     tune_malloc()
     stop = asyncio.Event()
     install_signal_handlers(stop)
@@ -715,7 +719,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this long (default: run until stopped)")
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug lines on stderr too")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="only warnings and errors on stderr (no event summaries); the "
+                        "events on stdout are unchanged")
     p.add_argument("--metrics", metavar="HOST:PORT", default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: "
                         "none; e.g. 127.0.0.1:9464, [::1]:9464)")
@@ -761,12 +769,22 @@ def run_async(coro_fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
     """`run` on uvloop (hundreds of VMs); one-shot commands on asyncio's own loop,
     which asks nothing of the process's standard streams."""
     if args.command != "run":
+        import signal
+
+        # asyncio.run's own SIGINT handler only cancels the main task, which a task
+        # blocked in a system call (open() of a FIFO: `kscan import <(...)`) never sees;
+        # a handler of ours (asyncio then installs none) raises where the main thread is.
+        signal.signal(signal.SIGINT, _interrupt)
         return asyncio.run(coro_fn(args))
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without
         return asyncio.run(coro_fn(args))
     return uvloop.run(coro_fn(args))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _input_of(args: argparse.Namespace) -> str:

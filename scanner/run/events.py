@@ -41,6 +41,7 @@ from typing import IO, Any
 
 import orjson
 
+from scanner.run.journal import is_journal, priority_prefix
 from scanner.terminal import printable
 
 __all__ = ["DROPPABLE", "NEVER_DROP", "EventSink"]
@@ -85,8 +86,15 @@ class EventSink:
     def __init__(self, out: IO[bytes] | None = None,
                  persist: Callable[[dict[str, Any]], Any] | None = None,
                  queue_size: int = QUEUE_SIZE, stall_warning: float = STALL_WARNING,
-                 close_timeout: float = CLOSE_TIMEOUT) -> None:
+                 close_timeout: float = CLOSE_TIMEOUT, journal: bool | None = None) -> None:
         self._out = out if out is not None else sys.stdout.buffer
+        #: stdout is journald's stream: each line starts with its `<N>` priority, and
+        #: when stderr is the journal too no summary of an event goes there (one entry
+        #: per event). None: find out from the process's fds (scanner.run.journal).
+        if journal is None:
+            journal = out is None and is_journal(1)
+        self.journal = journal
+        self.echo = not (journal and is_journal(2))
         self._persist = persist
         self._size = max(1, queue_size)
         self._stall_warning = stall_warning
@@ -118,9 +126,11 @@ class EventSink:
                 await self._persist(ev)
             except Exception as err:  # the stream must go on; the log says why
                 log.error("event not stored in the database: %s", printable(err))
-        if event not in DROPPABLE:
+        if event not in DROPPABLE and self.echo:
             log.info("%s", printable(human(ev)))
         line = orjson.dumps(ev, option=orjson.OPT_NON_STR_KEYS, default=_default) + b"\n"
+        if self.journal:
+            line = priority_prefix(ev["severity"]) + line
         self._enqueue(event, line)
         return ev
 
