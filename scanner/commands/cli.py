@@ -333,6 +333,7 @@ def _bound_seconds(option: str) -> Callable[[str], float]:
         if not 0.05 <= v <= 86400:
             raise argparse.ArgumentTypeError(f"{option} {v:g}: must be 0.05..86400 seconds")
         return v
+    parse.kind = float  # type: ignore[attr-defined]  # TOML: a number (commands.config)
     return parse
 
 
@@ -347,6 +348,9 @@ def _stats_every(text: str) -> float:
     return v
 
 
+_stats_every.kind = float  # type: ignore[attr-defined]  # TOML: see commands.config
+
+
 def _workers(text: str) -> int:
     try:
         v = int(text)
@@ -355,6 +359,9 @@ def _workers(text: str) -> int:
     if not 1 <= v <= MAX_WORKERS:
         raise argparse.ArgumentTypeError(f"--workers {v}: must be 1..{MAX_WORKERS}")
     return v
+
+
+_workers.kind = int  # type: ignore[attr-defined]  # TOML: see commands.config
 
 
 def _duration(text: str) -> float:
@@ -368,12 +375,17 @@ def _duration(text: str) -> float:
     return v
 
 
+_duration.kind = float  # type: ignore[attr-defined]  # TOML: see commands.config
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     import logging
 
     from scanner.run.engine import install_signal_handlers, run_engine, tune_malloc
 
     cfg = run_config(args)
+    if args.check_config:
+        return _check_config(args, cfg)
     try:  # checked in run_config without creating it; made now, so a bad one fails now
         os.makedirs(cfg.forensics_dir, mode=0o700, exist_ok=True)
     except OSError as err:
@@ -396,6 +408,31 @@ async def cmd_run(args: argparse.Namespace) -> int:
     if args.duration:
         asyncio.get_running_loop().call_later(args.duration, stop.set)
     await run_engine(cfg, args.db, stop, reloader=_reloader(args), metrics=args.metrics)
+    return EXIT_OK
+
+
+def _check_config(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """`run --check-config`: what run_config accepted, plus what `run` would otherwise
+    find out only at start (the metrics address, the libvirt binding), printed."""
+    from store.paths import default_db_path
+
+    if args.metrics:
+        from scanner.run.metrics import parse_address
+
+        parse_address(args.metrics)
+    if args.libvirt:
+        from scanner.qemu.libvirt_domain import binding
+
+        binding()
+    sources = [*(f"qmp {q}" for q in cfg.qmp), *(f"replay {r}" for r in cfg.replay)]
+    if cfg.discover:
+        sources.append("discover")
+    if cfg.libvirt:
+        sources.append(f"libvirt {cfg.libvirt}")
+    print(printable(f"configuration OK ({args.config_file or 'command line only'}): "
+                    f"database {args.db or default_db_path()}; {cfg.policy.describe()}; "
+                    f"on tamper {cfg.action.describe()}; forensics {cfg.forensics_dir}; "
+                    f"watching {', '.join(sources)}", limit=0))
     return EXIT_OK
 
 
@@ -526,6 +563,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from scanner.commands.events_cmd import add_parser as add_events
+    from scanner.commands.status import add_parser as add_status
+    from scanner.commands.stored import add_baseline_actions, add_profile_rm
+
     ap = _Parser(
         prog="kscan",
         description="Agentless runtime integrity monitor for the Linux kernels of QEMU/KVM VMs.",
@@ -564,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _db_arg(p)
     p.set_defaults(func=cmd_profile_list)
+    add_profile_rm(psub, _db_arg)
 
     p = sub.add_parser(
         "baseline", help="hash a verified VM's protected regions as the golden baseline",
@@ -588,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_URI})")
     _db_arg(p)
     p.set_defaults(func=cmd_baseline)
+    add_baseline_actions(p, _db_arg)
 
     p = sub.add_parser(
         "check", help="verify a VM once against the baselines (exit 0 clean, 1 tampered)",
@@ -620,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", help="why (kept in the event log)")
     _db_arg(p)
     p.set_defaults(func=cmd_accept)
+
+    add_status(sub, _db_arg)
+    add_events(sub, _db_arg)
 
     p = sub.add_parser(
         "export", help="write profiles and golden baselines to one signed bundle file",
@@ -727,6 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="HOST:PORT", default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: "
                         "none; e.g. 127.0.0.1:9464, [::1]:9464)")
+    p.add_argument("--check-config", action="store_true",
+                   help="check the options and the configuration file, print what would "
+                        "run, and exit (0: usable, 2: not) without watching anything")
     p.add_argument("--config", metavar="PATH", default=None,
                    help="a TOML file of run options (keys: the options with _ for -, db "
                         "included; the command line overrides it; default "

@@ -1,0 +1,171 @@
+"""`kscan status`: each VM the database knows, its last verdict, when, and against what.
+
+Read from the database only (`store.reader`, read-only: it works while `kscan run`
+writes, and never makes the service wait): a VM is known by its per-VM state or its
+events. For each:
+
+* `verdict`: the last verification's result — `clean` (`vm_clean`, `tamper_cleared`,
+  `kernel_patched`, `accepted`, a clean `check`), `TAMPERED` (`tamper`, a tampered
+  `check`) — and `verdict_at`, its time; `unknown` when none is recorded;
+* `last_verified`: the last full check the database holds (the verdict, or the clean
+  check a restart resumes from, whichever is later). Fast passes in between are not
+  written to the database; `kscan_vm_last_verified_timestamp_seconds` has them;
+* `state`: what its last lifecycle event says (`watching`, `lost`, `booting`,
+  `no baseline`, `no profile`, `error`, ...), and `last_event`;
+* the kernel (`build_id`, `release`, KASLR `slide`) and the baseline it is checked
+  against (`boot_profile`; `golden` is false when no golden baseline of that kernel
+  and boot profile is stored any more).
+
+`--json` prints one object per VM in a list (times as Unix seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+
+from scanner.terminal import printable
+from store.reader import Reader
+
+__all__ = ["VmStatus", "add_parser", "vm_statuses"]
+
+#: Events that carry a verdict, and the verdict (None: read `result` from the event).
+VERDICT_EVENTS: dict[str, str | None] = {
+    "vm_clean": "clean", "tamper_cleared": "clean", "kernel_patched": "clean",
+    "accepted": "clean", "tamper": "TAMPERED", "check": None,
+}
+#: Lifecycle events of a VM and the state each leaves it in.
+STATE_EVENTS: dict[str, str] = {
+    "vm_found": "attached", "vm_identified": "watching", "vm_clean": "watching",
+    "tamper": "watching", "tamper_cleared": "watching", "kernel_patched": "watching",
+    "vm_rebooted": "watching", "vm_booting": "booting", "vm_lost": "lost",
+    "baseline_missing": "no baseline", "profile_missing": "no profile", "error": "error",
+}
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    vm: str
+    verdict: str
+    verdict_at: float | None
+    last_verified: float | None
+    state: str
+    last_event: str | None
+    last_event_at: float | None
+    build_id: str | None
+    release: str | None
+    slide: int | None
+    boot_profile: str | None
+    golden: bool | None
+    golden_boots: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def vm_statuses(r: Reader) -> list[VmStatus]:
+    """The status of every VM the database knows, by name."""
+    records = {v.vm: v for v in r.vms()}
+    names = sorted(set(records) | set(r.event_vms()))
+    goldens = r.golden_boots()
+    releases = {p.build_id: p.release for p in r.profiles()}
+    out = []
+    for name in names:
+        rec = records.get(name)
+        verdict, verdict_at = "unknown", None
+        for ev in r.last_events(name, tuple(VERDICT_EVENTS)):
+            verdict = VERDICT_EVENTS[ev.event] or (
+                "TAMPERED" if ev.detail.get("result") == "tampered" else "clean")
+            verdict_at = ev.ts
+        state, last_event, last_at = "unknown", None, None
+        for ev in r.last_events(name, tuple(STATE_EVENTS)):
+            state, last_event, last_at = STATE_EVENTS[ev.event], ev.event, ev.ts
+        build_id = rec.build_id if rec is not None else None
+        boot_profile = rec.boot_profile if rec is not None else None
+        slide = rec.slide if rec is not None else None
+        release = None
+        for ev in r.last_events(name, ("vm_identified",)):
+            build_id = build_id or _str(ev.detail.get("build_id"))
+            release = _str(ev.detail.get("release"))
+            if slide is None and isinstance(ev.detail.get("slide"), int):
+                slide = ev.detail["slide"]
+            boot_profile = boot_profile or _str(ev.detail.get("boot_profile"))
+        release = release or (releases.get(build_id) if build_id else None)
+        times = [t for t in (verdict_at, rec.resumed_at if rec else None) if t is not None]
+        key = (build_id, boot_profile) if build_id and boot_profile else None
+        out.append(VmStatus(
+            vm=name, verdict=verdict, verdict_at=verdict_at,
+            last_verified=max(times) if times else None, state=state,
+            last_event=last_event, last_event_at=last_at, build_id=build_id,
+            release=release, slide=slide, boot_profile=boot_profile,
+            golden=(key in goldens) if key else None,
+            golden_boots=goldens.get(key) if key else None))
+    return out
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def ago(ts: float | None, now: float) -> str:
+    """`12s ago`, `5m ago`, `3h ago`, `2d ago`; `never` for None."""
+    if ts is None:
+        return "never"
+    d = max(0.0, now - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if d >= size:
+            return f"{int(d // size)}{unit} ago"
+    return f"{int(d)}s ago"
+
+
+def format_table(rows: list[VmStatus], now: float) -> str:
+    head = ("VM", "VERDICT", "LAST VERIFIED", "STATE", "KERNEL", "BASELINE")
+    table = [head]
+    for s in rows:
+        kernel = (s.release or (s.build_id or "?")[:16]) + (
+            f" slide {s.slide:#x}" if s.slide is not None else "")
+        base = "-" if s.boot_profile is None else s.boot_profile + (
+            "" if s.golden else " (no golden baseline)")
+        table.append((printable(s.vm, limit=64), s.verdict, ago(s.last_verified, now),
+                      s.state, printable(kernel, limit=80), printable(base, limit=80)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
+                     + "  " + row[-1] for row in table)
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    with Reader.open(args.db) as r:
+        rows = vm_statuses(r)
+    if args.vm:
+        rows = [s for s in rows if s.vm in set(args.vm)]
+    if args.json:
+        import sys
+
+        sys.stdout.buffer.write(orjson.dumps([s.to_json() for s in rows],
+                                             option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    if not rows:
+        print("no VM known to this database yet (kscan run or kscan check records them)")
+        return 0
+    print(format_table(rows, time.time()))
+    return 0
+
+
+def add_parser(sub: Any, db_arg: Any) -> None:
+    p = sub.add_parser(
+        "status", help="each known VM: last verdict, when verified, kernel and baseline",
+        description="Each VM the database knows: its last verdict (clean or TAMPERED) and "
+        "when, the last full check recorded, its state, kernel and baseline. Read-only: "
+        "works while kscan run is running, from the database it writes.",
+        epilog="examples:\n  kscan status\n  kscan status --json | jq '.[] | "
+               "select(.verdict == \"TAMPERED\") | .vm'\n  KSCAN_DB=/var/lib/kscan/kscan.db "
+               "kscan status --vm web01",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vm", action="append", metavar="NAME", help="only this VM (repeatable)")
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per VM")
+    db_arg(p)
+    p.set_defaults(func=cmd_status)
