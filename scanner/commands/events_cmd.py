@@ -8,7 +8,7 @@ writes). Filters: `--vm NAME` (repeatable; `--vm ''` for kscan's own events),
 `--since` (`90s`, `15m`, `1h`, `2d`, an ISO 8601 time, or Unix seconds). Without
 `--since`, the last `--lines` events (100); with it, every event since then.
 `--follow` then prints new events as `run` appends them (polling every second), until
-Ctrl-C. Lines are `TIME SEVERITY VM EVENT: summary`; `--json` prints each event as one
+Ctrl-C. Lines are `TIME SEVERITY VM: EVENT: summary`; `--json` prints each event as one
 JSON object per line, as `run` writes them on stdout, with its log `id`.
 """
 
@@ -82,11 +82,11 @@ def as_event(row: EventRow) -> dict[str, Any]:
 def format_line(ev: dict[str, Any]) -> str:
     stamp = dt.datetime.fromtimestamp(ev["ts"], dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
-        summary = human({**ev, "vm": None})
-    except (KeyError, TypeError, ValueError, IndexError):  # an odd detail: show the type
-        summary = str(ev["event"])
+        summary = human(ev)  # "VM: event: detail"
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # odd detail
+        summary = f"{ev['vm'] + ': ' if ev['vm'] else ''}{ev['event']}"
     sev = str(ev.get("severity"))
-    return printable(f"{stamp} {sev:<8} {ev['vm'] or '-'} {summary}", limit=1000)
+    return printable(f"{stamp} {sev:<8} {summary}", limit=1000)
 
 
 class _Printer:

@@ -6,7 +6,8 @@ events. For each:
 
 * `verdict`: the last verification's result — `clean` (`vm_clean`, `tamper_cleared`,
   `kernel_patched`, `accepted`, a clean `check`), `TAMPERED` (`tamper`, a tampered
-  `check`) — and `verdict_at`, its time; `unknown` when none is recorded;
+  `check`), `baselined` (declared verified by `kscan baseline`) — and `verdict_at`, its
+  time; `unknown` when none is recorded;
 * `last_verified`: the last full check the database holds (the verdict, or the clean
   check a restart resumes from, whichever is later). Fast passes in between are not
   written to the database; `kscan_vm_last_verified_timestamp_seconds` has them;
@@ -36,8 +37,11 @@ __all__ = ["VmStatus", "add_parser", "vm_statuses"]
 #: Events that carry a verdict, and the verdict (None: read `result` from the event).
 VERDICT_EVENTS: dict[str, str | None] = {
     "vm_clean": "clean", "tamper_cleared": "clean", "kernel_patched": "clean",
-    "accepted": "clean", "tamper": "TAMPERED", "check": None,
+    "accepted": "clean", "tamper": "TAMPERED", "check": None, "baseline": "baselined",
 }
+#: Events that name the kernel a VM runs (build id, slide, boot profile).
+IDENTITY_EVENTS = ("vm_identified", "baseline", "check", "accepted", "tamper",
+                   "kernel_patched")
 #: Lifecycle events of a VM and the state each leaves it in.
 STATE_EVENTS: dict[str, str] = {
     "vm_found": "attached", "vm_identified": "watching", "vm_clean": "watching",
@@ -88,7 +92,7 @@ def vm_statuses(r: Reader) -> list[VmStatus]:
         boot_profile = rec.boot_profile if rec is not None else None
         slide = rec.slide if rec is not None else None
         release = None
-        for ev in r.last_events(name, ("vm_identified",)):
+        for ev in r.last_events(name, IDENTITY_EVENTS):
             build_id = build_id or _str(ev.detail.get("build_id"))
             release = _str(ev.detail.get("release"))
             if slide is None and isinstance(ev.detail.get("slide"), int):
