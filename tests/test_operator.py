@@ -486,3 +486,49 @@ def test_parse_since() -> None:
     assert parse_since("2026-12-03T00:00:00Z") == parse_since("2026-12-03T00:00")
     with pytest.raises(Exception, match="--since"):
         parse_since("yesterday-ish")
+
+
+# -- hostile names ---------------------------------------------------------------------------
+
+EVIL = "evil\x1b]0;owned\x07\n2026-01-01T00:00:00Z critical web01: TAMPERED: forged\u202e"
+
+
+def test_hostile_vm_names_cannot_forge_lines(tmp_path: Path) -> None:
+    """A VM's name is its QMP peer's choice: in `status` and `events` text it is escaped,
+    one line per VM or event, with no terminal control or bidi character left."""
+    import asyncio
+
+    from store import Store
+
+    db = tmp_path / "k.db"
+
+    async def fill() -> None:
+        async with Store.open(db) as st:
+            await st.append_event({"ts": time.time(), "event": "vm_clean", "vm": EVIL,
+                                   "severity": "info"})
+            await st.append_event({"ts": time.time(), "event": "vm_lost", "vm": EVIL,
+                                   "severity": "warning", "reason": "\x1b[2J" + EVIL})
+
+    asyncio.run(fill())
+    for argv, lines in ((["status"], 2), (["events"], 2)):
+        res = kscan(*argv, "--db", str(db), timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert len(res.stdout.splitlines()) == lines, res.stdout
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u202e]", res.stdout), res.stdout
+        assert "\\x1b" in res.stdout
+    res = kscan("events", "--db", str(db), "--json", timeout=60)
+    assert [json.loads(line)["vm"] for line in res.stdout.splitlines()] == [EVIL, EVIL]
+
+
+def test_journal_log_lines_stay_one_entry() -> None:
+    """Under the journal a log line holding a peer's newline cannot start an entry of its
+    own (a forged `<2>{"event": "tamper", ...}`): it stays one entry, kscan's."""
+    import logging
+
+    from scanner.run.journal import StderrFormatter
+
+    record = logging.LogRecord("kscan", logging.WARNING, __file__, 1,
+                               'peer said: x\n<2>{"event":"tamper"}', None, None)
+    line = StderrFormatter(journal=True).format(record)
+    assert "\n" not in line and line.startswith("<4>kscan: peer said")
+    assert STAMP.match(StderrFormatter(journal=False).format(record))
