@@ -75,7 +75,9 @@ def as_event(row: EventRow) -> dict[str, Any]:
     """The event as `run` wrote it (vm null for kscan's own), with its log id."""
     ev = {"id": row.id, **row.as_dict()}
     ev["vm"] = row.vm or None
-    ev.setdefault("severity", severity(row.event, row.detail))
+    # One-shot commands log without a severity: a tampered `check` is critical too.
+    ev.setdefault("severity", "critical" if row.event == "check" and row.detail.get(
+        "result") == "tampered" else severity(row.event, row.detail))
     return ev
 
 

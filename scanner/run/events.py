@@ -154,9 +154,9 @@ class EventSink:
     def _say_stalled(self) -> None:
         if not self.stalled:
             self.stalled = True
-            print("kscan: stdout is not being read: stats and routine events are left "
-                  "out of it (they are counted; every event but stats is in the "
-                  "database's event log)", file=sys.stderr, flush=True)
+            log.warning("stdout is not being read: stats and routine events are left "
+                        "out of it (they are counted; every event but stats is in the "
+                        "database's event log)")
 
     async def _writer(self) -> None:
         assert self._thread is not None
@@ -179,7 +179,7 @@ class EventSink:
                 await fut
             if self.stalled and not self._lines:
                 self.stalled = False
-                print("kscan: stdout is being read again", file=sys.stderr, flush=True)
+                log.warning("stdout is being read again")
             self.written += len(batch)
 
     async def close(self) -> None:
@@ -191,9 +191,9 @@ class EventSink:
             await asyncio.wait_for(asyncio.shield(self._task), self._close_timeout)
         except TimeoutError:
             left = len(self._lines)
-            print(f"kscan: stdout did not take the last events within "
-                  f"{self._close_timeout:g}s; {left} queued line(s) not written (every "
-                  "event but stats is in the database)", file=sys.stderr, flush=True)
+            log.warning("stdout did not take the last events within %gs; %d queued "
+                        "line(s) not written (every event but stats is in the database)",
+                        self._close_timeout, left)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
