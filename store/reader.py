@@ -76,6 +76,18 @@ class Reader:
             yield reader
 
     @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one snapshot of the database (a read transaction: keep it
+        short, it holds back `run`'s WAL checkpoints while open)."""
+        with self._guard("snapshot"):
+            self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            with self._guard("snapshot"):
+                self._conn.execute("ROLLBACK")
+
+    @contextmanager
     def _guard(self, operation: str) -> Iterator[None]:
         try:
             yield

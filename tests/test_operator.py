@@ -532,3 +532,25 @@ def test_journal_log_lines_stay_one_entry() -> None:
     line = StderrFormatter(journal=True).format(record)
     assert "\n" not in line and line.startswith("<4>kscan: peer said")
     assert STAMP.match(StderrFormatter(journal=False).format(record))
+
+
+def test_reader_refuses_what_is_not_a_kscan_database(tmp_path: Path) -> None:
+    from store.errors import SchemaError
+    from store.reader import Reader
+    from store.schema import APPLICATION_ID, SCHEMA_VERSION
+
+    foreign = tmp_path / "other.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    with pytest.raises(SchemaError, match="not a kscan database"), Reader.open(foreign):
+        pass
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as conn:
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SchemaError, match="newer"), Reader.open(newer):
+        pass
+    before = foreign.read_bytes()
+    res = kscan("status", "--db", str(foreign), timeout=60)
+    assert res.returncode == 2 and "not a kscan database" in res.stderr
+    assert foreign.read_bytes() == before

@@ -142,7 +142,7 @@ def format_table(rows: list[VmStatus], now: float) -> str:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    with Reader.open(args.db) as r:
+    with Reader.open(args.db) as r, r.snapshot():
         rows = vm_statuses(r)
     if args.vm:
         rows = [s for s in rows if s.vm in set(args.vm)]

@@ -48,7 +48,7 @@ def _resolve(build_id: str, known: set[str]) -> str:
 
 
 async def cmd_baseline_list(args: argparse.Namespace) -> int:
-    with Reader.open(args.db) as r:
+    with Reader.open(args.db) as r, r.snapshot():
         goldens = r.goldens()
         boots = r.golden_boots()
         releases = {p.build_id: p.release for p in r.profiles()}
