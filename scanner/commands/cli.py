@@ -1,8 +1,10 @@
 """The `kscan` command line: argument parsing, output formatting, exit codes.
 
-Exit codes: 0 success (or clean), 1 tampering found, 2 error (bad input, VM not
-usable). Errors are one line on stderr naming the input and what to do; no traceback
-unless KSCAN_DEBUG=1.
+Exit codes: 0 success (or clean), 1 tampering found, 2 error (bad input or option, VM
+not usable), 130 interrupted. Errors are one line on stderr naming the input or the
+option and what to do; no traceback unless KSCAN_DEBUG=1. `status`, `events`,
+`baseline list|rm` and `profile rm` live in modules of their own (`status`,
+`events_cmd`, `stored`), registered here.
 """
 
 from __future__ import annotations
