@@ -367,7 +367,7 @@ def test_status_and_events_while_run_writes(fleet: dict[str, Any]) -> None:  # n
         tamper(fleet["mems"]["ops1"])
         run.wait_for(lambda e: e["event"] == "tamper", 30, mark)
         res = kscan("status", "--db", db, "--json", timeout=60)  # run is still running
-        assert res.returncode == 0, res.stderr
+        assert res.returncode == 1, res.stderr  # as check: a VM's last verdict is tampered
         status = {s["vm"]: s for s in json.loads(res.stdout)}
         assert status["ops1"]["verdict"] == "TAMPERED"
         assert status["ops0"]["verdict"] == "clean" and status["ops0"]["state"] == "watching"
@@ -375,6 +375,9 @@ def test_status_and_events_while_run_writes(fleet: dict[str, Any]) -> None:  # n
         assert abs(status["ops0"]["last_verified"] - time.time()) < 60
         text = kscan("status", "--db", db, timeout=60).stdout
         assert re.search(r"^ops1 +TAMPERED +\d+s ago +watching +6\.1\.0-synthetic", text, re.M)
+        assert kscan("status", "--db", db, "--vm", "ops0", timeout=60).returncode == 0
+        res = kscan("status", "--db", db, "--vm", "nosuch", timeout=60)
+        assert res.returncode == 2 and "no VM named nosuch" in res.stderr
 
         res = kscan("events", "--db", db, "--vm", "ops1", "--type", "tamper", "--json",
                     timeout=60)

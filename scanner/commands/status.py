@@ -17,7 +17,8 @@ events. For each:
   against (`boot_profile`; `golden` is false when no golden baseline of that kernel
   and boot profile is stored any more).
 
-`--json` prints one object per VM in a list (times as Unix seconds).
+`--json` prints one object per VM in a list (times as Unix seconds). Exit status as
+`check`'s: 1 when the last verdict of a VM shown is TAMPERED, else 0 (2: an error).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from kscan.errors import KscanError
 from scanner.terminal import printable
 from store.reader import Reader
 
@@ -145,18 +147,24 @@ async def cmd_status(args: argparse.Namespace) -> int:
     with Reader.open(args.db) as r, r.snapshot():
         rows = vm_statuses(r)
     if args.vm:
+        unknown = sorted(set(args.vm) - {s.vm for s in rows})
+        if unknown:
+            raise KscanError(f"no VM named {printable(', '.join(unknown))} in {r.path}",
+                             hint="kscan status lists the VMs it knows")
         rows = [s for s in rows if s.vm in set(args.vm)]
+    # As `check`: 1 when a VM's last verdict is tampering (cron, monitoring checks).
+    rc = 1 if any(s.verdict == "TAMPERED" for s in rows) else 0
     if args.json:
         import sys
 
         sys.stdout.buffer.write(orjson.dumps([s.to_json() for s in rows],
                                              option=orjson.OPT_INDENT_2) + b"\n")
-        return 0
+        return rc
     if not rows:
         print("no VM known to this database yet (kscan run or kscan check records them)")
-        return 0
+        return rc
     print(format_table(rows, time.time()))
-    return 0
+    return rc
 
 
 def add_parser(sub: Any, db_arg: Any) -> None:
@@ -164,7 +172,8 @@ def add_parser(sub: Any, db_arg: Any) -> None:
         "status", help="each known VM: last verdict, when verified, kernel and baseline",
         description="Each VM the database knows: its last verdict (clean or TAMPERED) and "
         "when, the last full check recorded, its state, kernel and baseline. Read-only: "
-        "works while kscan run is running, from the database it writes.",
+        "works while kscan run is running, from the database it writes. Exit 1 when a "
+        "VM's last verdict is TAMPERED, else 0.",
         epilog="examples:\n  kscan status\n  kscan status --json | jq '.[] | "
                "select(.verdict == \"TAMPERED\") | .vm'\n  KSCAN_DB=/var/lib/kscan/kscan.db "
                "kscan status --vm web01",
