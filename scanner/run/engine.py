@@ -510,9 +510,9 @@ class Engine:
 async def run_engine(cfg: RunConfig, db: str | None, stop: asyncio.Event,
                      out: Any = None, *, reloader: Callable[[], RunConfig] | None = None,
                      metrics: str | None = None, notifier: Notifier | None = None) -> None:
-    """Run the engine until `stop`. `metrics`: HOST:PORT to serve Prometheus metrics on;
-    `reloader`: what SIGHUP calls for the configuration anew; `notifier`: systemd's
-    (from the environment by default; inert outside systemd)."""
+    """Run the engine until `stop`. `metrics`: HOST:PORT or unix:PATH to serve
+    Prometheus metrics on; `reloader`: what SIGHUP calls for the configuration anew;
+    `notifier`: systemd's (from the environment by default; inert outside systemd)."""
     async with Store.open(db) as st:
         async def persist(ev: dict[str, Any]) -> None:
             # The log keys events by VM name; kscan's own events have vm null → "".

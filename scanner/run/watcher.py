@@ -548,7 +548,10 @@ class VmWatcher:
                     await self.emit("action", action="pause", ok=False,
                                     error=_describe(err))
             elif action.kind is ActionKind.EXEC:
-                result = await run_exec(action.argv, ev)
+                try:
+                    result = await run_exec(action.argv, ev)
+                except Exception as err:  # never lose the action event nor the copy
+                    result = {"ok": False, "error": _describe(err)}
                 await self.emit("action", action=action.describe(), **result)
             try:
                 if isinstance(copy, Exception):
