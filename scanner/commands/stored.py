@@ -33,7 +33,7 @@ class NotStored(KscanError):
     """A build id or baseline named on the command line is not in the database."""
 
 
-def _resolve(build_id: str, known: set[str]) -> str:
+def _resolve(build_id: str, known: set[str], what: str = "stored kernel") -> str:
     if build_id in known:
         return build_id
     hits = sorted(b for b in known if b.startswith(build_id)) if len(
@@ -43,7 +43,7 @@ def _resolve(build_id: str, known: set[str]) -> str:
     if len(hits) > 1:
         raise NotStored(f"build id {build_id!r} is ambiguous: {', '.join(hits[:4])}",
                         hint="give more of it")
-    raise NotStored(f"no stored kernel with build id {printable(build_id)!r}",
+    raise NotStored(f"no {what} with build id {printable(build_id)!r}",
                     hint="kscan profile list and kscan baseline list show them")
 
 
@@ -80,9 +80,9 @@ async def cmd_baseline_list(args: argparse.Namespace) -> int:
 async def cmd_baseline_rm(args: argparse.Namespace) -> int:
     with Reader.open(args.db) as r:
         stored = {(g.build_id, g.boot_profile) for g in r.goldens()}
-        build_id = _resolve(args.build_id, {b for b, _ in stored})
-        keys = [k for b, k in stored if b == build_id
-                and (args.boot_profile is None or k == args.boot_profile)]
+        build_id = _resolve(args.build_id, {b for b, _ in stored}, "golden baseline")
+        keys = sorted(k for b, k in stored if b == build_id
+                      and (args.boot_profile is None or k == args.boot_profile))
         if not keys:
             raise NotStored(f"no golden baseline of {build_id} with boot profile "
                             f"{printable(args.boot_profile)!r}",
