@@ -557,3 +557,18 @@ def test_reader_refuses_what_is_not_a_kscan_database(tmp_path: Path) -> None:
     res = kscan("status", "--db", str(foreign), timeout=60)
     assert res.returncode == 2 and "not a kscan database" in res.stderr
     assert foreign.read_bytes() == before
+
+
+def test_one_shot_quiet_and_verbose(fleet: dict[str, Any]) -> None:  # noqa: F811
+    db = str(fleet["db"])
+    vm = str(fleet["tmp"] / "vms" / "ops0")
+    res = kscan("check", "--replay", vm, "--db", db, "-q")
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
+    tamper(fleet["mems"]["ops0"])
+    res = kscan("check", "--replay", vm, "--db", db, "-q")
+    assert res.returncode == 1 and res.stdout == ""  # the exit status tells
+    res = kscan("status", "--db", db, "-q")
+    assert res.returncode == 1 and res.stdout == ""
+    res = kscan("check", "--replay", vm, "--db", db, "-v")
+    assert res.returncode == 1 and "TAMPERED" in res.stdout
+    assert all(STAMP.match(line) for line in res.stderr.splitlines()), res.stderr

@@ -806,7 +806,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "SIGHUP reads it again")
     _db_arg(p)
     p.set_defaults(func=cmd_run)
+    _add_verbosity(ap)
     return ap
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """-v/-q on every command that has no such options of its own (`run` has)."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in dict.fromkeys(action.choices.values()):
+            flags = {f for a in sub._actions for f in a.option_strings}
+            if "-v" not in flags:
+                sub.add_argument("-v", "--verbose", action="store_true",
+                                 help="debug lines on stderr (with their time)")
+            if "-q" not in flags:
+                sub.add_argument("-q", "--quiet", action="store_true",
+                                 help="print nothing on stdout (the exit status tells) "
+                                      "and only errors on stderr")
+            _add_verbosity(sub)
 
 
 def _libvirt_args(p: argparse.ArgumentParser, group: argparse._MutuallyExclusiveGroup) -> None:
@@ -869,6 +887,25 @@ def _input_of(args: argparse.Namespace) -> str:
     return ""
 
 
+def _one_shot_output(args: argparse.Namespace) -> None:
+    """-v: debug lines on stderr; -q: nothing on stdout, only errors on stderr. Log lines
+    carry their time (or their priority, to the journal: scanner.run.journal)."""
+    import io
+    import logging
+
+    from scanner.run.journal import StderrFormatter, is_journal
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(StderrFormatter(journal=is_journal(2)))
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING,
+                        handlers=[handler])
+    if verbose:  # kscan's own debug lines, not every library's
+        logging.getLogger("kscan").setLevel(logging.DEBUG)
+    if quiet:
+        sys.stdout = io.TextIOWrapper(open(os.devnull, "wb"), write_through=True)  # noqa: SIM115
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from scanner.commands.config import parse_with_config
     from scanner.commands.streams import reopen_closed
@@ -883,6 +920,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while a FIFO configuration file is awaited
         return 130
     args.argv = argv
+    if args.command != "run":  # run sets up its own stderr lines (cmd_run)
+        _one_shot_output(args)
     try:
         return run_async(args.func, args)
     except KscanError as err:
