@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import math
 import sqlite3
 import time
@@ -56,6 +57,8 @@ class _State(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
 
+
+log = logging.getLogger("kscan.store")
 
 def _check_str(name: str, value: object, *, empty_ok: bool = False) -> None:
     if not isinstance(value, str):
@@ -223,7 +226,12 @@ class Store:
             # Re-read under the write lock: another process may have migrated meanwhile.
             version = await cls._check_schema(conn, where)
             pending = [m for m in migrations if m.version > version]
+            notices = []
             for m in pending:
+                if m.notice and m.notice_if:
+                    (count,), = await conn.execute_fetchall(m.notice_if)
+                    if count:
+                        notices.append(m.notice)
                 for statement in m.statements:
                     await conn.execute(statement)
             if pending:
@@ -237,6 +245,8 @@ class Store:
                 await conn.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
                 version = pending[-1].version
             await conn.execute("COMMIT")
+            for notice in notices:
+                log.warning("%s: %s", where, notice)
         except BaseException:
             with suppress(sqlite3.Error):
                 await conn.execute("ROLLBACK")

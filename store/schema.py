@@ -11,14 +11,15 @@ one that has shipped. Statements run one by one inside the transaction (so no
 rebuilds a table must keep the references valid (`PRAGMA foreign_key_check` runs
 before the commit).
 
-Tables (v4):
+Tables (v5):
     profile         build_id → release, version, data (opaque profile bytes)
     golden          (build_id, boot_profile) → source_vm, created_at; FK → profile
     golden_region   (build_id, boot_profile, name) → size, hashes, per_boot, boots, meta
     golden_content  (build_id, boot_profile, name) → data (opaque, e.g. compressed
                     normalized region bytes; optional, read only on demand);
                     FK → golden, ON DELETE CASCADE                              [v2]
-    vm_state        vm_id → state (JSON, store.codec)
+    vm_state        vm_id → state (JSON, store.codec); vm_id is the VM's identity
+                    (`scanner.vm.identity.state_key`), not its name            [v5]
     vm_resume       vm_id → state (opaque bytes: what a fast pass needs to resume the VM
                     after a restart, `scanner.check.resume`); FK → vm_state,
                     ON DELETE CASCADE                                            [v3]
@@ -47,6 +48,10 @@ class Migration:
     version: int
     summary: str
     statements: tuple[str, ...]
+    #: Said once on stderr (a warning) when applied to a file where `notice_if` (a
+    #: SELECT of one count, run before the statements) is not 0.
+    notice: str = ""
+    notice_if: str = ""
 
 
 #: The trigger that keeps the event log append-only against DELETE. `Store.prune_events`
@@ -142,8 +147,19 @@ _V4_BUNDLE_KEYS = Migration(4, "bundle_key: bundle sequence numbers per signing 
     )""",
 ))
 
+# Per-VM state was keyed by the name QEMU reports, which any QEMU can claim; it is now
+# keyed by the VM's identity (`scanner.vm.identity`). Which VM a name-keyed row was
+# written for cannot be told, so those rows are dropped: each VM's per-VM baseline is
+# taken again at its next full check (and no resume until then).
+_V5 = Migration(5, "per-VM state keyed by VM identity, not by name", (
+    "DELETE FROM vm_resume",
+    "DELETE FROM vm_state",
+), notice="per-VM state of an older kscan (keyed by VM name) dropped: each VM's per-VM "
+          "baseline is taken again at its next full check",
+   notice_if="SELECT count(*) FROM vm_state")
+
 #: In order, versions 1, 2, 3, ... with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4_BUNDLE_KEYS)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4_BUNDLE_KEYS, _V5)
 
 #: The newest schema this code knows.
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -31,6 +31,7 @@ from scanner.check.classify import ByteRange, diff_ranges
 from scanner.check.locate import REGIONS, LiveKernel, Region
 from scanner.check.patch_report import PatchReport, split_by_page
 from scanner.check.patching import ReadVA, verify_text_changes
+from scanner.check.reached import ReachedRange
 from scanner.check.state import BootIdentity, PageRecord, VmState
 from scanner.hashing import page_hashes
 from scanner.qemu.hmp import VcpuState
@@ -165,6 +166,8 @@ class Verification:
 
     report: CheckReport
     state: VmState
+    #: Code outside `.text` the patch verifiers read (set by `scanner.examine`).
+    reached: tuple[ReachedRange, ...] = ()
 
 
 def control_findings(lk: LiveKernel, vcpus: Sequence[VcpuState],
