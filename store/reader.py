@@ -17,7 +17,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,22 +26,10 @@ from store.errors import SchemaError, StoreError
 from store.models import EventRow, GoldenInfo, ProfileInfo
 from store.paths import default_db_path
 
-__all__ = ["Reader", "VmRecord"]
+__all__ = ["Reader"]
 
 #: Seconds a read waits for a lock (a checkpoint of `run`) before failing.
 BUSY_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class VmRecord:
-    """What the database keeps of one VM besides its events (`vm_state`, `vm_resume`)."""
-
-    vm: str
-    build_id: str | None
-    slide: int | None
-    boot_profile: str | None
-    state_at: float | None      # when its per-VM state was taken or last written
-    resumed_at: float | None    # its last clean full check that a restart resumes from
 
 
 class Reader:
@@ -116,24 +103,6 @@ class Reader:
             return list(self._conn.execute(sql, tuple(params)))
 
     # ------------------------------------------------------------------ reads
-
-    def vms(self) -> list[VmRecord]:
-        """Every VM with a per-VM state, by name (the page records are not read)."""
-        resumed = {}
-        if self.version >= 3:
-            resumed = {str(r[0]): float(r[1]) for r in self._rows(
-                "vms", "SELECT vm_id, updated_at FROM vm_resume")}
-        out = []
-        for r in self._rows("vms", "SELECT vm_id, json_extract(state, '$.boot.build_id'),"
-                            " json_extract(state, '$.boot.slide'),"
-                            " json_extract(state, '$.boot_profile'), updated_at"
-                            " FROM vm_state ORDER BY vm_id"):
-            out.append(VmRecord(
-                vm=str(r[0]), build_id=r[1] if isinstance(r[1], str) else None,
-                slide=r[2] if isinstance(r[2], int) else None,
-                boot_profile=r[3] if isinstance(r[3], str) else None,
-                state_at=float(r[4]), resumed_at=resumed.get(str(r[0]))))
-        return out
 
     def event_vms(self) -> list[str]:
         """Every VM name the event log holds events of."""

@@ -1,16 +1,15 @@
 """`kscan status`: each VM the database knows, its last verdict, when, and against what.
 
 Read from the database only (`store.reader`, read-only: it works while `kscan run`
-writes, and never makes the service wait): a VM is known by its per-VM state or its
-events. For each:
+writes, and never makes the service wait): a VM is known by its events. For each:
 
 * `verdict`: the last verification's result — `clean` (`vm_clean`, `tamper_cleared`,
   `kernel_patched`, `accepted`, a clean `check`), `TAMPERED` (`tamper`, a tampered
   `check`), `baselined` (declared verified by `kscan baseline`) — and `verdict_at`, its
   time; `unknown` when none is recorded;
-* `last_verified`: the last full check the database holds (the verdict, or the clean
-  check a restart resumes from, whichever is later). Fast passes in between are not
-  written to the database; `kscan_vm_last_verified_timestamp_seconds` has them;
+* `last_verified`: the last full check the database holds (a restart's resumed first
+  verdict included). Fast passes in between are not written to the database;
+  `kscan_vm_last_verified_timestamp_seconds` has them;
 * `state`: what its last lifecycle event says (`watching`, `lost`, `booting`,
   `no baseline`, `no profile`, `error`, ...), and `last_event`;
 * the kernel (`build_id`, `release`, KASLR `slide`) and the baseline it is checked
@@ -34,7 +33,7 @@ from kscan.errors import KscanError
 from scanner.terminal import printable
 from store.reader import Reader
 
-__all__ = ["VmStatus", "add_parser", "vm_statuses"]
+__all__ = ["VmStatus", "add_parser", "checked_against", "vm_statuses"]
 
 #: Events that carry a verdict, and the verdict (None: read `result` from the event).
 VERDICT_EVENTS: dict[str, str | None] = {
@@ -44,6 +43,8 @@ VERDICT_EVENTS: dict[str, str | None] = {
 #: Events that name the kernel a VM runs (build id, slide, boot profile).
 IDENTITY_EVENTS = ("vm_identified", "baseline", "check", "accepted", "tamper",
                    "kernel_patched")
+#: How many of those are read back to fill in what the newest leaves out.
+IDENTITY_LOOKBACK = 16
 #: Lifecycle events of a VM and the state each leaves it in.
 STATE_EVENTS: dict[str, str] = {
     "vm_found": "attached", "vm_identified": "watching", "vm_clean": "watching",
@@ -74,14 +75,13 @@ class VmStatus:
 
 
 def vm_statuses(r: Reader) -> list[VmStatus]:
-    """The status of every VM the database knows, by name."""
-    records = {v.vm: v for v in r.vms()}
-    names = sorted(set(records) | set(r.event_vms()))
+    """The status of every VM the event log names, by name. (Per-VM state is keyed by
+    the VM's identity, not its name — `scanner.vm.identity` — so the log, which names
+    VMs as operators know them, is what this reads.)"""
     goldens = r.golden_boots()
     releases = {p.build_id: p.release for p in r.profiles()}
     out = []
-    for name in names:
-        rec = records.get(name)
+    for name in r.event_vms():
         verdict, verdict_at = "unknown", None
         for ev in r.last_events(name, tuple(VERDICT_EVENTS)):
             verdict = VERDICT_EVENTS[ev.event] or (
@@ -90,27 +90,38 @@ def vm_statuses(r: Reader) -> list[VmStatus]:
         state, last_event, last_at = "unknown", None, None
         for ev in r.last_events(name, tuple(STATE_EVENTS)):
             state, last_event, last_at = STATE_EVENTS[ev.event], ev.event, ev.ts
-        build_id = rec.build_id if rec is not None else None
-        boot_profile = rec.boot_profile if rec is not None else None
-        slide = rec.slide if rec is not None else None
-        release = None
-        for ev in r.last_events(name, IDENTITY_EVENTS):
-            build_id = build_id or _str(ev.detail.get("build_id"))
-            release = _str(ev.detail.get("release"))
-            if slide is None and isinstance(ev.detail.get("slide"), int):
-                slide = ev.detail["slide"]
-            boot_profile = boot_profile or _str(ev.detail.get("boot_profile"))
+        # The newest event naming the kernel, and older ones of the same kernel and
+        # slide (one boot) for what it leaves out (a tamper names no boot profile).
+        build_id = release = boot_profile = None
+        slide = None
+        for i, ev in enumerate(r.last_events(name, IDENTITY_EVENTS, limit=IDENTITY_LOOKBACK)):
+            d = ev.detail
+            ev_slide = d.get("slide") if isinstance(d.get("slide"), int) else None
+            if i == 0:
+                build_id, slide = _str(d.get("build_id")), ev_slide
+            elif _str(d.get("build_id")) != build_id or ev_slide != slide:
+                break
+            release = release or _str(d.get("release"))
+            boot_profile = boot_profile or _str(d.get("boot_profile"))
         release = release or (releases.get(build_id) if build_id else None)
-        times = [t for t in (verdict_at, rec.resumed_at if rec else None) if t is not None]
         key = (build_id, boot_profile) if build_id and boot_profile else None
         out.append(VmStatus(
-            vm=name, verdict=verdict, verdict_at=verdict_at,
-            last_verified=max(times) if times else None, state=state,
-            last_event=last_event, last_event_at=last_at, build_id=build_id,
+            vm=name, verdict=verdict, verdict_at=verdict_at, last_verified=verdict_at,
+            state=state, last_event=last_event, last_event_at=last_at, build_id=build_id,
             release=release, slide=slide, boot_profile=boot_profile,
             golden=(key in goldens) if key else None,
             golden_boots=goldens.get(key) if key else None))
     return out
+
+
+def checked_against(rows: list[VmStatus]) -> dict[tuple[str, str], list[str]]:
+    """The VMs whose last verdict was against each (build id, boot profile): those
+    verified there, not those a baseline was only taken from."""
+    users: dict[tuple[str, str], list[str]] = {}
+    for s in rows:
+        if s.build_id and s.boot_profile and s.verdict in ("clean", "TAMPERED"):
+            users.setdefault((s.build_id, s.boot_profile), []).append(s.vm)
+    return users
 
 
 def _str(v: Any) -> str | None:

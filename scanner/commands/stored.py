@@ -1,7 +1,8 @@
 """`kscan baseline list|rm` and `kscan profile rm`: what the database holds, and removing it.
 
 `baseline list` shows each golden baseline (kernel build, boot profile, verified boots,
-regions, the VM it was taken from, when) and how many VMs' per-VM state refer to it.
+regions, the VM it was taken from, when) and the VMs whose last verdict (event log) was
+against it.
 `baseline rm BUILD_ID [--boot-profile KEY]` removes the golden baselines of a kernel;
 one that VMs are checked against is refused unless `--force` (they would report
 `baseline_missing` from then on). `profile rm BUILD_ID` removes a kernel profile; one
@@ -20,6 +21,7 @@ from typing import Any
 import orjson
 
 from kscan.errors import KscanError
+from scanner.commands.status import checked_against, vm_statuses
 from scanner.terminal import printable
 from store import Store
 from store.reader import Reader
@@ -52,10 +54,7 @@ async def cmd_baseline_list(args: argparse.Namespace) -> int:
         goldens = r.goldens()
         boots = r.golden_boots()
         releases = {p.build_id: p.release for p in r.profiles()}
-        users: dict[tuple[str, str], list[str]] = {}
-        for v in r.vms():
-            if v.build_id and v.boot_profile:
-                users.setdefault((v.build_id, v.boot_profile), []).append(v.vm)
+        users = checked_against(vm_statuses(r))
     rows: list[dict[str, Any]] = [{"build_id": g.build_id, "release": releases.get(g.build_id),
              "boot_profile": g.boot_profile, "boots": boots.get((g.build_id,
                                                                   g.boot_profile)),
@@ -78,7 +77,7 @@ async def cmd_baseline_list(args: argparse.Namespace) -> int:
 
 
 async def cmd_baseline_rm(args: argparse.Namespace) -> int:
-    with Reader.open(args.db) as r:
+    with Reader.open(args.db) as r, r.snapshot():
         stored = {(g.build_id, g.boot_profile) for g in r.goldens()}
         build_id = _resolve(args.build_id, {b for b, _ in stored}, "golden baseline")
         keys = sorted(k for b, k in stored if b == build_id
@@ -87,8 +86,8 @@ async def cmd_baseline_rm(args: argparse.Namespace) -> int:
             raise NotStored(f"no golden baseline of {build_id} with boot profile "
                             f"{printable(args.boot_profile)!r}",
                             hint="kscan baseline list shows them")
-        users = sorted(v.vm for v in r.vms() if v.build_id == build_id
-                       and v.boot_profile in keys)
+        users = sorted({vm for (b, k), vms in checked_against(vm_statuses(r)).items()
+                        if b == build_id and k in keys for vm in vms})
     if users and not args.force:
         shown = ", ".join(printable(u, limit=64) for u in users[:5]) + (
             ", ..." if len(users) > 5 else "")
