@@ -24,6 +24,9 @@ freeze every VM), from a bounded queue of `queue_size` lines. When the queue is 
 If stdout accepts nothing for `stall_warning` seconds kscan says so on stderr, once per
 stall, and again when it flows. On close the queue is given `CLOSE_TIMEOUT` seconds to
 drain; the rest is reported on stderr (it is in the database).
+
+Under systemd (`scanner.run.journal`) each line starts with its syslog priority `<N>`
+for journald, and the one-line summary of each event is not also logged on stderr.
 """
 
 from __future__ import annotations
@@ -181,7 +184,7 @@ class EventSink:
                 await fut
             if self.stalled and not self._lines:
                 self.stalled = False
-                log.warning("stdout is being read again")
+                log.info("stdout is being read again")
             self.written += len(batch)
 
     async def close(self) -> None:
