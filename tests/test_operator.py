@@ -232,7 +232,11 @@ def _wait_blocked_in_open(proc: subprocess.Popen[bytes], timeout: float = 120) -
             call = Path(f"/proc/{proc.pid}/syscall").read_text().split()[0]
         except (OSError, IndexError):
             call = ""
-        if call in ("257", "2"):  # openat, open (x86-64)
+        try:  # where the kernel has it waiting: a FIFO's open waits for a writer
+            wchan = Path(f"/proc/{proc.pid}/wchan").read_text()
+        except OSError:
+            wchan = ""
+        if call in ("257", "2") or wchan in ("wait_for_partner", "fifo_open"):
             return
         assert proc.poll() is None, "kscan exited before opening the FIFO"
         time.sleep(0.2)
