@@ -63,6 +63,10 @@ examples:
   kscan check --qmp /run/vm7/qmp.sock --strict     tracing counts as tampering too
   kscan run --libvirt                              every running libvirt domain
   kscan run --config /etc/kscan/kscan.toml         as the systemd unit runs it
+  kscan status                                     each VM's last verdict
+  kscan events --since 1h --severity warning       the event log, without sqlite3
+  kscan baseline list                              stored golden baselines
+  kscan run --config /etc/kscan/kscan.toml --check-config    validate, run nothing
   kscan export --out base.kscan --key signer.pem   share verified baselines
   kscan import base.kscan --trust signer.pub.pem   trust them on another host
 
@@ -602,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     _db_arg(p)
     p.set_defaults(func=cmd_inspect)
 
-    prof = sub.add_parser("profile", help="kernel profiles: add a kernel image, list them")
+    prof = sub.add_parser("profile",
+                          help="kernel profiles: add a kernel image, list or remove them")
     psub = prof.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
     p = psub.add_parser(
         "add", help="read a vmlinuz/bzImage or vmlinux and store its profile",
@@ -622,7 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_rm(psub, _db_arg)
 
     p = sub.add_parser(
-        "baseline", help="hash a verified VM's protected regions as the golden baseline",
+        "baseline", help="hash a verified VM's protected regions as the golden baseline "
+        "(list, rm: the stored ones)",
         description="Hash the protected regions (.text, .rodata, __ex_table, IDT) of VMs "
         "you declare verified (known-good), normalized for KASLR, and store them as the "
         "golden baseline of their kernel build and boot profile (CPU model, features, "
