@@ -480,6 +480,54 @@ class Store:
 
     # --------------------------------------------------------------- per-VM state
 
+    async def delete_golden(self, build_id: str, boot_profile: str | None,
+                            event: Mapping[str, Any]) -> list[str]:
+        """Remove the golden baseline (`build_id`, `boot_profile`), or every one of
+        `build_id` when `boot_profile` is None, with their regions and content; append
+        `event` (extended with `removed`) to the log in the same transaction. Returns the
+        boot profiles removed (none: nothing was written)."""
+        _event_row(event)
+        async with self._writing("delete_golden") as conn:
+            sql, params = "SELECT boot_profile FROM golden WHERE build_id = ?", [build_id]
+            if boot_profile is not None:
+                sql += " AND boot_profile = ?"
+                params.append(boot_profile)
+            keys = [str(r[0]) for r in await conn.execute_fetchall(sql, params)]
+            for key in keys:
+                await conn.execute("DELETE FROM golden WHERE build_id = ? AND "
+                                   "boot_profile = ?", (build_id, key))
+            if keys:
+                await self._insert_event(conn, _event_row({**event, "removed": keys}),
+                                         "delete_golden")
+        return keys
+
+    async def delete_profile(self, build_id: str, event: Mapping[str, Any], *,
+                             with_golden: bool = False) -> list[str] | None:
+        """Remove the profile `build_id`; None if it is not stored. Its golden baselines
+        need it: StoreError while any is stored, unless `with_golden` (then they go in
+        the same transaction). `event` (extended with `golden_removed`) is appended to
+        the log in that transaction. Returns the boot profiles of the baselines removed."""
+        _event_row(event)
+        async with self._writing("delete_profile") as conn:
+            if not list(await conn.execute_fetchall(
+                    "SELECT 1 FROM profile WHERE build_id = ?", (build_id,))):
+                return None
+            keys = [str(r[0]) for r in await conn.execute_fetchall(
+                "SELECT boot_profile FROM golden WHERE build_id = ? ORDER BY boot_profile",
+                (build_id,))]
+            if keys and not with_golden:
+                raise StoreError(f"profile {build_id} is needed by {len(keys)} golden "
+                                 f"baseline(s) ({', '.join(keys[:3])}"
+                                 + (", ..." if len(keys) > 3 else "") + ")",
+                                 path=str(self._path), operation="delete_profile",
+                                 hint="remove them first (kscan baseline rm), or pass "
+                                      "--force to remove them with it")
+            await conn.execute("DELETE FROM golden WHERE build_id = ?", (build_id,))
+            await conn.execute("DELETE FROM profile WHERE build_id = ?", (build_id,))
+            await self._insert_event(conn, _event_row({**event, "golden_removed": keys}),
+                                     "delete_profile")
+        return keys
+
     async def put_vm_state(self, vm_id: str, state: Mapping[str, Any]) -> None:
         """Replace the state of VM `vm_id` (plain data, bytes allowed; see store.codec)."""
         _check_str("vm_id", vm_id)

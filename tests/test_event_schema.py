@@ -87,6 +87,8 @@ EXAMPLES: list[tuple[str, str | None, dict[str, Any]]] = [
 ]
 #: Event types only the database's log holds (written by one-shot commands).
 LOGGED_ONLY = {"baseline", "check", "accepted", "exported", "imported"}
+#: Logged by `kscan baseline rm` / `profile rm` (tests/test_operator.py validates them).
+REMOVALS = {"baseline_removed", "profile_removed"}
 
 
 def emit_all(labels: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -123,7 +125,7 @@ def test_every_event_type_matches_the_schema_and_carries_host_and_severity() -> 
     assert by[("module_unloaded", None)] == "notice"
     assert severity("module_loaded", {"sig_ok": True}) == "notice"
     # Every type the schema knows is exercised here.
-    assert {e["event"] for e in events} == set(SCHEMA["properties"]["event"]["enum"]) - \
+    assert {e["event"] for e in events} == set(SCHEMA["properties"]["event"]["enum"]) - REMOVALS - \
         LOGGED_ONLY
 
 

@@ -29,7 +29,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from scanner.commands.cli import build_parser
-from scanner.commands.config import ConfigError, load_config, parse_with_config, subparser
+from scanner.commands.config import (
+    NOT_KEYS,
+    ConfigError,
+    load_config,
+    parse_with_config,
+    subparser,
+)
 from scanner.run.metrics import MetricsError, parse_address
 from scanner.run.service import Notifier
 from tests.kscan_proc import RunProc, kscan
@@ -416,7 +422,7 @@ def test_config_error_exits_2_with_one_line(tmp_path: Path) -> None:
 
 def test_example_config_has_every_key_and_is_valid() -> None:
     run = subparser(build_parser(), "run")
-    keys = {a.dest for a in run._actions if a.option_strings} - {"help", "config"}
+    keys = {a.dest for a in run._actions if a.option_strings} - NOT_KEYS
     text = EXAMPLE.read_text()
     shown = set(re.findall(r"^# (\w+) = ", text, re.M))
     assert shown == keys, f"missing {keys - shown}, unknown {shown - keys}"

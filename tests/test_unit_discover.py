@@ -70,10 +70,11 @@ def test_expand_sockets_glob_and_paths(tmp_path: Path, monkeypatch: pytest.Monke
     pattern = str(tmp_path / "*" / "qmp.sock")
     missing = str(tmp_path / "later" / "qmp.sock")
     got = expand_sockets([pattern, missing, str(tmp_path / "single.sock")])
+    # A literal path that does not exist yet is a source all the same (kscan run reports
+    # it unreachable until it appears); a glob names what matches now.
     assert got == {str(tmp_path / v / "qmp.sock") for v in ("vm1", "vm2", "vm3")} | {
-        str(tmp_path / "single.sock")}
-    # A path that does not exist yet is picked up once it appears; the glob is evaluated
-    # again on every call and sees new VMs too.
+        str(tmp_path / "single.sock"), missing}
+    # The glob is evaluated again on every call and sees new VMs too.
     (tmp_path / "later").mkdir()
     (tmp_path / "later" / "qmp.sock").touch()
     (tmp_path / "vm4").mkdir()

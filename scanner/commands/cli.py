@@ -1,8 +1,10 @@
 """The `kscan` command line: argument parsing, output formatting, exit codes.
 
-Exit codes: 0 success (or clean), 1 tampering found, 2 error (bad input, VM not
-usable). Errors are one line on stderr naming the input and what to do; no traceback
-unless KSCAN_DEBUG=1.
+Exit codes: 0 success (or clean), 1 tampering found, 2 error (bad input or option, VM
+not usable), 130 interrupted. Errors are one line on stderr naming the input or the
+option and what to do; no traceback unless KSCAN_DEBUG=1. `status`, `events`,
+`baseline list|rm` and `profile rm` live in modules of their own (`status`,
+`events_cmd`, `stored`), registered here.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
     from scanner.vm import VmSource
 
 EXIT_OK, EXIT_TAMPERED, EXIT_ERROR = 0, 1, 2
+#: Hashing threads `run` may be given (each slow path in flight holds ~19 MB).
+MAX_WORKERS = 64
 STRICT_HELP = ("treat the kernel's own verified run-time patching (ftrace, jump labels, "
                "static calls, kprobes) as tampering too: for hardened VMs where tracing "
                "itself is suspicious")
@@ -38,6 +43,12 @@ class UsageError(KscanError):
 #: libvirt's system connection (scanner.qemu.libvirt_domain.DEFAULT_URI; not imported
 #: here so that --help works without the optional binding).
 DEFAULT_URI = "qemu:///system"
+
+
+def default_uri() -> str:
+    """--connect's default: $LIBVIRT_DEFAULT_URI, as virsh has it, else DEFAULT_URI."""
+    return os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+
 
 EPILOG = """\
 examples:
@@ -53,11 +64,16 @@ examples:
   kscan check --core vm7.elf --vm vm7              a memory image (dump-guest-memory)
   kscan run --libvirt                              every running libvirt domain
   kscan run --config /etc/kscan/kscan.toml         as the systemd unit runs it
+  kscan status                                     each VM's last verdict
+  kscan events --since 1h --severity warning       the event log, without sqlite3
+  kscan baseline list                              stored golden baselines
+  kscan run --config /etc/kscan/kscan.toml --check-config    validate, run nothing
   kscan export --out base.kscan --key signer.pem   share verified baselines
   kscan import base.kscan --trust signer.pub.pem   trust them on another host
 
-The database defaults to $XDG_STATE_HOME/kscan/kscan.db (~/.local/state/kscan/kscan.db);
---db PATH chooses another.
+Without --db PATH the database is $KSCAN_DB, else the service's (systemd's
+$STATE_DIRECTORY, or /var/lib/kscan/kscan.db for root when it exists), else
+$XDG_STATE_HOME/kscan/kscan.db (~/.local/state/kscan/kscan.db).
 """
 
 
@@ -338,18 +354,85 @@ def _non_negative(text: str) -> float:
     return v
 
 
+def _bound_seconds(option: str) -> Callable[[str], float]:
+    """A type for an interval bound: 0.05..86400 seconds, the option named in errors."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} {text!r}: seconds") from None
+        if not 0.05 <= v <= 86400:
+            raise argparse.ArgumentTypeError(f"{option} {v:g}: must be 0.05..86400 seconds")
+        return v
+    parse.kind = float  # type: ignore[attr-defined]  # TOML: a number (commands.config)
+    return parse
+
+
+def _stats_every(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--stats-every {text!r}: seconds") from None
+    if not (v == 0 or 0 < v <= 86400):
+        raise argparse.ArgumentTypeError(f"--stats-every {v:g}: must be 0 (no stats "
+                                         "events) or up to 86400 seconds")
+    return v
+
+
+_stats_every.kind = float  # type: ignore[attr-defined]  # TOML: see commands.config
+
+
+def _workers(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--workers {text!r}: a whole number") from None
+    if not 1 <= v <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"--workers {v}: must be 1..{MAX_WORKERS}")
+    return v
+
+
+_workers.kind = int  # type: ignore[attr-defined]  # TOML: see commands.config
+
+
+def _duration(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--duration {text!r}: seconds") from None
+    if not 0 <= v < 1e9:
+        raise argparse.ArgumentTypeError(f"--duration {v:g}: must be 0 (run until "
+                                         "stopped) or more")
+    return v
+
+
+_duration.kind = float  # type: ignore[attr-defined]  # TOML: see commands.config
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     import logging
 
     from scanner.run.engine import install_signal_handlers, run_engine, tune_malloc
 
     cfg = run_config(args)
+    if args.check_config:
+        return _check_config(args, cfg)
+    try:  # checked in run_config without creating it; made now, so a bad one fails now
+        os.makedirs(cfg.forensics_dir, mode=0o700, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--forensics-dir {cfg.forensics_dir}: cannot be created: "
+                         f"{err.strerror or err}",
+                         hint="choose a directory kscan can create and write") from None
     if args.libvirt:
         from scanner.qemu.libvirt_domain import binding
 
         binding()  # fail now, in one line, if the extra is not installed
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="kscan: %(message)s", stream=sys.stderr)
+    from scanner.run.journal import StderrFormatter, is_journal
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(StderrFormatter(journal=is_journal(2)))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING
+                        if args.quiet else logging.INFO, handlers=[handler])
     tune_malloc()
     stop = asyncio.Event()
     install_signal_handlers(stop)
@@ -357,6 +440,35 @@ async def cmd_run(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().call_later(args.duration, stop.set)
     await run_engine(cfg, args.db, stop, reloader=_reloader(args), metrics=args.metrics,
                      event_format=args.event_format)
+    return EXIT_OK
+
+
+def _check_config(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """`run --check-config`: what run_config accepted, plus what `run` would otherwise
+    find out only at start (the metrics address, the libvirt binding), printed."""
+    from store.paths import default_db_path
+
+    if args.metrics:
+        from scanner.run.metrics import MetricsError, parse_address
+
+        if not args.metrics.startswith("unix:"):
+            parse_address(args.metrics)
+        elif not args.metrics[5:]:
+            raise MetricsError("--metrics unix: needs a path, e.g. "
+                               "unix:/run/kscan/metrics.sock")
+    if args.libvirt:
+        from scanner.qemu.libvirt_domain import binding
+
+        binding()
+    sources = [*(f"qmp {q}" for q in cfg.qmp), *(f"replay {r}" for r in cfg.replay)]
+    if cfg.discover:
+        sources.append("discover")
+    if cfg.libvirt:
+        sources.append(f"libvirt {cfg.libvirt}")
+    print(printable(f"configuration OK ({args.config_file or 'command line only'}): "
+                    f"database {args.db or default_db_path()}; {cfg.policy.describe()}; "
+                    f"on tamper {cfg.action.describe()}; forensics {cfg.forensics_dir}; "
+                    f"watching {', '.join(sources)}", limit=0))
     return EXIT_OK
 
 
@@ -375,6 +487,8 @@ def _reloader(args: argparse.Namespace) -> Callable[[], RunConfig]:
             if getattr(new, key) != getattr(args, key):
                 logging.getLogger("kscan").warning(
                     "reload: %s changed in the configuration; it takes a restart", key)
+        if not new.forensics_dir:  # beside the database in use, not the one to come
+            new.forensics_dir = str(_default_forensics(args.db))
         return run_config(new)
 
     return reload
@@ -384,38 +498,112 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     """`kscan run`'s options (command line and configuration file) as a RunConfig."""
     from pathlib import Path
 
-    from scanner.run.actions import parse_action
+    from scanner.run.actions import ActionKind, parse_action
     from scanner.run.engine import RunConfig
     from scanner.run.scheduler import Policy
-    from store.paths import default_db_path
 
     if not (args.qmp or args.discover or args.replay or args.libvirt):
         raise UsageError("nothing to watch", hint="give --qmp SOCK (or a glob), --discover, "
                          "--libvirt, or --replay DIR" + (
                              f" (on the command line or in {args.config_file})"
                              if getattr(args, "config_file", None) else ""))
+    def bad(option: str, what: str, hint: str = "") -> UsageError:
+        where = f" (in {args.config_file})" if getattr(args, "config_file", None) else ""
+        return UsageError(f"{option} {what}{where}", hint=hint)
+
+    if args.min_interval > args.max_interval:
+        raise bad("--min-interval", f"{args.min_interval:g} is above --max-interval "
+                  f"{args.max_interval:g}", "the shortest interval cannot exceed the longest")
     auto = args.interval == "auto"
     policy = Policy(auto=auto, fixed=0.0 if auto else float(args.interval),
                     budget=args.cpu_budget / 100 if args.cpu_budget else None,
                     min_interval=args.min_interval, max_interval=args.max_interval,
                     startup_budget=args.startup_budget / 100)
     forensics = Path(args.forensics_dir) if args.forensics_dir else \
-        (Path(args.db).parent if args.db else default_db_path().parent) / "forensics"
+        _default_forensics(args.db)
+    why = _uncreatable(forensics)
+    if why:
+        raise bad("--forensics-dir" if args.forensics_dir else "--db",
+                  f"{forensics}: forensic copies cannot be written there: {why}",
+                  "choose a directory kscan can create and write")
+    action = parse_action(args.on_tamper)
+    if action.kind is ActionKind.EXEC:
+        why = _not_runnable(action.argv[0])
+        if why:
+            raise bad("--on-tamper", f"exec:{action.argv[0]}: {why}",
+                      "give the hook's full path; it must be an executable file")
     cfg = RunConfig(qmp=tuple(args.qmp or ()), discover=args.discover,
                     replay=tuple(args.replay or ()), policy=policy,
-                    action=parse_action(args.on_tamper), forensics_dir=forensics,
+                    action=action, forensics_dir=forensics,
                     workers=args.workers, stats_every=args.stats_every, strict=args.strict,
                     libvirt=args.connect if args.libvirt else None,
                     discover_uids=frozenset(_uid(u) for u in args.discover_user or ()),
-                    keep_days=args.keep_days, forensics_max_mb=args.forensics_max_mb)
+                    keep_days=args.keep_days, forensics_max_mb=args.forensics_max_mb,
+                    db=args.db, metrics=args.metrics)
     return cfg
+
+
+def _default_forensics(db: str | None) -> Path:
+    """forensics/ beside the database."""
+    from store.paths import default_db_path
+
+    return (Path(db).parent if db else default_db_path().parent) / "forensics"
+
+
+def _uncreatable(directory: Path) -> str:
+    """Why `directory` could not be created or written by this process ('' if it can):
+    checked without creating anything (`run --check-config` changes nothing)."""
+    d = directory
+    for _ in range(256):  # bounded: a path has no more components than that
+        if d.exists():
+            if not d.is_dir():
+                return f"{d} is not a directory"
+            if not os.access(d, os.W_OK | os.X_OK):
+                return f"{d} is not writable"
+            return ""
+        if d.parent == d:
+            break
+        d = d.parent
+    return f"no existing parent of {directory}"
+
+
+def _not_runnable(program: str) -> str:
+    """Why an exec hook's program cannot be run ('' if it can)."""
+    import shutil
+
+    if "/" not in program:
+        return "" if shutil.which(program) else "not found on PATH"
+    if not os.path.exists(program):
+        return "no such file"
+    if os.path.isdir(program) or not os.access(program, os.X_OK):
+        return "not an executable file"
+    return ""
 
 
 # --------------------------------------------------------------------------- main
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (exit 2): the option, what is
+    wrong with it, and where the help is — not the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        import re
+
+        # "argument --workers: --workers 0: must be 1..64" says the option twice.
+        m = re.fullmatch(r"argument (\S+?)(?:/\S+)?: ((--?\S+) .*)", message, re.S)
+        if m is not None and m.group(1).split("/")[0] in {m.group(3)}:
+            message = m.group(2)
+        self.exit(EXIT_ERROR, f"{self.prog}: {printable(' '.join(message.split()))} "
+                              f"(see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    from scanner.commands.events_cmd import add_parser as add_events
+    from scanner.commands.status import add_parser as add_status
+    from scanner.commands.stored import add_baseline_actions, add_profile_rm
+
+    ap = _Parser(
         prog="kscan",
         description="Agentless runtime integrity monitor for the Linux kernels of QEMU/KVM VMs.",
         epilog=EPILOG,
@@ -437,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     _db_arg(p)
     p.set_defaults(func=cmd_inspect)
 
-    prof = sub.add_parser("profile", help="kernel profiles: add a kernel image, list them")
+    prof = sub.add_parser("profile",
+                          help="kernel profiles: add a kernel image, list or remove them")
     psub = prof.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
     p = psub.add_parser(
         "add", help="read a vmlinuz/bzImage or vmlinux and store its profile",
@@ -454,9 +643,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _db_arg(p)
     p.set_defaults(func=cmd_profile_list)
+    add_profile_rm(psub, _db_arg)
 
     p = sub.add_parser(
-        "baseline", help="hash a verified VM's protected regions as the golden baseline",
+        "baseline", help="hash a verified VM's protected regions as the golden baseline "
+        "(list, rm: the stored ones)",
         description="Hash the protected regions (.text, .rodata, __ex_table, IDT) of VMs "
         "you declare verified (known-good), normalized for KASLR, and store them as the "
         "golden baseline of their kernel build and boot profile (CPU model, features, "
@@ -473,10 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recorded verified VM (tools/record.py) instead of a live one")
     p.add_argument("--libvirt", action="append", metavar="DOMAIN",
                    help="a verified libvirt domain, by name or UUID (repeatable)")
-    p.add_argument("--connect", default=DEFAULT_URI, metavar="URI",
-                   help=f"libvirt connection URI (default {DEFAULT_URI})")
+    p.add_argument("--connect", default=default_uri(), metavar="URI",
+                   help="libvirt connection URI (default $LIBVIRT_DEFAULT_URI, else "
+                        f"{DEFAULT_URI})")
     _db_arg(p)
     p.set_defaults(func=cmd_baseline)
+    add_baseline_actions(p, _db_arg)
 
     p = sub.add_parser(
         "check", help="verify a VM once against the baselines (exit 0 clean, 1 tampered)",
@@ -518,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", help="why (kept in the event log)")
     _db_arg(p)
     p.set_defaults(func=cmd_accept)
+
+    add_status(sub, _db_arg)
+    add_events(sub, _db_arg)
 
     p = sub.add_parser(
         "export", help="write profiles and golden baselines to one signed bundle file",
@@ -592,8 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--libvirt", action="store_true",
                    help="watch every running libvirt domain, following lifecycle events "
                         "(started domains are picked up, stopped ones reported)")
-    p.add_argument("--connect", default=DEFAULT_URI, metavar="URI",
-                   help=f"libvirt connection URI (default {DEFAULT_URI})")
+    p.add_argument("--connect", default=default_uri(), metavar="URI",
+                   help="libvirt connection URI (default $LIBVIRT_DEFAULT_URI, else "
+                        f"{DEFAULT_URI})")
     p.add_argument("--interval", type=_interval, default="auto", metavar="auto|SECONDS",
                    help="per-VM scan interval; auto adapts under --cpu-budget (default auto)")
     p.add_argument("--cpu-budget", type=_percent, default=10.0, metavar="PERCENT",
@@ -601,8 +798,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-budget", type=_percent, default=100.0, metavar="PERCENT",
                    help="CPU kscan may use until every VM has its first verdict, in "
                         "percent of one core (default 100); then --cpu-budget holds")
-    p.add_argument("--min-interval", type=float, default=1.0, metavar="SECONDS")
-    p.add_argument("--max-interval", type=float, default=300.0, metavar="SECONDS")
+    p.add_argument("--min-interval", type=_bound_seconds("--min-interval"), default=1.0,
+                   metavar="SECONDS", help="shortest per-VM interval (default 1)")
+    p.add_argument("--max-interval", type=_bound_seconds("--max-interval"), default=300.0,
+                   metavar="SECONDS", help="longest per-VM interval (default 300)")
     p.add_argument("--on-tamper", default="report", metavar="report|pause|exec:CMD",
                    help="what to do on tampering besides reporting (default report); "
                         "pause stops the VM; exec runs CMD with the event JSON on stdin")
@@ -614,10 +813,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forensics-max-mb", type=_non_negative, default=0.0, metavar="MIB",
                    help="remove the oldest forensic copies beyond this size, hourly; the "
                         "newest of each VM is kept (default 0: no cap)")
-    p.add_argument("--workers", type=int, default=2, help="hashing threads (default 2)")
-    p.add_argument("--stats-every", type=float, default=60.0, metavar="SECONDS",
-                   help="emit a stats event this often (default 60)")
-    p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--workers", type=_workers, default=2,
+                   help=f"hashing threads, 1..{MAX_WORKERS} (default 2)")
+    p.add_argument("--stats-every", type=_stats_every, default=60.0, metavar="SECONDS",
+                   help="emit a stats event this often (default 60; 0: none)")
+    p.add_argument("--duration", type=_duration, default=0.0, metavar="SECONDS",
                    help="stop after this long (default: run until stopped)")
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
@@ -625,11 +825,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the shape of events on stdout: kscan's own (native, default), "
                         "Elastic Common Schema 8.x (ecs) or OCSF 1.5 (ocsf: a tamper is a "
                         "Detection Finding); the database keeps native events")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug lines on stderr too")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="only warnings and errors on stderr (no event summaries); the "
+                        "events on stdout are unchanged")
     p.add_argument("--metrics", metavar="HOST:PORT|unix:PATH", default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics, or over "
                         "HTTP on a unix socket created 0660 (default: none; e.g. "
                         "127.0.0.1:9464, [::1]:9464, unix:/run/kscan/metrics.sock)")
+    p.add_argument("--check-config", action="store_true",
+                   help="check the options and the configuration file, print what would "
+                        "run, and exit (0: usable, 2: not) without watching anything")
     p.add_argument("--config", metavar="PATH", default=None,
                    help="a TOML file of run options (keys: the options with _ for -, db "
                         "included; the command line overrides it; default "
@@ -637,14 +844,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "SIGHUP reads it again")
     _db_arg(p)
     p.set_defaults(func=cmd_run)
+    _add_verbosity(ap)
     return ap
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """-v/-q on every command that has no such options of its own (`run` has)."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in dict.fromkeys(action.choices.values()):
+            flags = {f for a in sub._actions for f in a.option_strings}
+            if "-v" not in flags:
+                sub.add_argument("-v", "--verbose", action="store_true",
+                                 help="debug lines on stderr (with their time)")
+            if "-q" not in flags:
+                sub.add_argument("-q", "--quiet", action="store_true",
+                                 help="print nothing on stdout (the exit status tells) "
+                                      "and only errors on stderr")
+            _add_verbosity(sub)
 
 
 def _libvirt_args(p: argparse.ArgumentParser, group: argparse._MutuallyExclusiveGroup) -> None:
     group.add_argument("--libvirt", metavar="DOMAIN",
                        help="a libvirt domain, by name or UUID (needs kscan[libvirt])")
-    p.add_argument("--connect", default=DEFAULT_URI, metavar="URI",
-                   help=f"libvirt connection URI for --libvirt (default {DEFAULT_URI})")
+    p.add_argument("--connect", default=default_uri(), metavar="URI",
+                   help="libvirt connection URI for --libvirt (default "
+                        f"$LIBVIRT_DEFAULT_URI, else {DEFAULT_URI})")
 
 
 def _libvirt_source(args: argparse.Namespace) -> VmSource | None:
@@ -662,16 +888,31 @@ def _libvirt_source(args: argparse.Namespace) -> VmSource | None:
 
 def _db_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", metavar="PATH", default=None,
-                   help="database file (default $XDG_STATE_HOME/kscan/kscan.db)")
+                   help="database file (default $KSCAN_DB, the service's, or "
+                        "$XDG_STATE_HOME/kscan/kscan.db: see kscan --help)")
 
 
 def run_async(coro_fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
               args: argparse.Namespace) -> int:
+    """`run` on uvloop (hundreds of VMs); one-shot commands on asyncio's own loop,
+    which asks nothing of the process's standard streams."""
+    if args.command != "run":
+        import signal
+
+        # asyncio.run's own SIGINT handler only cancels the main task, which a task
+        # blocked in a system call (open() of a FIFO: `kscan import <(...)`) never sees;
+        # a handler of ours (asyncio then installs none) raises where the main thread is.
+        signal.signal(signal.SIGINT, _interrupt)
+        return asyncio.run(coro_fn(args))
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without
         return asyncio.run(coro_fn(args))
     return uvloop.run(coro_fn(args))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _input_of(args: argparse.Namespace) -> str:
@@ -685,16 +926,41 @@ def _input_of(args: argparse.Namespace) -> str:
     return ""
 
 
+def _one_shot_output(args: argparse.Namespace) -> None:
+    """-v: debug lines on stderr; -q: nothing on stdout, only errors on stderr. Log lines
+    carry their time (or their priority, to the journal: scanner.run.journal)."""
+    import io
+    import logging
+
+    from scanner.run.journal import StderrFormatter, is_journal
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(StderrFormatter(journal=is_journal(2)))
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING,
+                        handlers=[handler])
+    if verbose:  # kscan's own debug lines, not every library's
+        logging.getLogger("kscan").setLevel(logging.DEBUG)
+    if quiet:
+        sys.stdout = io.TextIOWrapper(open(os.devnull, "wb"), write_through=True)  # noqa: SIM115
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from scanner.commands.config import parse_with_config
+    from scanner.commands.streams import reopen_closed
 
+    reopen_closed()  # before anything opens a file: see scanner.commands.streams
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_with_config(build_parser, argv)
     except KscanError as err:  # the configuration file: one line, exit 2
         print(f"kscan: {printable(' '.join(str(err).split()))}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:  # Ctrl-C while a FIFO configuration file is awaited
+        return 130
     args.argv = argv
+    if args.command != "run":  # run sets up its own stderr lines (cmd_run)
+        _one_shot_output(args)
     try:
         return run_async(args.func, args)
     except KscanError as err:

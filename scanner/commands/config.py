@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_CONFIG", "ConfigError", "load_config", "parse_with_config"]
 
 DEFAULT_CONFIG = Path("/etc/kscan/kscan.toml")
 #: Options of `run` that are no keys of the file.
-NOT_KEYS = frozenset({"help", "config"})
+NOT_KEYS = frozenset({"help", "config", "check_config"})
 MAX_SIZE = 1 << 20
 
 
@@ -73,14 +73,17 @@ def _convert(path: Path, key: str, action: argparse.Action, value: Any) -> Any:
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise bad(f"expected a list of strings, got {_kind(value)}")
         return [typed(i) for i in items]
-    if action.type is int:
+    # A checking type marked `kind = int` or `float` (--workers, --stats-every ...) wants
+    # that TOML type too, then checks the value's range.
+    kind = getattr(action.type, "kind", action.type)
+    if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad(f"expected an integer, got {_kind(value)}")
-        return value
-    if action.type is float:
+        return value if action.type is int else typed(str(value))
+    if kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad(f"expected a number, got {_kind(value)}")
-        return float(value)
+        return float(value) if action.type is float else typed(repr(float(value)))
     if action.type is None:
         if not isinstance(value, str):
             raise bad(f"expected a string, got {_kind(value)}")

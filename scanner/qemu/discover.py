@@ -30,12 +30,14 @@ _GLOB_CHARS = set("*?[")
 
 
 def expand_sockets(specs: Sequence[str]) -> set[str]:
-    """Socket paths named by --qmp arguments that exist now."""
+    """Socket paths named by --qmp arguments: a glob's matches now, and every literal
+    path whether it exists or not (a source of its own: `kscan run` reports it
+    unreachable until it appears, rather than saying nothing)."""
     out: set[str] = set()
     for spec in specs:
         if _GLOB_CHARS & set(spec):
             out.update(os.path.abspath(p) for p in glob.glob(spec))
-        elif os.path.exists(spec):
+        else:
             out.add(os.path.abspath(spec))
     return out
 

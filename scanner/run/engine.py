@@ -52,10 +52,12 @@ RELOST_BACKOFF = 2.0
 #: A source that keeps failing is retried later and later, up to this.
 MAX_BACKOFF = 300.0
 PRUNE_EVERY = 3600.0
+#: With --stats-every 0, how often the stats task looks whether a reload turned them on.
+NO_STATS_POLL = 60.0
 #: Events counted per VM (for --metrics).
 COUNTED_EVENTS = frozenset({"tamper", "kernel_patched"})
 #: RunConfig fields a SIGHUP cannot change (the process must be restarted for them).
-RESTART_FIELDS = ("workers", "libvirt")
+RESTART_FIELDS = ("workers", "libvirt", "db", "metrics")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ class RunConfig:
     #: this many MiB (0: no cap); never the last tamper of a VM.
     keep_days: float = 0.0
     forensics_max_mb: float = 0.0
+    #: The database and the metrics address: a reload reports a change of either in
+    #: `restart_needed` (the engine keeps the ones it started with).
+    db: str | None = None
+    metrics: str | None = None
 
 
 class Engine:
@@ -96,6 +102,9 @@ class Engine:
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}  # consecutive failures of a source
         self._said: dict[str, str] = {}
+        #: Literal --qmp/--replay paths that did not exist at their last try: retried
+        #: as soon as they appear, not after the unreachable backoff.
+        self._absent: set[str] = set()
         self._profiles: tuple[float, list[KernelProfile]] = (0.0, [])
         self._golden: dict[tuple[str, str], tuple[float, GoldenSet]] = {}
         self._cache_lock = asyncio.Lock()  # single-flight refresh of the two caches
@@ -226,6 +235,9 @@ class Engine:
             for src in sources:
                 if src.path in self.watchers:
                     continue
+                if src.path in self._absent and os.path.exists(src.path):
+                    self._absent.discard(src.path)
+                    self._retry_at.pop(src.path, None)
                 if self._retry_at.get(src.path, 0.0) > time.monotonic():
                     continue
                 self.watchers[src.path] = None
@@ -316,6 +328,10 @@ class Engine:
                 backoff = self._backoff(source, UNREACHABLE_BACKOFF)
                 message = str(err) if isinstance(err, KscanError) else \
                     f"{type(err).__name__}: {err}"
+                if src.kind in (SourceKind.QMP, SourceKind.REPLAY) and \
+                        not os.path.exists(source):
+                    self._absent.add(source)
+                    message = f"{source} does not exist; watched for until it appears"
                 if self._said.get(source) != message:
                     self._said[source] = message
                     await self.sink.emit("vm_unreachable", None, source=source,
@@ -499,8 +515,12 @@ class Engine:
     async def _stats(self) -> None:
         last_cpu, last_t, last_scans = time.process_time(), time.monotonic(), self.scans
         while True:
-            await asyncio.sleep(self.cfg.stats_every)
+            # --stats-every 0: no stats events (a reload may turn them on again).
+            await asyncio.sleep(self.cfg.stats_every or NO_STATS_POLL)
             cpu, now = time.process_time(), time.monotonic()
+            if not self.cfg.stats_every:
+                last_cpu, last_t, last_scans = cpu, now, self.scans
+                continue
             watching = [w for w in self.watchers.values() if w is not None]
             await self.sink.emit(
                 "stats", None, vms=len(watching),

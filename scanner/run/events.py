@@ -24,6 +24,9 @@ freeze every VM), from a bounded queue of `queue_size` lines. When the queue is 
 If stdout accepts nothing for `stall_warning` seconds kscan says so on stderr, once per
 stall, and again when it flows. On close the queue is given `CLOSE_TIMEOUT` seconds to
 drain; the rest is reported on stderr (it is in the database).
+
+Under systemd (`scanner.run.journal`) each line starts with its syslog priority `<N>`
+for journald, and the one-line summary of each event is not also logged on stderr.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import IO, Any
 
 import orjson
 
+from scanner.run.journal import is_journal, priority_prefix
 from scanner.terminal import printable
 
 __all__ = ["DROPPABLE", "NEVER_DROP", "EventSink"]
@@ -89,12 +93,19 @@ class EventSink:
     def __init__(self, out: IO[bytes] | None = None,
                  persist: Callable[[dict[str, Any]], Any] | None = None,
                  queue_size: int = QUEUE_SIZE, stall_warning: float = STALL_WARNING,
-                 close_timeout: float = CLOSE_TIMEOUT,
+                 close_timeout: float = CLOSE_TIMEOUT, journal: bool | None = None,
                  shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self._out = out if out is not None else sys.stdout.buffer
         #: What stdout gets of each event (`scanner.run.formats`: ECS, OCSF); the
         #: database keeps the native event.
         self._shape = shape
+        #: stdout is journald's stream: each line starts with its `<N>` priority, and
+        #: when stderr is the journal too no summary of an event goes there (one entry
+        #: per event). None: find out from the process's fds (scanner.run.journal).
+        if journal is None:
+            journal = out is None and is_journal(1)
+        self.journal = journal
+        self.echo = not (journal and is_journal(2))
         self._persist = persist
         self._size = max(1, queue_size)
         self._stall_warning = stall_warning
@@ -126,10 +137,12 @@ class EventSink:
                 await self._persist(ev)
             except Exception as err:  # the stream must go on; the log says why
                 log.error("event not stored in the database: %s", printable(err))
-        if event not in DROPPABLE:
+        if event not in DROPPABLE and self.echo:
             log.info("%s", printable(human(ev)))
         shown = self._shape(ev) if self._shape is not None else ev
         line = orjson.dumps(shown, option=orjson.OPT_NON_STR_KEYS, default=_default) + b"\n"
+        if self.journal:
+            line = priority_prefix(ev["severity"]) + line
         self._enqueue(event, line)
         return ev
 
@@ -153,9 +166,9 @@ class EventSink:
     def _say_stalled(self) -> None:
         if not self.stalled:
             self.stalled = True
-            print("kscan: stdout is not being read: stats and routine events are left "
-                  "out of it (they are counted; every event but stats is in the "
-                  "database's event log)", file=sys.stderr, flush=True)
+            log.warning("stdout is not being read: stats and routine events are left "
+                        "out of it (they are counted; every event but stats is in the "
+                        "database's event log)")
 
     async def _writer(self) -> None:
         assert self._thread is not None
@@ -178,7 +191,7 @@ class EventSink:
                 await fut
             if self.stalled and not self._lines:
                 self.stalled = False
-                print("kscan: stdout is being read again", file=sys.stderr, flush=True)
+                log.info("stdout is being read again")
             self.written += len(batch)
 
     async def close(self) -> None:
@@ -190,9 +203,9 @@ class EventSink:
             await asyncio.wait_for(asyncio.shield(self._task), self._close_timeout)
         except TimeoutError:
             left = len(self._lines)
-            print(f"kscan: stdout did not take the last events within "
-                  f"{self._close_timeout:g}s; {left} queued line(s) not written (every "
-                  "event but stats is in the database)", file=sys.stderr, flush=True)
+            log.warning("stdout did not take the last events within %gs; %d queued "
+                        "line(s) not written (every event but stats is in the database)",
+                        self._close_timeout, left)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
