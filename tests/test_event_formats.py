@@ -17,15 +17,16 @@ from typing import Any
 import jsonschema
 import pytest
 
+from kscan.shipped import contrib_path
 from scanner.run.formats import EVENT_FORMATS, format_event, formatter, to_ecs, to_ocsf
 from tests.test_event_schema import EXAMPLES, UUID, emit_all
 from tests.test_ops import fleet, tamper  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 ECS = jsonschema.Draft202012Validator(json.loads(
-    (ROOT / "contrib" / "siem" / "ecs-8.17.required.schema.json").read_text()))
+    contrib_path("siem/ecs-8.17.required.schema.json").read_text()))
 OCSF = jsonschema.Draft202012Validator(json.loads(
-    (ROOT / "contrib" / "siem" / "ocsf-1.5.0.required.schema.json").read_text()))
+    contrib_path("siem/ocsf-1.5.0.required.schema.json").read_text()))
 
 #: Events only the database's log holds, as stored (vm "", no severity, no host).
 LOGGED = [

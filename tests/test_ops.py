@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kscan.shipped import contrib_path
 from scanner.commands.cli import build_parser
 from scanner.commands.config import (
     NOT_KEYS,
@@ -52,8 +53,8 @@ from tests.test_unit_watcher import (
 
 ROOT = Path(__file__).resolve().parent.parent
 LOAD_GPA = 0x10_0000
-EXAMPLE = ROOT / "contrib" / "kscan.toml.example"
-UNIT = ROOT / "contrib" / "systemd" / "kscan.service"
+EXAMPLE = contrib_path("kscan.toml.example")
+UNIT = contrib_path("systemd/kscan.service")
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -598,6 +598,21 @@ class _Parser(argparse.ArgumentParser):
                               f"(see {self.prog} --help)\n")
 
 
+class _PrintContribDir(argparse.Action):
+    """`kscan --contrib-dir`: the installed directory of kscan.shipped's files."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from kscan.shipped import contrib_dir
+
+        print(contrib_dir())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from scanner.commands.events_cmd import add_parser as add_events
     from scanner.commands.status import add_parser as add_status
@@ -610,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--version", action="version", version=f"kscan {__version__}")
+    ap.add_argument("--contrib-dir", action=_PrintContribDir,
+                    help="print where the shipped files are installed (the systemd unit, "
+                         "the example configuration, the event schemas) and exit")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kscan.errors import KscanError
+from kscan.shipped import contrib_path
 
 __all__ = ["DEFAULT_CONFIG", "ConfigError", "load_config", "parse_with_config"]
 
@@ -114,7 +115,7 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
         action = keys.get(key)
         if action is None:
             hint = f"did you mean {key.replace('-', '_')}?" if key.replace(
-                "-", "_") in keys else "see contrib/kscan.toml.example for every key"
+                "-", "_") in keys else f"see {contrib_path('kscan.toml.example')} for every key"
             raise ConfigError(f"{path}: unknown key {key!r}", hint=hint)
         out[key] = _convert(path, key, action, value)
     return out
