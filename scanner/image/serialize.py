@@ -121,6 +121,8 @@ def patch_sites_to_bytes(ps: PatchSites) -> bytes:
     arrays["sct_key"] = np.array(list(ps.static_call_trampolines.values()), dtype="<u8")
     arrays["rc_addr"] = np.array([c.addr for c in ps.runtime_const], dtype="<u8")
     arrays["kprobe_blacklist"] = np.array(ps.kprobe_blacklist, dtype="<u8").reshape(-1)
+    arrays["jump_branch"] = np.asarray(ps.jump_branch).astype("|u1")
+    arrays["call_targets"] = np.asarray(ps.call_targets).astype("<u8")
     rc_names = sorted({c.name for c in ps.runtime_const})
     header = {
         "format": 1,
@@ -129,6 +131,8 @@ def patch_sites_to_bytes(ps: PatchSites) -> bytes:
         "rc_names": rc_names,
         "ftrace_trampolines": {k: list(v) for k, v in ps.ftrace_trampolines.items()},
         "optprobe_template": list(ps.optprobe_template) if ps.optprobe_template else None,
+        "readonly": [list(r) for r in ps.readonly],
+        "symbols": dict(ps.symbols),
     }
     return _pack(_PS_MAGIC, header, arrays)
 
@@ -153,6 +157,10 @@ def patch_sites_from_bytes(blob: bytes) -> PatchSites:
         if len(kb) % 2:
             raise ValueError("odd kprobe blacklist")
         opt = h["optprobe_template"]
+        # Added later: a profile stored before has none (verifiers then know less).
+        branch = arr["jump_branch"].astype(bool) if "jump_branch" in arr else np.zeros(0, bool)
+        if branch.size not in (0, u64["jump_code"].size):
+            raise ValueError("jump branch flags differ in length from the jump table")
         return PatchSites(
             **u64,
             static_call_tail=arr["static_call_tail"].astype(bool),
@@ -163,6 +171,11 @@ def patch_sites_from_bytes(blob: bytes) -> PatchSites:
             ftrace_trampolines={str(k): (int(v[0]), int(v[1]))
                                 for k, v in h["ftrace_trampolines"].items()},
             optprobe_template=(int(opt[0]), int(opt[1])) if opt else None,
+            jump_branch=branch,
+            readonly=tuple((int(a), int(b)) for a, b in h.get("readonly", [])),
+            call_targets=(arr["call_targets"].astype(np.uint64) if "call_targets" in arr
+                          else np.zeros(0, dtype=np.uint64)),
+            symbols={str(k): int(v) for k, v in h.get("symbols", {}).items()},
         )
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise KernelImageError(f"stored patch sites are corrupt: {err}", path="<db>") from err
