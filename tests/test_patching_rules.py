@@ -175,6 +175,33 @@ def test_read_only_key_sites_are_pinned_at_the_first_check() -> None:
     only(check(flipped, memory=clean_first.memory), "jump_label", 2)
 
 
+def test_lsm_hook_keys_are_pinned_unless_bpf() -> None:
+    """6.12: security_hook_active_capable_0 lies in writable data, but only boot code
+    sets it: NOPing its site skips cap_capable (every capable() succeeds)."""
+    flipped = bytearray(TEXT)
+    patch(flipped, SYM["jl5"], b"\xe9" + (SYM["jl5_target"] - SYM["jl5"] - 5).to_bytes(
+        4, "little", signed=True))
+    patch(flipped, SYM["jl2"], bytes((0xEB, SYM["jl2_target"] - SYM["jl2"] - 2)))
+    u64 = lambda xs: np.array(xs, dtype=np.uint64)  # noqa: E731
+    lsm = replace(SITES, boot_jump_keys=u64([KEY1]), boot_jump_tramps=u64([SYM["__SCT__k1"]]))
+    first = check(TEXT, sites=lsm)
+    v = check(flipped, sites=lsm, memory=first.memory)
+    assert not v.verified and "LSM hook" in reasons(v)
+    # A BPF LSM hook's key (its slot's trampoline jumps to a bpf_lsm_* function) is
+    # toggled when a program attaches: free to flip.
+    bpf = replace(lsm, bpf_lsm_hooks=u64([SYM["target_fn"]]))
+    only(check(flipped, sites=bpf, memory=first.memory), "jump_label", 2)
+    # The LSM static calls themselves are set at boot only, too.
+    lsm_sc = replace(SITES, boot_static_keys=u64([KEY1]))
+    first = check(TEXT, sites=lsm_sc)
+    live = bytearray(TEXT)
+    patch(live, SYM["sc_call"], rel_insn(b"\xe8", SYM["sc_call"], SYM["other_fn"]))
+    patch(live, SYM["__SCT__k1"], rel_insn(b"\xe9", SYM["__SCT__k1"], SYM["other_fn"]))
+    only(check(live), "static_call", 2)
+    v = check(live, sites=lsm_sc, memory=first.memory)
+    assert not v.verified and "LSM hook" in reasons(v)
+
+
 # -- 5. half-states are transient --------------------------------------------------
 
 def _half(at: str, target: str) -> bytearray:

@@ -311,7 +311,8 @@ class _Verifier:
         #: (a pinned state undone): (offset, length, before, reason).
         self.undone: list[tuple[int, int, bytes, str]] = []
         #: PatchMemory.fixed_sites for the next check.
-        self.fixed_now: dict[str, str] = dict(self.memory.fixed_sites)
+        self.fixed_now: dict[str, str] = (dict(self.memory.fixed_sites) if self.memory.pinned
+                                          else {})
         #: PatchMemory.runtime_const for the next check.
         self.rc_now: dict[str, int] = dict(self.memory.runtime_const)
 
@@ -606,40 +607,60 @@ class _Verifier:
         ro = np.zeros(off.shape, dtype=np.bool_)
         for lo, hi in self.sites.readonly:
             ro |= (key >= np.uint64(_u64(lo))) & (key < np.uint64(_u64(hi)))
-        if not ro.any():
+        self._pin(off[ro], size[ro], "jump label: its static key is in read-only data "
+                  "(__ro_after_init): it cannot change after boot, but this site changed "
+                  "since the first check of this boot")
+        boot = self._boot_only_keys(key) & ~ro
+        self._pin(off[boot], size[boot], "jump label: an LSM hook's static key (only boot "
+                  "code sets it) changed since the first check of this boot")
+
+    def _boot_only_keys(self, key: npt.NDArray[np.uint64]) -> B:
+        """Which of `key` are LSM hook keys only boot code sets: security_hook_active_*
+        whose hook slot's trampoline does not jump to a BPF LSM hook (those the kernel
+        toggles when a BPF program attaches)."""
+        s = self.sites
+        bk = np.asarray(s.boot_jump_keys, dtype=np.uint64)
+        if bk.size == 0 or bk.size != s.boot_jump_tramps.size:
+            return np.zeros(key.shape, dtype=np.bool_)
+        pos = np.minimum(np.searchsorted(bk, key), bk.size - 1)
+        hit = bk[pos] == key
+        if not hit.any():
+            return np.asarray(hit, dtype=np.bool_)
+        tr = self.offsets(np.asarray(s.boot_jump_tramps, dtype=np.uint64)[pos[hit]])
+        ok = (tr >= 0) & (tr + 5 <= self.n)
+        bpf_t = _to_signed_sorted(s.bpf_lsm_hooks)
+        bpf = np.zeros(tr.shape, dtype=np.bool_)
+        if ok.any():
+            t = tr[ok]
+            live = self.l[t[:, None] + np.arange(5, dtype=np.int64)]
+            dest = self.branch_targets(live, t, 1, 5)
+            bpf[ok] = (live[:, 0] == JMP32) & _isin_sorted(bpf_t, dest)
+        out = np.zeros(key.shape, dtype=np.bool_)
+        out[np.flatnonzero(hit)] = ~bpf
+        return out
+
+    def _pin(self, off: I64, size: I64, why: str) -> None:
+        """Sites only boot code writes: at the first check of a boot, remember those that
+        differ from the golden baseline; later, each must hold what was seen then."""
+        if off.size == 0:
             return
-        ro_off, ro_size, ro_changed = off[ro], size[ro], changed[ro]
+        cols = np.minimum(off[:, None] + np.arange(6, dtype=np.int64), self.n - 1)
+        changed = ((self.l[cols] != self.b[cols]) & (np.arange(6) < size[:, None])).any(axis=1)
         mem = self.memory
         if not mem.pinned:
-            self.fixed_now = {
-                f"{_u64(self.base_s + o):#x}": bytes(self.lmem[o:o + ln]).hex()
-                for o, ln in zip(ro_off[ro_changed].tolist(), ro_size[ro_changed].tolist(),
-                                 strict=True)}
+            self.fixed_now.update(
+                (f"{_u64(self.base_s + o):#x}", bytes(self.lmem[o:o + ln]).hex())
+                for o, ln in zip(off[changed].tolist(), size[changed].tolist(), strict=True))
             return
-        self.fixed_now = dict(mem.fixed_sites)
-        why = ("jump label: its static key is in read-only data (__ro_after_init): it "
-               "cannot change after boot, but this site changed since the first check "
-               "of this boot")
-        pinned_offs: set[int] = set()
-        for k in mem.fixed_sites:
-            try:
-                o = _s64(int(k, 16)) - self.base_s
-            except ValueError:
-                continue
-            pinned_offs.add(o)
-        # changed now: must be exactly the pinned bytes
-        for o, ln in zip(ro_off[ro_changed].tolist(), ro_size[ro_changed].tolist(),
-                         strict=True):
-            k = f"{_u64(self.base_s + o):#x}"
-            if mem.fixed_sites.get(k) != bytes(self.lmem[o:o + ln]).hex():
+        for o, ln in zip(off[changed].tolist(), size[changed].tolist(), strict=True):
+            if mem.fixed_sites.get(f"{_u64(self.base_s + o):#x}") != bytes(
+                    self.lmem[o:o + ln]).hex():
                 self.revoked.setdefault(o, (ln, why))
-        # unchanged now but pinned changed: the first check's state was undone
-        unchanged = set(ro_off[~ro_changed].tolist())
-        sizes = dict(zip(ro_off.tolist(), ro_size.tolist(), strict=True))
-        for o in sorted(pinned_offs & unchanged)[:10000]:
-            ln = sizes[o]
-            before = bytes.fromhex(mem.fixed_sites[f"{_u64(self.base_s + o):#x}"])[:ln]
-            self.undone.append((o, ln, before, why))
+        for o, ln in zip(off[~changed].tolist(), size[~changed].tolist(), strict=True):
+            was = mem.fixed_sites.get(f"{_u64(self.base_s + o):#x}")
+            if was is not None and len(self.undone) < 10000:
+                # unchanged from golden now, but not what the first check saw: undone
+                self.undone.append((o, ln, bytes.fromhex(was)[:ln], why))
 
     # static calls ---------------------------------------------------------------------
     def do_static_calls(self) -> None:
@@ -738,6 +759,16 @@ class _Verifier:
                              reason="static call trampoline: not a jmp to a function "
                                     "start nor ret")
         self._static_call_agreement(off, key, tail, jcc, keep5, tr_addr, tr_key, ret0)
+        bk = _to_signed_sorted(self.sites.boot_static_keys)
+        if bk.size:     # LSM hook static calls: only boot code updates them
+            why = ("static call: an LSM hook's call (only boot code sets it) changed since "
+                   "the first check of this boot")
+            sb = keep5 & _isin_sorted(bk, key.view(np.int64))
+            self._pin(off[sb], np.where(jcc[sb], 6, 5).astype(np.int64), why)
+            tb = _isin_sorted(bk, tr_key.view(np.int64))
+            tro = tr_addr[tb] - np.int64(self.base_s)
+            tro = tro[(tro >= 0) & (tro + 5 <= self.n)]
+            self._pin(tro, np.full(tro.shape, 5, dtype=np.int64), why)
 
     def _static_call_agreement(self, off: I64, key: npt.NDArray[np.uint64], tail: B, jcc: B,
                                keep5: B, tr_addr: I64, tr_key: npt.NDArray[np.uint64],

@@ -92,6 +92,16 @@ class PatchSites:
     #: Named addresses the verifiers pin targets and values to (`SYMBOLS`, and the
     #: runtime-constant variables), when kallsyms has them.
     symbols: dict[str, int] = field(default_factory=dict)
+    #: Static keys only boot code changes, though they lie in writable data: the LSM
+    #: hooks' `security_hook_active_<hook>_<n>` (6.9+; set by lsm_static_call_init),
+    #: sorted, with the trampoline of the same hook slot's static call (same order).
+    #: A BPF LSM hook's key may be toggled at run time (its trampoline jumps to a
+    #: `bpf_lsm_*` function, listed in `bpf_lsm_hooks`).
+    boot_jump_keys: U64 = field(default_factory=_empty)
+    boot_jump_tramps: U64 = field(default_factory=_empty)
+    bpf_lsm_hooks: U64 = field(default_factory=_empty)
+    #: Static-call keys only boot code updates: the LSM hooks' `lsm_static_call_*`.
+    boot_static_keys: U64 = field(default_factory=_empty)
 
 
 #: Symbols `PatchSites.symbols` keeps: what the kernel writes as branch targets
@@ -269,7 +279,31 @@ def _extract(img: _Image, rep: dict[str, Any]) -> PatchSites:
         readonly=_readonly(img),
         call_targets=_call_targets(ks),
         symbols=_symbols(img, rc),
+        **_lsm_keys(img),
     )
+
+
+def _lsm_keys(img: _Image) -> dict[str, U64]:
+    """security_hook_active_<h>_<n> keys with their slot's `__SCT__lsm_static_call_<h>_<n>`
+    trampoline, the `__SCK__lsm_static_call_*` keys and the `bpf_lsm_*` functions."""
+    ks = img.ks
+    lo, hi = img.text
+    keys: list[tuple[int, int]] = []
+    skeys: list[int] = []
+    bpf: list[int] = []
+    for a, name in zip(ks.addresses.tolist(), ks.names, strict=True):
+        if name.startswith("security_hook_active_"):
+            tr = ks.lookup("__SCT__lsm_static_call_" + name[len("security_hook_active_"):])
+            keys.append((int(a), int(tr or 0)))
+        elif name.startswith("__SCK__lsm_static_call_"):
+            skeys.append(int(a))
+        elif name.startswith("bpf_lsm_") and lo <= int(a) < hi:
+            bpf.append(int(a))
+    keys.sort()
+    return {"boot_jump_keys": np.array([k for k, _ in keys], dtype=np.uint64),
+            "boot_jump_tramps": np.array([t for _, t in keys], dtype=np.uint64),
+            "bpf_lsm_hooks": np.unique(np.array(bpf, dtype=np.uint64)),
+            "boot_static_keys": np.unique(np.array(skeys, dtype=np.uint64))}
 
 
 def _readonly(img: _Image) -> tuple[tuple[int, int], ...]:

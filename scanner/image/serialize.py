@@ -113,6 +113,10 @@ _U64_FIELDS = ("ftrace", "jump_code", "jump_target", "jump_key", "static_call_ad
                "static_call_key", "smp_locks", "function_starts")
 
 
+#: Added after the format was first used: optional when read.
+_LATER_U64 = ("boot_jump_keys", "boot_jump_tramps", "bpf_lsm_hooks", "boot_static_keys")
+
+
 def patch_sites_to_bytes(ps: PatchSites) -> bytes:
     arrays: dict[str, np.ndarray] = {f: np.asarray(getattr(ps, f)).astype("<u8")
                                      for f in _U64_FIELDS}
@@ -123,6 +127,8 @@ def patch_sites_to_bytes(ps: PatchSites) -> bytes:
     arrays["kprobe_blacklist"] = np.array(ps.kprobe_blacklist, dtype="<u8").reshape(-1)
     arrays["jump_branch"] = np.asarray(ps.jump_branch).astype("|u1")
     arrays["call_targets"] = np.asarray(ps.call_targets).astype("<u8")
+    for name in _LATER_U64:
+        arrays[name] = np.asarray(getattr(ps, name)).astype("<u8")
     rc_names = sorted({c.name for c in ps.runtime_const})
     header = {
         "format": 1,
@@ -161,6 +167,10 @@ def patch_sites_from_bytes(blob: bytes) -> PatchSites:
         branch = arr["jump_branch"].astype(bool) if "jump_branch" in arr else np.zeros(0, bool)
         if branch.size not in (0, u64["jump_code"].size):
             raise ValueError("jump branch flags differ in length from the jump table")
+        if ("boot_jump_keys" in arr) != ("boot_jump_tramps" in arr) or (
+                "boot_jump_keys" in arr
+                and arr["boot_jump_keys"].size != arr["boot_jump_tramps"].size):
+            raise ValueError("boot key arrays differ in length")
         return PatchSites(
             **u64,
             static_call_tail=arr["static_call_tail"].astype(bool),
@@ -175,6 +185,8 @@ def patch_sites_from_bytes(blob: bytes) -> PatchSites:
             readonly=tuple((int(a), int(b)) for a, b in h.get("readonly", [])),
             call_targets=(arr["call_targets"].astype(np.uint64) if "call_targets" in arr
                           else np.zeros(0, dtype=np.uint64)),
+            **{n: arr[n].astype(np.uint64) if n in arr else np.zeros(0, dtype=np.uint64)
+               for n in _LATER_U64},
             symbols={str(k): int(v) for k, v in h.get("symbols", {}).items()},
         )
     except (KeyError, TypeError, ValueError, IndexError) as err:
