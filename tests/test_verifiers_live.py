@@ -14,6 +14,7 @@ import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import capstone
 import numpy as np
@@ -22,7 +23,7 @@ import pytest
 from scanner.check.patching import NOP2, NOP5, XOR5RAX
 from scanner.image.kernel_profile import KernelProfile, profile_from_path
 from tests.conftest import GuestPool
-from tests.kscan_proc import kscan, live_kernel
+from tests.kscan_proc import RunProc, kscan, live_kernel
 from tools.guests import Guest, GuestSpec, ensure_kernel
 from tools.tamper import write_guest
 
@@ -361,3 +362,23 @@ def test_612_benign_tracepoint_still_verified(k612: Box) -> None:
     finally:
         k612.sh(f"echo 0 > {TRACING}/events/sched/sched_switch/enable")
     clean(k612)
+
+
+def test_watcher_reports_a_half_state_that_stays(k61: Box, restore: list,
+                                                 tmp_path: Path) -> None:
+    """Item 5 under `kscan run`: the fast path sees "unchanged" after the half-state;
+    the watcher looks in full again a second later and reports it."""
+    s = k61.profile.patch_sites
+    assert s is not None
+    fn = k61.sym("tcp_v4_connect")
+    proc = RunProc(["--qmp", str(k61.guest.qmp), "--db", k61.db, "--interval", "1",
+                    "--forensics-dir", str(tmp_path / "f")], tmp_path / "run.err")
+    try:
+        proc.wait_for(lambda e: e["vm"] == "vx61" and e["event"] == "vm_clean", 120)
+        mark = proc.mark()
+        put(restore, k61, fn, b"\xcc")
+        ev = proc.wait_for(lambda e: e["event"] == "tamper", 60, after=mark)
+        names = [m["symbol"].split("+")[0] for m in ev["mismatches"]]
+        assert "tcp_v4_connect" in names, ev["mismatches"]
+    finally:
+        proc.stop()
