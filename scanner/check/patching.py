@@ -674,6 +674,8 @@ class _Verifier:
             if mem.fixed_sites.get(f"{_u64(self.base_s + o):#x}") != bytes(
                     self.lmem[o:o + ln]).hex():
                 self.revoked.setdefault(o, (ln, why))
+        if not mem.fixed_sites:
+            return
         for o, ln in zip(off[~changed].tolist(), size[~changed].tolist(), strict=True):
             was = mem.fixed_sites.get(f"{_u64(self.base_s + o):#x}")
             if was is not None and len(self.undone) < 10000:
