@@ -333,3 +333,15 @@ def test_memory_round_trips_as_plain_data() -> None:
     assert PatchMemory.from_plain({"pinned": True}) == PatchMemory()
     assert PatchMemory.from_plain(None) == PatchMemory()
 
+
+
+def test_pinned_without_values_means_the_golden_bytes() -> None:
+    """A first check that found `.text` equal to the golden baseline pins without
+    running the verifier: later, a runtime constant must still hold the golden value."""
+    sites = replace(SITES, runtime_const=_rc_sites("dentry_hashtable"))
+    live = bytearray(TEXT)
+    for at in (SYM["rc_ptr"] + 2, SYM["blk_fn"]):
+        patch(live, at, (0xFFFF888000123000).to_bytes(8, "little"))
+    only(check(live, sites=sites), "runtime_const", 2)          # first check: pins these
+    v = check(live, sites=sites, memory=PatchMemory(pinned=True))
+    assert "first check of this boot" in reasons(v) and not v.verified

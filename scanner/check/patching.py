@@ -932,10 +932,16 @@ class _Verifier:
             else:
                 v = int(vals[0])
                 why = self._runtime_const_value(name, size, v)
-                if not why and mem.pinned and name in mem.runtime_const \
-                        and mem.runtime_const[name] != v:
-                    why = (f"runtime constant {name}: {v:#x}, not the {mem.runtime_const[name]:#x} "
-                           "the first check of this boot saw (written once, at boot)")
+                was = mem.runtime_const.get(name)
+                if was is None and mem.pinned:
+                    # pinned without a value: the first check saw the golden bytes
+                    b = np.zeros((o.size, 8), dtype=np.uint8)
+                    b[:, :size] = self.b[cols]
+                    bvals = np.unique(b.view("<u8").reshape(-1))
+                    was = int(bvals[0]) if bvals.size == 1 else None
+                if not why and was is not None and was != v:
+                    why = (f"runtime constant {name}: {v:#x}, not the {was:#x} the first "
+                           "check of this boot saw (written once, at boot)")
                 if not why:
                     pins[name] = v
 

@@ -299,16 +299,17 @@ def verify(
                 basis_of[p] = (Basis.ACCEPTED, rec)
         differ = np.flatnonzero((got != want) | ~known).tolist()
         unverified: dict[int, list[ByteRange]] | None = None
-        if name == ".text" and (any(p not in basis_of for p in differ) or not memory.pinned
+        if name == ".text" and (any(p not in basis_of for p in differ)
                                 or memory.fixed_sites):
-            # (Also with nothing changed when the first check of a boot must pin what
-            # later ones compare with, or a pinned state may have been undone.)
+            # (Also with nothing changed when a pinned state may have been undone.)
             patches, unverified, memory = _verify_patching(
                 lk, buf, golden_bytes(name), read_va, facts, memory)
             # A pinned state undone leaves bytes equal to the golden baseline.
             differ = sorted(set(differ) | {p for p in unverified or () if p not in basis_of})
-        elif name == ".text" and memory.half:
-            memory = dataclasses.replace(memory, half={})  # no half-state now
+        elif name == ".text":
+            # `.text` is the golden baseline's: what the first check of a boot pins is
+            # the golden bytes (the pinned memory holds no values), and no half-state.
+            memory = dataclasses.replace(memory, pinned=True, half={})
         mismatches = []
         for p in differ:
             basis, old = basis_of.get(p, (Basis.GOLDEN, None))
