@@ -338,10 +338,17 @@ def test_memory_round_trips_as_plain_data() -> None:
 def test_pinned_without_values_means_the_golden_bytes() -> None:
     """A first check that found `.text` equal to the golden baseline pins without
     running the verifier: later, a runtime constant must still hold the golden value."""
+    from scanner.check.patching import verify_text_changes
+
     sites = replace(SITES, runtime_const=_rc_sites("dentry_hashtable"))
-    live = bytearray(TEXT)
+    golden = bytearray(TEXT)           # both sites hold one (golden) value
+    patch(golden, SYM["blk_fn"], (0x0123456789ABCDEF).to_bytes(8, "little"))
+    live = bytearray(golden)
     for at in (SYM["rc_ptr"] + 2, SYM["blk_fn"]):
         patch(live, at, (0xFFFF888000123000).to_bytes(8, "little"))
-    only(check(live, sites=sites), "runtime_const", 2)          # first check: pins these
-    v = check(live, sites=sites, memory=PatchMemory(pinned=True))
+    base = 0xFFFFFFFF81000000
+    first = verify_text_changes(bytes(golden), bytes(live), base, SLIDE, sites, None)
+    only(first, "runtime_const", 2)    # a first check that saw these: pins them
+    v = verify_text_changes(bytes(golden), bytes(live), base, SLIDE, sites, None,
+                            memory=PatchMemory(pinned=True))
     assert "first check of this boot" in reasons(v) and not v.verified
