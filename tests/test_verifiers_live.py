@@ -288,6 +288,40 @@ def test_lock_prefix_removed_on_a_two_vcpu_vm(k61: Box, restore: list) -> None:
     tampered_in(k61, k61.name(site), "2 vCPUs")
 
 
+def flip_key(box: Box, undo: list[tuple[Box, int, bytes]], key_name: str) -> list[str]:
+    """Flip every site of a static key, as static_branch_enable/disable would (all
+    together: the sites agree); returns the functions."""
+    s = box.profile.patch_sites
+    assert s is not None
+    key = box.sym(key_name)
+    funcs = []
+    for i in np.flatnonzero(s.jump_key == np.uint64(key)).tolist():
+        code, target = int(s.jump_code[i]), int(s.jump_target[i])
+        live = box.read(code, 5)
+        if live == NOP5:
+            new = b"\xe9" + rel32(code, target)
+        elif live[0] == 0xE9:
+            new = NOP5
+        elif live[:2] == NOP2:
+            new = bytes((0xEB, (target - (code + 2)) & 0xFF))
+        elif live[0] == 0xEB:
+            new = NOP2
+        else:
+            raise AssertionError(f"{key_name} site {code:#x}: {live.hex()}")
+        put(undo, box, code, new)
+        funcs.append(box.name(code))
+    assert funcs, key_name
+    return funcs
+
+
+def test_cr_pinning_key_flipped(k61: Box, restore: list) -> None:
+    """Item 4 on 6.1: cr_pinning (in __ro_after_init) switched off at all its sites:
+    the pinned CR0.WP/CR4.SMEP/SMAP bits can then be cleared."""
+    funcs = flip_key(k61, restore, "cr_pinning")
+    assert "native_write_cr4" in funcs
+    tampered_in(k61, funcs[0], "read-only data")    # (a page is named by its first)
+
+
 # -- 6.12 ---------------------------------------------------------------------------
 
 def test_612_user_ptr_max_set_to_all_ones(k612: Box, restore: list) -> None:
