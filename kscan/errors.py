@@ -14,6 +14,7 @@ message from them; `hint` says what the operator should do next. The CLI prints
     ├── scanner.errors.VmStateError            VM not usable (no file-backed RAM, not booted)
     │   └── BaselineMissing                    no golden baseline for its kernel + CPU
     ├── scanner.errors.KernelImageError        bzImage/vmlinux cannot be read
+    ├── scanner.errors.CoreFileError           a memory image (--core) cannot be read
     ├── scanner.errors.ProfileError            no profile matches / slide not found
     ├── store.errors.StoreError                database cannot be opened / migrated
     ├── store.errors.BundleError               a baseline bundle is refused (bad, unsigned)

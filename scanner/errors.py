@@ -44,6 +44,17 @@ class KernelImageError(KscanError):
         super().__init__(f"{path}{at}: {message}", hint=hint)
 
 
+class CoreFileError(KscanError):
+    """A memory image (`kscan check --core`) cannot be read; names the file and offset."""
+
+    def __init__(self, message: str, *, path: str, offset: int | None = None,
+                 hint: str = "") -> None:
+        self.path = path
+        self.offset = offset
+        at = f" at offset {offset:#x}" if offset is not None else ""
+        super().__init__(f"core {path}{at}: {message}", hint=hint)
+
+
 class ProfileError(KscanError):
     """No stored kernel profile fits a VM, or its KASLR slide cannot be found."""
 

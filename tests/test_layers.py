@@ -190,3 +190,11 @@ def test_imports_are_found_wherever_they_hide(tmp_path: Path, src: str,
     f.write_text(src)
     known = {"scanner.vm", "scanner.vm.live", "scanner.run", "scanner.run.engine"}
     assert imports_of(f, "scanner.vm.x", known) == expect
+
+
+def test_verdict_code_imports_nothing_of_qemu() -> None:
+    """check/ judges vCPU state and memory from any hypervisor (issue 16 §7)."""
+    g = graph()
+    bad = sorted(f"{m} imports {d}" for m, deps in g.items() if layer_of(m) == "scanner.check"
+                 for d in deps if layer_of(d) == "scanner.qemu")
+    assert bad == []

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scanner.qemu.hmp import VcpuState
 from tests.synthetic import NX, PAGE, RW, US, P, SyntheticRam
 from translate import (
     FIVE_LEVEL,
@@ -22,6 +21,7 @@ from translate import (
     kernel_pgd_candidates,
     kernel_space,
 )
+from translate.vcpu import VcpuState
 
 KTEXT = 0xFFFF_FFFF_8100_0000
 MB2, GB1 = 1 << 21, 1 << 30

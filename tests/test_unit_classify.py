@@ -90,7 +90,7 @@ def test_ranges_capped_and_bytes_shown_capped() -> None:
     assert len(bytes.fromhex(r.before)) == MAX_SHOWN == 32
     assert r.after == bytes(range(32)).hex()
     assert r.to_json() == {"start": 200, "end": 300, "before": r.before, "after": r.after,
-                           "kind": "read-only data changed"}
+                           "kind": "read-only data changed", "code": "rodata_changed"}
 
 
 def test_different_lengths_compare_common_prefix() -> None:

@@ -319,7 +319,7 @@ def test_human_action_summaries() -> None:
      "kscan_started: interval auto"),
     ({"event": "kscan_stopped", "vm": None}, "kscan_stopped"),
     ({"event": "vm_lost", "vm": "v", "reason": "QMP closed"}, "v: vm_lost: QMP closed"),
-    ({"event": "vm_identified", "vm": "v", "release": "6.1.0", "slide": 0x1e000000,
+    ({"event": "vm_identified", "vm": "v", "release": "6.1.0", "slide": "0x1e000000",
       "boot_profile": "qemu64/2vcpu/ab"}, "v: vm_identified: 6.1.0 slide 0x1e000000 "
                                           "qemu64/2vcpu/ab"),
     ({"event": "clean", "vm": "v"}, "v: clean"),

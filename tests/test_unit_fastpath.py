@@ -27,9 +27,9 @@ from scanner.check.fastpath import (
     make_reference,
 )
 from scanner.check.locate import Region
-from scanner.qemu.hmp import VcpuState
 from tests.synthetic import NX, PAGE, RW, P, SyntheticRam
 from translate import FOUR_LEVEL, GuestMemory, PageWalker
+from translate.vcpu import VcpuState
 
 KTEXT = 0xFFFF_FFFF_8100_0000
 KRODATA = KTEXT + 0x0080_0000

@@ -24,10 +24,10 @@ from scanner.check.verify import Basis, Verification, verify
 from scanner.hashing import page_hash, page_hashes
 from scanner.image.kernel_profile import KernelProfile, SectionInfo
 from scanner.image.relocs import RegionRelocs
-from scanner.qemu.hmp import VcpuState
 from scanner.vm.bootprofile import BootProfile
 from store import GoldenRegion
 from translate import PAGE, Run, Translation
+from translate.vcpu import VcpuState
 from translate.x86 import CR0_WP
 
 SLIDE = 0x2E00_0000

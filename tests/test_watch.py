@@ -125,7 +125,8 @@ def test_tampering_each_region_found_by_check_and_run(victim: Guest, db: str,
             m = ev["mismatches"]
             assert [(x["region"], x["page"], x["basis"]) for x in m] == [(region, page, basis)]
             assert [(r["start"], r["end"]) for r in m[0]["ranges"]] == [(start, start + n)]
-            assert m[0]["va"] % PAGE == (kernel_profile.section(region).addr + page * PAGE) % PAGE
+            assert int(m[0]["va"], 16) % PAGE == \
+                (kernel_profile.section(region).addr + page * PAGE) % PAGE
             # The forensic copy is written after the event and the action (a failing
             # disk must not delay or suppress the detection): it follows within seconds.
             report = Path(ev["forensics"], "report.json")

@@ -5,6 +5,7 @@
 * `paging.PageWalker` walks x86-64 4- and 5-level page tables in that memory,
   reporting page sizes and effective permissions, bounded against hostile tables.
 * `kernel_space.kernel_space` picks the vCPU's kernel page table (PTI, PCID).
+* `vcpu.VcpuState` is one vCPU's control state, whatever hypervisor reported it.
 * `x86` holds the architectural constants (PAGE, CR0/CR4/EFER bits), once.
 
 This package does no I/O beyond mmap and knows nothing of QMP or the database; the
@@ -26,6 +27,7 @@ from translate.paging import (
     paging_mode,
 )
 from translate.physmem import GuestMemory, RamRange
+from translate.vcpu import VcpuState
 from translate.x86 import PAGE
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "Run",
     "Translation",
     "TranslationError",
+    "VcpuState",
     "coalesce",
     "kernel_pgd_candidates",
     "kernel_space",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ByteRange", "classify_range", "diff_ranges"]
+__all__ = ["KIND_CODES", "ByteRange", "classify_range", "diff_ranges", "kind_code"]
 
 NOP5 = bytes.fromhex("0f1f440000")
 NOP5_ALT = (NOP5, bytes.fromhex("6666906690"), bytes.fromhex("3e8d742600"))
@@ -34,9 +34,63 @@ class ByteRange:
     after: str
     kind: str
 
+    @property
+    def code(self) -> str:
+        """The stable code of `kind` (`kind_code`): what a SIEM rule matches on."""
+        return kind_code(self.kind)
+
     def to_json(self) -> dict[str, object]:
         return {"start": self.start, "end": self.end, "before": self.before,
-                "after": self.after, "kind": self.kind}
+                "after": self.after, "kind": self.kind, "code": self.code}
+
+
+#: A changed byte range's `kind` (prose, for people; it may be reworded) → a stable
+#: code (for rules), by the prose's beginning, first match wins. Covers the shapes
+#: `classify_range` names and the reasons the patch verifiers (`scanner.check.patching`)
+#: give for changes they could not verify; anything else is `other`.
+KIND_CODES: tuple[tuple[str, str], ...] = (
+    ("IDT gate", "idt_gate_changed"),
+    ("exception table entry", "ex_table_changed"),
+    ("read-only data", "rodata_changed"),
+    ("int3 planted", "int3_planted"),
+    ("int3 removed", "int3_removed"),
+    ("ftrace: NOP → call", "ftrace_enabled"),
+    ("ftrace: call → NOP", "ftrace_disabled"),
+    ("jump label / static key toggled", "jump_label_toggled"),
+    ("call/jmp target changed", "branch_retargeted"),
+    ("code overwritten with a jmp", "inline_hook"),
+    ("code bytes changed", "code_changed"),
+    # Reasons of the patch verifiers: a site of the kernel's own patching mechanisms
+    # holding a form or target the mechanism does not produce.
+    ("ftrace site calls outside text", "bad_ftrace_trampoline"),
+    ("ftrace trampoline", "bad_ftrace_trampoline"),
+    ("trampoline", "bad_ftrace_trampoline"),
+    ("baseline ftrace_caller", "bad_ftrace_trampoline"),
+    ("ftrace site", "bad_ftrace_site"),
+    ("ftrace_call", "bad_ftrace_call"),
+    ("ftrace_graph_call", "bad_ftrace_call"),
+    ("jump label", "bad_jump_label"),
+    ("static call site", "bad_static_call"),
+    ("static call trampoline", "bad_static_call"),
+    ("smp lock site", "bad_smp_lock"),
+    ("int3", "bad_kprobe"),
+    ("jmp", "bad_optprobe"),
+    ("optprobe", "bad_optprobe"),
+    ("copied", "bad_optprobe"),
+    ("a jump in the function", "bad_optprobe"),
+    ("too many", "limit_reached"),
+    ("decode budget", "limit_reached"),
+    ("function could not be decoded", "undecodable"),
+    ("not a known patch site", "unexplained_change"),
+)
+
+
+def kind_code(kind: str) -> str:
+    """The stable code of a byte range's kind (see `KIND_CODES`)."""
+    for prefix, code in KIND_CODES:
+        if kind.startswith(prefix):
+            return code
+    return "other"
 
 
 def diff_ranges(before: bytes, after: bytes, region: str, gate_size: int = 16) -> list[ByteRange]:

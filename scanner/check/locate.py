@@ -17,8 +17,8 @@ from scanner.check.kaslr import SlideMatch, identify
 from scanner.errors import VmStateError
 from scanner.image.early_idt import EarlyStubs
 from scanner.image.kernel_profile import PROTECTED_SECTIONS, KernelProfile
-from scanner.qemu.hmp import VcpuState
 from translate import GuestMemory, PageWalker, Translation, TranslationError
+from translate.vcpu import VcpuState
 
 __all__ = ["REGIONS", "LiveKernel", "Region", "locate_kernel", "translate_regions"]
 

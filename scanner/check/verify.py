@@ -28,16 +28,18 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from kscan.addresses import hex_addr
 from scanner.check.classify import ByteRange, diff_ranges
 from scanner.check.locate import REGIONS, LiveKernel, Region
 from scanner.check.patch_report import PatchReport, split_by_page
 from scanner.check.patch_state import PatchMemory, VmFacts
 from scanner.check.patching import ReadVA, verify_text_changes
+from scanner.check.reached import ReachedRange
 from scanner.check.state import BootIdentity, PageRecord, VmState
 from scanner.hashing import page_hashes
-from scanner.qemu.hmp import VcpuState
 from scanner.vm.bootprofile import BootProfile
 from store import GoldenRegion
+from translate.vcpu import VcpuState
 from translate.x86 import CR0_WP, CR4_LA57, CR4_SMAP, CR4_SMEP, PAGE
 
 __all__ = ["Basis", "CheckReport", "Finding", "PageMismatch", "RegionVerdict",
@@ -65,7 +67,8 @@ class PageMismatch:
     symbol: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"region": self.region, "page": self.page, "va": self.va, "gpa": self.gpa,
+        return {"region": self.region, "page": self.page, "va": hex_addr(self.va),
+                "gpa": hex_addr(self.gpa) if self.gpa >= 0 else None,  # -1: not translated
                 "basis": self.basis, "symbol": self.symbol,
                 "ranges": [r.to_json() for r in self.ranges]}
 
@@ -148,7 +151,7 @@ class CheckReport:
         return {"vm": self.vm, "result": "tampered" if self.tampered else "clean",
                 "hint": self.hint,
                 "build_id": self.build_id, "release": self.release,
-                "boot_profile": self.boot_profile, "slide": self.slide,
+                "boot_profile": self.boot_profile, "slide": hex_addr(self.slide),
                 "per_vm_baseline_taken": self.per_vm_baseline_taken,
                 "strict": self.strict,
                 "patched": self.patches.to_json() if self.patches else None,
@@ -170,6 +173,8 @@ class Verification:
     #: The state differs from the one given (fresh, or the patch verifiers' memory
     #: moved): store it.
     changed: bool = False
+    #: Code outside `.text` the patch verifiers read (set by `scanner.examine`).
+    reached: tuple[ReachedRange, ...] = ()
 
 
 def control_findings(lk: LiveKernel, vcpus: Sequence[VcpuState],
@@ -182,22 +187,26 @@ def control_findings(lk: LiveKernel, vcpus: Sequence[VcpuState],
     for v in vcpus:
         if not v.cr0 & CR0_WP:
             out.append(Finding("cr0_wp_clear", f"vCPU {v.index}: CR0.WP is clear: the kernel "
-                               "can write read-only pages", {"vcpu": v.index, "cr0": v.cr0}))
+                               "can write read-only pages",
+                               {"vcpu": v.index, "cr0": hex_addr(v.cr0)}))
         if boot is not None and boot.smep and not v.cr4 & CR4_SMEP:
             out.append(Finding("smep_disabled", f"vCPU {v.index}: CR4.SMEP is clear though "
-                               "the CPU offers SMEP", {"vcpu": v.index, "cr4": v.cr4}))
+                               "the CPU offers SMEP",
+                               {"vcpu": v.index, "cr4": hex_addr(v.cr4)}))
         if boot is not None and boot.smap and not v.cr4 & CR4_SMAP:
             out.append(Finding("smap_disabled", f"vCPU {v.index}: CR4.SMAP is clear though "
-                               "the CPU offers SMAP", {"vcpu": v.index, "cr4": v.cr4}))
+                               "the CPU offers SMAP",
+                               {"vcpu": v.index, "cr4": hex_addr(v.cr4)}))
         if v.idtr_base != idt.va or v.idtr_limit + 1 < idt.size:
             out.append(Finding("idtr_changed", f"vCPU {v.index}: IDTR {v.idtr_base:#x}/"
                                f"{v.idtr_limit:#x} is not the IDT kscan verifies "
-                               f"({idt.va:#x})", {"vcpu": v.index, "idtr_base": v.idtr_base,
+                               f"({idt.va:#x})", {"vcpu": v.index,
+                                                  "idtr_base": hex_addr(v.idtr_base),
                                                   "idtr_limit": v.idtr_limit}))
     for g in lk.idt_check.outside_text:
         out.append(Finding("idt_handler_outside_text", f"IDT gate {g.vector} handler "
                            f"{g.handler:#x} is outside kernel text",
-                           {"vector": g.vector, "handler": g.handler}))
+                           {"vector": g.vector, "handler": hex_addr(g.handler)}))
     for g in lk.idt_check.bad_type:
         out.append(Finding("idt_gate_type", f"IDT gate {g.vector} has type {g.type:#x}",
                            {"vector": g.vector, "type": g.type}))

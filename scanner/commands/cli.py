@@ -50,6 +50,7 @@ examples:
   kscan run --qmp '/run/*/qmp.sock' --interval auto    watch them all (JSON lines)
   kscan check --libvirt web01                      a libvirt domain (kscan[libvirt])
   kscan check --qmp /run/vm7/qmp.sock --strict     tracing counts as tampering too
+  kscan check --core vm7.elf --vm vm7              a memory image (dump-guest-memory)
   kscan run --libvirt                              every running libvirt domain
   kscan run --config /etc/kscan/kscan.toml         as the systemd unit runs it
   kscan export --out base.kscan --key signer.pem   share verified baselines
@@ -70,12 +71,14 @@ def _print_json(obj: Any) -> None:
 
 async def cmd_inspect(args: argparse.Namespace) -> int:
     from scanner.commands.inspection import inspect_vm
+    from scanner.vm import SourceKind, VmSource
     from store.paths import default_db_path
 
     db = args.db
     if db is None and default_db_path().exists():
         db = str(default_db_path())
-    report = await inspect_vm(_libvirt_source(args) or args.qmp, db=db)
+    report = await inspect_vm(_libvirt_source(args) or (
+        VmSource(SourceKind.CORE, args.core) if args.core else args.qmp), db=db)
     if args.json:
         _print_json(report.to_json())
     else:
@@ -112,7 +115,11 @@ async def cmd_profile_add(args: argparse.Namespace) -> int:
                  else ", no symbols")
               + (f", {len(ps.ftrace) + len(ps.jump_code) + len(ps.static_call_addr)}"
                  " patch sites" if ps is not None else ", no patch sites (any .text change "
-                 "is tampering)"))
+                 "is tampering)")
+              + (f", {len(prof.layouts.structs)} struct layouts from BTF"
+                 if prof.layouts is not None else ""))
+        if prof.layouts_off:
+            print(f"note: {prof.layouts_off}")
     else:
         print(f"profile {prof.build_id} ({prof.release}) is already stored; nothing to do")
     return EXIT_OK
@@ -123,7 +130,9 @@ def _knows_less(old: KernelProfile, new: KernelProfile) -> bool:
     return ((old.kallsyms is None and new.kallsyms is not None)
             or (old.patch_sites is None and new.patch_sites is not None)
             or (old.early_idt is None and new.early_idt is not None)
-            or (not old.alt_relocs and bool(new.alt_relocs)))
+            or (not old.alt_relocs and bool(new.alt_relocs))
+            or (old.layouts is None and new.layouts is not None)
+            or (not old.data_symbols and bool(new.data_symbols)))
 
 
 async def cmd_profile_list(args: argparse.Namespace) -> int:
@@ -210,9 +219,17 @@ async def cmd_check(args: argparse.Namespace) -> int:
     from scanner.commands.oneshot import check_vm
     from scanner.vm import SourceKind, VmSource
 
-    rep = await check_vm(_libvirt_source(args) or (
-        VmSource(SourceKind.QMP, args.qmp) if args.qmp
-        else VmSource(SourceKind.REPLAY, args.replay)), args.db, strict=args.strict)
+    if args.core:
+        from scanner.commands.offline import check_core
+
+        rep = await check_core(args.core, args.db, vm=args.vm, boot_profile=args.boot_profile,
+                               strict=args.strict)
+    else:
+        if args.vm or args.boot_profile:
+            raise UsageError("--vm and --boot-profile are for --core only")
+        rep = await check_vm(_libvirt_source(args) or (
+            VmSource(SourceKind.QMP, args.qmp) if args.qmp
+            else VmSource(SourceKind.REPLAY, args.replay)), args.db, strict=args.strict)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(rep.to_json()) + b"\n")
     else:
@@ -238,8 +255,8 @@ async def cmd_export(args: argparse.Namespace) -> int:
 
     res = await export_bundle(args.out, args.key, args.db, args.build_id or ())
     print(f"wrote {res.path}: {len(res.profiles)} profile(s), {len(res.goldens)} golden "
-          f"baseline(s), {res.size} B, signed by key {res.key_id[:16]} "
-          f"({res.seconds:.1f} s)")
+          f"baseline(s), {res.size} B, signed by key {res.key_id[:16]}, sequence "
+          f"{res.sequence} ({res.seconds:.1f} s)")
     for g in res.goldens:
         boots = max(r.boots for r in g.regions.values())
         print(f"  {g.build_id}  boot profile {g.boot_profile}, {boots} verified boot(s), "
@@ -251,7 +268,7 @@ async def cmd_import(args: argparse.Namespace) -> int:
     from scanner.commands.bundles import import_bundle
 
     res = await import_bundle(args.bundle, args.trust, args.db, replace=args.replace,
-                              richer=_knows_less)
+                              richer=_knows_less, allow_older=args.allow_older)
     o, b = res.outcome, res.bundle
     print(f"imported {res.path} (signed by key {b.key_id[:16]}, {b.producer}): profiles "
           f"{len(o.profiles_added)} added, {len(o.profiles_upgraded)} upgraded, "
@@ -261,6 +278,14 @@ async def cmd_import(args: argparse.Namespace) -> int:
     for build_id, key in o.golden_kept_local:
         print(f"kscan: kept the local golden baseline of {build_id} boot profile {key}: it "
               "differs from the bundle's (--replace takes the bundle's)", file=sys.stderr)
+    for build_id in res.profiles_differ:
+        print(f"kscan: kept the local profile of {build_id}: it differs from the bundle's "
+              "(--replace takes the bundle's when it knows more)", file=sys.stderr)
+    for build_id, key in o.golden_not_restored:
+        print(f"kscan: did not restore the golden baseline of {build_id} boot profile {key}: "
+              f"none is stored here and bundle sequence {b.sequence} is not newer than the "
+              "newest imported from this key (deleted here since?); --replace restores it",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -330,7 +355,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
     install_signal_handlers(stop)
     if args.duration:
         asyncio.get_running_loop().call_later(args.duration, stop.set)
-    await run_engine(cfg, args.db, stop, reloader=_reloader(args), metrics=args.metrics)
+    await run_engine(cfg, args.db, stop, reloader=_reloader(args), metrics=args.metrics,
+                     event_format=args.event_format)
     return EXIT_OK
 
 
@@ -405,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--qmp", metavar="SOCK", help="the VM's QMP unix socket")
+    src.add_argument("--core", metavar="FILE", help="an ELF memory image (dump-guest-memory)")
     _libvirt_args(p, src)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _db_arg(p)
@@ -460,7 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--qmp", metavar="SOCK")
     src.add_argument("--replay", metavar="DIR", help="a recorded VM (tools/record.py)")
+    src.add_argument("--core", metavar="FILE",
+                     help="an ELF memory image from QMP dump-guest-memory or virsh dump "
+                          "--memory-only (offline; nothing is recorded for the VM)")
     _libvirt_args(p, src)
+    p.add_argument("--vm", metavar="NAME",
+                   help="--core: the VM the image is of (its per-VM baseline is used; "
+                        "default: the file's name)")
+    p.add_argument("--boot-profile", metavar="KEY",
+                   help="--core: the boot profile whose golden baseline to use (needed "
+                        "only when several are stored for the kernel)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
@@ -505,9 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="verify a signed bundle and merge its baselines into the database",
         description="Verify a bundle made by `kscan export` with the signer's public key, "
         "then add its profiles and golden baselines. Nothing is written unless the whole "
-        "bundle verifies. A golden baseline already stored for the same kernel and boot "
-        "profile is kept when it differs from the bundle's, unless --replace. Recorded in "
-        "the event log with the key's fingerprint.",
+        "bundle verifies. A golden baseline or profile already stored for the same kernel "
+        "(and boot profile) is kept when it differs from the bundle's, unless --replace. "
+        "A bundle older than the newest imported from the same key is refused unless "
+        "--allow-older, and a bundle not newer than that brings back no baseline deleted "
+        "here unless --replace. Recorded in the event log with the key's fingerprint and "
+        "the bundle's sequence number.",
         epilog="example:\n  kscan import debian-6.1.kbundle --trust kscan-sign.pub.pem",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -515,7 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", required=True, metavar="PUB.pem",
                    help="the signer's Ed25519 public key, PEM (openssl pkey -pubout)")
     p.add_argument("--replace", action="store_true",
-                   help="replace local golden baselines that differ from the bundle's")
+                   help="replace local golden baselines and profiles that differ from the "
+                   "bundle's, and restore baselines deleted here since")
+    p.add_argument("--allow-older", action="store_true",
+                   help="take a bundle older than the newest imported from its signing "
+                   "key, or a format-1 bundle (no sequence number); what it adds or "
+                   "changes still follows --replace")
     _db_arg(p)
     p.set_defaults(func=cmd_import)
 
@@ -577,10 +621,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this long (default: run until stopped)")
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
+    p.add_argument("--event-format", choices=("native", "ecs", "ocsf"), default="native",
+                   help="the shape of events on stdout: kscan's own (native, default), "
+                        "Elastic Common Schema 8.x (ecs) or OCSF 1.5 (ocsf: a tamper is a "
+                        "Detection Finding); the database keeps native events")
     p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("--metrics", metavar="HOST:PORT", default=None,
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: "
-                        "none; e.g. 127.0.0.1:9464, [::1]:9464)")
+    p.add_argument("--metrics", metavar="HOST:PORT|unix:PATH", default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, or over "
+                        "HTTP on a unix socket created 0660 (default: none; e.g. "
+                        "127.0.0.1:9464, [::1]:9464, unix:/run/kscan/metrics.sock)")
     p.add_argument("--config", metavar="PATH", default=None,
                    help="a TOML file of run options (keys: the options with _ for -, db "
                         "included; the command line overrides it; default "
@@ -627,7 +676,8 @@ def run_async(coro_fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
 
 def _input_of(args: argparse.Namespace) -> str:
     """The input a command was given, to name it in an error line."""
-    for attr, flag in (("qmp", "--qmp"), ("replay", "--replay"), ("path", "")):
+    for attr, flag in (("qmp", "--qmp"), ("replay", "--replay"), ("core", "--core"),
+                       ("path", "")):
         value = getattr(args, attr, None)
         if value:
             value = ", ".join(value) if isinstance(value, list) else value

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import zstandard
 
+from kscan.addresses import hex_addr
 from scanner.check.baseline import GoldenBuild, build_golden, capture
 from scanner.check.patch_state import HALF_STATE_MAX
 from scanner.check.state import PageRecord
@@ -22,7 +23,7 @@ from scanner.check.verify import CheckReport
 from scanner.errors import VmStateError
 from scanner.examine import check_examined, examine, golden_for, load_profiles, verify_examined
 from scanner.hashing import page_hash
-from scanner.vm import VmSource, open_vm
+from scanner.vm import VmSource, open_vm, state_key
 from store import Store
 from translate import PAGE
 
@@ -62,7 +63,7 @@ async def baseline_vms(sources: Sequence[Source], db: str | None) -> list[Baseli
                 await st.append_event({
                     "ts": time.time(), "event": "baseline", "vm": vm.name,
                     "build_id": ex.lk.profile.build_id, "boot_profile": key,
-                    "boots": gb.boots, "slide": ex.lk.slide,
+                    "boots": gb.boots, "slide": hex_addr(ex.lk.slide),
                     "per_boot_pages": {n: r.per_boot_pages() for n, r in gb.regions.items()
                                        if r.per_boot_pages()},
                 })
@@ -75,7 +76,8 @@ async def check_vm(source: Source, db: str | None, *, strict: bool = False) -> C
         profiles = await load_profiles(st)
         async with await open_vm(source) as vm:
             ex = await examine(vm, profiles)
-            report = await check_examined(st, ex, vm.name, mem=vm.mem, strict=strict)
+            key = state_key(source, vm.uuid)
+            report = await check_examined(st, ex, key, mem=vm.mem, strict=strict)
             if report.patches is not None and any(v.in_progress
                                                   for v in report.patches.verified):
                 # text_poke_bp() seen half-way: the kernel finishes in microseconds. Look
@@ -83,7 +85,7 @@ async def check_vm(source: Source, db: str | None, *, strict: bool = False) -> C
                 # the same half-state still there is tampering.
                 await asyncio.sleep(HALF_STATE_MAX)
                 ex = await examine(vm, profiles)
-                report = await check_examined(st, ex, vm.name, mem=vm.mem, strict=strict)
+                report = await check_examined(st, ex, key, mem=vm.mem, strict=strict)
             await st.append_event({"ts": report.ts, "event": "check", "vm": vm.name,
                                    **report.to_json()})
             return report
@@ -98,7 +100,8 @@ async def accept_vm(source: Source, db: str | None, note: str = "") -> AcceptRes
         profiles = await load_profiles(st)
         async with await open_vm(source) as vm:
             ex = await examine(vm, profiles)
-            v = await verify_examined(st, ex, vm.name, await golden_for(st, ex), mem=vm.mem)
+            key = state_key(source, vm.uuid)
+            v = await verify_examined(st, ex, key, await golden_for(st, ex), mem=vm.mem)
             report, state = v.report, v.state
             if report.findings:
                 f = report.findings[0]
@@ -111,8 +114,8 @@ async def accept_vm(source: Source, db: str | None, note: str = "") -> AcceptRes
                 page = bytes(buf[m.page * PAGE:(m.page + 1) * PAGE])
                 state.accepted.setdefault(m.region, {})[m.page] = PageRecord(
                     page_hash(page), cctx.compress(page))
-                pages.append({"region": m.region, "page": m.page, "va": m.va})
-            await st.put_vm_state(vm.name, state.to_plain())
+                pages.append({"region": m.region, "page": m.page, "va": hex_addr(m.va)})
+            await st.put_vm_state(key, state.to_plain())
             await st.append_event({"ts": time.time(), "event": "accepted", "vm": vm.name,
                                    "pages": pages, "note": note,
                                    "boot_profile": ex.boot.key,

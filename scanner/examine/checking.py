@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from scanner.check.patching import ReadVA
+import dataclasses
+
+from scanner.check.reached import Recorder
 from scanner.check.state import VmState
 from scanner.check.verify import CheckReport, Verification, verify
 from scanner.examine.baselines import GoldenSet, golden_for
@@ -16,22 +18,25 @@ __all__ = ["check_examined", "guest_reader", "verify_and_record", "verify_examin
 _MAX_READ = 1 << 16
 
 
-def guest_reader(mem: GuestMemory, ex: Examined) -> ReadVA:
+def guest_reader(mem: GuestMemory, ex: Examined) -> Recorder:
     """Reads guest-virtual memory through the kernel page table the check used: how the
     patch verifiers look at code outside `.text` (allocated trampolines, optprobe
-    slots). None for anything unmapped, too big, or outside RAM."""
+    slots). None for anything unmapped, too big, or outside RAM. It records what it
+    read (bounded), which becomes part of the VM's checked state."""
     walker = ex.space.walker(mem)
 
-    def read(va: int, size: int) -> bytes | None:
+    def read(va: int, size: int) -> tuple[bytes, tuple[tuple[int, int], ...],
+                                          tuple[tuple[int, int], ...]] | None:
         if not 0 < size <= _MAX_READ:
             return None
         try:
             t = walker.translate_range(va, size)
-            return b"".join(bytes(mem.view(g, n)) for g, n in t.gpa_runs())
+            runs = t.gpa_runs()
+            return b"".join(bytes(mem.view(g, n)) for g, n in runs), runs, t.entries
         except (TranslationError, OverflowError, ValueError):
             return None
 
-    return read
+    return Recorder(read)
 
 
 async def verify_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet | None = None,
@@ -43,9 +48,10 @@ async def verify_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet
     gs = golden if golden is not None else await golden_for(st, ex)
     state = VmState.from_plain(await st.get_vm_state(vm_id))
     read_va = guest_reader(mem, ex) if mem is not None else None
-    return await run_sync(lambda: verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized,
-                                         gs.regions, gs.contents.get, state,
-                                         read_va=read_va, strict=strict))
+    v = await run_sync(lambda: verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized,
+                                      gs.regions, gs.contents.get, state,
+                                      read_va=read_va, strict=strict))
+    return v if read_va is None else dataclasses.replace(v, reached=read_va.ranges())
 
 
 async def check_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet | None = None,

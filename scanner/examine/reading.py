@@ -18,9 +18,9 @@ from scanner.check.baseline import require_booted
 from scanner.check.locate import REGIONS, LiveKernel, locate_kernel
 from scanner.check.measure import read_normalized
 from scanner.image.kernel_profile import KernelProfile
-from scanner.qemu.hmp import VcpuState
 from scanner.vm import BootProfile, VmHandle, pti_active
 from translate import KernelSpace, kernel_space
+from translate.vcpu import VcpuState
 
 __all__ = ["Examined", "RunSync", "Snapshot", "examine", "inline", "reexamine", "snapshot"]
 

@@ -134,6 +134,12 @@ class Kallsyms:
         i = self._by_name.get(name)
         return None if i is None else self._addr_list[i]
 
+    def find(self, name: str) -> tuple[int, str] | None:
+        """(address, kallsyms type) of the symbol `name` — data symbols too (``D``, ``d``,
+        ``B``, ``b``, ``R``...) when the kernel has CONFIG_KALLSYMS_ALL."""
+        i = self._by_name.get(name)
+        return None if i is None else (self._addr_list[i], self.types[i])
+
     def index_at_or_below(self, addr: int) -> int:
         """Index of the last symbol at or below `addr` (-1 if none)."""
         return bisect.bisect_right(self._addr_list, addr) - 1

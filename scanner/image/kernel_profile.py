@@ -5,7 +5,9 @@ A profile keeps the section table, the relocation sites inside the protected reg
 of `.text` and all of `__ex_table` (to find and confirm a live VM's slide without
 symbols), and — only when the image came with symbols — the symbols inside protected
 regions (to name changed sites) and the `__ro_after_init` range (pages that legitimately
-differ per boot). Not the whole image: ~0.5 MB instead of ~60 MB.
+differ per boot). Not the whole image: ~0.5 MB instead of ~60 MB. From the image's BTF
+and kallsyms also the layouts of the kernel structures kscan reads from guest memory and
+the addresses of the variables those reads start from (scanner.image.layouts).
 
 Serialized as one zstd-compressed blob: an orjson header and raw little-endian arrays.
 """
@@ -25,8 +27,10 @@ import zstandard
 from scanner.errors import KernelImageError
 from scanner.hashing import page_hashes
 from scanner.image.altreloc import AltRelocs, alt_relocs_from_image
+from scanner.image.btf import parse_btf
 from scanner.image.early_idt import find_early_stubs
 from scanner.image.kallsyms import Kallsyms, recover_kallsyms
+from scanner.image.layouts import DataSymbol, Layouts, data_symbols_from, layouts_from_btf
 from scanner.image.patchsites import PatchSites, extract_patch_sites
 from scanner.image.relocs import RegionRelocs
 from scanner.image.serialize import (
@@ -86,6 +90,13 @@ class KernelProfile:
     patch_sites: PatchSites | None = None
     #: The bytes of the optprobe template (`optprobe_template_entry..end`), from the image.
     optprobe_code: bytes = b""
+    #: Struct layouts and enum values from the image's BTF; None when it has none (then
+    #: `btf_note` says why) or the profile predates them (`btf_note` empty).
+    layouts: Layouts | None = None
+    btf_note: str = ""
+    #: The kernel variables of scanner.image.layouts.DATA_SYMBOLS the image has, by name
+    #: (empty: no kallsyms, or a profile stored by an older kscan).
+    data_symbols: dict[str, DataSymbol] = field(default_factory=dict)
     _sym_addrs: list[int] = field(default_factory=list, init=False, repr=False,
                                   compare=False)
 
@@ -118,6 +129,22 @@ class KernelProfile:
             return ks.symbolize(addr)
         return None
 
+    def data_symbol(self, name: str) -> int | None:
+        """Link-time address of a kernel variable (one of DATA_SYMBOLS), when known."""
+        hit = self.data_symbols.get(name)
+        if hit is not None:
+            return hit.addr
+        return next((a for a, n in self.symbols if n == name), None)
+
+    @property
+    def layouts_off(self) -> str | None:
+        """Why the checks that read kernel structures are off for this kernel (one line),
+        or None when they can run."""
+        if self.layouts is not None:
+            return None
+        return self.btf_note or ("profile stored by an older kscan has no struct layouts: "
+                                 "run `kscan profile add` on the kernel image again")
+
     # -- (de)serialization -----------------------------------------------------------
     def to_bytes(self) -> bytes:
         arrays: list[bytes] = []
@@ -149,6 +176,10 @@ class KernelProfile:
         header["patch_sites"] = (put(patch_sites_to_bytes(self.patch_sites))
                                  if self.patch_sites else None)
         header["optprobe_code"] = put(self.optprobe_code)
+        header["layouts"] = self.layouts.to_plain() if self.layouts is not None else None
+        header["btf_note"] = self.btf_note
+        header["data_symbols"] = {k: [v.addr, v.type, v.span]
+                                  for k, v in self.data_symbols.items()}
         head = orjson.dumps(header)
         raw = struct.pack("<I", len(head)) + head + b"".join(arrays)
         return _MAGIC + zstandard.ZstdCompressor(level=9).compress(raw)
@@ -188,6 +219,9 @@ class KernelProfile:
                 patch_sites=(patch_sites_from_bytes(get(h["patch_sites"]))
                              if h.get("patch_sites") else None),
                 optprobe_code=get(h["optprobe_code"]) if h.get("optprobe_code") else b"",
+                layouts=Layouts.from_plain(h["layouts"]) if h.get("layouts") else None,
+                btf_note=str(h.get("btf_note") or "")[:500],
+                data_symbols=_data_symbols(h.get("data_symbols") or {}),
             )
         except (zstandard.ZstdError, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
                 struct.error) as err:
@@ -228,8 +262,40 @@ def profile_from_image(image: KernelImage) -> KernelProfile:
             image.section_bytes(".rodata"))), early_idt=_early_idt(image),
         alt_relocs={n: ar for n in PROTECTED_SECTIONS
                     if (ar := alt_relocs_from_image(image, n)).count},
-        **_patching(image),
+        **(patching := _patching(image)),
+        **_kernel_types(image, patching.get("kallsyms")),
     )
+
+
+def _data_symbols(v: Any) -> dict[str, DataSymbol]:
+    if not isinstance(v, dict) or len(v) > 1024:
+        raise ValueError("bad data symbols")
+    out = {}
+    for k, (addr, typ, span) in v.items():
+        if (type(addr) is not int or not 0 <= addr < 1 << 64 or not isinstance(typ, str)
+                or type(span) is not int or not 0 <= span < 1 << 30):
+            raise ValueError(f"bad data symbol {k}")
+        out[str(k)] = DataSymbol(addr, typ[:1], span)
+    return out
+
+
+def _kernel_types(image: KernelImage, ks: Kallsyms | None) -> dict[str, Any]:
+    """Struct layouts from `.BTF` and data symbols from kallsyms. An image without BTF
+    still gets a profile; `btf_note` then says (once, in one line) what is off."""
+    out: dict[str, Any] = {}
+    if ".BTF" not in image.sections:
+        out["btf_note"] = ("kernel image has no .BTF section (CONFIG_DEBUG_INFO_BTF off): "
+                           "module list and hook attribution checks are off")
+    else:
+        try:
+            out["layouts"] = layouts_from_btf(parse_btf(image.section_bytes(".BTF"),
+                                                        where=f"{image.path} .BTF"))
+        except KernelImageError as err:
+            out["btf_note"] = (f"kernel image's .BTF cannot be read ({err}): module list "
+                               "and hook attribution checks are off")[:500]
+    if ks is not None:
+        out["data_symbols"] = data_symbols_from(ks)
+    return out
 
 
 def _patching(image: KernelImage) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from translate.vcpu import VcpuState  # re-exported: its home is hypervisor-neutral
+
 __all__ = ["FlatRange", "VcpuState", "parse_flatview", "parse_registers"]
 
 #: More vCPUs than QEMU supports on x86 (4096 with x2APIC) means the text is garbage.
@@ -46,24 +48,6 @@ _TABLE = {
 }
 _CPL = re.compile(r"\bCPL=(\d)")
 _HLT = re.compile(r"\bHLT=(\d)")
-
-
-@dataclass(frozen=True)
-class VcpuState:
-    """The control state of one vCPU, as QEMU reports it."""
-
-    index: int
-    cr0: int
-    cr3: int
-    cr4: int
-    efer: int
-    idtr_base: int
-    idtr_limit: int
-    gdtr_base: int
-    gdtr_limit: int
-    rip: int
-    cpl: int
-    halted: bool
 
 
 class ParseError(ValueError):

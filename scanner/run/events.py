@@ -16,9 +16,10 @@ freeze every VM), from a bounded queue of `queue_size` lines. When the queue is 
    to make room for other events; each counts in `dropped`;
 2. other events, except those in `NEVER_DROP`, are then left out of stdout only (they
    are in the database already) and count in `dropped` too;
-3. `NEVER_DROP` events (`tamper`, `action`, `tamper_cleared`, `forensics_failed`) are
-   always queued, in a reserve of another `queue_size` lines beyond the bound; only
-   beyond that reserve would one be left out of stdout (counted, and in the database).
+3. `NEVER_DROP` events (`tamper`, `tamper_transient`, `action`, `tamper_cleared`,
+   `forensics_failed`) are always queued, in a reserve of another `queue_size` lines
+   beyond the bound; only beyond that reserve would one be left out of stdout
+   (counted, and in the database).
 
 If stdout accepts nothing for `stall_warning` seconds kscan says so on stderr, once per
 stall, and again when it flows. On close the queue is given `CLOSE_TIMEOUT` seconds to
@@ -48,7 +49,8 @@ __all__ = ["DROPPABLE", "NEVER_DROP", "EventSink"]
 log = logging.getLogger("kscan.events")
 
 DROPPABLE = frozenset({"stats"})
-NEVER_DROP = frozenset({"tamper", "action", "tamper_cleared", "forensics_failed"})
+NEVER_DROP = frozenset({"tamper", "tamper_transient", "action", "tamper_cleared",
+                        "forensics_failed"})
 QUEUE_SIZE = 4096
 STALL_WARNING = 10.0
 CLOSE_TIMEOUT = 5.0
@@ -63,13 +65,13 @@ HOST = socket.gethostname()
 #: one critical event; what needs an operator's look is a warning; what changes a VM's
 #: standing is a notice; the rest is info.
 SEVERITY: dict[str, str] = {
-    "tamper": "critical",
+    "tamper": "critical", "tamper_transient": "critical",
     "vm_lost": "warning", "vm_unreachable": "warning", "error": "warning",
     "forensics_failed": "warning", "profile_missing": "warning",
-    "baseline_missing": "warning",
+    "baseline_missing": "warning", "module_list_broken": "warning",
     "tamper_cleared": "notice", "kernel_patched": "notice", "vm_rebooted": "notice",
     "vm_found": "notice", "vm_skipped": "notice", "pruned": "notice", "action": "notice",
-    "reloaded": "notice",
+    "reloaded": "notice", "module_loaded": "notice", "module_unloaded": "notice",
 }
 SEVERITIES = ("critical", "warning", "notice", "info")
 
@@ -78,6 +80,8 @@ def severity(event: str, fields: dict[str, Any]) -> str:
     """The severity of an event: a failed action is a warning; unknown types are info."""
     if event == "action" and fields.get("ok") is False:
         return "warning"
+    if event == "module_loaded" and fields.get("sig_ok") is False:
+        return "warning"  # the kernel did not accept its signature
     return SEVERITY.get(event, "info")
 
 
@@ -85,8 +89,12 @@ class EventSink:
     def __init__(self, out: IO[bytes] | None = None,
                  persist: Callable[[dict[str, Any]], Any] | None = None,
                  queue_size: int = QUEUE_SIZE, stall_warning: float = STALL_WARNING,
-                 close_timeout: float = CLOSE_TIMEOUT) -> None:
+                 close_timeout: float = CLOSE_TIMEOUT,
+                 shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self._out = out if out is not None else sys.stdout.buffer
+        #: What stdout gets of each event (`scanner.run.formats`: ECS, OCSF); the
+        #: database keeps the native event.
+        self._shape = shape
         self._persist = persist
         self._size = max(1, queue_size)
         self._stall_warning = stall_warning
@@ -120,7 +128,8 @@ class EventSink:
                 log.error("event not stored in the database: %s", printable(err))
         if event not in DROPPABLE:
             log.info("%s", printable(human(ev)))
-        line = orjson.dumps(ev, option=orjson.OPT_NON_STR_KEYS, default=_default) + b"\n"
+        shown = self._shape(ev) if self._shape is not None else ev
+        line = orjson.dumps(shown, option=orjson.OPT_NON_STR_KEYS, default=_default) + b"\n"
         self._enqueue(event, line)
         return ev
 
@@ -252,7 +261,7 @@ def human(ev: dict[str, Any]) -> str:
             + (f" {ev['error']}" if ev.get("error") else "")
     detail = ev.get("message") or ev.get("reason") or ""
     if kind == "vm_identified":
-        detail = f"{ev.get('release')} slide {ev.get('slide', 0):#x} {ev.get('boot_profile')}"
+        detail = f"{ev.get('release')} slide {ev.get('slide')} {ev.get('boot_profile')}"
     return f"{who}: {kind}" + (f": {detail}" if detail else "")
 
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from kscan.addresses import hex_addr
 from kscan.errors import KscanError
 from scanner.check.fastpath import (
     FastOutcome,
@@ -49,6 +50,7 @@ from scanner.examine import (
     snapshot,
     verify_and_record,
 )
+from scanner.image.kernel_profile import KernelProfile
 from scanner.run.actions import (
     EXEC_TIMEOUT,
     ActionKind,
@@ -59,9 +61,11 @@ from scanner.run.actions import (
     write_forensics,
 )
 from scanner.run.context import WatchContext
+from scanner.run.modwatch import ModuleWatch
 from scanner.vm import VmHandle, pti_active
 from store import StoreError
-from translate import BackendError, TranslationError, kernel_space
+from translate import BackendError, PageWalker, TranslationError, kernel_space
+from translate.vcpu import VcpuState
 
 __all__ = ["VmWatcher", "WatchState"]
 
@@ -91,11 +95,15 @@ class WatchState(enum.StrEnum):
 
 
 class VmWatcher:
-    def __init__(self, ctx: WatchContext, vm: VmHandle, source: str) -> None:
+    def __init__(self, ctx: WatchContext, vm: VmHandle, source: str,
+                 key: str | None = None) -> None:
         self.ctx = ctx
         self.vm = vm
-        self.name = vm.name
+        self.name = vm.name  # what events show; a QEMU can report any name
         self.source = source
+        #: What its per-VM state and resume record are stored under
+        #: (`scanner.vm.identity.state_key`; the name where none is given).
+        self.key = key if key is not None else vm.name
         self.ref: Reference | None = None
         self.slide: int | None = None  # of the kernel last checked (a change: reboot)
         self.reported: frozenset[Any] | None = None  # the change set last reported
@@ -113,6 +121,8 @@ class VmWatcher:
         self._act_lock = asyncio.Lock()
         self.resumed = False  # given its first verdict from the persisted state
         self._resume_tried = False
+        self.modwatch = ModuleWatch()  # the guest's module list (module_loaded/unloaded)
+        self._resumed_kernel: tuple[str, int] | None = None  # (build id, slide) resumed
         ctx.scheduler.expect(self.name)  # the start-up burst waits for its first verdict
 
     # -- helpers ---------------------------------------------------------------------
@@ -194,7 +204,7 @@ class VmWatcher:
                     if self.slide is not None and ex.lk.slide != self.slide:
                         # A reboot seen through its boot window (the kernel went away,
                         # then came back at another slide).
-                        await self.emit("vm_rebooted", slide=ex.lk.slide)
+                        await self.emit("vm_rebooted", slide=hex_addr(ex.lk.slide))
                     # A new verification cycle: what it finds is reported afresh, even
                     # the change reported before (a rootkit that reinstalls at boot).
                     self.reported = None
@@ -209,11 +219,11 @@ class VmWatcher:
         verdict is given without a slow path. False: take the full path."""
         st, name = self.ctx.store, self.name
         try:
-            blob = await st.get_resume(name)
+            blob = await st.get_resume(self.key)
             if blob is None:
                 return False
             saved = Saved.from_bytes(blob)
-            state = VmState.from_plain(await st.get_vm_state(name)) if saved else None
+            state = VmState.from_plain(await st.get_vm_state(self.key)) if saved else None
         except StoreError as err:  # an unreadable row: the full path rewrites both
             log.info("%s: persisted state unreadable (%s): full check", name, err)
             return False
@@ -271,9 +281,10 @@ class VmWatcher:
         self._drop_reference()
         self.ref, self.slide, self.reported = ref, saved.slide, frozenset()
         self.resumed = True
+        self._resumed_kernel = (saved.build_id, saved.slide)
         self.state = WatchState.WATCHING
         await self.emit("vm_identified", build_id=saved.build_id, release=profile.release,
-                        slide=saved.slide, boot_profile=saved.boot_key,
+                        slide=hex_addr(saved.slide), boot_profile=saved.boot_key,
                         per_vm_baseline_taken=False, resumed=True)
         await self.emit("vm_clean", per_vm_baseline_taken=False,
                         regions=saved.summary.get("regions", {}), resumed=True)
@@ -295,7 +306,7 @@ class VmWatcher:
             saved = Saved.of(self.ref, ex.lk.profile.build_id, ex.lk.slide, ex.boot.key,
                              golden_digest(golden.regions), state.digest(), size,
                              {"regions": _summary(report)["regions"]})
-            await st.put_resume(self.name, saved.to_bytes())
+            await st.put_resume(self.key, saved.to_bytes())
         except StoreError as err:
             log.warning("%s: could not persist the resume state: %s", self.name, err)
 
@@ -358,7 +369,7 @@ class VmWatcher:
     async def _full_check(self, ex: Examined, golden: GoldenSet, first: bool,
                           confirm: bool = True) -> CheckReport:
         """Verify an examined VM (holding a slow-path slot), then report and act."""
-        checked = await verify_and_record(self.ctx.store, ex, self.name, golden,
+        checked = await verify_and_record(self.ctx.store, ex, self.key, golden,
                                           self.ctx.timed_in_worker, mem=self.vm.mem,
                                           strict=self.ctx.strict)
         report = checked.report
@@ -367,18 +378,23 @@ class VmWatcher:
             # The kernel is patching itself right now (its own patching verified in the
             # same pages): a scan can catch text_poke or an ftrace trampoline being
             # replaced half-way. Look once more, in full, before reporting; a change
-            # that is still there is reported from that second look.
-            await asyncio.sleep(CONFIRM_DELAY)
+            # that is still there is reported from that second look. What the first
+            # look saw is never only a log line: unless the second look reports the
+            # very same changes, it is a `tamper_transient` (an attacker can undo a
+            # change within the delay as easily as the kernel finishes a patch).
+            await self._before_second_look()
             try:
                 again = await self._slow(functools.partial(
                     self._examine, Snapshot(ex.vcpus, ex.boot)), urgent=True)
             except (VmStateError, TranslationError, ProfileError):
                 pass  # the kernel moved meanwhile: report what was seen
             else:
-                second = await self._full_check(again, golden, first, confirm=False)
-                if not second.tampered:
-                    log.info("%s: a change seen while the kernel patched itself was gone "
-                             "on a second look", self.name)
+                second: CheckReport | None = None
+                try:
+                    second = await self._full_check(again, golden, first, confirm=False)
+                finally:
+                    if second is None or _change_set(second) != _change_set(report):
+                        await self._transient(report, second)
                 return second
         partial = len(ex.normalized) < len(REGIONS)
         if partial and self.ref is not None and self.last_report is not None:
@@ -391,10 +407,13 @@ class VmWatcher:
                 patches=(report.patches if ".text" in ex.normalized
                          else self.last_report.patches))
             self.ref.digests.update(ex.raw_digests)
+            if ".text" in ex.normalized:  # what its patching reached was read again
+                self.ref.set_reached(self.vm.mem, checked.reached, ex.space.pgd,
+                                     ex.space.top_shift)
         else:
             self._drop_reference()
             self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ex.space.pgd,
-                                      ex.space.top_shift, ex.raw_digests)
+                                      ex.space.top_shift, ex.raw_digests, checked.reached)
         self.slide = ex.lk.slide
         # Keep what a partial re-check needs — not the region copies (~19 MB) and not
         # the decoded IDT gates.
@@ -407,7 +426,7 @@ class VmWatcher:
         if first:
             self.ctx.scheduler.mark_hot(self.name)
             await self.emit("vm_identified", build_id=ex.lk.profile.build_id,
-                            release=ex.lk.profile.release, slide=ex.lk.slide,
+                            release=ex.lk.profile.release, slide=hex_addr(ex.lk.slide),
                             boot_profile=ex.boot.key,
                             per_vm_baseline_taken=report.per_vm_baseline_taken)
         changes = _change_set(report)
@@ -422,7 +441,59 @@ class VmWatcher:
                 await self.emit("vm_clean", **_summary(report))
             self.reported = frozenset()
             await self._on_patched(report)
+        await self._read_modules(ex.lk.profile, ex.lk.slide, ex.space.walker(self.vm.mem))
         return report
+
+    async def _read_modules(self, profile: KernelProfile, slide: int,
+                            walker: PageWalker) -> None:
+        """Read the guest's module list off the event loop; report what came and went
+        (scanner.run.modwatch). Said once per VM when the kernel's list cannot be read."""
+        was_off = self.modwatch.off
+        events = await self.ctx.timed_in_worker(
+            lambda: self.modwatch.read(profile, slide, walker))
+        if self.modwatch.off is not None and was_off is None:
+            log.info("%s: %s", self.name, self.modwatch.off)
+        for ev in events:
+            await self.emit(ev.event, **ev.fields)
+
+    async def _modules_again(self, vcpus: list[VcpuState]) -> None:
+        """Between full checks: the module list, through the kernel page table now."""
+        if self.last is not None:
+            profile, slide = self.last.lk.profile, self.last.lk.slide
+        elif self._resumed_kernel is not None:
+            build_id, slide = self._resumed_kernel
+            found = next((p for p in await self.ctx.profiles() if p.build_id == build_id),
+                         None)
+            if found is None:
+                return
+            profile = found
+        else:
+            return
+        try:
+            walker = kernel_space(self.vm.mem, vcpus[0]).walker(self.vm.mem)
+        except TranslationError:
+            return
+        await self._read_modules(profile, slide, walker)
+
+    async def _before_second_look(self) -> None:
+        """The pause before a second look (tests interpose here)."""
+        await asyncio.sleep(CONFIRM_DELAY)
+
+    async def _transient(self, seen: CheckReport, second: CheckReport | None) -> None:
+        """A tampering seen once and not (or not as it was) on the second look: said
+        as a critical event with what was seen. Not acted on: the VM no longer shows
+        it (what the second look found, if anything, was reported on its own)."""
+        look = "unknown" if second is None else "tampered" if second.tampered else "clean"
+        log.info("%s: a change seen while the kernel patched itself was not there as such "
+                 "on a second look (%s): tamper_transient", self.name, look)
+        await self.emit(
+            "tamper_transient", seen_at=self.seen_at, confirm_delay=CONFIRM_DELAY,
+            build_id=seen.build_id, slide=hex_addr(seen.slide), second_look=look,
+            message="a change seen while the kernel patched itself was not there as "
+                    "such on a second look: a patch caught half-way, or a tampering "
+                    "undone at once",
+            **tamper_fields(seen),
+            patched=seen.patches.to_json() if seen.patches else None)
 
     async def _on_patched(self, report: CheckReport) -> None:
         """Verified run-time patching is not tampering: said once per distinct set of
@@ -430,7 +501,8 @@ class VmWatcher:
         fp = report.patches.fingerprint() if report.patched and report.patches else None
         if fp is not None and fp != self.patched_set:
             assert report.patches is not None
-            await self.emit("kernel_patched", build_id=report.build_id, slide=report.slide,
+            await self.emit("kernel_patched", build_id=report.build_id,
+                            slide=hex_addr(report.slide),
                             **report.patches.to_json())
         self.patched_set = fp
 
@@ -449,8 +521,9 @@ class VmWatcher:
             # QEMU reset the VM: a reboot, even if the kernel comes back at the same
             # slide. Its per-boot pages are this boot's again: take them afresh.
             self._resets = self.vm.resets()
-            await self.ctx.store.delete_vm_state(self.name)
+            await self.ctx.store.delete_vm_state(self.key)
             self._drop_reference()
+            self.modwatch.reset()
             await self.emit("vm_booting", message="QEMU reset the VM (a reboot)")
             return
         vcpus = await self.vm.refresh_vcpus()
@@ -470,6 +543,8 @@ class VmWatcher:
         self.ctx.count_scan()
         if res.ok and not self._half_state_due():
             self.verified_at = time.time()
+            if self.modwatch.due(self.vm.mem):
+                await self._modules_again(vcpus)
             return
         log.info("%s: %s %s: slow path", self.name, res.reason, ",".join(res.changed))
         self.seen_at = time.time()
@@ -504,7 +579,7 @@ class VmWatcher:
                 return
             rebooted = self.slide is not None and ex.lk.slide != self.slide
             if rebooted:
-                await self.emit("vm_rebooted", slide=ex.lk.slide)
+                await self.emit("vm_rebooted", slide=hex_addr(ex.lk.slide))
                 self.reported = None
             # A new boot is identified and its first check reported like the first one.
             await self._full_check(ex, golden, first=rebooted)
@@ -538,7 +613,7 @@ class VmWatcher:
         ev = await self.emit(
             "tamper", action=action.describe(),
             forensics=str(copy.dir) if isinstance(copy, ForensicCopy) else None,
-            build_id=report.build_id, slide=report.slide, seen_at=self.seen_at,
+            build_id=report.build_id, slide=hex_addr(report.slide), seen_at=self.seen_at,
             hint=report.hint, **tamper_fields(report),
             patched=report.patches.to_json() if report.patches else None,
         )
@@ -560,7 +635,10 @@ class VmWatcher:
                     await self.emit("action", action="pause", ok=False,
                                     error=_describe(err))
             elif action.kind is ActionKind.EXEC:
-                result = await run_exec(action.argv, ev)
+                try:
+                    result = await run_exec(action.argv, ev)
+                except Exception as err:  # never lose the action event nor the copy
+                    result = {"ok": False, "error": _describe(err)}
                 await self.emit("action", action=action.describe(), **result)
             try:
                 if isinstance(copy, Exception):

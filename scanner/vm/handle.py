@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from scanner.qemu.hmp import VcpuState
 from scanner.qemu.qmp import RunState
 from scanner.vm.bootprofile import BootProfile
 from translate import GuestMemory, PageWalker
+from translate.vcpu import VcpuState
 
 __all__ = ["VmHandle"]
 

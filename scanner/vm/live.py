@@ -14,10 +14,10 @@ import os
 from collections.abc import Awaitable, Callable
 
 from scanner.errors import QmpError, VmStateError
-from scanner.qemu.hmp import VcpuState
 from scanner.qemu.qmp import QmpVm, RunState
 from scanner.vm.bootprofile import BootProfile, read_boot_profile
 from translate import GuestMemory, PageWalker, RamRange, kernel_walker
+from translate.vcpu import VcpuState
 
 __all__ = ["ATTACH_TIMEOUT", "AttachedVm", "MemoryOpener"]
 

@@ -23,10 +23,10 @@ from typing import Any
 import orjson
 
 from scanner.errors import VmStateError
-from scanner.qemu.hmp import VcpuState
 from scanner.qemu.qmp import RunState, RunStatus
 from scanner.vm.bootprofile import BootProfile
 from translate import GuestMemory, PageWalker, RamRange, kernel_walker
+from translate.vcpu import VcpuState
 
 __all__ = ["ReplayVm", "write_replay"]
 

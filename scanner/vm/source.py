@@ -1,4 +1,5 @@
-"""Where a VM comes from: a QMP socket (given, or found by discovery) or a replay directory.
+"""Where a VM comes from: a QMP socket (given, or found by discovery), a replay directory
+or a memory image (core file).
 
 A libvirt domain is a source too (`SourceKind.LIBVIRT`: its name and connection URI).
 A typed source instead of string prefixes: `VmSource.parse("replay:DIR")` is the one
@@ -12,6 +13,7 @@ import enum
 import os
 from dataclasses import dataclass
 
+from scanner.vm.core import CoreVm
 from scanner.vm.handle import VmHandle
 from scanner.vm.live import AttachedVm
 from scanner.vm.replay import ReplayVm
@@ -19,6 +21,7 @@ from scanner.vm.replay import ReplayVm
 __all__ = ["SourceKind", "VmSource", "open_vm"]
 
 _REPLAY_PREFIX = "replay:"
+_CORE_PREFIX = "core:"
 
 
 class SourceKind(enum.StrEnum):
@@ -26,6 +29,7 @@ class SourceKind(enum.StrEnum):
     DISCOVER = "discover"  # a QMP socket found on a QEMU process's command line
     REPLAY = "replay"  # a recorded VM (see scanner.vm.replay)
     LIBVIRT = "libvirt"  # a libvirt domain, by name (path) on connection URI (connect)
+    CORE = "core"  # an ELF memory image from QEMU's dump-guest-memory (see scanner.vm.core)
 
 
 @dataclass(frozen=True)
@@ -38,10 +42,12 @@ class VmSource:
 
     @classmethod
     def parse(cls, text: str | os.PathLike[str]) -> VmSource:
-        """A QMP socket path, or `replay:DIR` for a recorded VM."""
+        """A QMP socket path, `replay:DIR` for a recorded VM, `core:FILE` for an image."""
         s = os.fspath(text)
         if s.startswith(_REPLAY_PREFIX):
             return cls(SourceKind.REPLAY, s[len(_REPLAY_PREFIX):])
+        if s.startswith(_CORE_PREFIX):
+            return cls(SourceKind.CORE, s[len(_CORE_PREFIX):])
         return cls(SourceKind.QMP, s)
 
     def __str__(self) -> str:
@@ -53,6 +59,8 @@ async def open_vm(source: VmSource | str | os.PathLike[str]) -> VmHandle:
     src = source if isinstance(source, VmSource) else VmSource.parse(source)
     if src.kind is SourceKind.REPLAY:
         return await ReplayVm.open(src.path)
+    if src.kind is SourceKind.CORE:
+        return await CoreVm.open(src.path)
     if src.kind is SourceKind.LIBVIRT:
         from scanner.vm.domain import attach_domain
 

@@ -1,0 +1,48 @@
+"""kernel_lists: the kernel's own bookkeeping, read from guest memory (pure).
+
+The kernel keeps lists of what changed it at run time — loaded modules first (and, for
+hook attribution, ftrace ops, kprobes, BPF programs). This package reads them through a
+`ReadVA` (guest-virtual reads through the kernel page table) with the struct layouts of
+the kernel's own BTF (`scanner.image.layouts`), never with offsets hard-coded per
+version. Everything read is hostile: lists are walked with a bound and cycle detection,
+every pointer is range-checked, every string is bounded, and a list that cannot be read
+in full is said to be incomplete rather than trusted.
+
+* `memory.KernelReader` — bounded typed reads (u64, whole structs, bounded strings);
+  `memory.walker_reader` — a `ReadVA` through a kernel page table;
+* `lists.walk_list` — a bounded, cycle-checked `list_head` walk;
+* `modules.read_modules` — the module list (`struct module` via `modules`): name, state,
+  memory ranges (6.1's `core_layout`/`init_layout`, 6.4+'s `mem[]`), `sig_ok`, taints;
+  `ModuleList.owner` finds the module whose memory holds an address;
+* `modsyms.read_module_symbols` — a listed module's own symbols (its kallsyms copy), to
+  name an address inside it ``func+0xoff [module]``.
+"""
+
+from scanner.check.kernel_lists.lists import ListWalk, walk_list
+from scanner.check.kernel_lists.memory import KernelReader, walker_reader
+from scanner.check.kernel_lists.modsyms import ModuleSymbols, read_module_symbols
+from scanner.check.kernel_lists.modules import (
+    ModuleInfo,
+    ModuleList,
+    ModuleMemory,
+    modules_off,
+    read_guest_modules,
+    read_modules,
+    taint_letters,
+)
+
+__all__ = [
+    "KernelReader",
+    "ListWalk",
+    "ModuleInfo",
+    "ModuleList",
+    "ModuleMemory",
+    "ModuleSymbols",
+    "modules_off",
+    "read_guest_modules",
+    "read_module_symbols",
+    "read_modules",
+    "taint_letters",
+    "walk_list",
+    "walker_reader",
+]
