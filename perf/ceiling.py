@@ -31,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from perf.common import OUT, database, emit, interleaved, log, machine, recordings, run
 from scanner.check.fastpath import fast_scan, make_reference
 from scanner.examine import check_examined, examine, golden_for, load_profiles
+from scanner.examine.keying import keyed_store
 from scanner.vm.replay import ReplayVm
-from store import Store
 
 
 async def measure(rec: Path, db: str, rounds: int, n: int) -> dict[str, float]:
     vm = await ReplayVm.open(rec)
-    async with Store.open(db) as st:
+    async with keyed_store(db) as st:
         profiles = await load_profiles(st)
         ex = await examine(vm, profiles)
         golden = await golden_for(st, ex)

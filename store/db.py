@@ -530,6 +530,45 @@ class Store:
             await cur.close()
         return deleted
 
+    # ------------------------------------------------------------ hash key id
+
+    async def get_key_id(self) -> str | None:
+        """The id of the host key the stored hashes were made under (None: never set,
+        e.g. a database from before keyed hashes)."""
+        async with self._reading("get_key_id") as conn:
+            rows = list(await conn.execute_fetchall("SELECT key_id FROM hash_key"))
+        return str(rows[0][0]) if rows else None
+
+    async def rekey(self, key_id: str, *, expect: str | None,
+                    goldens: Mapping[tuple[str, str], Mapping[str, GoldenRegion]],
+                    drop_golden: Sequence[tuple[str, str]] = ()) -> bool:
+        """In one transaction, if the stored key id is still `expect`: replace the hashes
+        of the golden baselines in `goldens` ((build id, boot profile) → regions; their
+        contents, source and time stay), delete those of `drop_golden`, delete every
+        VM's per-VM state (and with it its resume record: both hold hashes), and record
+        `key_id`. False (nothing written) if another process re-keyed meanwhile."""
+        _check_str("key_id", key_id)
+        async with self._writing("rekey") as conn:
+            rows = list(await conn.execute_fetchall("SELECT key_id FROM hash_key"))
+            if (str(rows[0][0]) if rows else None) != expect:
+                return False
+            for (build_id, boot_profile), regions in goldens.items():
+                for name, r in regions.items():
+                    await conn.execute(
+                        "UPDATE golden_region SET region_hash = ?, page_hashes = ?"
+                        " WHERE build_id = ? AND boot_profile = ? AND name = ?",
+                        (r.region_hash, r.page_hashes, build_id, boot_profile, name))
+            for key in drop_golden:
+                for table in ("golden_content", "golden_region", "golden"):
+                    await conn.execute(f"DELETE FROM {table} WHERE build_id = ?"
+                                       " AND boot_profile = ?", key)
+            await conn.execute("DELETE FROM vm_state")
+            await conn.execute(
+                "INSERT INTO hash_key (one, key_id, set_at) VALUES (1, ?, ?)"
+                " ON CONFLICT (one) DO UPDATE SET key_id = excluded.key_id,"
+                " set_at = excluded.set_at", (key_id, time.time()))
+        return True
+
     # ------------------------------------------------------------------ event log
 
     async def append_event(self, event: Mapping[str, Any]) -> int:

@@ -11,7 +11,7 @@ one that has shipped. Statements run one by one inside the transaction (so no
 rebuilds a table must keep the references valid (`PRAGMA foreign_key_check` runs
 before the commit).
 
-Tables (v3):
+Tables (v4):
     profile         build_id → release, version, data (opaque profile bytes)
     golden          (build_id, boot_profile) → source_vm, created_at; FK → profile
     golden_region   (build_id, boot_profile, name) → size, hashes, per_boot, boots, meta
@@ -22,6 +22,7 @@ Tables (v3):
     vm_resume       vm_id → state (opaque bytes: what a fast pass needs to resume the VM
                     after a restart, `scanner.check.resume`); FK → vm_state,
                     ON DELETE CASCADE                                            [v3]
+    hash_key        one row: the id of the host key the stored hashes are keyed under [v4]
     event           append-only log; UPDATE and DELETE are refused by triggers (only
                     `Store.prune_events` removes old rows, by age, keeping the last
                     tamper of each VM)
@@ -125,8 +126,19 @@ _V3 = Migration(3, "vm_resume: the fast-pass state a restarted kscan resumes a V
     )""",
 ))
 
+# Every hash stored is keyed under the host key (`store.keyfile`); this row names the key
+# they were made under. None (a database from before v4) or another key id: the hashes
+# are stale, and `scanner.examine.keying` re-hashes or drops them before any is used.
+_V4 = Migration(4, "hash_key: the id of the host key the stored hashes were made under", (
+    """CREATE TABLE hash_key (
+        one     INTEGER PRIMARY KEY CHECK (one = 1),
+        key_id  TEXT NOT NULL,
+        set_at  REAL NOT NULL
+    )""",
+))
+
 #: In order, versions 1, 2, 3, ... with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4)
 
 #: The newest schema this code knows.
 SCHEMA_VERSION = MIGRATIONS[-1].version
