@@ -136,7 +136,7 @@ async def import_bundle(path: str | os.PathLike[str], trust_path: str | os.PathL
     bundle = read_bundle_file(path, trusted)
     new_profiles = {p.build_id: _usable_profile(p, where) for p in bundle.profiles}
     contents = [_check_golden(g, where) for g in bundle.goldens]
-    async with keyed_store(db) as st:
+    async with keyed_store(db, announce=True) as st:
         goldens = [_hashed(g, c) for g, c in zip(bundle.goldens, contents, strict=True)]
         pairs = []
         for row in bundle.profiles:

@@ -47,7 +47,7 @@ class AcceptResult:
 async def baseline_vms(sources: Sequence[Source], db: str | None) -> list[BaselineResult]:
     """Build (or extend) golden baselines from verified VMs, one after the other."""
     out = []
-    async with keyed_store(db) as st:
+    async with keyed_store(db, announce=True) as st:
         profiles = await load_profiles(st)
         for src in sources:
             async with await open_vm(src) as vm:

@@ -1,13 +1,13 @@
 """The database opened under the host key: every hash read from it or written to it is
 keyed under the key beside it (`store.keyfile`, `scanner.hashing`).
 
-`keyed_store(db)` opens the database, makes the key at first use (one line on stderr:
-where it is and how to rotate it), installs it for this process's hashes, and makes the
-stored hashes match it: a database from before keyed hashes, or one whose key was
-rotated, has its golden baselines re-hashed from their stored content (a baseline
-without content is dropped: it cannot be re-hashed and its old hashes are not trusted),
-and every VM's per-VM state and resume record dropped (re-taken at the VM's next check).
-Said once on stderr, by the process that did it.
+`keyed_store(db)` opens the database, makes the key at first use (one line on stderr
+from `kscan baseline` and `kscan import`: where it is and how to rotate it), installs it
+for this process's hashes, and makes the stored hashes match it: a database from before
+keyed hashes, or one whose key was rotated, has its golden baselines re-hashed from their
+stored content (a baseline without content is dropped: it cannot be re-hashed and its
+old hashes are not trusted), and every VM's per-VM state and resume record dropped
+(re-taken at the VM's next check). Said once on stderr, by the process that did it.
 """
 
 from __future__ import annotations
@@ -77,11 +77,12 @@ async def rekey(st: Store, keys: hashing.Keys, stored: str | None) -> RekeyOutco
     return RekeyOutcome(tuple(goldens), tuple(dropped))
 
 
-async def use_host_key(st: Store) -> hashing.Keys:
+async def use_host_key(st: Store, *, announce: bool = False) -> hashing.Keys:
     """Install the key of `st`'s database (made if there is none) and bring the stored
-    hashes under it."""
+    hashes under it. `announce`: say on stderr where a key made just now is (the commands
+    that store baselines do; an error elsewhere stays the one line it is)."""
     key, created = load_or_create(st.path)
-    if created:
+    if created and announce:
         print(f"kscan: made the secret hash key {key_path(st.path)} (keep it private; "
               f"`kscan key rotate` replaces it)", file=sys.stderr)
     keys = hashing.install(key)
@@ -100,10 +101,11 @@ async def use_host_key(st: Store) -> hashing.Keys:
 
 
 @asynccontextmanager
-async def keyed_store(path: str | Path | None = None) -> AsyncIterator[Store]:
+async def keyed_store(path: str | Path | None = None, *,
+                      announce: bool = False) -> AsyncIterator[Store]:
     """`Store.open(path)` with the host key installed and the stored hashes under it."""
     async with Store.open(path) as st:
-        await use_host_key(st)
+        await use_host_key(st, announce=announce)
         yield st
 
 
