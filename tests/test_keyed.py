@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import xxhash
+import zstandard
 
 import store.schema
 from scanner import hashing
 from scanner.check.fastpath import KEYED_EVERY, FastOutcome, check_memory
 from scanner.check.resume import FORMAT
+from scanner.check.state import BootIdentity, PageRecord, VmState
 from scanner.commands.cli import main
 from scanner.examine.keying import keyed_store
 from store import GoldenRecord, Store
@@ -108,24 +110,42 @@ def test_rotate_rehashes_and_drops_per_vm_state(tmp_path: Path,
     before = asyncio.run(read_all(db))[1][BOOT]
     old_key = key_path(db).read_bytes()
 
-    async def put_state() -> None:
+    page = bytes(range(256)) * 16
+    cctx = zstandard.ZstdCompressor()
+
+    async def put_states() -> None:
         async with keyed_store(db) as st:
-            await st.put_vm_state("vm-a", {"x": 2})
-    asyncio.run(put_state())
+            vs = VmState(BootIdentity("b1d", 0x1000000), BOOT[1])
+            vs.per_boot[".rodata"] = {9: PageRecord(hashing.page_hash(page), cctx.compress(page))}
+            vs.accepted[".text"] = {2: PageRecord(hashing.page_hash(page[::-1]),
+                                                  cctx.compress(page[::-1]))}
+            await st.put_vm_state("vm-a", vs.to_plain())
+            await st.put_resume("vm-a", b"record")
+            await st.put_vm_state("vm-b", {"x": 2})   # not a state: dropped
+    asyncio.run(put_states())
     assert main(["key", "rotate", "--db", str(db)]) == 0
-    assert "re-hashed 1 golden baselines" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "re-hashed 1 golden baselines" in out and "1 per-VM states" in out, out
+    assert "dropped 1 unreadable" in out, out
     assert key_path(db).read_bytes() != old_key
     assert stat.S_IMODE(os.stat(key_path(db)).st_mode) == 0o600
     after = asyncio.run(read_all(db))[1][BOOT]
     assert after.contents == before.contents
     assert all(after.regions[n].page_hashes != r.page_hashes for n, r in before.regions.items())
     assert after.regions[".text"].page_hash_list() == hashing.page_hashes(
-        __import__("zstandard").ZstdDecompressor().decompress(after.contents[".text"]))
+        zstandard.ZstdDecompressor().decompress(after.contents[".text"]))
 
-    async def state() -> object:
+    async def states() -> tuple[object, ...]:
         async with keyed_store(db) as st:
-            return await st.get_vm_state("vm-a")
-    assert asyncio.run(state()) is None
+            return (await st.get_vm_state("vm-a"), await st.get_vm_state("vm-b"),
+                    await st.get_resume("vm-a"))
+    a, b, resume = asyncio.run(states())
+    assert b is None and resume is None
+    # The per-VM state kept its readings, hashed again under the new key from their bytes.
+    vs = VmState.from_plain(a)
+    assert vs is not None
+    assert vs.per_boot[".rodata"][9].hash == hashing.page_hash(page)
+    assert vs.accepted[".text"][2].hash == hashing.page_hash(page[::-1])
 
 
 def test_a_bundle_carries_content_and_no_hash_nor_key(tmp_path: Path,
@@ -134,7 +154,6 @@ def test_a_bundle_carries_content_and_no_hash_nor_key(tmp_path: Path,
     db_a = tmp_path / "a.db"
     key = key_path(db_a).read_bytes()
     rec = asyncio.run(read_all(db_a))[1][BOOT]
-    import zstandard
     raw = zstandard.ZstdDecompressor().decompress(
         blob[24 + struct.unpack_from("<I", blob, 12)[0]:-64])
     assert key not in raw and key not in blob

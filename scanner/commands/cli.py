@@ -107,8 +107,9 @@ async def cmd_key_rotate(args: argparse.Namespace) -> int:
         print(f"rotated {path}: re-hashed {len(out.rehashed)} golden baselines from their "
               f"content" + (f", dropped {len(out.dropped)} without content" if out.dropped
                             else "")
-              + "; per-VM states and resume records dropped (re-taken at each VM's next "
-                "check)")
+              + f"; re-hashed {out.states} per-VM states from their page bytes"
+              + (f" (dropped {out.states_dropped} unreadable)" if out.states_dropped else "")
+              + "; resume records dropped (re-taken at each VM's next check)")
     return EXIT_OK
 
 
@@ -444,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ksub.add_parser("show", help="say where the key is (never what it is)")
     _db_arg(p)
     p.set_defaults(func=cmd_key_show)
-    p = ksub.add_parser("rotate", help="replace the key; re-hash the golden baselines from "
-                                       "their content, drop per-VM states")
+    p = ksub.add_parser("rotate", help="replace the key; re-hash the golden baselines and "
+                                       "per-VM states from the bytes they keep")
     _db_arg(p)
     p.set_defaults(func=cmd_key_rotate)
 

@@ -6,8 +6,11 @@ from `kscan baseline` and `kscan import`: where it is and how to rotate it), ins
 for this process's hashes, and makes the stored hashes match it: a database from before
 keyed hashes, or one whose key was rotated, has its golden baselines re-hashed from their
 stored content (a baseline without content is dropped: it cannot be re-hashed and its
-old hashes are not trusted), and every VM's per-VM state and resume record dropped
-(re-taken at the VM's next check). Said once on stderr, by the process that did it.
+old hashes are not trusted); each VM's per-VM state has its page hashes made again
+from the page bytes it keeps (per-boot readings, accepted pages: re-taking them from the
+VM now would trust whatever it holds now), or is dropped if they do not read; resume
+records are dropped (re-taken at the VM's next clean check). Said once on stderr, by
+the process that did it.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
 from scanner import hashing
+from scanner.check.state import PageRecord, VmState
 from store import GoldenRegion, Store
 from store.keyfile import key_path, load_or_create, rotate
+from translate import PAGE
 
 __all__ = ["RekeyOutcome", "keyed_store", "rekey", "rotate_key", "use_host_key"]
 
@@ -34,6 +40,26 @@ _ZSTD_MAX = 64 << 20
 class RekeyOutcome:
     rehashed: tuple[tuple[str, str], ...]
     dropped: tuple[tuple[str, str], ...]   # golden baselines without usable content
+    states: int = 0                         # per-VM states re-hashed
+    states_dropped: int = 0                 # per-VM states that did not read
+
+
+def rehash_state(plain: dict[str, Any] | None,
+                 dctx: zstandard.ZstdDecompressor) -> dict[str, Any] | None:
+    """A stored per-VM state with every page record's hash made again, under the
+    installed key, from the record's own bytes; None if it does not read."""
+    state = VmState.from_plain(plain)
+    if state is None:
+        return None
+    try:
+        for pages in (state.per_boot, state.accepted):
+            for recs in pages.values():
+                for p, rec in recs.items():
+                    data = dctx.decompress(rec.data, max_output_size=PAGE)
+                    recs[p] = PageRecord(hashing.page_hash(data), rec.data)
+    except (zstandard.ZstdError, IndexError):
+        return None
+    return state.to_plain()
 
 
 def rehash_region(r: GoldenRegion, content: bytes | None,
@@ -72,9 +98,16 @@ async def rekey(st: Store, keys: hashing.Keys, stored: str | None) -> RekeyOutco
             goldens[key] = {n: r for n, r in regions.items() if r is not None}
         else:
             dropped.append(key)
-    if not await st.rekey(keys.key_id, expect=stored, goldens=goldens, drop_golden=dropped):
+    states: dict[str, dict[str, Any]] = {}
+    ids = await st.list_vm_ids()
+    for vm in ids:
+        plain = rehash_state(await st.get_vm_state(vm), dctx)
+        if plain is not None:
+            states[vm] = plain
+    if not await st.rekey(keys.key_id, expect=stored, goldens=goldens, drop_golden=dropped,
+                          vm_states=states):
         return None
-    return RekeyOutcome(tuple(goldens), tuple(dropped))
+    return RekeyOutcome(tuple(goldens), tuple(dropped), len(states), len(ids) - len(states))
 
 
 async def use_host_key(st: Store, *, announce: bool = False) -> hashing.Keys:
@@ -95,8 +128,10 @@ async def use_host_key(st: Store, *, announce: bool = False) -> hashing.Keys:
                   f"{len(out.rehashed)} golden baselines from their content"
                   + (f", dropped {len(out.dropped)} without content (baseline them again)"
                      if out.dropped else "")
-                  + "; per-VM states and resume records are re-taken at each VM's next "
-                    "check", file=sys.stderr)
+                  + f"; re-hashed {out.states} per-VM states from their page bytes"
+                  + (f" ({out.states_dropped} unreadable, dropped)" if out.states_dropped
+                     else "")
+                  + "; resume records are re-taken at each VM's next check", file=sys.stderr)
     return keys
 
 
