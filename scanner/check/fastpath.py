@@ -16,7 +16,7 @@ After a full check (slow path) the watcher keeps a `Reference` per VM:
   host key, then a block cipher: `scanner.hashing`), compared at that one. So every VM
   gets a keyed comparison of all its protected bytes at least once per KEYED_EVERY
   passes, and a change that kept the seeded xxh3 is still caught then (README "Keyed
-  comparison" has the bound); the keyed pass costs ~4× the hashing of a fast one.
+  comparison" has the bound); the keyed pass costs 4-6× the hashing of a fast one.
 
 The watcher runs `check_registers` and `check_memory` on the event loop. Any difference
 sends the VM down the slow path (normalize, per-page compare, localize).
@@ -41,7 +41,7 @@ __all__ = ["KEYED_EVERY", "FastOutcome", "FastResult", "Reference", "TableFinger
 
 _CR4_BITS = CR4_SMEP | CR4_SMAP
 #: One memory pass in this many compares the keyed digests instead of the fast ones.
-KEYED_EVERY = 4
+KEYED_EVERY = 8
 _FAST = 16  # bytes of the fast digest at the start of a digest pair
 
 
