@@ -94,9 +94,9 @@ class InspectReport:
 
 async def _profiles_of(db: str) -> list[KernelProfile]:
     from scanner.examine import load_profiles
-    from scanner.examine.keying import keyed_store
+    from store import Store
 
-    async with keyed_store(db) as st:
+    async with Store.open(db) as st:
         return await load_profiles(st, required=False)
 
 
