@@ -172,3 +172,26 @@ def test_a_fast_collision_is_caught_by_the_keyed_pass(world: World) -> None:  # 
                         + [FastOutcome.BYTES_CHANGED]) * 2
     assert check_memory(ref, mem, keyed=True).changed == (".text",)
     assert FORMAT == 2   # resume records of the unkeyed format are not used
+
+
+def test_a_second_change_past_the_shown_bytes_is_a_new_tampering() -> None:
+    from types import SimpleNamespace
+
+    from scanner.check.classify import MAX_SHOWN, ByteRange
+    from scanner.check.verify import Basis, PageMismatch
+    from scanner.run.watcher import _change_set
+
+    page = bytearray(range(256)) * 16
+    shown = bytes(page[:MAX_SHOWN]).hex()
+
+    def report(content: bytes) -> SimpleNamespace:
+        m = PageMismatch(".text", 3, 0xFFFF_FFFF_8100_3000, 0x3000, Basis.GOLDEN,
+                         (ByteRange(0, 64, "00" * MAX_SHOWN, shown, "overwritten code"),),
+                         None, hashing.page_hash(content))
+        return SimpleNamespace(mismatches=[m], findings=[], strict=False, patches=None)
+
+    again = bytearray(page)
+    again[40] ^= 0xFF   # past the shown bytes, inside the same range
+    assert _change_set(report(bytes(page))) == _change_set(report(bytes(page)))
+    assert _change_set(report(bytes(page))) != _change_set(report(bytes(again)))
+    assert "content" not in report(bytes(page)).mismatches[0].to_json()
