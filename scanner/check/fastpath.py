@@ -41,7 +41,7 @@ __all__ = ["KEYED_EVERY", "FastOutcome", "FastResult", "Reference", "TableFinger
 
 _CR4_BITS = CR4_SMEP | CR4_SMAP
 #: One memory pass in this many compares the keyed digests instead of the fast ones.
-KEYED_EVERY = 8
+KEYED_EVERY = 16
 _FAST = 16  # bytes of the fast digest at the start of a digest pair
 
 
