@@ -100,7 +100,7 @@ def test_an_old_database_is_rehashed_from_content_once(
         assert r.per_boot == g.regions[name].per_boot
 
 
-def test_rotate_rehashes_and_drops_per_vm_state(tmp_path: Path,
+def test_rotate_rehashes_baselines_and_per_vm_states(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "kscan.db"
     g = golden()
