@@ -65,6 +65,10 @@ class PageMismatch:
     basis: Basis
     ranges: tuple[ByteRange, ...]
     symbol: str | None
+    #: The keyed hash of the page's bytes now (not shown: hashes stay on the host). Tells
+    #: a second change apart from one already reported even where the ranges show only
+    #: their first bytes.
+    content: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"region": self.region, "page": self.page, "va": hex_addr(self.va),
@@ -325,7 +329,8 @@ def verify(
             if unverified is not None and basis is Basis.GOLDEN:
                 if p not in unverified:
                     continue  # every change in the page is the kernel's own patching
-                mismatches.append(_mismatch(lk, region, p, basis, tuple(unverified[p])))
+                mismatches.append(_mismatch(lk, region, p, basis, tuple(unverified[p]),
+                                            hashes[p]))
                 continue
             if old is not None:
                 before = dctx.decompress(old.data, max_output_size=PAGE)
@@ -334,7 +339,7 @@ def verify(
                 before = _page_bytes(gb, p) if gb else b""
             after = _page_bytes(buf, p)
             ranges = tuple(diff_ranges(before, after, name)) if before else ()
-            mismatches.append(_mismatch(lk, region, p, basis, ranges))
+            mismatches.append(_mismatch(lk, region, p, basis, ranges, hashes[p]))
         verdicts.append(RegionVerdict(
             name, len(buf), len(hashes),
             tuple(sorted(per_boot - set(accepted))),
@@ -349,13 +354,13 @@ def verify(
 
 
 def _mismatch(lk: LiveKernel, region: Region, p: int, basis: Basis,
-              ranges: tuple[ByteRange, ...]) -> PageMismatch:
+              ranges: tuple[ByteRange, ...], content: int) -> PageMismatch:
     first = ranges[0].start if ranges else 0
     symbol = None
     if region.name != "idt":
         symbol = lk.profile.symbolize(lk.link_va(region.name, p * PAGE + first))
     return PageMismatch(region.name, p, region.va + p * PAGE, _gpa_of(region, p * PAGE),
-                        basis, ranges, symbol)
+                        basis, ranges, symbol, content)
 
 
 def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,

@@ -22,9 +22,9 @@ from scanner.check.state import PageRecord
 from scanner.check.verify import CheckReport
 from scanner.errors import VmStateError
 from scanner.examine import check_examined, examine, golden_for, load_profiles, verify_examined
+from scanner.examine.keying import keyed_store
 from scanner.hashing import page_hash
 from scanner.vm import VmSource, open_vm, state_key
-from store import Store
 from translate import PAGE
 
 __all__ = ["AcceptResult", "BaselineResult", "accept_vm", "baseline_vms", "check_vm"]
@@ -50,7 +50,7 @@ class AcceptResult:
 async def baseline_vms(sources: Sequence[Source], db: str | None) -> list[BaselineResult]:
     """Build (or extend) golden baselines from verified VMs, one after the other."""
     out = []
-    async with Store.open(db) as st:
+    async with keyed_store(db, announce=True) as st:
         profiles = await load_profiles(st)
         for src in sources:
             async with await open_vm(src) as vm:
@@ -72,7 +72,7 @@ async def baseline_vms(sources: Sequence[Source], db: str | None) -> list[Baseli
 
 
 async def check_vm(source: Source, db: str | None, *, strict: bool = False) -> CheckReport:
-    async with Store.open(db) as st:
+    async with keyed_store(db) as st:
         profiles = await load_profiles(st)
         async with await open_vm(source) as vm:
             ex = await examine(vm, profiles)
@@ -96,7 +96,7 @@ async def accept_vm(source: Source, db: str | None, note: str = "") -> AcceptRes
     that differ from their basis are recorded as accepted for this VM and this boot.
     Control findings (W^X, CR0.WP, SMEP/SMAP, IDT gates) cannot be accepted."""
     cctx = zstandard.ZstdCompressor(level=3)
-    async with Store.open(db) as st:
+    async with keyed_store(db) as st:
         profiles = await load_profiles(st)
         async with await open_vm(source) as vm:
             ex = await examine(vm, profiles)

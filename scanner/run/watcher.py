@@ -664,9 +664,10 @@ def _describe(err: BaseException) -> str:
 
 def _change_set(report: CheckReport) -> frozenset[Any]:
     """What a tampering is, for reporting each distinct one once: every changed page
-    with the bytes it now holds (a second, different change in an already reported page
-    is a new tampering), every finding, and under --strict the verified patching."""
-    out: list[Any] = [(m.region, m.page, m.basis,
+    with the bytes it now holds (its keyed hash: a second, different change in an
+    already reported page is a new tampering, even past the bytes the ranges show),
+    every finding, and under --strict the verified patching."""
+    out: list[Any] = [(m.region, m.page, m.basis, m.content,
                        tuple((r.start, r.end, r.after) for r in m.ranges))
                       for m in report.mismatches]
     out += [(f.kind, f.message) for f in report.findings]
