@@ -17,10 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import xxhash
-
 from scanner.check.classify import MAX_SHOWN, ByteRange
 from scanner.check.patching import PatchVerdict, UnverifiedRange, VerifiedPatch
+from scanner.hashing import keyed_id
 from scanner.image.patchsites import MECHANISMS
 from translate import PAGE
 
@@ -55,11 +54,10 @@ class PatchReport:
 
     def fingerprint(self) -> int:
         """Identifies this set of patches (site, mechanism, bytes): one `kernel_patched`
-        event per distinct set."""
-        h = xxhash.xxh3_64()
-        for v in self.runtime:
-            h.update(v.site.to_bytes(8, "little") + v.mechanism.encode() + v.after)
-        return h.intdigest()
+        event per distinct set. Keyed (`scanner.hashing.keyed_id`): a new set of patches
+        cannot be made to pose as one already reported."""
+        return keyed_id(*(v.site.to_bytes(8, "little") + v.mechanism.encode() + b"\0"
+                          + v.after for v in self.runtime))
 
     def entries(self, limit: int = MAX_ENTRIES) -> tuple[list[dict[str, Any]], int]:
         """(mechanism, function, count) of the sites, grouped by function, mechanism by

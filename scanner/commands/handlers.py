@@ -1,9 +1,9 @@
 """The one-shot commands of `kscan`: parsed options in, an exit code out.
 
-`inspect`, `profile add|list`, `baseline`, `check`, `accept`, `export` and `import`:
-each turns its options into a call of the module doing the work (`inspection`,
-`oneshot`, `offline`, `bundles`, `store`) and prints the result with `commands.render`
-(text) or as JSON. `status`, `events`, `baseline list|rm` and `profile rm` have
+`inspect`, `key show|rotate`, `profile add|list`, `baseline`, `check`, `accept`,
+`export` and `import`: each turns its options into a call of the module doing the work
+(`inspection`, `examine.keying`, `oneshot`, `offline`, `bundles`, `store`) and prints
+the result with `commands.render` (text) or as JSON. `status`, `events`, `baseline list|rm` and `profile rm` have
 modules of their own; `run` is `commands.run_policy`.
 """
 
@@ -21,6 +21,7 @@ from scanner.commands.render import (
     export_lines,
     import_warnings,
     imported_line,
+    key_rotated_line,
     print_json,
     print_lines,
     profile_added_line,
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
     from scanner.vm import VmSource
 
 __all__ = ["cmd_accept", "cmd_baseline", "cmd_check", "cmd_export", "cmd_import",
-           "cmd_inspect", "cmd_profile_add", "cmd_profile_list", "knows_less",
-           "libvirt_source"]
+           "cmd_inspect", "cmd_key_rotate", "cmd_key_show", "cmd_profile_add",
+           "cmd_profile_list", "knows_less", "libvirt_source"]
 
 
 def libvirt_source(args: argparse.Namespace) -> VmSource | None:
@@ -64,6 +65,24 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
         print_json(report.to_json())
     else:
         print(printable(report.to_text(), keep_newlines=True, limit=0))
+    return EXIT_OK
+
+
+async def cmd_key_show(args: argparse.Namespace) -> int:
+    from scanner.examine.keying import keyed_store
+    from store.keyfile import key_path
+
+    async with keyed_store(args.db) as st:
+        print(f"hash key: {key_path(st.path)} (id {await st.get_key_id()}); "
+              "`kscan key rotate` replaces it and re-hashes the baselines")
+    return EXIT_OK
+
+
+async def cmd_key_rotate(args: argparse.Namespace) -> int:
+    from scanner.examine.keying import rotate_key
+
+    path, out = await rotate_key(args.db)
+    print(key_rotated_line(path, out))
     return EXIT_OK
 
 

@@ -21,6 +21,8 @@ from scanner.commands.handlers import (
     cmd_export,
     cmd_import,
     cmd_inspect,
+    cmd_key_rotate,
+    cmd_key_show,
     cmd_profile_add,
     cmd_profile_list,
 )
@@ -65,7 +67,8 @@ examples:
 
 Without --db PATH the database is $KSCAN_DB, else the service's (systemd's
 $STATE_DIRECTORY, or /var/lib/kscan/kscan.db for root when it exists), else
-$XDG_STATE_HOME/kscan/kscan.db (~/.local/state/kscan/kscan.db).
+$XDG_STATE_HOME/kscan/kscan.db (~/.local/state/kscan/kscan.db). Its secret hash key is
+DB.key beside it (0600, never shared); `kscan key rotate` replaces it.
 """
 
 
@@ -113,6 +116,16 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _db_arg(p)
     p.set_defaults(func=cmd_inspect)
+
+    keyp = sub.add_parser("key", help="the secret hash key every comparison is keyed under")
+    ksub = keyp.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    p = ksub.add_parser("show", help="say where the key is (never what it is)")
+    _db_arg(p)
+    p.set_defaults(func=cmd_key_show)
+    p = ksub.add_parser("rotate", help="replace the key; re-hash the golden baselines and "
+                                       "per-VM states from the bytes they keep")
+    _db_arg(p)
+    p.set_defaults(func=cmd_key_rotate)
 
     prof = sub.add_parser("profile",
                           help="kernel profiles: add a kernel image, list or remove them")

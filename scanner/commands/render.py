@@ -22,9 +22,10 @@ if TYPE_CHECKING:
     from scanner.check.verify import CheckReport
     from scanner.commands.bundles import ExportResult, ImportResult
     from scanner.commands.oneshot import BaselineResult
+    from scanner.examine.keying import RekeyOutcome
     from scanner.image.kernel_profile import KernelProfile
 
-__all__ = ["baseline_lines", "export_lines", "import_warnings", "imported_line",
+__all__ = ["baseline_lines", "export_lines", "import_warnings", "imported_line", "key_rotated_line",
            "print_json", "print_lines", "profile_added_line", "report_lines"]
 
 
@@ -107,6 +108,18 @@ def report_lines(rep: CheckReport) -> list[str]:
             out.append(f"    {mech:<13} {shown}"
                        + (" ..." if len(rows) > 4 or doc["more"] else ""))
     return out
+
+
+def key_rotated_line(path: object, out: RekeyOutcome | None) -> str:
+    """`key rotate`: what was re-hashed under the new key (None: another kscan did)."""
+    if out is None:
+        return f"rotated {path}; another kscan re-hashed meanwhile"
+    return (f"rotated {path}: re-hashed {len(out.rehashed)} golden baselines from their "
+            "content" + (f", dropped {len(out.dropped)} without content" if out.dropped
+                         else "")
+            + f"; re-hashed {out.states} per-VM states from their page bytes"
+            + (f" (dropped {out.states_dropped} unreadable)" if out.states_dropped else "")
+            + "; resume records dropped (re-taken at each VM's next check)")
 
 
 def export_lines(res: ExportResult) -> list[str]:

@@ -69,6 +69,6 @@ async def verify_and_record(st: Store, ex: Examined, vm_id: str,
                             strict: bool = False) -> Verification:
     """`check_examined`, returning the per-VM state the check used as well."""
     v = await verify_examined(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict)
-    if v.report.per_vm_baseline_taken:
+    if v.report.per_vm_baseline_taken or v.changed:
         await st.put_vm_state(vm_id, v.state.to_plain())
     return v
