@@ -3,8 +3,9 @@
 `inspect`, `key show|rotate`, `profile add|list`, `baseline`, `check`, `accept`,
 `export` and `import`: each turns its options into a call of the module doing the work
 (`inspection`, `examine.keying`, `oneshot`, `offline`, `bundles`, `store`) and prints
-the result with `commands.render` (text) or as JSON. `status`, `events`, `baseline list|rm` and `profile rm` have
-modules of their own; `run` is `commands.run_policy`.
+the result with `commands.render` (text) or as JSON. `status`, `events`,
+`baseline list|rm` and `profile rm` have modules of their own; `run` is
+`commands.run_policy`.
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ def build_parser() -> Parser:
         description="Watch many VMs at once. Each VM is checked once its kernel has "
         "booted, then re-checked at an adaptive interval; every change is localized and "
         "reported as a JSON line on stdout (human-readable logs go to stderr). Stop with "
-        "SIGTERM or Ctrl-C. Event types are listed in the README.",
+        "SIGTERM or Ctrl-C. Event types are listed in docs/operating.md (Events).",
         epilog="examples:\n"
                "  kscan run --qmp '/run/vms/*/qmp.sock'              watch every VM there\n"
                "  kscan run --discover --interval auto --cpu-budget 10\n"
