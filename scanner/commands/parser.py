@@ -64,6 +64,7 @@ examples:
   kscan run --config /etc/kscan/kscan.toml --check-config    validate, run nothing
   kscan export --out base.kscan --key signer.pem   share verified baselines
   kscan import base.kscan --trust signer.pub.pem   trust them on another host
+  kscan --contrib-dir                              the installed unit, example config
 
 Without --db PATH the database is $KSCAN_DB, else the service's (systemd's
 $STATE_DIRECTORY, or /var/lib/kscan/kscan.db for root when it exists), else
