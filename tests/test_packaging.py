@@ -25,7 +25,7 @@ from kscan.shipped import CONTRIB_FILES, contrib_dir, contrib_path
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
-                              ".*_cache", ".hypothesis", "perf", "tests", "out")
+                              ".*_cache", ".hypothesis", "out")
 
 
 @pytest.fixture(scope="module")
