@@ -80,3 +80,39 @@ def test_contrib_dir_prints_where_the_shipped_files_are() -> None:
     assert all((where / name).is_file() for name in CONTRIB_FILES)
     res = kscan("--help", timeout=60)
     assert "--contrib-dir" in res.stdout
+
+
+def test_report_text_names_every_change_and_escapes_the_guest(capsys: pytest.CaptureFixture[str]
+                                                              ) -> None:
+    """`check`'s text (commands.render): verdict, regions, each changed page with its
+    symbol and byte ranges, findings; what came from the guest (the VM's name, a symbol)
+    cannot move the cursor or start a line of its own."""
+    from scanner.check.classify import ByteRange
+    from scanner.check.verify import Basis, CheckReport, Finding, PageMismatch, RegionVerdict
+    from scanner.commands.render import print_lines, report_lines
+
+    evil = "vm7\x1b[2J\nvm8: clean"
+    m = PageMismatch(".text", 5, 0xffffffff81005000, 0x1005000, Basis.GOLDEN,
+                     (ByteRange(0x10, 0x15, "0f1f440000", "e8aabbccdd", "nop -> call"),),
+                     "capable+0x10\x1b[1m")
+    rep = CheckReport(vm=evil, build_id="3b43", release="6.1.0-56-cloud-amd64",
+                      boot_profile="q/a", slide=0x1e000000,
+                      regions=(RegionVerdict(".text", 4096 * 8, 8, (), (6,), (m,)),
+                               RegionVerdict(".rodata", 4096 * 2, 2, (1,), (), ())),
+                      findings=(Finding("cr0_wp", "vCPU 0: CR0.WP is clear"),),
+                      per_vm_baseline_taken=False)
+    lines = report_lines(rep)
+    assert "TAMPERED" in lines[0] and "slide 0x1e000000" in lines[0]
+    assert any("-> 1 CHANGED" in ln and ".text" in ln and "7 golden-checked" in ln
+               and "1 accepted" in ln for ln in lines)
+    assert any(".rodata" in ln and "1 per-boot [1]" in ln and ln.endswith("ok")
+               for ln in lines)
+    assert any("va 0xffffffff81005000 gpa 0x1005000 (golden) capable+0x10" in ln
+               for ln in lines)
+    assert any("bytes 0x10-0x15: 0f1f440000 -> e8aabbccdd  [nop -> call]" in ln
+               for ln in lines)
+    assert lines[-1] == "  FINDING cr0_wp: vCPU 0: CR0.WP is clear"
+    print_lines(lines)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and len(out.splitlines()) == len(lines)
+    assert not any(ln.startswith("vm8") for ln in out.splitlines())
