@@ -28,6 +28,7 @@ import numpy as np
 import zstandard
 
 from scanner.check.classify import ByteRange, diff_ranges
+from scanner.check.execmem import ExecScan
 from scanner.check.locate import REGIONS, LiveKernel, Region
 from scanner.check.patch_report import PatchReport, split_by_page
 from scanner.check.patching import ReadVA, verify_text_changes
@@ -116,6 +117,9 @@ class CheckReport:
     #: `--strict`: verified run-time patching is tampering too.
     strict: bool = False
     ts: float = field(default_factory=time.time)
+    #: Executable kernel memory accounted for (`scanner.check.execmem.ExecScan`; None:
+    #: not scanned — no guest memory reader, or a partial re-check).
+    execmem: ExecScan | None = None
 
     @property
     def tampered(self) -> bool:
@@ -151,7 +155,8 @@ class CheckReport:
                 "strict": self.strict,
                 "patched": self.patches.to_json() if self.patches else None,
                 "regions": [r.to_json() for r in self.regions],
-                "findings": [f.to_json() for f in self.findings]}
+                "findings": [f.to_json() for f in self.findings],
+                **({"execmem": self.execmem.to_json()} if self.execmem else {})}
 
 
 def boot_identity(lk: LiveKernel) -> BootIdentity:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from scanner.check.execmem import ExecScan, exec_findings, scan_exec
 from scanner.check.patching import ReadVA
 from scanner.check.state import VmState
-from scanner.check.verify import CheckReport, Verification, verify
+from scanner.check.verify import CheckReport, Finding, Verification, verify
 from scanner.examine.baselines import GoldenSet, golden_for
 from scanner.examine.reading import Examined, RunSync, inline
 from store import Store
@@ -43,9 +46,24 @@ async def verify_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet
     gs = golden if golden is not None else await golden_for(st, ex)
     state = VmState.from_plain(await st.get_vm_state(vm_id))
     read_va = guest_reader(mem, ex) if mem is not None else None
-    return await run_sync(lambda: verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized,
-                                         gs.regions, gs.contents.get, state,
-                                         read_va=read_va, strict=strict))
+
+    def go() -> Verification:
+        v = verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized, gs.regions,
+                   gs.contents.get, state, read_va=read_va, strict=strict)
+        if mem is None or read_va is None:
+            return v
+        return with_execmem(v, scan_exec(mem, ex.vcpus, ex.lk, read_va))
+
+    return await run_sync(go)
+
+
+def with_execmem(v: Verification, scan: ExecScan) -> Verification:
+    """The verification with executable kernel memory accounted for: its findings (an
+    unowned range is tampering, always) added to the report."""
+    found = tuple(Finding(kind, msg, detail) for kind, msg, detail in exec_findings(scan))
+    report = dataclasses.replace(v.report, findings=v.report.findings + found,
+                                 execmem=scan)
+    return dataclasses.replace(v, report=report)
 
 
 async def check_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet | None = None,
