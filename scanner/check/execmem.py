@@ -50,7 +50,7 @@ from translate.exec_map import ExecMap, ExecRange, exec_map
 from translate.vcpu import VcpuState
 
 __all__ = ["AddressOwners", "ExecAccount", "ExecScan", "Unowned", "account_exec",
-           "describe_owner", "exec_findings", "scan_exec"]
+           "address_owners", "describe_owner", "exec_findings", "scan_exec"]
 
 PAGE = 4096
 #: Bytes of the ftrace caller a trampoline must start with.

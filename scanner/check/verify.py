@@ -28,10 +28,11 @@ import numpy as np
 import zstandard
 
 from scanner.check.classify import ByteRange, diff_ranges
-from scanner.check.execmem import ExecScan
+from scanner.check.execmem import AddressOwners, ExecScan, address_owners
 from scanner.check.locate import REGIONS, LiveKernel, Region
 from scanner.check.patch_report import PatchReport, split_by_page
 from scanner.check.patching import ReadVA, verify_text_changes
+from scanner.check.pointers import PointerChange, idt_changes, rodata_changes
 from scanner.check.state import BootIdentity, PageRecord, VmState
 from scanner.hashing import page_hashes
 from scanner.vm.bootprofile import BootProfile
@@ -62,11 +63,15 @@ class PageMismatch:
     basis: Basis
     ranges: tuple[ByteRange, ...]
     symbol: str | None
+    #: `.rodata` words and IDT gates that changed, named (`scanner.check.pointers`).
+    pointers: tuple[PointerChange, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"region": self.region, "page": self.page, "va": self.va, "gpa": self.gpa,
                 "basis": self.basis, "symbol": self.symbol,
-                "ranges": [r.to_json() for r in self.ranges]}
+                "ranges": [r.to_json() for r in self.ranges],
+                **({"pointers": [p.to_json() for p in self.pointers]}
+                   if self.pointers else {})}
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,7 @@ def verify(
         return golden_cache[name] or None
 
     patches: PatchReport | None = None
+    owners: AddressOwners | None = None  # built on the first changed pointer table
     names = [n for n in REGIONS if n in normalized]
     if fresh and len(names) != len(REGIONS):
         raise ValueError("the first check of a boot needs all four regions")
@@ -313,7 +319,16 @@ def verify(
                 before = _page_bytes(gb, p) if gb else b""
             after = _page_bytes(buf, p)
             ranges = tuple(diff_ranges(before, after, name)) if before else ()
-            mismatches.append(_mismatch(lk, region, p, basis, ranges))
+            pointers: tuple[PointerChange, ...] = ()
+            if name in (".rodata", "idt") and read_va is not None and ranges:
+                if owners is None:
+                    owners = address_owners(read_va, lk)
+                pointers = (rodata_changes(owners, region.va + p * PAGE,
+                                           lk.link_va(name, p * PAGE), before, ranges,
+                                           read_va) if name == ".rodata" else
+                            idt_changes(owners, region.va, p, before, ranges, read_va,
+                                        lk.slide))
+            mismatches.append(_mismatch(lk, region, p, basis, ranges, pointers))
         verdicts.append(RegionVerdict(
             name, len(buf), len(hashes),
             tuple(sorted(per_boot - set(accepted))),
@@ -325,13 +340,14 @@ def verify(
 
 
 def _mismatch(lk: LiveKernel, region: Region, p: int, basis: Basis,
-              ranges: tuple[ByteRange, ...]) -> PageMismatch:
+              ranges: tuple[ByteRange, ...],
+              pointers: tuple[PointerChange, ...] = ()) -> PageMismatch:
     first = ranges[0].start if ranges else 0
     symbol = None
     if region.name != "idt":
         symbol = lk.profile.symbolize(lk.link_va(region.name, p * PAGE + first))
     return PageMismatch(region.name, p, region.va + p * PAGE, _gpa_of(region, p * PAGE),
-                        basis, ranges, symbol)
+                        basis, ranges, symbol, pointers)
 
 
 def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,
