@@ -61,6 +61,7 @@ def rodata_changes(owners: AddressOwners, page_va: int, page_link: int,
     baseline page (link-time values), `page_va`/`page_link` its run-time/link-time
     address."""
     ks = owners.profile.kallsyms
+    ro_start = owners.profile.section(".rodata").addr
     out: list[PointerChange] = []
     seen: set[int] = set()
     for r in ranges:
@@ -73,13 +74,14 @@ def rodata_changes(owners: AddressOwners, page_va: int, page_link: int,
                 continue
             new = int(struct.unpack("<Q", raw)[0])
             link = page_link + off
-            label = f"{link:#x}"
+            label = f".rodata+{link - ro_start:#x}"
             if ks is not None:
                 span = ks.size_of(link)
-                if span is not None:
+                # Only a symbol inside .rodata names the table (a profile stored by an
+                # older kscan keeps text symbols only).
+                if span is not None and span[0] >= ro_start:
                     i = ks.index_at_or_below(link)
-                    name = ks.names[i]
-                    label = f"{name}[{(link - span[0]) // 8}]"
+                    label = f"{ks.names[i]}[{(link - span[0]) // 8}]"
             old = _word(before, off)
             old_owner = "?" if old is None else (
                 owners.profile.symbolize(old) or (ks.symbolize(old) if ks else f"{old:#x}"))
