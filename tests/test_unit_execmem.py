@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from scanner.check.classify import ByteRange
+from scanner.check.exec_fastpath import ExecTables
 from scanner.check.execmem import AddressOwners, account_exec
 from scanner.check.kernel_lists import KernelReader, ModuleList, ModuleMemory
 from scanner.check.kernel_lists.exec_owners import (
@@ -24,8 +25,9 @@ from scanner.check.pointers import gate_handler, idt_changes, rodata_changes
 from scanner.image.kernel_profile import KernelProfile
 from tests.synthetic import NX, PAGE, PS, RW, US, P, SyntheticRam
 from tests.test_kernel_lists import FakeKernel, layouts
-from translate import FIVE_LEVEL, FOUR_LEVEL
+from translate import FIVE_LEVEL, FOUR_LEVEL, GuestMemory
 from translate.exec_map import ExecRange, exec_map
+from translate.vcpu import VcpuState
 
 KTEXT = 0xFFFF_FFFF_8100_0000
 MODS = 0xFFFF_FFFF_C000_0000
@@ -382,3 +384,64 @@ def test_idt_gate_named_by_vector(profile61: KernelProfile) -> None:
                           SLIDE)
     assert [c.message for c in changes] == ["idt[0x80] = asm_exc_int3 now points into "
                                             "unowned memory"]
+
+
+# ------------------------------------------------------------------------- fast path
+
+
+def _vcpu(cr3: int, index: int = 0) -> VcpuState:
+    return VcpuState(index, cr0=0x80050033, cr3=cr3, cr4=0x6B0, efer=0xD01, idtr_base=0,
+                     idtr_limit=0xFFF, gdtr_base=0, gdtr_limit=0x7F, rip=0, cpl=0,
+                     halted=False)
+
+
+def test_exec_tables_fingerprint(tmp_path: Path) -> None:
+    """NX churn (a new vmalloc page, a new user mapping) leaves it alone; a new
+    executable page, an NX bit cleared above a table, or a vCPU on a root with a
+    different kernel half does not."""
+    ram = SyntheticRam(8 << 20)
+    ram.map(KTEXT, 0x200000, MB2, P)
+    ram.map(MODS, 0x9000, PAGE, P)
+    ram.map(MODS + PAGE, 0xA000, PAGE, P | RW | NX)
+    ram.map(VMALLOC, 0xB000, PAGE, P | RW | NX, table_flags=P | RW | NX)
+    ram.map(0x7000_0000_0000, 0xC000, PAGE, P | RW | US, table_flags=P | RW | US)
+
+    def fp_now() -> tuple[ExecTables, GuestMemory]:
+        mem = ram.save(tmp_path / "ram")
+        m = exec_map(mem, ram.pgd, FOUR_LEVEL)
+        return ExecTables.from_snapshots({ram.pgd: m.snapshot}), mem
+
+    fp, _ = fp_now()
+    assert fp.tables and ram.pgd not in fp.tables
+
+    def still(after: GuestMemory) -> bool:
+        return fp.tables_unchanged(after) and fp.roots_match(after, [_vcpu(ram.pgd)]) is None
+
+    ram.map(MODS + 2 * PAGE, 0xD000, PAGE, P | RW | NX)      # NX churn in a watched table
+    ram.map(VMALLOC + PAGE, 0xE000, PAGE, P | RW | NX, table_flags=P | RW | NX)
+    ram.map(0x7000_0000_1000, 0xF000, PAGE, P | RW | US, table_flags=P | RW | US)
+    assert still(ram.save(tmp_path / "ram"))
+    # Accessed/dirty bits set by the CPU are not changes.
+    pte = MODS & ~0xFFF
+    ram.map(pte, 0x9000, PAGE, P | 0x60)
+    assert still(ram.save(tmp_path / "ram"))
+    ram.map(MODS + 3 * PAGE, 0x10000, PAGE, P)               # a new executable page
+    assert not fp.tables_unchanged(ram.save(tmp_path / "ram"))
+    fp, _ = fp_now()
+    # The NX top entry above vmalloc cleared: the root's kernel half changes (the walk
+    # never read below it, so only the root can tell).
+    i = (VMALLOC >> 39) & 0x1FF
+    ram.put(ram.pgd + i * 8, ram.get(ram.pgd + i * 8) & ~NX)
+    mem = ram.save(tmp_path / "ram")
+    assert fp.tables_unchanged(mem)
+    assert fp.roots_match(mem, [_vcpu(ram.pgd)]) == 0
+    fp, mem = fp_now()
+    # A second vCPU on a private root: same user half, its own kernel half.
+    other = ram.alloc()
+    for k in range(512):
+        ram.put(other + k * 8, ram.get(ram.pgd + k * 8))
+    mem = ram.save(tmp_path / "ram")
+    assert fp.roots_match(mem, [_vcpu(ram.pgd), _vcpu(other, 1)]) is None
+    ram.put(other + 400 * 8, 0x11000 | P | RW)                # a new kernel-half entry
+    mem = ram.save(tmp_path / "ram")
+    assert fp.roots_match(mem, [_vcpu(ram.pgd), _vcpu(other, 1)]) == 1

@@ -20,7 +20,8 @@ makes the walk incomplete is itself a finding for the caller).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from translate.errors import TranslationError
 from translate.paging import ADDR_MASK, NX, PS, RW, P, PagingMode
@@ -64,6 +65,10 @@ class ExecMap:
     complete: bool
     #: What was skipped or why the walk stopped (bounded list of lines).
     problems: tuple[str, ...] = ()
+    #: The top-level table's gpa, and each table page as the walk read it (gpa → bytes;
+    #: for a fingerprint taken from exactly what was walked — dropped after).
+    root: int = 0
+    snapshot: Mapping[int, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def pages(self) -> int:
@@ -90,12 +95,19 @@ def exec_map(mem: GuestMemory, pgd: int, mode: PagingMode, *, nxe: bool = True,
             problems.append(msg)
 
     def read_table(gpa: int) -> memoryview | None:
+        # A copy: the walk and the snapshot a fingerprint is taken from see the same
+        # entries, whatever the guest writes meanwhile.
         try:
-            return mem.view(gpa, PAGE).cast("Q")
+            return memoryview(bytes(mem.view(gpa, PAGE))).cast("Q")
         except (TranslationError, ValueError):
             return None
 
-    top = read_table(pgd & ADDR_MASK)
+    root = pgd & ADDR_MASK
+
+    def snap() -> dict[int, bytes]:
+        return {g: v.tobytes() for g, v in views.items()}
+
+    top = read_table(root)
     if top is None:
         return ExecMap((), (), False, (f"top-level table at gpa {pgd:#x} is outside RAM",))
     tables.append(pgd & ADDR_MASK)
@@ -124,7 +136,7 @@ def exec_map(mem: GuestMemory, pgd: int, mode: PagingMode, *, nxe: bool = True,
                 elif len(ranges) >= max_ranges:
                     note(f"more than {max_ranges} executable ranges: walk stopped")
                     return ExecMap(tuple(ranges), tuple(sorted(set(tables))), False,
-                                   tuple(problems))
+                                   tuple(problems), root, snap())
                 else:
                     ranges.append(ExecRange(va, frame, size, w))
                 continue
@@ -136,7 +148,7 @@ def exec_map(mem: GuestMemory, pgd: int, mode: PagingMode, *, nxe: bool = True,
                 note(f"more than {max_tables} page-table descents toward executable "
                      "kernel memory: walk stopped")
                 return ExecMap(tuple(ranges), tuple(sorted(set(tables))), False,
-                               tuple(problems))
+                               tuple(problems), root, snap())
             view = views.get(child)
             if view is None:
                 view = read_table(child)
@@ -151,4 +163,5 @@ def exec_map(mem: GuestMemory, pgd: int, mode: PagingMode, *, nxe: bool = True,
             stack.append((depth, table, base, i + 1, rw))
             stack.append((depth + 1, child, va, 0, erw))
             break
-    return ExecMap(tuple(ranges), tuple(sorted(set(tables))), complete, tuple(problems))
+    return ExecMap(tuple(ranges), tuple(sorted(set(tables))), complete, tuple(problems),
+                   root, snap())

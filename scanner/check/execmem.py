@@ -30,10 +30,12 @@ prog`, or "unowned memory".
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from scanner.check.exec_fastpath import ExecTables
 from scanner.check.kernel_lists.exec_owners import (
     BPF_CHUNK,
     ExecOwner,
@@ -317,9 +319,11 @@ class ExecScan:
     """One slow-path look at executable kernel memory, over every vCPU's kernel root."""
 
     account: ExecAccount
-    #: (root gpa, its walk) for each distinct kernel root.
+    #: (root gpa, its walk) for each distinct kernel root (without table snapshots).
     maps: tuple[tuple[int, ExecMap], ...]
     owners: AddressOwners | None = None
+    #: What the fast path compares to prove this accounting still holds.
+    fingerprint: ExecTables | None = None
 
     @property
     def complete(self) -> bool:
@@ -352,14 +356,18 @@ def scan_exec(mem: GuestMemory, vcpus: Sequence[VcpuState], lk: LiveKernel,
     """Walk each vCPU's kernel root for executable pages and account for them."""
     maps: dict[int, ExecMap] = {}
     problems: list[str] = []
+    nxe = True
     for v in vcpus:
         try:
             sp = kernel_space(mem, v)
         except TranslationError as err:
             problems.append(f"vCPU {v.index}: {err}")
             continue
+        nxe &= sp.nxe
         if sp.pgd not in maps:
             maps[sp.pgd] = exec_map(mem, sp.pgd, sp.mode, nxe=sp.nxe)
+    fingerprint = ExecTables.from_snapshots({r: m.snapshot for r, m in maps.items()}, nxe)
+    maps = {r: dataclasses.replace(m, snapshot={}) for r, m in maps.items()}
     seen: set[ExecRange] = set()
     ranges: list[ExecRange] = []
     for m in maps.values():
@@ -373,7 +381,7 @@ def scan_exec(mem: GuestMemory, vcpus: Sequence[VcpuState], lk: LiveKernel,
     if problems:
         acc = ExecAccount(acc.pages, acc.by_kind, acc.unowned,
                           (tuple(problems) + acc.problems)[:32])
-    return ExecScan(acc, tuple(maps.items()), owners)
+    return ExecScan(acc, tuple(maps.items()), owners, fingerprint)
 
 
 def exec_findings(scan: ExecScan) -> list[tuple[str, str, dict[str, Any]]]:

@@ -8,6 +8,8 @@ After a full check (slow path) the watcher keeps a `Reference` per VM:
 * the kernel-half top-level entries each vCPU's CR3 must share (an attacker can point
   one process's PGD at a private copy of the kernel mapping);
 * each vCPU's control state (CR0.WP, CR4.SMEP/SMAP, IDTR);
+* the executable projection of the page tables that map executable kernel memory
+  (`scanner.check.exec_fastpath.ExecTables`, from the last full check's walk);
 * xxh3_128 of each region's raw bytes, hashed straight from zero-copy views of the
   guest's memory (memory that copies — anonymous RAM read from /proc/PID/mem, see
   `translate.procmem` — is read afresh at each pass instead: its views are snapshots).
@@ -23,6 +25,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from scanner.check.exec_fastpath import ExecTables
 from scanner.check.locate import LiveKernel
 from scanner.check.measure import region_views
 from scanner.hashing import raw_digest
@@ -89,6 +92,9 @@ class Reference:
     top_values: tuple[int, ...]
     control: tuple[tuple[int, int, int, int], ...]
     runs: dict[str, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
+    #: The page tables that decide what kernel memory is executable, as the last full
+    #: check accounted for it (`scanner.check.exec_fastpath`; None: not known).
+    exec_tables: ExecTables | None = None
 
     def release(self) -> None:
         """Drop the views so the guest memory mapping can be closed."""
@@ -134,6 +140,7 @@ class FastOutcome(enum.StrEnum):
     CONTROL_CHANGED = "vCPU control state changed"
     MAPPING_CHANGED = "a vCPU maps the kernel differently"
     TABLES_CHANGED = "page tables of protected regions changed"
+    EXEC_CHANGED = "page tables of executable kernel memory changed"
     BYTES_CHANGED = "region bytes changed"
 
 
@@ -164,6 +171,11 @@ def check_registers(ref: Reference, mem: GuestMemory,
         if not any(_top_matches(ref, mem, pgd) for pgd in kernel_pgd_candidates(v.cr3)):
             return FastResult(FastOutcome.MAPPING_CHANGED,
                               f"vCPU {v.index} (CR3 {v.cr3:#x}) maps the kernel differently")
+    if ref.exec_tables is not None:
+        odd = ref.exec_tables.roots_match(mem, vcpus)
+        if odd is not None:
+            return FastResult(FastOutcome.EXEC_CHANGED, f"vCPU {odd} maps executable kernel "
+                              "memory differently")
     return _UNCHANGED
 
 
@@ -171,6 +183,8 @@ def check_memory(ref: Reference, mem: GuestMemory) -> FastResult:
     """The memory part: translations unchanged, region bytes unchanged."""
     if not ref.fingerprint.unchanged(mem):
         return FastResult(FastOutcome.TABLES_CHANGED)
+    if ref.exec_tables is not None and not ref.exec_tables.tables_unchanged(mem):
+        return FastResult(FastOutcome.EXEC_CHANGED)
     if mem.zero_copy:
         changed = tuple(name for name, views in ref.views.items()
                         if raw_digest(views) != ref.digests[name])
