@@ -22,7 +22,7 @@ from scanner.check.execmem import ExecScan, exec_findings, scan_exec
 from scanner.check.kernel_lists import walker_reader
 from scanner.image.kernel_profile import KernelProfile, profile_from_path
 from tests.conftest import GuestPool
-from tests.kscan_proc import kscan, live_kernel
+from tests.kscan_proc import RunProc, kscan, live_kernel
 from tests.needs import unavailable
 from tools.guests import Guest, GuestError, GuestSpec, ensure_kernel
 from tools.testmodules import MODULES, build, load
@@ -140,6 +140,28 @@ def test_kprobe_slot_page_is_owned(xguest: Guest, kernel_profile: KernelProfile)
                    "echo '-:kscan_mid' >> /sys/kernel/tracing/kprobe_events")
     assert s.complete and not exec_findings(s), exec_findings(s)
     assert s.account.by_kind.get("kprobe_insn_page", 0) >= 1, s.account.by_kind
+
+
+def test_run_reports_unowned_executable_memory(xguest: Guest, xdb: str,
+                                               tmp_path: Path) -> None:
+    """Under `kscan run`, a new executable page changes the tables the fast path
+    fingerprints: the slow path runs and reports it as tampering."""
+    proc = RunProc(["--qmp", str(xguest.qmp), "--db", xdb, "--interval", "1",
+                    "--forensics-dir", str(tmp_path / "forensics")], tmp_path / "run.err")
+    try:
+        proc.wait_for(lambda e: e["event"] == "vm_clean" and e["vm"] == "exec61", 300)
+        mark = proc.mark()
+        gone = load(xguest, "kscan_exec_page", "vanish=1")
+        assert not gone.ok, gone
+        page = _addr(gone.lines, "page at")
+        ev = proc.wait_for(lambda e: e["event"] == "tamper", 120, mark)
+        found = [f for f in ev["findings"] if f["kind"] == "unowned_exec"]
+        assert any(f["va"] == page and f["pages"] == 1 for f in found), ev["findings"]
+        assert f"unowned executable kernel memory at {page:#x} (1 page, writable)" in [
+            f["message"] for f in found]
+    finally:
+        assert proc.stop() == 0
+    assert not proc.bad_lines
 
 
 def test_executable_page_of_an_unlinked_module_is_unowned(xguest: Guest, xdb: str,
