@@ -17,7 +17,7 @@ A change sends the VM down the slow path, which walks and accounts again.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import xxhash
@@ -62,6 +62,9 @@ class ExecTables:
     tables: tuple[int, ...]
     digest: bytes
     nxe: bool = True
+    #: xxh3 of the tables' raw bytes when their projection was last found unchanged:
+    #: equal raw bytes need no projection (the common pass, ~20 µs instead of ~300).
+    _raw: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
     def from_snapshots(cls, roots: Mapping[int, Mapping[int, bytes]], nxe: bool = True
@@ -98,4 +101,11 @@ class ExecTables:
             views = [mem.view(g, PAGE) for g in self.tables]
         except TranslationError:
             return False
-        return _digest(views, self.nxe) == self.digest
+        blob = b"".join(views)     # one copy: the raw digest and the projection agree
+        raw = xxhash.xxh3_128_digest(blob)
+        if self._raw and self._raw[0] == raw:
+            return True
+        if _digest((blob,), self.nxe) != self.digest:
+            return False
+        self._raw[:] = [raw]       # NX churn only: remember these bytes as fine
+        return True
