@@ -226,16 +226,43 @@ def xguest612(guests: GuestPool) -> Guest:
     return g
 
 
-def test_612_clean_then_an_unowned_page(xguest612: Guest) -> None:
+def test_612_clean_then_an_unowned_page(xguest612: Guest, tmp_path: Path) -> None:
     profile = profile_from_path(ensure_kernel("6.12").vmlinuz)
+    db = _db(xguest612, "6.12", tmp_path)
     s = scan(xguest612, profile)
     assert s.complete and not exec_findings(s), exec_findings(s)
     assert s.account.by_kind["kernel_text"] == 4096, s.account.by_kind
+    # Benign run-time code: a module, the function tracer, a mid-function kprobe.
     ben = load(xguest612, "kscan_benign")
+    assert ben.ok, ben
+    rc, out = xguest612.run(
+        "echo function > /sys/kernel/tracing/current_tracer && "
+        "echo 'p:kscan_mid vfs_read+9' >> /sys/kernel/tracing/kprobe_events && "
+        "echo 1 > /sys/kernel/tracing/events/kprobes/kscan_mid/enable && cat /proc/version")
+    assert rc == 0, out
+    try:
+        s = scan(xguest612, profile)
+    finally:
+        xguest612.run("echo nop > /sys/kernel/tracing/current_tracer; "
+                      "echo 0 > /sys/kernel/tracing/events/kprobes/kscan_mid/enable; "
+                      "echo '-:kscan_mid' >> /sys/kernel/tracing/kprobe_events")
+    assert s.complete and not exec_findings(s), exec_findings(s)
+    kinds = s.account.by_kind
+    assert kinds["module"] >= 1 and kinds["ftrace_trampoline"] >= 1, kinds
+    assert kinds.get("kprobe_insn_page", 0) >= 1, kinds
+    assert s.owners is not None
+    assert s.owners.describe(_addr(ben.lines, "text")) == "module kscan_benign"
+    # Then the page, and a sys_call_table entry (6.12 dispatches through x64_sys_call:
+    # the table still exists, in .rodata, and a changed entry is still named).
     loaded = load(xguest612, "kscan_exec_page")
-    assert ben.ok and loaded.ok, (ben, loaded)
+    sct = load(xguest612, "kscan_sct")
+    assert loaded.ok and sct.ok, (loaded, sct)
     page = _addr(loaded.lines, "page at")
     s = scan(xguest612, profile)
     assert dict(unowned(s)).get(page) == 1, unowned(s)
-    assert s.owners is not None
-    assert s.owners.describe(_addr(ben.lines, "text")) == "module kscan_benign"
+    rc, rep = check_json(xguest612, db)
+    assert rc == 1
+    ptrs = [p for m in rep["regions"] for mm in m["mismatches"] for p in mm.get("pointers", [])]
+    hit = [p for p in ptrs if p["label"] == "sys_call_table[110]"]
+    assert hit and hit[0]["new_owner"] == "module kscan_sct" and "getppid" in hit[0][
+        "old_owner"], ptrs
