@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ from tests.conftest import GuestPool
 from tests.kscan_proc import RunProc, kscan, live_kernel
 from tests.needs import unavailable
 from tools.guests import Guest, GuestError, GuestSpec, ensure_kernel
+from tools.tamper import write_guest
 from tools.testmodules import MODULES, build, load
+from tools.testmodules import dmesg as tools_dmesg
 
 
 def _build_all(kernel: str) -> None:
@@ -214,6 +217,57 @@ def test_sys_call_table_entry_named_with_its_module(xguest: Guest, xdb: str,
     assert hit[0]["message"] == said
     out = kscan("check", "--qmp", str(xguest.qmp_aux), "--db", xdb)
     assert said in out.stdout, out.stdout
+
+
+def _idt_gate(g: Guest, profile: KernelProfile, vector: int,
+              handler: int | None = None) -> bytes:
+    """Gate `vector` of the guest's IDT; with `handler`, rewrite its handler first (the
+    test plays the rootkit: a write through the backing file, as tools/tamper does)."""
+    async def go() -> bytes:
+        vm, lk = await live_kernel(g.qmp_aux, profile)
+        try:
+            va = lk.regions["idt"].va + vector * 16
+            if handler is not None:
+                old = walker_reader(vm.walker())(va, 16)
+                assert old is not None
+                new = bytearray(old)
+                struct.pack_into("<H", new, 0, handler & 0xFFFF)
+                struct.pack_into("<H", new, 6, handler >> 16 & 0xFFFF)
+                struct.pack_into("<I", new, 8, handler >> 32)
+                write_guest(vm, va, bytes(new))
+            got = walker_reader(vm.walker())(va, 16)
+            assert got is not None
+            return got
+        finally:
+            await vm.close()
+
+    return asyncio.run(go())
+
+
+def test_idt_gate_named_by_vector_and_owner(xguest: Guest, xdb: str,
+                                            kernel_profile: KernelProfile) -> None:
+    ben = load(xguest, "kscan_benign")                       # loaded already, or now
+    text = _addr(ben.lines if ben.ok else tools_dmesg(xguest, "kscan_benign"), "text")
+    old = _idt_gate(xguest, kernel_profile, 0x80)
+    try:
+        _idt_gate(xguest, kernel_profile, 0x80, text)
+        rc, rep = check_json(xguest, xdb)
+        assert rc == 1
+        ptrs = [p for m in rep["regions"] if m["region"] == "idt" for mm in m["mismatches"]
+                for p in mm.get("pointers", [])]
+        assert [p["label"] for p in ptrs] == ["idt[0x80]"], ptrs
+        assert ptrs[0]["new"] == text and ptrs[0]["new_owner"] == "module kscan_benign"
+        assert ptrs[0]["old_owner"] == kernel_profile.symbolize(ptrs[0]["old"])
+    finally:
+        async def restore() -> None:
+            vm, lk = await live_kernel(xguest.qmp_aux, kernel_profile)
+            try:
+                write_guest(vm, lk.regions["idt"].va + 0x80 * 16, old)
+            finally:
+                await vm.close()
+
+        asyncio.run(restore())
+    assert _idt_gate(xguest, kernel_profile, 0x80) == old
 
 
 # ---------------------------------------------------------------------------- 6.12
