@@ -13,6 +13,8 @@ this list only; `tests/test_layers.py` keeps it so):
     hash         hashing    one page hash and region hash for profile, baseline, verify
     compare      check/     fast path (digests, page-table fingerprint), baselines,
                             page-by-page verify, localize and classify changes
+    kernel data  check/kernel_lists/  the kernel's own lists (modules) read with the
+                            struct layouts of its BTF (image/btf.py, image/layouts.py)
     examine      examine/   a VM handle + the database → an examined, verified VM
     event        run/       the engine: watchers, scheduler, events, actions
                  commands/  one-shot commands, inspect, the CLI

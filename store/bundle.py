@@ -7,11 +7,11 @@ with an Ed25519 key, so that a baseline verified on one host is trusted on many.
     ...
     bundle = read_bundle_file("fleet.kbundle", load_public_key("signing.pub.pem"))
 
-Format, version 1 (integers little-endian):
+Format, version 2 (integers little-endian):
 
     offset     size  field
     0          8     magic b"KSCANBDL"
-    8          2     format version (1)
+    8          2     format version (2; 1 is still read, see below)
     10         2     flags (0; anything else is refused)
     12         4     H: header length
     16         8     P: payload length
@@ -22,8 +22,9 @@ Format, version 1 (integers little-endian):
 
 The header:
 
-    {"format": 1, "producer": "kscan 0.1.0", "created": <Unix time>,
+    {"format": 2, "producer": "kscan 0.1.0", "created": <Unix time>,
      "key_id": "<sha256 hex of the signer's raw 32-byte public key>",
+     "sequence": <integer >= 0, grows with every bundle signed with that key>,
      "payload": {"compression": "zstd", "size": P, "sha256": "<of the P bytes>",
                  "raw_size": <decompressed size>},
      "items": [
@@ -41,6 +42,14 @@ offsets to lie about: the sizes must add up to `raw_size`). Profile data and gol
 content are opaque bytes, as `Store` keeps them; `meta` is the region's metadata in
 `store.codec`'s JSON form. Every golden baseline's profile is in the same bundle.
 
+The sequence number is what rollback protection rests on: `kscan import` refuses a
+bundle whose sequence is older than the newest it imported from the same key (unless
+`--allow-older`), so that an old signed bundle replayed cannot bring back baselines
+deleted or replaced since. `kscan export` takes the larger of the Unix time and one more
+than the last sequence its database exported with the key. Version 1 bundles (no
+sequence) are still decoded (`Bundle.sequence` None); import takes them only with
+`--allow-older`.
+
 Reading checks, in this order, before anything is believed: size (at most
 `Limits.file`), magic, version, flags, the two lengths against their limits and the
 file size (truncation, trailing bytes), then the signature with the one trusted key —
@@ -53,8 +62,10 @@ string lengths, region layout as `GoldenRegion` enforces it). Any failure raises
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import secrets
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -73,12 +84,16 @@ from store import codec
 from store.errors import BundleError, KeyFileError
 from store.models import GoldenRecord, GoldenRegion, ProfileRow
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "Bundle", "Limits", "decode_bundle", "encode_bundle",
-           "key_id", "load_private_key", "load_public_key", "read_bundle_file",
+__all__ = ["FORMAT_VERSION", "MAGIC", "MAX_SEQUENCE", "Bundle", "Limits", "decode_bundle",
+           "encode_bundle", "key_id", "load_private_key", "load_public_key", "read_bundle_file",
            "write_bundle_file"]
 
 MAGIC = b"KSCANBDL"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions `decode_bundle` reads: 1 had no sequence number.
+READ_VERSIONS = (1, 2)
+#: Sequence numbers fit SQLite's signed 64-bit integers, with room to grow.
+MAX_SEQUENCE = 1 << 62
 _PREFIX = struct.Struct("<8sHHIQ")       # magic, version, flags, H, P
 PREFIX_SIZE = _PREFIX.size               # 24
 SIG_SIZE = 64
@@ -115,6 +130,8 @@ class Bundle:
     goldens: tuple[GoldenRecord, ...]
     size: int = 0                    # bytes of the file
     raw_size: int = 0                # bytes of the decompressed payload
+    #: The signer's sequence number (rollback protection); None in a version 1 bundle.
+    sequence: int | None = None
 
 
 # ------------------------------------------------------------------------------ keys
@@ -203,9 +220,16 @@ def _first_line(err: Exception) -> str:
 
 
 def encode_bundle(profiles: Sequence[ProfileRow], goldens: Sequence[GoldenRecord],
-                  key: Ed25519PrivateKey, *, created: float | None = None) -> bytes:
-    """The signed bundle of these records. Every golden's profile must be among
-    `profiles` (ValueError otherwise)."""
+                  key: Ed25519PrivateKey, *, created: float | None = None,
+                  sequence: int | None = None) -> bytes:
+    """The signed bundle of these records, with `sequence` (default: the Unix time in
+    whole seconds). Every golden's profile must be among `profiles` (ValueError
+    otherwise)."""
+    if sequence is None:
+        sequence = int(time.time())
+    if isinstance(sequence, bool) or not isinstance(sequence, int) or \
+            not 0 <= sequence <= MAX_SEQUENCE:
+        raise ValueError(f"sequence must be an integer >= 0, got {sequence!r}")
     have = {p.build_id for p in profiles}
     missing = sorted({g.build_id for g in goldens} - have)
     if missing:
@@ -238,6 +262,7 @@ def encode_bundle(profiles: Sequence[ProfileRow], goldens: Sequence[GoldenRecord
     header = orjson.dumps({
         "format": FORMAT_VERSION, "producer": f"kscan {__version__}",
         "created": time.time() if created is None else created, "key_id": key_id(key),
+        "sequence": sequence,
         "payload": {"compression": "zstd", "size": len(payload),
                     "sha256": hashlib.sha256(payload).hexdigest(), "raw_size": len(raw)},
         "items": items}, option=orjson.OPT_SORT_KEYS)
@@ -247,17 +272,33 @@ def encode_bundle(profiles: Sequence[ProfileRow], goldens: Sequence[GoldenRecord
 
 
 def write_bundle_file(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` atomically (a temporary file beside it, then rename)."""
+    """Write `data` to `path` atomically: a temporary file beside it, then rename.
+
+    The temporary file has an unpredictable name and is created 0600 with
+    O_CREAT|O_EXCL|O_NOFOLLOW: in a directory others can write to (/tmp), a symlink or
+    file planted under the name kscan would use is never followed nor written into."""
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    tmp: Path | None = None
     try:
-        with open(tmp, "wb") as f:
+        for _ in range(16):
+            candidate = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+            try:
+                fd = os.open(candidate, flags, 0o600)
+            except FileExistsError:
+                continue
+            tmp = candidate
+            break
+        else:
+            raise FileExistsError(errno.EEXIST, "no free temporary name beside it")
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise BundleError(f"cannot write: {err.strerror or err}", path=str(path)) from err
 
 
@@ -291,8 +332,9 @@ def decode_bundle(data: bytes, trusted: Ed25519PublicKey, *, name: str = "<bytes
         raise bad(f"truncated: {len(data)} bytes, shorter than any bundle "
                   f"({PREFIX_SIZE + SIG_SIZE})")
     _, version, flags, hlen, plen = _PREFIX.unpack_from(data)
-    if version != FORMAT_VERSION:
-        raise bad(f"format version {version}; this kscan reads version {FORMAT_VERSION}",
+    if version not in READ_VERSIONS:
+        raise bad(f"format version {version}; this kscan reads versions "
+                  f"{', '.join(map(str, READ_VERSIONS))}",
                   hint="upgrade kscan, or export with the kscan version here")
     if flags:
         raise bad(f"unknown flags {flags:#x}")
@@ -325,8 +367,11 @@ def decode_bundle(data: bytes, trusted: Ed25519PublicKey, *, name: str = "<bytes
     except orjson.JSONDecodeError as err:
         raise bad(f"header is not JSON ({_first_line(err)})") from err
     h = _Fields(header, "header", bad, limits)
-    if h.integer("format") != FORMAT_VERSION:
-        raise bad(f"header says format {header['format']}, the prefix {FORMAT_VERSION}")
+    if h.integer("format") != version:
+        raise bad(f"header says format {header['format']}, the prefix {version}")
+    sequence = h.integer("sequence") if version >= 2 else None
+    if sequence is not None and sequence > MAX_SEQUENCE:
+        raise bad(f"sequence {sequence} is over the limit of {MAX_SEQUENCE}")
     if h.string("key_id") != trusted_id:
         raise bad(f"header names key {header['key_id'][:16]} but the trusted key "
                   f"({trusted_id[:16]}) signed it")
@@ -376,7 +421,7 @@ def decode_bundle(data: bytes, trusted: Ed25519PublicKey, *, name: str = "<bytes
     _check_keys(profiles, goldens, bad)
     return Bundle(key_id=trusted_id, created=created, producer=producer,
                   profiles=tuple(profiles), goldens=tuple(goldens), size=len(data),
-                  raw_size=raw_size)
+                  raw_size=raw_size, sequence=sequence)
 
 
 def _claimed_key_id(header: bytes) -> str | None:

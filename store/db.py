@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import math
 import sqlite3
 import time
@@ -35,7 +36,7 @@ from typing import Any
 import aiosqlite
 
 from store import codec, schema
-from store.errors import SchemaError, StoreError
+from store.errors import BundleError, SchemaError, StoreError
 from store.models import (
     EventRow,
     GoldenInfo,
@@ -56,6 +57,8 @@ class _State(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
 
+
+log = logging.getLogger("kscan.store")
 
 def _check_str(name: str, value: object, *, empty_ok: bool = False) -> None:
     if not isinstance(value, str):
@@ -223,7 +226,12 @@ class Store:
             # Re-read under the write lock: another process may have migrated meanwhile.
             version = await cls._check_schema(conn, where)
             pending = [m for m in migrations if m.version > version]
+            notices = []
             for m in pending:
+                if m.notice and m.notice_if:
+                    (count,), = await conn.execute_fetchall(m.notice_if)
+                    if count:
+                        notices.append(m.notice)
                 for statement in m.statements:
                     await conn.execute(statement)
             if pending:
@@ -237,6 +245,8 @@ class Store:
                 await conn.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
                 version = pending[-1].version
             await conn.execute("COMMIT")
+            for notice in notices:
+                log.warning("%s: %s", where, notice)
         except BaseException:
             with suppress(sqlite3.Error):
                 await conn.execute("ROLLBACK")
@@ -552,9 +562,33 @@ class Store:
 
     # ------------------------------------------------------------------ import
 
+    async def bundle_sequences(self, key_id: str) -> tuple[int | None, int | None]:
+        """(newest sequence imported, last sequence exported) with signing key `key_id`."""
+        async with self._reading("bundle_sequences") as conn:
+            rows = list(await conn.execute_fetchall(
+                "SELECT imported_seq, exported_seq FROM bundle_key WHERE key_id = ?",
+                (key_id,)))
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
+
+    async def next_export_sequence(self, key_id: str, floor: int) -> int:
+        """The sequence number of a new bundle signed with `key_id`: above every one this
+        database exported with it, and at least `floor`; recorded at once."""
+        async with self._writing("next_export_sequence") as conn:
+            rows = list(await conn.execute_fetchall(
+                "SELECT exported_seq FROM bundle_key WHERE key_id = ?", (key_id,)))
+            last = rows[0][0] if rows and rows[0][0] is not None else -1
+            seq = max(int(floor), last + 1)
+            await conn.execute(
+                "INSERT INTO bundle_key (key_id, exported_seq, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key_id) DO UPDATE SET exported_seq = excluded.exported_seq,"
+                " updated_at = excluded.updated_at", (key_id, seq, time.time()))
+        return seq
+
     async def import_records(self, profiles: Sequence[tuple[ProfileRow, bool]],
                              goldens: Sequence[GoldenRecord], *, replace_golden: bool,
-                             event: Mapping[str, Any]) -> ImportOutcome:
+                             event: Mapping[str, Any],
+                             signer: tuple[str, int | None, str] | None = None,
+                             allow_older: bool = False) -> ImportOutcome:
         """Merge records from elsewhere (a verified baseline bundle) in ONE transaction,
         with `event` (its `ts`, `event`, `vm` as for `append_event`) appended to the event
         log in that same transaction, its detail extended with `outcome`
@@ -568,6 +602,14 @@ class Store:
         are taken inside the transaction, so a baseline written meanwhile by another
         process is never overwritten unseen. Each golden's profile must be stored or
         among `profiles` (StoreError otherwise, and nothing is written).
+
+        `signer`: (key id, sequence, name for messages) of the bundle (sequence None: a
+        format-1 bundle, which has none). A bundle older than the newest imported from that key, or
+        without a sequence, is refused (BundleError, nothing written) unless
+        `allow_older`. A bundle not newer than that (the same one again, or an older one
+        let in) adds no golden baseline missing here unless `replace_golden`: those are
+        `golden_not_restored` (deleted here since, as far as kscan can tell). The newest
+        sequence imported from the key is kept.
         """
         for row, _ in profiles:
             if not isinstance(row, ProfileRow):
@@ -579,8 +621,13 @@ class Store:
         p_upgraded: list[str] = []
         p_kept: list[str] = []
         g_out: dict[str, list[tuple[str, str]]] = {
-            "added": [], "unchanged": [], "replaced": [], "kept_local": []}
+            "added": [], "unchanged": [], "replaced": [], "kept_local": [],
+            "not_restored": []}
         async with self._writing("import_records") as conn:
+            restore_missing = True
+            if signer is not None:
+                restore_missing = await self._check_sequence(conn, *signer, allow_older)
+                restore_missing = restore_missing or replace_golden
             for row, upgrade in profiles:
                 cur = await conn.execute(
                     "INSERT INTO profile (build_id, release, version, data, added_at)"
@@ -601,6 +648,9 @@ class Store:
             for g, (region_params, content_params) in golden_params:
                 key = (g.build_id, g.boot_profile)
                 local = await _golden_record(conn, *key)
+                if local is None and not restore_missing:
+                    g_out["not_restored"].append(key)
+                    continue
                 if local is None:
                     verdict = "added"
                 elif local.same_hashes(g):
@@ -616,10 +666,40 @@ class Store:
                 g_out[verdict].append(key)
             outcome = ImportOutcome(
                 tuple(p_added), tuple(p_upgraded), tuple(p_kept),
-                *(tuple(g_out[k]) for k in ("added", "unchanged", "replaced", "kept_local")))
+                *(tuple(g_out[k]) for k in ("added", "unchanged", "replaced", "kept_local",
+                                             "not_restored")))
             await self._insert_event(conn, _event_row({**event, "outcome": outcome.to_json()}),
                                      "import_records")
         return outcome
+
+    async def _check_sequence(self, conn: aiosqlite.Connection, key_id: str,
+                              sequence: int | None, name: str, allow_older: bool) -> bool:
+        """Inside `import_records`' transaction: refuse a bundle older than the newest
+        imported from `key_id` (or without a sequence) unless `allow_older`; record a
+        newer one. Whether the bundle is newer than every one imported before."""
+        rows = list(await conn.execute_fetchall(
+            "SELECT imported_seq FROM bundle_key WHERE key_id = ?", (key_id,)))
+        newest: int | None = rows[0][0] if rows else None
+        if sequence is None:
+            if not allow_older:
+                raise BundleError(
+                    "a format-1 bundle has no sequence number: kscan cannot tell it from "
+                    "an old bundle replayed", path=name,
+                    hint="re-export it with this kscan, or import with --allow-older")
+            return False
+        if newest is not None and sequence < newest and not allow_older:
+            raise BundleError(
+                f"bundle sequence {sequence} is older than the newest imported from key "
+                f"{key_id[:16]} ({newest}): an old bundle replayed would bring back what "
+                "was replaced or deleted since", path=name,
+                hint="import the newest bundle of that signer, or --allow-older")
+        if newest is None or sequence > newest:
+            await conn.execute(
+                "INSERT INTO bundle_key (key_id, imported_seq, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key_id) DO UPDATE SET imported_seq = excluded.imported_seq,"
+                " updated_at = excluded.updated_at", (key_id, sequence, time.time()))
+            return True
+        return False
 
     async def prune_events(self, before: float,
                            keep_last_of: tuple[str, ...] = ("tamper",)) -> int:

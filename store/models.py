@@ -184,6 +184,9 @@ class ImportOutcome:
     golden_unchanged: tuple[tuple[str, str], ...] = ()   # the same hashes already stored
     golden_replaced: tuple[tuple[str, str], ...] = ()    # a different one, replaced
     golden_kept_local: tuple[tuple[str, str], ...] = ()  # a different one, kept
+    #: Not stored here, not re-added: the bundle is not newer than the newest imported
+    #: from its key (deleted here since, most likely), and no --replace.
+    golden_not_restored: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"profiles": {"added": list(self.profiles_added),
@@ -192,4 +195,5 @@ class ImportOutcome:
                 "golden": {k: [list(x) for x in v] for k, v in (
                     ("added", self.golden_added), ("unchanged", self.golden_unchanged),
                     ("replaced", self.golden_replaced),
-                    ("kept_local", self.golden_kept_local))}}
+                    ("kept_local", self.golden_kept_local),
+                    ("not_restored", self.golden_not_restored))}}

@@ -11,17 +11,21 @@ one that has shipped. Statements run one by one inside the transaction (so no
 rebuilds a table must keep the references valid (`PRAGMA foreign_key_check` runs
 before the commit).
 
-Tables (v3):
+Tables (v5):
     profile         build_id → release, version, data (opaque profile bytes)
     golden          (build_id, boot_profile) → source_vm, created_at; FK → profile
     golden_region   (build_id, boot_profile, name) → size, hashes, per_boot, boots, meta
     golden_content  (build_id, boot_profile, name) → data (opaque, e.g. compressed
                     normalized region bytes; optional, read only on demand);
                     FK → golden, ON DELETE CASCADE                              [v2]
-    vm_state        vm_id → state (JSON, store.codec)
+    vm_state        vm_id → state (JSON, store.codec); vm_id is the VM's identity
+                    (`scanner.vm.identity.state_key`), not its name            [v5]
     vm_resume       vm_id → state (opaque bytes: what a fast pass needs to resume the VM
                     after a restart, `scanner.check.resume`); FK → vm_state,
                     ON DELETE CASCADE                                            [v3]
+    bundle_key      key_id → newest sequence imported from that signing key, last
+                    sequence this database exported with it (rollback protection of
+                    baseline bundles, `store.bundle`)                            [v4]
     event           append-only log; UPDATE and DELETE are refused by triggers (only
                     `Store.prune_events` removes old rows, by age, keeping the last
                     tamper of each VM)
@@ -44,6 +48,10 @@ class Migration:
     version: int
     summary: str
     statements: tuple[str, ...]
+    #: Said once on stderr (a warning) when applied to a file where `notice_if` (a
+    #: SELECT of one count, run before the statements) is not 0.
+    notice: str = ""
+    notice_if: str = ""
 
 
 #: The trigger that keeps the event log append-only against DELETE. `Store.prune_events`
@@ -125,8 +133,33 @@ _V3 = Migration(3, "vm_resume: the fast-pass state a restarted kscan resumes a V
     )""",
 ))
 
+# A table of its own, no reference to the others: importing refuses a bundle older
+# than the newest one imported from its signing key (replaying an old signed bundle
+# would bring back baselines deleted since).
+_V4_BUNDLE_KEYS = Migration(4, "bundle_key: bundle sequence numbers per signing key", (
+    """CREATE TABLE bundle_key (
+        key_id        TEXT PRIMARY KEY NOT NULL CHECK (length(key_id) = 64),
+        imported_seq  INTEGER CHECK (imported_seq IS NULL OR (typeof(imported_seq) =
+                                     'integer' AND imported_seq >= 0)),
+        exported_seq  INTEGER CHECK (exported_seq IS NULL OR (typeof(exported_seq) =
+                                     'integer' AND exported_seq >= 0)),
+        updated_at    REAL NOT NULL
+    )""",
+))
+
+# Per-VM state was keyed by the name QEMU reports, which any QEMU can claim; it is now
+# keyed by the VM's identity (`scanner.vm.identity`). Which VM a name-keyed row was
+# written for cannot be told, so those rows are dropped: each VM's per-VM baseline is
+# taken again at its next full check (and no resume until then).
+_V5 = Migration(5, "per-VM state keyed by VM identity, not by name", (
+    "DELETE FROM vm_resume",
+    "DELETE FROM vm_state",
+), notice="per-VM state of an older kscan (keyed by VM name) dropped: each VM's per-VM "
+          "baseline is taken again at its next full check",
+   notice_if="SELECT count(*) FROM vm_state")
+
 #: In order, versions 1, 2, 3, ... with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4_BUNDLE_KEYS, _V5)
 
 #: The newest schema this code knows.
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
+import shutil
 import struct
+import subprocess
+from pathlib import Path
 
 import orjson
 import pytest
@@ -20,6 +24,7 @@ from scanner.errors import KernelImageError
 from scanner.image.btf import Btf, Kind, MemberInfo, parse_btf
 from scanner.image.kernel_profile import KernelProfile, profile_from_image
 from scanner.image.layouts import Field, Layouts, StructLayout, layouts_from_btf
+from tests.needs import unavailable
 from tests.realkernels import real_image
 
 
@@ -225,9 +230,18 @@ def test_hostile_references_are_bounded() -> None:
     big = b.array(arr, 1 << 30)                       # 9: ... of 1 GiB arrays
     b.struct("huge", 8, [("h", big, 0, 0)])
     b.struct("unaligned", 8, [("u", 7, 3, 0)])       # a u8 at bit 3, not a bitfield
+    # 12: a chain of structs, each with 2,000 anonymous members of the next one: a
+    # search that does not remember where it looked would visit 2000**5 of them.
+    b.raw(Kind.INT, 0, 4, struct.pack("<I", 32))
+    first = b.count + 1
+    for level in range(6):
+        target = first + level + 1 if level < 5 else first - 1
+        b.struct(f"fan{level}", 8, [("", target, 0, 0)] * 2000)
     btf = parse_btf(b.blob())
+    assert btf.member("fan0", "no_such_member") is None
+    assert btf.member("selfish", "y") is None        # searched once, not forever
     for call in (lambda: btf.strip(1), lambda: btf.size_of(3) and btf.size_of(999),
-                 lambda: btf.member("bad_member", "x"), lambda: btf.member("selfish", "y"),
+                 lambda: btf.member("bad_member", "x"),
                  lambda: btf.member("cyc", "t"), lambda: btf.member("huge", "h"),
                  lambda: btf.member("unaligned", "u")):
         with pytest.raises(KernelImageError):
@@ -309,7 +323,9 @@ def test_profile_keeps_layouts_and_data_symbols_and_reads_older_ones() -> None:
     assert ks is not None
     for name in ("modules", "ftrace_ops_list", "kprobe_table", "sys_call_table", "prog_idr"):
         assert prof.data_symbol(name) is not None, name
-    assert prof.data_symbols["modules"][1] == "D" and prof.data_symbols["kprobe_table"][1] == "b"
+    assert prof.data_symbols["modules"].type == "D"
+    kt = prof.data_symbols["kprobe_table"]
+    assert kt.type == "b" and kt.span >= 64 * 8            # KPROBE_TABLE_SIZE hlist_heads
     again = KernelProfile.from_bytes(prof.to_bytes())
     assert again.layouts == prof.layouts and again.data_symbols == prof.data_symbols
     old = KernelProfile.from_bytes(_strip_header(prof.to_bytes(), "layouts", "btf_note",
@@ -333,3 +349,96 @@ def test_image_without_btf_says_what_is_off() -> None:
 def test_btf_class_is_what_parse_returns() -> None:
     assert isinstance(parse_btf(sample()[0].blob()), Btf)
     assert StructLayout("x", 8, {}).get("y") is None
+
+
+@pytest.mark.parametrize("which", ["6.1", "6.12"])
+def test_real_image_against_bpftool(which: str, tmp_path: Path) -> None:
+    """Every type of the real images as bpftool (the kernel tree's own BTF reader) dumps
+    it: kind and name of each id, size and members (bit offsets, bitfield sizes) of every
+    struct and union, values of every enum."""
+    bpftool = shutil.which("bpftool") or ("/usr/sbin/bpftool"
+                                          if Path("/usr/sbin/bpftool").exists() else None)
+    if bpftool is None:
+        unavailable("bpftool not installed")
+    raw = real_image(which).section_bytes(".BTF")
+    blob = tmp_path / "btf"
+    blob.write_bytes(raw)
+    dump = subprocess.run([bpftool, "btf", "dump", "file", str(blob), "format", "raw"],
+                          capture_output=True, text=True, check=True).stdout
+    btf = parse_btf(raw)
+    head = re.compile(r"^\[(\d+)\] (\w+) '([^']*)'(?: size=(\d+))?")
+    member = re.compile(r"^\t'([^']*)' type_id=(\d+) bits_offset=(\d+)(?: bitfield_size=(\d+))?")
+    enumval = re.compile(r"^\t'([^']*)' val=(-?\d+)")
+    ids = 0
+    cur: int | None = None
+    members: list[tuple[str, int, int, int]] = []
+    values: list[tuple[str, int]] = []
+    compared = {"members": 0, "enumerators": 0}
+
+    def finish() -> None:
+        if cur is None:
+            return
+        kind = btf.kind(cur)
+        if kind in (Kind.STRUCT, Kind.UNION):
+            got = [(m.name or "(anon)", m.type_id, m.bit_offset, m.bitfield_size)
+                   for m in btf.members(cur)]
+            assert got == members, cur
+            compared["members"] += len(got)
+        elif kind in (Kind.ENUM, Kind.ENUM64):
+            assert btf.enumerators(cur) == values, cur
+            compared["enumerators"] += len(values)
+
+    for line in dump.splitlines():
+        h = head.match(line)
+        if h:
+            finish()
+            cur, kind, name, size = int(h[1]), h[2], h[3], h[4]
+            ids += 1
+            assert btf.kind(cur).name == kind, (cur, kind)
+            assert (btf.name(cur) or "(anon)") == name, cur
+            if size is not None and btf.kind(cur) in (Kind.STRUCT, Kind.UNION):
+                assert btf.size_of(cur) == int(size), cur
+            members, values = [], []
+            continue
+        m = member.match(line)
+        if m:
+            members.append((m[1], int(m[2]), int(m[3]), int(m[4] or 0)))
+            continue
+        e = enumval.match(line)
+        if e:
+            values.append((e[1], int(e[2])))
+    finish()
+    assert ids == len(btf) - 1 > 50_000
+    assert compared["members"] > 50_000 and compared["enumerators"] > 5_000, compared
+
+
+def test_profile_add_upgrades_a_profile_stored_without_layouts(tmp_path: Path) -> None:
+    """`kscan profile add` of a kernel whose stored profile predates struct layouts
+    replaces it (the way kallsyms and patch sites were added before)."""
+    import asyncio
+
+    from store import Store
+    from tests.kscan_proc import kscan
+    from tools.guests import ensure_kernel
+
+    db = str(tmp_path / "k.db")
+    prof = profile_from_image(real_image("6.1"))
+    old = _strip_header(prof.to_bytes(), "layouts", "btf_note", "data_symbols")
+
+    async def put() -> None:
+        async with Store.open(db) as st:
+            await st.add_profile(prof.build_id, prof.release, prof.version, old)
+
+    async def get() -> KernelProfile:
+        async with Store.open(db) as st:
+            row = await st.get_profile(prof.build_id)
+            assert row is not None
+            return KernelProfile.from_bytes(row.data)
+
+    asyncio.run(put())
+    assert asyncio.run(get()).layouts is None
+    out = kscan("profile", "add", str(ensure_kernel().vmlinuz), "--db", db)
+    assert out.returncode == 0 and out.stdout.startswith("upgraded profile "), out
+    assert "struct layouts from BTF" in out.stdout
+    stored = asyncio.run(get())
+    assert stored.layouts == prof.layouts and stored.data_symbol("modules") is not None

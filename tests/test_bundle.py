@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import random
 import shutil
 import sqlite3
@@ -248,8 +249,10 @@ def test_a_different_local_baseline_is_kept_unless_replace(
     assert events[-1]["replace"] is True
 
 
-def test_a_richer_profile_upgrades_a_stored_one(tmp_path: Path, keys: dict[str, Any],
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_richer_profile_upgrades_a_stored_one_only_with_replace(
+        tmp_path: Path, keys: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """What the stored profile says is where kscan looks in every VM of that kernel: a
+    signed bundle changes it only when asked (--replace)."""
     db_a, db_b = tmp_path / "a.db", tmp_path / "b.db"
     richer = make_profile(early_idt=(0xFFFF_FFFF_8300_0000, 9))
     asyncio.run(fill(db_a, [richer], [golden()]))
@@ -257,7 +260,14 @@ def test_a_richer_profile_upgrades_a_stored_one(tmp_path: Path, keys: dict[str, 
     out = tmp_path / "x.kbundle"
     assert main(["export", "--db", str(db_a), "--out", str(out), "--key",
                  str(keys["key"])]) == 0
+    capsys.readouterr()
     assert main(import_args(out, keys["pub"], db_b)) == 0
+    cap = capsys.readouterr()
+    assert "0 upgraded, 1 already stored" in cap.out
+    assert "kept the local profile of b1d" in cap.err and "--replace" in cap.err
+    profiles, _, _ = asyncio.run(read_all(db_b))
+    assert profiles["b1d"] == make_profile().to_bytes()
+    assert main(import_args(out, keys["pub"], db_b, "--replace")) == 0
     assert "1 upgraded" in capsys.readouterr().out
     profiles, _, _ = asyncio.run(read_all(db_b))
     assert KernelProfile.from_bytes(profiles["b1d"]).early_idt == richer.early_idt
@@ -373,7 +383,12 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any], bytes], None]:
     (lambda h, p: _drop_first_item(h, p), "without its profile"),
     (_set("items.0.kind", "script"), "unknown kind"),
     (_set("items.0.build_id", "x" * 5000), "longer than"),
-    (_set("format", 2), "format"),
+    (_set("format", 1), "format"),
+    (_set("format", 3), "format"),
+    (_set("sequence", -1), "not an integer"),
+    (_set("sequence", "9"), "not an integer"),
+    (_set("sequence", 1 << 63), "over the limit"),
+    (lambda h, p: h.pop("sequence") and None, "no 'sequence'"),
     (_set("key_id", "ab" * 32), "header names key"),
 ])
 def test_a_signed_header_that_lies_is_refused(keys: dict[str, Any], exported: Path,
@@ -537,3 +552,142 @@ def test_openssl_made_keys_work(tmp_path: Path) -> None:
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert f"bundle {out}: signed by another key" in res.stderr
     assert dump(db_b) == before
+
+
+# ------------------------------------------------------------------------ rollback
+
+
+def _export(db: Path, out: Path, keys: dict[str, Any]) -> int:
+    """Export `db` to `out`; the bundle's sequence number."""
+    assert main(["export", "--db", str(db), "--out", str(out), "--key", str(keys["key"])]) == 0
+    seq = decode_bundle(out.read_bytes(), keys["sign"].public_key()).sequence
+    assert seq is not None
+    return seq
+
+
+def _delete_golden(db: Path, build_id: str, boot_profile: str) -> None:
+    """What an operator does to drop a baseline found bad (no kscan command for it)."""
+    con = sqlite3.connect(db)
+    try:
+        con.execute("PRAGMA foreign_keys = ON")
+        con.execute("DELETE FROM golden WHERE build_id = ? AND boot_profile = ?",
+                    (build_id, boot_profile))
+        con.commit()
+    finally:
+        con.close()
+
+
+def test_every_export_has_a_newer_sequence(tmp_path: Path, keys: dict[str, Any],
+                                           exported: Path) -> None:
+    seqs = [decode_bundle(exported.read_bytes(), keys["sign"].public_key()).sequence]
+    for i in range(3):   # within the same second: still strictly increasing
+        seqs.append(_export(tmp_path / "a.db", tmp_path / f"n{i}.kbundle", keys))
+    assert all(a is not None and b is not None and b > a
+               for a, b in itertools.pairwise(seqs))
+    _, _, events = asyncio.run(read_all(tmp_path / "a.db"))
+    assert [e["sequence"] for e in events if e["event"] == "exported"] == seqs
+
+
+def test_an_old_bundle_replayed_is_refused_and_restores_nothing(
+        tmp_path: Path, keys: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """The attack: the signer's old bundle still carries a baseline deleted since (say,
+    taken from a VM found compromised). Replayed, it must not bring it back."""
+    db_a, db_b = tmp_path / "a.db", tmp_path / "b.db"
+    bad_key = ("b1d", "other/boot")
+    asyncio.run(fill(db_a, [make_profile()], [golden(), golden(key=bad_key[1], seed=5)]))
+    old = tmp_path / "old.kbundle"
+    old_seq = _export(db_a, old, keys)
+    _delete_golden(db_a, *bad_key)               # the signer drops it ...
+    new = tmp_path / "new.kbundle"
+    assert _export(db_a, new, keys) > old_seq
+    assert main(import_args(old, keys["pub"], db_b)) == 0
+    _delete_golden(db_b, *bad_key)               # ... and so does this host
+    assert main(import_args(new, keys["pub"], db_b)) == 0
+    before = dump(db_b)
+    err = refused(capsys, import_args(old, keys["pub"], db_b), str(old), "older than the "
+                  "newest", str(old_seq), "--allow-older")
+    assert "sequence" in err
+    assert dump(db_b) == before                  # not even an event
+    # --allow-older lets it in, but what is missing stays missing without --replace.
+    capsys.readouterr()
+    assert main(import_args(old, keys["pub"], db_b, "--allow-older")) == 0
+    assert "did not restore the golden baseline of b1d boot profile other/boot" in \
+        capsys.readouterr().err
+    _, goldens, events = asyncio.run(read_all(db_b))
+    assert bad_key not in goldens
+    assert events[-1]["outcome"]["golden"]["not_restored"] == [list(bad_key)]
+    assert events[-1]["allow_older"] is True and events[-1]["sequence"] == old_seq
+    assert main(import_args(old, keys["pub"], db_b, "--allow-older", "--replace")) == 0
+    assert bad_key in asyncio.run(read_all(db_b))[1]
+    # Taking an older bundle in never lowers the newest sequence known for the key.
+    _delete_golden(db_b, *bad_key)
+    refused(capsys, import_args(old, keys["pub"], db_b), "older than the newest")
+
+
+def test_the_same_bundle_again_does_not_restore_a_deleted_baseline(
+        tmp_path: Path, keys: dict[str, Any], exported: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    db_b = tmp_path / "b.db"
+    assert main(import_args(exported, keys["pub"], db_b)) == 0
+    _delete_golden(db_b, "b1d", BOOT_KEY)
+    assert main(import_args(exported, keys["pub"], db_b)) == 0
+    assert ("b1d", BOOT_KEY) not in asyncio.run(read_all(db_b))[1]
+    assert main(import_args(exported, keys["pub"], db_b, "--replace")) == 0
+    assert ("b1d", BOOT_KEY) in asyncio.run(read_all(db_b))[1]
+    # Another signer's sequence numbers are its own: its bundle is not "older".
+    other = tmp_path / "other.pem"
+    write_private(other, keys["other"])
+    db_c = tmp_path / "c.db"
+    asyncio.run(fill(db_c, [make_profile("c2e")], [golden("c2e", seed=3)]))
+    out = tmp_path / "c.kbundle"
+    assert main(["export", "--db", str(db_c), "--out", str(out), "--key", str(other)]) == 0
+    assert main(import_args(out, keys["other_pub"], db_b)) == 0
+    assert ("c2e", BOOT_KEY) in asyncio.run(read_all(db_b))[1]
+
+
+def _as_format_1(blob: bytes, key: Ed25519PrivateKey) -> bytes:
+    """The bundle as kscan wrote it before sequence numbers: version 1, no sequence."""
+    def edit(header: dict[str, Any], payload: bytes) -> None:
+        header["format"] = 1
+        del header["sequence"]
+    v2 = resign(blob, key, edit)
+    signed = bytearray(v2[:-SIG_SIZE])
+    struct.pack_into("<H", signed, 8, 1)
+    return bytes(signed) + key.sign(bytes(signed))
+
+
+def test_a_format_1_bundle_needs_allow_older(tmp_path: Path, keys: dict[str, Any],
+                                             exported: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    v1 = tmp_path / "v1.kbundle"
+    v1.write_bytes(_as_format_1(exported.read_bytes(), keys["sign"]))
+    assert decode_bundle(v1.read_bytes(), keys["sign"].public_key()).sequence is None
+    fresh = tmp_path / "fresh.db"
+    refused(capsys, import_args(v1, keys["pub"], fresh), "format-1", "--allow-older")
+    assert not fresh.exists()
+    assert main(import_args(v1, keys["pub"], fresh, "--allow-older", "--replace")) == 0
+    assert ("b1d", BOOT_KEY) in asyncio.run(read_all(fresh))[1]
+
+
+# ------------------------------------------------------------------ writing safely
+
+
+def test_export_never_writes_through_a_planted_temporary_name(
+        tmp_path: Path, keys: dict[str, Any], exported: Path) -> None:
+    """In a directory others can write to, the temporary name kscan used to pick
+    (`.NAME.PID.tmp`) could be planted as a symlink to a file kscan may write."""
+    import os
+
+    out_dir = tmp_path / "shared"
+    out_dir.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    out = out_dir / "fleet.kbundle"
+    (out_dir / f".{out.name}.{os.getpid()}.tmp").symlink_to(victim)
+    assert main(["export", "--db", str(tmp_path / "a.db"), "--out", str(out), "--key",
+                 str(keys["key"])]) == 0
+    assert victim.read_bytes() == b"precious"
+    assert decode_bundle(out.read_bytes(), keys["sign"].public_key()).profiles
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        [out.name, f".{out.name}.{os.getpid()}.tmp"])   # no temporary file left behind

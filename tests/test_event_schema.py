@@ -60,6 +60,12 @@ EXAMPLES: list[tuple[str, str | None, dict[str, Any]]] = [
     ("pruned", None, {"events": 10, "forensic_copies": 1}),
     ("stats", None, {"vms": 1, "watching": 1, "scans": 10, "cpu_percent": 9.9,
                      "period_s": 5.0, "dropped": 0}),
+    ("tamper_transient", "vm1", {"build_id": "3b43fad5", "slide": 0x1E000000, "seen_at": 1.0,
+                                 "confirm_delay": 0.3, "second_look": "clean",
+                                 "message": "gone on a second look",
+                                 "mismatches": [MISMATCH], "mismatches_total": 1,
+                                 "ranges_total": 1, "findings": [], "findings_total": 0,
+                                 "patched": PATCHED}),
     ("kscan_stopped", None, {"scans": 10}),
     ("module_loaded", "vm1", {"name": "kscan_benign", "address": 0xFFFFFFFFC03D2000,
                               "state": "live", "sig_ok": False, "taints": 0x3000,
@@ -98,6 +104,7 @@ def test_every_event_type_matches_the_schema_and_carries_host_and_severity() -> 
         assert ("uuid" in ev) == (ev["vm"] == "vm1"), ev
     by = {(e["event"], e.get("ok")): e["severity"] for e in events}
     assert by[("tamper", None)] == "critical"
+    assert by[("tamper_transient", None)] == "critical"
     assert by[("action", False)] == "warning" and by[("action", True)] == "notice"
     assert by[("vm_lost", None)] == "warning" and by[("kernel_patched", None)] == "notice"
     assert by[("stats", None)] == "info"
@@ -112,6 +119,8 @@ def test_every_event_type_matches_the_schema_and_carries_host_and_severity() -> 
 @pytest.mark.parametrize("broken", [
     {"event": "tamper", "mismatches": "all of them"},
     {"event": "tamper", "severity": "info"},
+    {"event": "tamper_transient", "severity": "warning"},
+    {"event": "tamper_transient", "second_look": "maybe"},
     {"event": "vm_found", "kind": "carrier-pigeon"},
     {"event": "no_such_event"},
     {"host": ""},

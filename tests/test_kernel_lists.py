@@ -3,6 +3,7 @@ BTF layouts (6.1: core_layout/init_layout; 6.12: mem[]), and hostile lists."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import struct
 
@@ -16,7 +17,7 @@ from scanner.check.kernel_lists import (
     walk_list,
 )
 from scanner.image.btf import parse_btf
-from scanner.image.layouts import Layouts, layouts_from_btf
+from scanner.image.layouts import DataSymbol, Layouts, layouts_from_btf
 from tests.realkernels import real_image
 
 MODULES = 0xFFFF_FFFF_82B2_7160      # `modules` (the list head)
@@ -215,3 +216,113 @@ def test_owner_with_overlapping_hostile_areas() -> None:
     ml = ModuleList((a, b), True)
     assert ml.owner(0xFFFF_FFFF_C000_1800)[0].name == "b"  # type: ignore[index]
     assert ml.owner(0xFFFF_FFFF_C000_3000)[0].name == "a"  # type: ignore[index]
+
+
+def test_kernel_taint_not_explained_by_listed_modules() -> None:
+    """A module that unlinked itself (or rewrote its own record) leaves its taint on the
+    kernel's `tainted_mask`: kscan says which taint no listed module accounts for."""
+    from scanner.check.kernel_lists import read_guest_modules
+    from scanner.image.kernel_profile import KernelProfile
+
+    k, lay = build("6.1", [{"name": "signed_one", "sig_ok": True, "taints": 0}])
+    taint_va = MODULES + 0x100
+    k.alloc(taint_va, 8)
+    W = 1 << 9                                   # a WARN: not a module taint
+    k.u64(taint_va, E | OOT | W)
+    prof = KernelProfile(build_id="b", release="r", version="v", sections={}, relocs={},
+                         text_head=b"", ex_table=b"", layouts=lay,
+                         data_symbols={"modules": DataSymbol(MODULES, "D"),
+                                       "tainted_mask": DataSymbol(taint_va, "D")})
+    ml = read_guest_modules(prof, 0, k.read)
+    assert ml.kernel_taints == E | OOT | W
+    assert taint_letters(ml.unexplained_taints) == "OE"
+    assert ml.to_json()["unexplained_taint"] == "OE" and ml.to_json()["kernel_taint"] == "WOE"
+    # A listed unsigned out-of-tree module accounts for both.
+    unsigned = dataclasses.replace(ml.modules[0], name="x", taints=E | OOT)
+    ml2 = ModuleList((*ml.modules, unsigned), True, kernel_taints=E | OOT | W)
+    assert ml2.unexplained_taints == 0
+    # No symbol: unknown, nothing claimed.
+    bare = dataclasses.replace(prof, data_symbols={"modules": DataSymbol(MODULES, "D")})
+    assert read_guest_modules(bare, 0, k.read).to_json()["kernel_taint"] is None
+
+
+def _with_symbols(which: str, syms: list[tuple[str, int, int]], n: int | None = None
+                  ) -> tuple[FakeKernel, Layouts]:
+    """One module whose `kallsyms` points at a mod_kallsyms with `syms` (name, value,
+    size); `n` overrides num_symtab."""
+    k, lay = build(which, [{"name": "withsyms"}])
+    mk = lay["mod_kallsyms"]
+    mkva, symtab, strtab = HEAP + 0x10000, HEAP + 0x11000, HEAP + 0x12000
+    k.alloc(mkva, 0x1000)
+    k.alloc(symtab, 0x1000)
+    k.alloc(strtab, 0x1000)
+    strs = b"\0"
+    table = bytes(24)                                   # symbol 0: the null symbol
+    for name, value, size in syms:
+        table += struct.pack("<IBBHQQ", len(strs), 0x12, 0, 1, value, size)
+        strs += name.encode() + b"\0"
+    k.write(symtab, table)
+    k.write(strtab, strs)
+    rec = bytearray(mk.size)
+    for f, v in (("symtab", symtab), ("num_symtab", n if n is not None else len(syms) + 1),
+                 ("strtab", strtab)):
+        rec[mk[f].offset:mk[f].offset + mk[f].size] = v.to_bytes(mk[f].size, "little")
+    k.write(mkva, bytes(rec))
+    k.u64(HEAP + lay["module"]["kallsyms"].offset, mkva)
+    return k, lay
+
+
+@pytest.mark.parametrize("which", ["6.1", "6.12"])
+def test_module_symbols_name_addresses_inside_a_module(which: str) -> None:
+    from scanner.check.kernel_lists import read_module_symbols
+
+    text = 0xFFFF_FFFF_C100_0000
+    k, lay = _with_symbols(which, [("kscan_hook_cb", text + 0x60, 0x58),
+                                   ("init_module", text, 0x40),
+                                   ("\x1b[2Jevil", text + 0x200, 0)])
+    ml = read_modules(KernelReader(k.read), lay, MODULES)
+    syms = read_module_symbols(KernelReader(k.read), lay, ml.modules[0])
+    assert syms is not None and len(syms) == 3
+    assert syms.symbolize(text + 0x64) == "kscan_hook_cb+0x4 [withsyms]"
+    assert syms.symbolize(text) == "init_module [withsyms]"
+    assert syms.symbolize(text + 0x50) is None                  # between two symbols
+    assert syms.symbolize(text + 0x200) == "\\x1b[2Jevil [withsyms]"
+    assert syms.lookup("kscan_hook_cb") == text + 0x60
+
+
+def test_module_symbols_hostile_counts_and_pointers() -> None:
+    from scanner.check.kernel_lists import read_module_symbols
+
+    k, lay = _with_symbols("6.1", [("f", 0xFFFF_FFFF_C100_0000, 8)], n=1 << 30)
+    ml = read_modules(KernelReader(k.read), lay, MODULES)
+    assert read_module_symbols(KernelReader(k.read), lay, ml.modules[0]) is None
+    # A num_symtab past the readable table: nothing is misnamed.
+    k, lay = _with_symbols("6.1", [("f", 0xFFFF_FFFF_C100_0000, 8)], n=4000)
+    syms = read_module_symbols(KernelReader(k.read), lay, read_modules(
+        KernelReader(k.read), lay, MODULES).modules[0])
+    assert syms is None or syms.names == ("f",)
+    # A kallsyms pointer to user space: falls back to core_kallsyms (empty here).
+    k, lay = _with_symbols("6.1", [("f", 0xFFFF_FFFF_C100_0000, 8)])
+    k.u64(HEAP + lay["module"]["kallsyms"].offset, 0x4000)
+    ml = read_modules(KernelReader(k.read), lay, MODULES)
+    assert read_module_symbols(KernelReader(k.read), lay, ml.modules[0]) is None
+
+
+def test_inspect_text_of_the_module_list() -> None:
+    from scanner.commands.inspection import modules_text
+
+    assert modules_text({"off": "kernel image has no .BTF section"}) == [
+        "modules: off: kernel image has no .BTF section"]
+    k, lay = build("6.1", THREE)
+    ml = dataclasses.replace(read_modules(KernelReader(k.read), lay, MODULES),
+                             kernel_taints=E | OOT)
+    text = modules_text(ml.to_json())
+    assert text[0] == "modules: 3 in the kernel's module list"
+    assert text[1].split() == ["benign", "live", "UNSIGNED", "taint", "OE", "text",
+                               "0xffffffffc1000000+0x2000"]
+    assert text[2].split()[2:5] == ["signed", "taint", "-"]
+    assert len(text) == 4                                 # OE is explained by benign
+    cut = ModuleList(ml.modules[1:], False, ("cycle: node 0x10 seen twice",), E | OOT)
+    text = modules_text(cut.to_json())
+    assert "INCOMPLETE: cycle" in text[0]
+    assert "OE is carried by no listed module" in text[-1]

@@ -17,7 +17,7 @@ import pytest
 from scanner.image.kernel_profile import KernelProfile
 from tests.conftest import run
 from tests.kscan_proc import RunProc, flip_bytes, kscan
-from tests.test_ops import Notifications, free_port, scrape, value
+from tests.test_ops import Notifications, free_port, scrape, scrape_until, value
 from tests.test_watch import quiet_offset
 from tools.guests import Guest, GuestSpec, boot, ensure_kernel
 
@@ -66,7 +66,7 @@ def test_tamper_on_a_real_guest_counts_in_metrics(guest: Guest, kernel_profile: 
         run(flip_bytes(guest.qmp_aux, kernel_profile, ".text",
                        quiet_offset(kernel_profile, ".text", 0x600010), 5))
         proc.wait_for(lambda e: e["event"] == "tamper" and e["vm"] == "opsv", 30, mark)
-        after, _ = scrape(port)
+        after = scrape_until(port, lambda s: value(s, "kscan_vm_tamper_total", vm="opsv") > 0)
         assert value(after, "kscan_vm_tamper_total", vm="opsv") == 1
         assert value(after, "kscan_vm_tampered", vm="opsv") == 1
         assert value(after, "kscan_vms", state="watching") == 1

@@ -417,7 +417,7 @@ def test_v2_database_migrates_to_v3_keeping_vm_state(
             assert st.schema_version == 2
             await st.put_vm_state("vm-a", {"kept": True})
     run(v2)
-    monkeypatch.undo()
+    monkeypatch.setattr(store.schema, "MIGRATIONS", MIGRATIONS[:3])
 
     async def v3() -> None:
         async with Store.open(db) as st:
@@ -427,6 +427,41 @@ def test_v2_database_migrates_to_v3_keeping_vm_state(
             await st.put_resume("vm-a", b"record")
             assert await st.get_resume("vm-a") == b"record"
     run(v3)
+
+
+def test_v3_database_drops_name_keyed_vm_state_saying_so_once(
+        db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Rows keyed by the name a QEMU reports cannot be told apart from an impostor's:
+    v5 drops them (re-taken at each VM's next check), with one warning."""
+    monkeypatch.setattr(store.schema, "MIGRATIONS", MIGRATIONS[:3])
+
+    async def v3() -> None:
+        async with Store.open(db) as st:
+            await st.put_vm_state("victim", {"boot": 1})
+            await st.put_resume("victim", b"record")
+    run(v3)
+    monkeypatch.undo()
+
+    async def newest() -> None:
+        async with Store.open(db) as st:
+            assert st.schema_version == SCHEMA_VERSION
+            assert await st.get_vm_state("victim") is None
+            assert await st.get_resume("victim") is None
+    with caplog.at_level("WARNING", logger="kscan.store"):
+        run(newest)
+        run(newest)  # migrated once: said once
+    said = [r for r in caplog.records if "keyed by VM name" in r.getMessage()]
+    assert len(said) == 1
+
+
+def test_a_new_database_migrates_to_the_newest_silently(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def fresh() -> None:
+        async with Store.open(tmp_path / "new.db") as st:
+            assert st.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
+    with caplog.at_level("WARNING", logger="kscan.store"):
+        run(fresh)
+    assert not [r for r in caplog.records if "keyed by VM name" in r.getMessage()]
 
 
 @pytest.mark.parametrize(("bad", "exc"), [

@@ -4,6 +4,7 @@ JSON on stdin, exit status, missing programs, the timeout kill."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ import orjson
 import pytest
 
 from kscan.errors import KscanError
-from scanner.run.actions import Action, parse_action, run_exec
+from scanner.run.actions import Action, ForensicCopy, parse_action, run_exec, write_forensics
 
 PY = sys.executable
 
@@ -169,3 +170,127 @@ def test_run_exec_hook_ignoring_stdin_under_uvloop() -> None:
 
     for res in uvloop.run(many()):
         assert res["ok"] is True and res["exit_code"] == 0
+
+
+# -- hooks that leave children behind ----------------------------------------------------
+
+def _gone(pid: int, within: float = 10.0) -> bool:
+    """Whether `pid` is dead (gone, or a zombie not yet reaped by its new parent)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 9)
+
+
+BACKGROUND_HOOK = ("import subprocess, sys; sys.stdin.read(); "
+                   "p = subprocess.Popen(['sleep', '100']); "
+                   "open(sys.argv[1], 'w').write(str(p.pid)); sys.stderr.write('paged\\n')")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_run_exec_hook_leaving_a_background_child_is_done_when_it_exits(
+        tmp_path: Path, loop: str) -> None:
+    """`sleep 100 &` holds the hook's stderr pipe open after the hook exits: the result
+    is the hook's exit, not a timeout (and under uvloop not ProcessLookupError from
+    killing a process already gone)."""
+    import uvloop
+
+    pidfile = tmp_path / "child"
+    runner = uvloop.run if loop == "uvloop" else asyncio.run
+    try:
+        res = runner(run_exec((PY, "-c", BACKGROUND_HOOK, str(pidfile)), EVENT, timeout=20))
+        assert res["ok"] is True and res["exit_code"] == 0, res
+        assert "paged" in res["stderr"]
+        child = int(pidfile.read_text())
+        assert not _gone(child, within=0.2)   # a finished hook's children are its own
+    finally:
+        if pidfile.exists():
+            _kill(int(pidfile.read_text()))
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_run_exec_timeout_kills_the_hooks_whole_process_group(tmp_path: Path,
+                                                              loop: str) -> None:
+    import uvloop
+
+    pidfile = tmp_path / "child"
+    code = ("import subprocess, sys, time; sys.stdin.read(); "
+            "p = subprocess.Popen(['sleep', '100']); "
+            "open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(60)")
+    runner = uvloop.run if loop == "uvloop" else asyncio.run
+    try:
+        res = runner(run_exec((PY, "-c", code, str(pidfile)), EVENT, timeout=8))
+        assert res["ok"] is False and "timed out" in res["error"]
+        assert _gone(int(pidfile.read_text()))   # the grandchild too
+    finally:
+        if pidfile.exists():
+            _kill(int(pidfile.read_text()))
+
+
+def test_run_exec_hook_runs_in_a_session_of_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "ids"
+    code = ("import os, sys; open(sys.argv[1], 'w').write("
+            "f'{os.getsid(0)} {os.getpgid(0)} {os.getpid()}')")
+    res = asyncio.run(run_exec((PY, "-c", code, str(out)), EVENT))
+    assert res["ok"] is True
+    sid, pgid, pid = map(int, out.read_text().split())
+    assert sid == pgid == pid != os.getsid(0)
+
+
+# -- forensic copies: private from the start ---------------------------------------------
+
+def _copy(root: Path, vm: str = "vm7", stamp: str = "20261203T000000Z-001") -> ForensicCopy:
+    return ForensicCopy(root / vm / stamp, (("report.json", b"{}"),
+                                            ("pages/text-00001.live.bin", b"\xcc" * 4096),
+                                            ("baseline.json", b"{}")))
+
+
+def test_forensic_dirs_and_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    root = tmp_path / "forensics"
+    old = os.umask(0o022)
+    try:
+        d = write_forensics(_copy(root))
+    finally:
+        os.umask(old)
+    for sub in (root / "vm7", d, d / "pages"):   # the VM's directory too, not only the copy's
+        assert sub.stat().st_mode & 0o777 == 0o700, sub
+    for f in (d / "report.json", d / "baseline.json", d / "pages" / "text-00001.live.bin"):
+        assert f.stat().st_mode & 0o777 == 0o600, f
+    assert root.stat().st_mode & 0o777 == 0o700   # created by kscan: private too
+
+
+def test_a_failed_forensic_write_leaves_nothing_readable(tmp_path: Path) -> None:
+    """The copy's directory is 0700 when it is made, not chmod'ed at the end: a write
+    failing half-way (here a name already taken) never leaves pages readable."""
+    root = tmp_path / "forensics"
+    copy = _copy(root)
+    (copy.dir / "pages").mkdir(parents=True)
+    (copy.dir / "baseline.json").mkdir()           # the last file cannot be written
+    with pytest.raises(OSError):
+        write_forensics(copy)
+    for sub in (root / "vm7", copy.dir, copy.dir / "pages"):
+        assert sub.stat().st_mode & 0o777 == 0o700, sub
+    assert (copy.dir / "pages" / "text-00001.live.bin").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_planted_symlink_in_a_forensic_copy_is_not_followed(tmp_path: Path) -> None:
+    root = tmp_path / "forensics"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    copy = _copy(root)
+    (copy.dir / "pages").mkdir(parents=True)
+    (copy.dir / "report.json").symlink_to(victim)
+    with pytest.raises(OSError):
+        write_forensics(copy)
+    assert victim.read_bytes() == b"precious"

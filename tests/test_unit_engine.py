@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,55 @@ def test_a_failing_watcher_does_not_stop_the_others(tmp_path: Path,
     assert runs.count("vm1") == 1  # the other VM was never disturbed
     assert kinds[-1] == ("kscan_stopped", None)
     assert all(v.closed for v in vms.values())
+
+
+def test_a_second_vm_claiming_a_watched_name_is_not_watched(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two QEMUs reporting the same name (`-name victim`): the second gets an `error`
+    (once, not one per retry), is closed and not watched; the first keeps its watcher,
+    and state keys differ (the socket, not the name)."""
+    socks = [tmp_path / f"vm{i}.sock" for i in range(2)]
+    for s in socks:
+        s.touch()
+    vms: dict[str, FakeVm] = {}
+    opened: list[str] = []
+    watched: dict[str, str] = {}
+
+    async def fake_open(self: Engine, src: VmSource) -> Any:
+        opened.append(src.path)
+        vm = FakeVm("victim")
+        vms[src.path] = vm
+        return vm
+
+    async def fake_run(self: VmWatcher) -> None:
+        watched[self.source] = self.key
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(Engine, "_open", fake_open)
+    monkeypatch.setattr(VmWatcher, "_run", fake_run)
+    monkeypatch.setattr(engine_mod, "UNREACHABLE_BACKOFF", 0.1)
+    out = io.BytesIO()
+
+    async def go() -> None:
+        async with Store.open(tmp_path / "k.db") as st:
+            sink = EventSink(out)
+            sink.start()
+            cfg = RunConfig(qmp=tuple(str(s) for s in socks), policy=Policy(),
+                            forensics_dir=tmp_path, discover_every=0.05, stats_every=3600)
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(1.5, stop.set)
+            await Engine(cfg, st, sink).run(stop)
+            await sink.close()
+
+    asyncio.run(asyncio.wait_for(go(), 20))
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    first, second = str(socks[0]), str(socks[1])
+    assert list(watched) == [first]  # the one attached first
+    assert watched[first].startswith("qmp:") and watched[first].endswith(
+        f"@uid={os.getuid()}") and first in watched[first]
+    errors = [e for e in events if e["event"] == "error"]
+    assert len(errors) == 1 and errors[0]["source"] == second
+    assert errors[0]["name"] == "victim" and first in errors[0]["message"]
+    assert opened.count(second) >= 2  # retried (and refused again, silently)
+    assert [e["source"] for e in events if e["event"] == "vm_found"] == [first]
+    assert vms[second].closed

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from scanner.check.kernel_lists import ModuleInfo, ModuleList, ModuleMemory
 from scanner.image.kernel_profile import KernelProfile
+from scanner.image.layouts import DataSymbol
 from scanner.run.modwatch import ModuleWatch
 from tests.synthetic import NX, RW, P, SyntheticRam
 from translate import PageWalker
@@ -105,7 +106,7 @@ def test_reads_through_page_tables_and_rereads_when_the_head_moves(tmp_path: Pat
     walker = PageWalker(mem, ram.pgd)
     profile = KernelProfile(build_id="b", release="r", version="v", sections={}, relocs={},
                             text_head=b"", ex_table=b"", layouts=lay,
-                            data_symbols={"modules": (MODULES - 0x1000_0000, "D")})
+                            data_symbols={"modules": DataSymbol(MODULES - 0x1000_0000, "D")})
 
     def poke(va: int, data: bytes) -> None:
         with open(path, "r+b") as f:
@@ -132,6 +133,12 @@ def test_reads_through_page_tables_and_rereads_when_the_head_moves(tmp_path: Pat
         ("module_loaded", "rootkit", False)]
     # Unchanged head: due again only after `every` passes.
     assert [w.due(mem) for _ in range(5)] == [False] * 4 + [True]
+    # The guest loops its list past the head (to silence these events): three reads,
+    # then said once.
+    poke(first_node, struct.pack("<Q", new + mod_off))
+    broken = [w.read(profile, 0x1000_0000, walker) for _ in range(4)]
+    assert [[e.event for e in evs] for evs in broken] == [[], [], ["module_list_broken"], []]
+    assert "cycle" in broken[2][0].fields["problems"][0]
     # A kernel with no layouts: off, said by `off`, never due.
     bare = dataclasses.replace(profile, layouts=None, btf_note="no BTF here")
     w2 = ModuleWatch()

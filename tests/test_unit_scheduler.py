@@ -467,3 +467,31 @@ def test_a_cold_start_leaves_the_steady_state_growth_gives(clock: FakeClock) -> 
     assert p_cold == pytest.approx(p_grown, rel=1e-9)
     assert p_cold == pytest.approx(500 * 0.001 * cold.overhead / 0.10)
     assert cold.overhead == pytest.approx(1.0)
+
+
+def test_exempt_cpu_is_not_charged_nor_steers_the_period(clock: FakeClock) -> None:
+    """CPU answering metrics scrapes (`Scheduler.exempt`, from the server's threads) is
+    not scan work: charged, a client scraping in a loop ran the bucket into debt and
+    left the VMs unscanned for tens of seconds."""
+    s = Scheduler(Policy(budget=0.10, min_interval=0.01, max_interval=1e9))
+    s.add("a")
+    cool(s, clock)
+    s.reconcile()  # start the marks
+    s.overhead, s.rate = 1.0, 0.10
+    s._refill()
+    s._tokens = -1.0  # in debt, so refills are not capped by the burst limit
+    tokens_before = s._tokens
+    for _ in range(10):   # 10 s of scraping: the process used 0.5 CPU-s a second on it
+        s.settle(0.0, 0.05)
+        clock.t += 1.0
+        clock.cpu += 0.55
+        s.exempt(0.5)
+        s.reconcile()
+    # Only the scans' own charges and the refill moved the bucket; the measured rate
+    # is the scans' own.
+    s._refill()
+    assert s._tokens == pytest.approx(tokens_before + 10 * 0.10 - 10 * 0.05)
+    assert s.rate < 0.08   # EWMA from 0.10 towards 0.05 (charged: towards 0.55)
+    assert s.exempted == pytest.approx(5.0)
+    s.exempt(-1.0)   # nonsense is ignored
+    assert s.exempted == pytest.approx(5.0)

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pytest
 
 import scanner.run.watcher as watcher_mod
@@ -36,6 +39,7 @@ from scanner.errors import QmpError
 from scanner.examine import Examined, GoldenSet, golden_for, load_profiles
 from scanner.hashing import page_hashes
 from scanner.image.kernel_profile import KernelProfile, SectionInfo
+from scanner.image.patchsites import PatchSites
 from scanner.image.relocs import RegionRelocs
 from scanner.qemu.qmp import RunState
 from scanner.run.actions import Action, ActionKind
@@ -789,3 +793,136 @@ def test_qemu_is_asked_before_a_slow_path_slot_is_taken(world: dict[str, Any],
 
 def idt_gpa(ram: SyntheticRam) -> int:
     return ram.mapped[IDT_VA][0]
+
+
+# -- a tampering seen while the kernel patches itself: never only a log line ---------------
+
+JL_SITE, JL_TARGET = 5 * PAGE + 0x10, 5 * PAGE + 0x80  # a jump label (offsets in .text)
+NOP5 = b"\x0f\x1f\x44\x00\x00"
+
+
+class SecondLook(VmWatcher):
+    """A watcher whose pause before its second look runs `during` first (what the
+    guest does in those 0.3 s)."""
+
+    during: Callable[[], None] | None = None
+    looks = 0
+
+    async def _before_second_look(self) -> None:
+        self.looks += 1
+        if self.during is not None:
+            self.during()
+        await super()._before_second_look()
+
+
+@pytest.fixture
+def patching_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The synthetic kernel with one jump label (NOP5 in the image and the golden VM),
+    so a VM with that label flipped is patching itself — verified, not tampering."""
+    text = bytearray(CONTENT[".text"])
+    text[JL_SITE:JL_SITE + 5] = NOP5
+    monkeypatch.setitem(CONTENT, ".text", bytes(text))
+    base = LINK[".text"][0]
+    sites = PatchSites(
+        jump_code=np.array([base + JL_SITE], dtype=np.uint64),
+        jump_target=np.array([base + JL_TARGET], dtype=np.uint64),
+        jump_key=np.array([LINK[".rodata"][0] + 8], dtype=np.uint64),
+        function_starts=np.array([base, base + 5 * PAGE], dtype=np.uint64))
+    real = make_profile
+    monkeypatch.setattr(sys.modules[__name__], "make_profile",
+                        lambda: dataclasses.replace(real(), patch_sites=sites))
+    monkeypatch.setattr(watcher_mod, "BOOT_POLL", POLL)
+    monkeypatch.setattr(watcher_mod, "STATE_EVERY", POLL)
+    return {"db": golden_db(tmp_path), "tmp": tmp_path}
+
+
+def _flipped(ram: SyntheticRam) -> SyntheticRam:
+    """The jump label enabled (jmp to its own target), as the kernel patches it."""
+    at = 0x10_0000 + JL_SITE
+    ram.data[at:at + 5] = b"\xe9" + (JL_TARGET - (JL_SITE + 5)).to_bytes(4, "little",
+                                                                           signed=True)
+    return ram
+
+
+async def _patching_vm(world: dict[str, Any], st: Store
+                       ) -> tuple[Ctx, LosableVm, SecondLook, asyncio.Task[None], Path]:
+    ram = _flipped(build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False))
+    mem = write_vm(world["tmp"] / "life", "life", ram)
+    ctx = Ctx(st, world["tmp"] / "forensics")
+    vm = await LosableVm.open(world["tmp"] / "life")
+    assert isinstance(vm, LosableVm)
+    w = SecondLook(ctx, vm, "replay:" + str(world["tmp"] / "life"))
+    task = asyncio.create_task(w.run())
+    await ctx.wait("vm_clean", 0)
+    assert "kernel_patched" in ctx.kinds() and "tamper" not in ctx.kinds()
+    return ctx, vm, w, task, mem
+
+
+def test_a_tampering_gone_on_the_second_look_is_a_critical_event(
+        patching_world: dict[str, Any]) -> None:
+    """Seen in a check that also verified patching, undone within the 0.3 s before the
+    second look: before, only a log line said so. Now `tamper_transient`, with the
+    bytes seen, and no action (the VM no longer shows it)."""
+    async def go() -> None:
+        async with Store.open(patching_world["db"]) as st:
+            ctx, vm, w, task, mem = await _patching_vm(patching_world, st)
+            at = 0x10_0000 + TAMPER_PAGE * PAGE + TAMPER_AT
+            original = bytes(CONTENT[".text"][TAMPER_PAGE * PAGE + TAMPER_AT:][:5])
+            w.during = lambda: poke(mem, at, original)  # the attacker undoes it at once
+            mark = len(ctx.events)
+            poke(mem, at, b"\xe9\x11\x22\x33\x44")
+            ev = await ctx.wait("tamper_transient", mark)
+            assert w.looks == 1
+            assert ev["second_look"] == "clean" and ev["vm"] == vm.name
+            (m,) = ev["mismatches"]
+            assert (m["region"], m["page"]) == (".text", TAMPER_PAGE)
+            (r,) = m["ranges"]
+            assert (r["start"], r["after"], r["before"]) == (TAMPER_AT, "e911223344",
+                                                             original.hex())
+            assert ev["patched"]["mechanisms"] == {"jump_label": 1}
+            await ctx.scans_after(3)
+            assert "tamper" not in ctx.kinds() and "action" not in ctx.kinds()
+            assert ctx.kinds().count("tamper_transient") == 1
+            vm.lost = "done"
+            await _finish(task)
+
+    asyncio.run(asyncio.wait_for(go(), 15))
+
+
+def test_a_tampering_still_there_on_the_second_look_is_a_tamper_only(
+        patching_world: dict[str, Any]) -> None:
+    async def go() -> None:
+        async with Store.open(patching_world["db"]) as st:
+            ctx, vm, w, task, mem = await _patching_vm(patching_world, st)
+            mark = len(ctx.events)
+            poke(mem, 0x10_0000 + TAMPER_PAGE * PAGE + TAMPER_AT, b"\xe9\x11\x22\x33\x44")
+            ev = await ctx.wait("tamper", mark)
+            assert w.looks == 1 and ev["patched"] is not None
+            await ctx.scans_after(3)
+            assert "tamper_transient" not in ctx.kinds()
+            vm.lost = "done"
+            await _finish(task)
+
+    asyncio.run(asyncio.wait_for(go(), 15))
+
+
+def test_a_different_tampering_on_the_second_look_reports_both(
+        patching_world: dict[str, Any]) -> None:
+    """Undone and replaced by another change in the pause: the first as transient, the
+    second as a tamper — the first sighting's bytes are not lost."""
+    async def go() -> None:
+        async with Store.open(patching_world["db"]) as st:
+            ctx, vm, w, task, mem = await _patching_vm(patching_world, st)
+            at = 0x10_0000 + TAMPER_PAGE * PAGE + TAMPER_AT
+            w.during = lambda: poke(mem, at, b"\xe9\x55\x66\x77\x88")
+            mark = len(ctx.events)
+            poke(mem, at, b"\xe9\x11\x22\x33\x44")
+            first = await ctx.wait("tamper_transient", mark)
+            second = await ctx.wait("tamper", mark)
+            assert first["second_look"] == "tampered"
+            assert first["mismatches"][0]["ranges"][0]["after"] == "e911223344"
+            assert second["mismatches"][0]["ranges"][0]["after"] == "e955667788"
+            vm.lost = "done"
+            await _finish(task)
+
+    asyncio.run(asyncio.wait_for(go(), 15))

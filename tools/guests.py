@@ -64,6 +64,7 @@ HOST_PACKAGES = {
     # For the tests only: the reference tools kernel-image tests compare against.
     "readelf": "binutils",
     "lzop": "lzop",
+    "/usr/sbin/bpftool": "bpftool",  # the BTF reader's oracle
 }
 READY_LINE = "KSCAN-GUEST-READY"
 QEMU = "qemu-system-x86_64"

@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup.add_argument("--kernel", action="append", choices=sorted(KERNELS))
     b = sub.add_parser("build", help="build modules (all by default)")
     b.add_argument("--kernel", default="6.1", choices=sorted(KERNELS))
-    b.add_argument("names", nargs="*", choices=[*MODULES, []])
+    b.add_argument("names", nargs="*", metavar="NAME", help=f"one of {', '.join(MODULES)}")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "setup":

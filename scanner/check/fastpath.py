@@ -12,7 +12,11 @@ After a full check (slow path) the watcher keeps a `Reference` per VM:
   (`scanner.check.exec_fastpath.ExecTables`, from the last full check's walk);
 * xxh3_128 of each region's raw bytes, hashed straight from zero-copy views of the
   guest's memory (memory that copies — anonymous RAM read from /proc/PID/mem, see
-  `translate.procmem` — is read afresh at each pass instead: its views are snapshots).
+  `translate.procmem` — is read afresh at each pass instead: its views are snapshots);
+* the same for the code outside `.text` that verified patching reaches (allocated
+  ftrace trampolines, optprobe slots: `scanner.check.reached`) — its bytes and the
+  page-table entries mapping it. A change there is reported as a `.text` change: the
+  verdict on `.text` is what rested on it, and re-verifying `.text` reads it again.
 
 The watcher runs `check_registers` and `check_memory` on the event loop. Any difference
 sends the VM down the slow path (normalize, per-page compare, localize).
@@ -28,12 +32,14 @@ from dataclasses import dataclass
 from scanner.check.exec_fastpath import ExecTables
 from scanner.check.locate import LiveKernel
 from scanner.check.measure import region_views
+from scanner.check.reached import ReachedRange, reached_digest
 from scanner.hashing import raw_digest
 from translate import GuestMemory, TranslationError, kernel_pgd_candidates
 from translate.vcpu import VcpuState
 from translate.x86 import CR0_WP, CR4_SMAP, CR4_SMEP
 
-__all__ = ["FastOutcome", "FastResult", "Reference", "TableFingerprint", "check_memory",
+__all__ = ["REACHED_BYTES", "REACHED_TABLES", "FastOutcome", "FastResult", "Reference",
+           "TableFingerprint", "check_memory",
            "check_registers", "control_state", "fast_scan", "make_reference"]
 
 _CR4_BITS = CR4_SMEP | CR4_SMAP
@@ -96,25 +102,62 @@ class Reference:
     #: check accounted for it (`scanner.check.exec_fastpath`; None: not known).
     exec_tables: ExecTables | None = None
 
+    #: Code outside `.text` that verified patching reached (`scanner.check.reached`):
+    #: its physical runs in order, their digest, and their page-table entries.
+    reached_runs: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    reached_digest: bytes = b""
+    reached_fingerprint: TableFingerprint = dataclasses.field(
+        default_factory=lambda: TableFingerprint(()))
+    reached_views: list[memoryview] = dataclasses.field(default_factory=list)
+
+    def set_reached(self, mem: GuestMemory, reached: Sequence[ReachedRange],
+                    pgd: int | None = None, top_shift: int = 39) -> None:
+        """Make `reached` (what the last verification of `.text` read outside it) the
+        code outside `.text` this reference holds. With `pgd` (the kernel page table
+        the check walked), every vCPU must also share its top-level entries for the
+        reached addresses (the kernel runs a trampoline through whatever CR3 is live)."""
+        if pgd is not None:
+            new = sorted({(r.va >> top_shift) & 0x1FF for r in reached} - set(self.top_index))
+            if new:
+                table = mem.view(pgd, 4096).cast("Q")
+                pairs = sorted([*zip(self.top_index, self.top_values, strict=True),
+                                *((i, int(table[i])) for i in new)])
+                self.top_index = tuple(i for i, _ in pairs)
+                self.top_values = tuple(v for _, v in pairs)
+        for v in self.reached_views:
+            v.release()
+        self.reached_views = []
+        self.reached_runs = [run for r in reached for run in r.runs]
+        self.reached_digest = reached_digest(reached) if reached else b""
+        self.reached_fingerprint = TableFingerprint([e for r in reached for e in r.entries])
+        if mem.zero_copy:
+            self.reached_views = [mem.view(g, n) for g, n in self.reached_runs]
+
     def release(self) -> None:
         """Drop the views so the guest memory mapping can be closed."""
         for vs in self.views.values():
             for v in vs:
                 v.release()
         self.views.clear()
+        for v in self.reached_views:
+            v.release()
+        self.reached_views = []
 
 
 def make_reference(mem: GuestMemory, lk: LiveKernel, vcpus: Sequence[VcpuState],
-                   pgd: int, top_shift: int, digests: dict[str, bytes]) -> Reference:
+                   pgd: int, top_shift: int, digests: dict[str, bytes],
+                   reached: Sequence[ReachedRange] = ()) -> Reference:
     """The reference after a full check. `digests` must be those of the very bytes that
     check verified (`scanner.check.measure.read_normalized`), not a fresh reading: a change
-    made in between would otherwise become the reference unverified."""
+    made in between would otherwise become the reference unverified; likewise `reached`
+    holds the bytes the patch verifiers read outside `.text`."""
     views = {name: region_views(mem, r) for name, r in lk.regions.items()} \
         if mem.zero_copy else {}
     entries = [e for r in lk.regions.values() for e in r.translation.entries]
-    top = sorted({(r.va >> top_shift) & 0x1FF for r in lk.regions.values()})
+    top = sorted({(r.va >> top_shift) & 0x1FF for r in lk.regions.values()}
+                 | {(r.va >> top_shift) & 0x1FF for r in reached})
     table = mem.view(pgd, 4096).cast("Q")
-    return Reference(
+    ref = Reference(
         views=views,
         digests=dict(digests),
         fingerprint=TableFingerprint(entries),
@@ -123,6 +166,12 @@ def make_reference(mem: GuestMemory, lk: LiveKernel, vcpus: Sequence[VcpuState],
         control=control_state(vcpus),
         runs={name: list(r.runs) for name, r in lk.regions.items()},
     )
+    try:
+        ref.set_reached(mem, reached)
+    except BaseException:
+        ref.release()
+        raise
+    return ref
 
 
 def _top_matches(ref: Reference, mem: GuestMemory, pgd: int) -> bool:
@@ -160,6 +209,9 @@ class FastResult:
 
 
 _UNCHANGED = FastResult(FastOutcome.UNCHANGED)
+#: Details of a change in the code outside `.text` that verified patching reached.
+REACHED_TABLES = "page tables of code outside .text that verified patching reaches changed"
+REACHED_BYTES = "code outside .text that verified patching reaches changed"
 
 
 def check_registers(ref: Reference, mem: GuestMemory,
@@ -183,16 +235,26 @@ def check_memory(ref: Reference, mem: GuestMemory) -> FastResult:
     """The memory part: translations unchanged, region bytes unchanged."""
     if not ref.fingerprint.unchanged(mem):
         return FastResult(FastOutcome.TABLES_CHANGED)
+    if ref.reached_runs and not ref.reached_fingerprint.unchanged(mem):
+        return FastResult(FastOutcome.TABLES_CHANGED, REACHED_TABLES)
     if ref.exec_tables is not None and not ref.exec_tables.tables_unchanged(mem):
         return FastResult(FastOutcome.EXEC_CHANGED)
     if mem.zero_copy:
         changed = tuple(name for name, views in ref.views.items()
                         if raw_digest(views) != ref.digests[name])
+        reached = ref.reached_views
     else:  # copies are snapshots: read the regions again
         changed = tuple(name for name, runs in ref.runs.items()
                         if raw_digest([mem.view(g, n) for g, n in runs]) != ref.digests[name])
+        reached = [mem.view(g, n) for g, n in ref.reached_runs]
+    detail = ""
+    if ref.reached_runs and raw_digest(reached) != ref.reached_digest:
+        # The .text verdict rested on these bytes: re-verify .text (which reads them).
+        detail = REACHED_BYTES
+        if ".text" not in changed:
+            changed = (".text", *changed)
     if changed:
-        return FastResult(FastOutcome.BYTES_CHANGED, changed=changed)
+        return FastResult(FastOutcome.BYTES_CHANGED, detail, changed=changed)
     return _UNCHANGED
 
 

@@ -2,7 +2,8 @@
 
 After a clean full check the watcher persists what its fast pass compares (`Saved`:
 the page-table entries the regions' translations went through, each vCPU's control
-state, the kernel-half top-level entries, the regions' GPA runs and raw digests) and
+state, the kernel-half top-level entries, the regions' GPA runs and raw digests, and
+the same for the code outside `.text` that verified patching reached) and
 what the verdict rested on — the kernel build and its KASLR slide, the boot profile,
 a digest of the golden baseline and one of the VM's per-VM state.
 
@@ -45,7 +46,8 @@ from translate.vcpu import VcpuState
 __all__ = ["FORMAT", "Saved", "resume_check"]
 
 #: Version of the persisted record; another version is not used (full path).
-FORMAT = 1
+#: 2: with the code outside `.text` that verified patching reached.
+FORMAT = 2
 #: Bounds on a record read back (it is read from disk: checked before use).
 _MAX_BYTES = 1 << 20
 _MAX_ENTRIES = 1 << 14
@@ -75,6 +77,11 @@ class Saved:
     profile_size: int
     #: The `vm_clean` summary of the check (pages per basis), shown again on resume.
     summary: dict[str, Any]
+    #: Code outside `.text` that verified patching reached (`scanner.check.reached`):
+    #: its page-table entries (as `tables`), physical runs in order, and digest.
+    reached_tables: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] = ()
+    reached_runs: tuple[tuple[int, int], ...] = ()
+    reached_digest: bytes = b""
 
     @classmethod
     def of(cls, ref: Reference, build_id: str, slide: int, boot_key: str, golden: bytes,
@@ -82,7 +89,9 @@ class Saved:
         return cls(build_id, slide, boot_key, tuple(ref.fingerprint.pages), ref.top_index,
                    ref.top_values, ref.control,
                    {n: tuple(r) for n, r in ref.runs.items()}, dict(ref.digests),
-                   golden, state, profile_size, dict(summary))
+                   golden, state, profile_size, dict(summary),
+                   tuple(ref.reached_fingerprint.pages), tuple(ref.reached_runs),
+                   ref.reached_digest)
 
     # -- persistence -------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -96,6 +105,10 @@ class Saved:
             "digests": {n: d.hex() for n, d in self.digests.items()},
             "golden": self.golden.hex(), "state": self.state.hex(),
             "profile_size": self.profile_size, "summary": self.summary,
+            "reached_tables": [[page, [list(p) for p in pairs]]
+                               for page, pairs in self.reached_tables],
+            "reached_runs": [list(r) for r in self.reached_runs],
+            "reached_digest": self.reached_digest.hex(),
         })
 
     @classmethod
@@ -108,11 +121,13 @@ class Saved:
             d = orjson.loads(blob)
             if not isinstance(d, dict) or d.get("format") != FORMAT:
                 return None
-            tables = tuple((_u64(page), tuple((_int(i, 0, 511), _u64(v))
-                                               for i, v in _seq(pairs, 512)))
-                           for page, pairs in _seq(d["tables"], _MAX_ENTRIES))
-            if (sum(len(p) for _, p in tables) > _MAX_ENTRIES
-                    or any(page & 0xFFF for page, _ in tables)):
+            tables = _tables(d["tables"])
+            reached_tables = _tables(d["reached_tables"])
+            reached_runs = tuple((_u64(g), _int(k, 1, _U64))
+                                 for g, k in _seq(d["reached_runs"], _MAX_RUNS))
+            reached_digest = bytes.fromhex(d["reached_digest"]) \
+                if isinstance(d["reached_digest"], str) else None
+            if reached_digest is None or len(reached_digest) != (16 if reached_runs else 0):
                 return None
             top_index = tuple(_int(i, 0, 511) for i in _seq(d["top_index"], 512))
             top_values = tuple(_u64(v) for v in _seq(d["top_values"], 512))
@@ -124,7 +139,8 @@ class Saved:
             saved = cls(_str(d["build_id"]), _int(d["slide"], -_U64, _U64),
                         _str(d["boot_key"]), tables, top_index, top_values, control,
                         runs, digests, _hexbytes(d["golden"], 32), _hexbytes(d["state"], 32),
-                        _int(d["profile_size"], 0, _U64), summary)
+                        _int(d["profile_size"], 0, _U64), summary,
+                        reached_tables, reached_runs, reached_digest)
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError):
             return None
         if (set(saved.runs) != set(REGIONS) or set(saved.digests) != set(REGIONS)
@@ -148,10 +164,20 @@ class Saved:
                     for v in vs:
                         v.release()
                 raise
-        return Reference(views=views, digests=dict(self.digests),
-                         fingerprint=TableFingerprint.from_pages(self.tables),
-                         top_index=self.top_index, top_values=self.top_values,
-                         control=self.control, runs=runs)
+        ref = Reference(views=views, digests=dict(self.digests),
+                        fingerprint=TableFingerprint.from_pages(self.tables),
+                        top_index=self.top_index, top_values=self.top_values,
+                        control=self.control, runs=runs,
+                        reached_runs=list(self.reached_runs),
+                        reached_digest=self.reached_digest,
+                        reached_fingerprint=TableFingerprint.from_pages(self.reached_tables))
+        if mem.zero_copy:
+            try:
+                ref.reached_views = [mem.view(g, k) for g, k in self.reached_runs]
+            except BaseException:
+                ref.release()
+                raise
+        return ref
 
 
 def resume_check(saved: Saved, mem: GuestMemory, vcpus: Sequence[VcpuState],
@@ -187,6 +213,17 @@ def digest(*parts: bytes) -> bytes:
 
 
 # -- strict readers for a record from disk ---------------------------------------------
+
+def _tables(v: Any) -> tuple[tuple[int, tuple[tuple[int, int], ...]], ...]:
+    """`TableFingerprint.pages` as persisted: page-aligned table GPAs, bounded."""
+    tables = tuple((_u64(page), tuple((_int(i, 0, 511), _u64(x))
+                                      for i, x in _seq(pairs, 512)))
+                   for page, pairs in _seq(v, _MAX_ENTRIES))
+    if (sum(len(p) for _, p in tables) > _MAX_ENTRIES
+            or any(page & 0xFFF for page, _ in tables)):
+        raise ValueError("bad page-table fingerprint")
+    return tables
+
 
 def _int(v: Any, lo: int, hi: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:

@@ -33,6 +33,7 @@ from scanner.check.locate import REGIONS, LiveKernel, Region
 from scanner.check.patch_report import PatchReport, split_by_page
 from scanner.check.patching import ReadVA, verify_text_changes
 from scanner.check.pointers import PointerChange, idt_changes, rodata_changes
+from scanner.check.reached import ReachedRange
 from scanner.check.state import BootIdentity, PageRecord, VmState
 from scanner.hashing import page_hashes
 from scanner.vm.bootprofile import BootProfile
@@ -175,6 +176,8 @@ class Verification:
 
     report: CheckReport
     state: VmState
+    #: Code outside `.text` the patch verifiers read (set by `scanner.examine`).
+    reached: tuple[ReachedRange, ...] = ()
 
 
 def control_findings(lk: LiveKernel, vcpus: Sequence[VcpuState],
@@ -232,6 +235,7 @@ def verify(
     *,
     read_va: ReadVA | None = None,
     strict: bool = False,
+    plain_va: ReadVA | None = None,
 ) -> Verification:
     """Check one VM. Returns the report and the VM's (possibly new) per-VM state.
 
@@ -320,13 +324,14 @@ def verify(
             after = _page_bytes(buf, p)
             ranges = tuple(diff_ranges(before, after, name)) if before else ()
             pointers: tuple[PointerChange, ...] = ()
-            if name in (".rodata", "idt") and read_va is not None and ranges:
+            owner_va = plain_va or read_va
+            if name in (".rodata", "idt") and owner_va is not None and ranges:
                 if owners is None:
-                    owners = address_owners(read_va, lk)
+                    owners = address_owners(owner_va, lk)
                 pointers = (rodata_changes(owners, region.va + p * PAGE,
                                            lk.link_va(name, p * PAGE), before, ranges,
-                                           read_va) if name == ".rodata" else
-                            idt_changes(owners, region.va, p, before, ranges, read_va,
+                                           owner_va) if name == ".rodata" else
+                            idt_changes(owners, region.va, p, before, ranges, owner_va,
                                         lk.slide))
             mismatches.append(_mismatch(lk, region, p, basis, ranges, pointers))
         verdicts.append(RegionVerdict(

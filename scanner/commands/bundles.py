@@ -7,8 +7,14 @@ database, checks that what it carries is usable (every profile reads as a profil
 its build id; every baseline's regions are the four kscan checks, with a page hash per
 page and content of the region's size), then merges it in one transaction:
 
-* profiles: a build id not stored is added; a stored one is kept, or upgraded when the
-  bundle's knows more (`richer`, e.g. the CLI's "stored by an older kscan" test);
+* rollback: a bundle whose sequence number is older than the newest imported from the
+  same signing key, or a format-1 bundle (no sequence), is refused unless
+  `allow_older`; a bundle not newer than that newest one does not bring back golden
+  baselines missing here (deleted since) unless `replace`;
+* profiles: a build id not stored is added; a stored one is kept — with `replace`,
+  upgraded when the bundle's knows more (`richer`, e.g. the CLI's "stored by an older
+  kscan" test) or the stored one does not read; a stored profile that differs is
+  reported (`ImportResult.profiles_differ`);
 * golden baselines, by (build id, boot profile): added when there is none; left alone
   when the stored one has the same hashes; a different local one is kept (reported),
   unless `replace`;
@@ -61,6 +67,7 @@ class ExportResult:
     goldens: tuple[GoldenRecord, ...]
     size: int
     seconds: float
+    sequence: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,8 @@ class ImportResult:
     bundle: Bundle
     outcome: ImportOutcome
     seconds: float
+    #: Stored profiles whose data differ from the bundle's, kept (no `replace`).
+    profiles_differ: tuple[str, ...] = ()
 
 
 async def export_bundle(out: str | os.PathLike[str], key_path: str | os.PathLike[str],
@@ -102,20 +111,23 @@ async def export_bundle(out: str | os.PathLike[str], key_path: str | os.PathLike
                 rec = await st.get_golden_record(info.build_id, info.boot_profile)
                 if rec is not None:
                     goldens.append(rec)
-        blob = encode_bundle(profiles, goldens, key)
-        write_bundle_file(out, blob)
         kid = key_id(key)
+        sequence = await st.next_export_sequence(kid, int(time.time()))
+        blob = encode_bundle(profiles, goldens, key, sequence=sequence)
+        write_bundle_file(out, blob)
         await st.append_event({
             "ts": time.time(), "event": "exported", "vm": "", "bundle": str(out),
-            "key_id": kid, "size": len(blob), "profiles": [p.build_id for p in profiles],
+            "key_id": kid, "sequence": sequence, "size": len(blob),
+            "profiles": [p.build_id for p in profiles],
             "golden": [[g.build_id, g.boot_profile] for g in goldens]})
     return ExportResult(str(out), kid, tuple(profiles), tuple(goldens), len(blob),
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, sequence)
 
 
 async def import_bundle(path: str | os.PathLike[str], trust_path: str | os.PathLike[str],
                         db: str | None, *, replace: bool = False,
-                        richer: Richer | None = None) -> ImportResult:
+                        richer: Richer | None = None,
+                        allow_older: bool = False) -> ImportResult:
     """Verify the bundle at `path` with the Ed25519 public key in `trust_path`, check its
     records, and merge them into the database (see the module doc). Raises BundleError
     or KeyFileError, with the database untouched (not even created), if anything is
@@ -124,16 +136,24 @@ async def import_bundle(path: str | os.PathLike[str], trust_path: str | os.PathL
     where = str(path)
     trusted = load_public_key(trust_path)
     bundle = read_bundle_file(path, trusted)
+    if bundle.sequence is None and not allow_older:   # refused before the database opens
+        raise BundleError("a format-1 bundle has no sequence number: kscan cannot tell it "
+                          "from an old bundle replayed", path=where,
+                          hint="re-export it with this kscan, or import with --allow-older")
     new_profiles = {p.build_id: _usable_profile(p, where) for p in bundle.profiles}
     for g in bundle.goldens:
         _check_golden(g, where)
     async with Store.open(db) as st:
         pairs = []
+        differ = []
         for row in bundle.profiles:
             upgrade = False
-            if richer is not None:
-                old = await st.get_profile(row.build_id)
-                if old is not None:
+            old = await st.get_profile(row.build_id)
+            if old is not None and old.data != row.data:
+                differ.append(row.build_id)
+                # What the stored profile says is where kscan looks: the bundle's
+                # replaces it only when asked (--replace), and only when it knows more.
+                if replace and richer is not None:
                     try:
                         upgrade = richer(KernelProfile.from_bytes(old.data),
                                          new_profiles[row.build_id])
@@ -142,10 +162,13 @@ async def import_bundle(path: str | os.PathLike[str], trust_path: str | os.PathL
             pairs.append((row, upgrade))
         outcome = await st.import_records(
             pairs, bundle.goldens, replace_golden=replace,
+            signer=(bundle.key_id, bundle.sequence, where), allow_older=allow_older,
             event={"ts": time.time(), "event": "imported", "vm": "", "bundle": where,
                    "key_id": bundle.key_id, "bundle_created": bundle.created,
-                   "producer": bundle.producer, "replace": replace})
-    return ImportResult(where, bundle, outcome, time.perf_counter() - t0)
+                   "sequence": bundle.sequence, "producer": bundle.producer,
+                   "replace": replace, "allow_older": allow_older})
+    kept_differ = tuple(b for b in differ if b not in outcome.profiles_upgraded)
+    return ImportResult(where, bundle, outcome, time.perf_counter() - t0, kept_differ)
 
 
 def _usable_profile(row: ProfileRow, where: str) -> KernelProfile:

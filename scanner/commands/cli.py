@@ -246,8 +246,8 @@ async def cmd_export(args: argparse.Namespace) -> int:
 
     res = await export_bundle(args.out, args.key, args.db, args.build_id or ())
     print(f"wrote {res.path}: {len(res.profiles)} profile(s), {len(res.goldens)} golden "
-          f"baseline(s), {res.size} B, signed by key {res.key_id[:16]} "
-          f"({res.seconds:.1f} s)")
+          f"baseline(s), {res.size} B, signed by key {res.key_id[:16]}, sequence "
+          f"{res.sequence} ({res.seconds:.1f} s)")
     for g in res.goldens:
         boots = max(r.boots for r in g.regions.values())
         print(f"  {g.build_id}  boot profile {g.boot_profile}, {boots} verified boot(s), "
@@ -259,7 +259,7 @@ async def cmd_import(args: argparse.Namespace) -> int:
     from scanner.commands.bundles import import_bundle
 
     res = await import_bundle(args.bundle, args.trust, args.db, replace=args.replace,
-                              richer=_knows_less)
+                              richer=_knows_less, allow_older=args.allow_older)
     o, b = res.outcome, res.bundle
     print(f"imported {res.path} (signed by key {b.key_id[:16]}, {b.producer}): profiles "
           f"{len(o.profiles_added)} added, {len(o.profiles_upgraded)} upgraded, "
@@ -269,6 +269,14 @@ async def cmd_import(args: argparse.Namespace) -> int:
     for build_id, key in o.golden_kept_local:
         print(f"kscan: kept the local golden baseline of {build_id} boot profile {key}: it "
               "differs from the bundle's (--replace takes the bundle's)", file=sys.stderr)
+    for build_id in res.profiles_differ:
+        print(f"kscan: kept the local profile of {build_id}: it differs from the bundle's "
+              "(--replace takes the bundle's when it knows more)", file=sys.stderr)
+    for build_id, key in o.golden_not_restored:
+        print(f"kscan: did not restore the golden baseline of {build_id} boot profile {key}: "
+              f"none is stored here and bundle sequence {b.sequence} is not newer than the "
+              "newest imported from this key (deleted here since?); --replace restores it",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -513,9 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="verify a signed bundle and merge its baselines into the database",
         description="Verify a bundle made by `kscan export` with the signer's public key, "
         "then add its profiles and golden baselines. Nothing is written unless the whole "
-        "bundle verifies. A golden baseline already stored for the same kernel and boot "
-        "profile is kept when it differs from the bundle's, unless --replace. Recorded in "
-        "the event log with the key's fingerprint.",
+        "bundle verifies. A golden baseline or profile already stored for the same kernel "
+        "(and boot profile) is kept when it differs from the bundle's, unless --replace. "
+        "A bundle older than the newest imported from the same key is refused unless "
+        "--allow-older, and a bundle not newer than that brings back no baseline deleted "
+        "here unless --replace. Recorded in the event log with the key's fingerprint and "
+        "the bundle's sequence number.",
         epilog="example:\n  kscan import debian-6.1.kbundle --trust kscan-sign.pub.pem",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -523,7 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", required=True, metavar="PUB.pem",
                    help="the signer's Ed25519 public key, PEM (openssl pkey -pubout)")
     p.add_argument("--replace", action="store_true",
-                   help="replace local golden baselines that differ from the bundle's")
+                   help="replace local golden baselines and profiles that differ from the "
+                   "bundle's, and restore baselines deleted here since")
+    p.add_argument("--allow-older", action="store_true",
+                   help="take a bundle older than the newest imported from its signing "
+                   "key, or a format-1 bundle (no sequence number); what it adds or "
+                   "changes still follows --replace")
     _db_arg(p)
     p.set_defaults(func=cmd_import)
 
@@ -586,9 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
     p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("--metrics", metavar="HOST:PORT", default=None,
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: "
-                        "none; e.g. 127.0.0.1:9464, [::1]:9464)")
+    p.add_argument("--metrics", metavar="HOST:PORT|unix:PATH", default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, or over "
+                        "HTTP on a unix socket created 0660 (default: none; e.g. "
+                        "127.0.0.1:9464, [::1]:9464, unix:/run/kscan/metrics.sock)")
     p.add_argument("--config", metavar="PATH", default=None,
                    help="a TOML file of run options (keys: the options with _ for -, db "
                         "included; the command line overrides it; default "

@@ -169,6 +169,10 @@ def modules_text(m: dict[str, Any]) -> list[str]:
                      f"taint {mod['taint'] or '-':<4} {where}")
     if m["complete"] and m["problems"]:
         lines.extend(f"  note: {p}" for p in m["problems"])
+    if m.get("unexplained_taint"):
+        lines.append(f"  kernel taint {m['kernel_taint']}: {m['unexplained_taint']} is "
+                     "carried by no listed module (one left the list, was unloaded, or "
+                     "rewrote its own record)")
     return lines
 
 

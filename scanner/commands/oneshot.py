@@ -20,7 +20,7 @@ from scanner.check.verify import CheckReport
 from scanner.errors import VmStateError
 from scanner.examine import check_examined, examine, golden_for, load_profiles, verify_examined
 from scanner.hashing import page_hash
-from scanner.vm import VmSource, open_vm
+from scanner.vm import VmSource, open_vm, state_key
 from store import Store
 from translate import PAGE
 
@@ -73,7 +73,8 @@ async def check_vm(source: Source, db: str | None, *, strict: bool = False) -> C
         profiles = await load_profiles(st)
         async with await open_vm(source) as vm:
             ex = await examine(vm, profiles)
-            report = await check_examined(st, ex, vm.name, mem=vm.mem, strict=strict)
+            report = await check_examined(st, ex, state_key(source, vm.uuid), mem=vm.mem,
+                                          strict=strict)
             await st.append_event({"ts": report.ts, "event": "check", "vm": vm.name,
                                    **report.to_json()})
             return report
@@ -88,7 +89,8 @@ async def accept_vm(source: Source, db: str | None, note: str = "") -> AcceptRes
         profiles = await load_profiles(st)
         async with await open_vm(source) as vm:
             ex = await examine(vm, profiles)
-            v = await verify_examined(st, ex, vm.name, await golden_for(st, ex), mem=vm.mem)
+            key = state_key(source, vm.uuid)
+            v = await verify_examined(st, ex, key, await golden_for(st, ex), mem=vm.mem)
             report, state = v.report, v.state
             if report.findings:
                 f = report.findings[0]
@@ -102,7 +104,7 @@ async def accept_vm(source: Source, db: str | None, note: str = "") -> AcceptRes
                 state.accepted.setdefault(m.region, {})[m.page] = PageRecord(
                     page_hash(page), cctx.compress(page))
                 pages.append({"region": m.region, "page": m.page, "va": m.va})
-            await st.put_vm_state(vm.name, state.to_plain())
+            await st.put_vm_state(key, state.to_plain())
             await st.append_event({"ts": time.time(), "event": "accepted", "vm": vm.name,
                                    "pages": pages, "note": note,
                                    "boot_profile": ex.boot.key,

@@ -6,6 +6,7 @@ import dataclasses
 
 from scanner.check.execmem import ExecScan, exec_findings, scan_exec
 from scanner.check.patching import ReadVA
+from scanner.check.reached import Recorder
 from scanner.check.state import VmState
 from scanner.check.verify import CheckReport, Finding, Verification, verify
 from scanner.examine.baselines import GoldenSet, golden_for
@@ -13,16 +14,36 @@ from scanner.examine.reading import Examined, RunSync, inline
 from store import Store
 from translate import GuestMemory, TranslationError
 
-__all__ = ["check_examined", "guest_reader", "verify_and_record", "verify_examined"]
+__all__ = ["check_examined", "guest_reader", "plain_reader", "verify_and_record",
+           "verify_examined", "with_execmem"]
 
 #: The largest read a verifier may make through guest memory (a trampoline, a slot).
 _MAX_READ = 1 << 16
 
 
-def guest_reader(mem: GuestMemory, ex: Examined) -> ReadVA:
+def guest_reader(mem: GuestMemory, ex: Examined) -> Recorder:
     """Reads guest-virtual memory through the kernel page table the check used: how the
     patch verifiers look at code outside `.text` (allocated trampolines, optprobe
-    slots). None for anything unmapped, too big, or outside RAM."""
+    slots). None for anything unmapped, too big, or outside RAM. It records what it
+    read (bounded), which becomes part of the VM's checked state."""
+    walker = ex.space.walker(mem)
+
+    def read(va: int, size: int) -> tuple[bytes, tuple[tuple[int, int], ...],
+                                          tuple[tuple[int, int], ...]] | None:
+        if not 0 < size <= _MAX_READ:
+            return None
+        try:
+            t = walker.translate_range(va, size)
+            runs = t.gpa_runs()
+            return b"".join(bytes(mem.view(g, n)) for g, n in runs), runs, t.entries
+        except (TranslationError, OverflowError, ValueError):
+            return None
+
+    return Recorder(read)
+
+
+def plain_reader(mem: GuestMemory, ex: Examined) -> ReadVA:
+    """A `ReadVA` through the same page table as `guest_reader`, recording nothing."""
     walker = ex.space.walker(mem)
 
     def read(va: int, size: int) -> bytes | None:
@@ -46,15 +67,20 @@ async def verify_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet
     gs = golden if golden is not None else await golden_for(st, ex)
     state = VmState.from_plain(await st.get_vm_state(vm_id))
     read_va = guest_reader(mem, ex) if mem is not None else None
+    # Owner lookups (module list, BPF, ftrace ops...) read kernel data, not code the
+    # patching reached: through a reader that records nothing.
+    plain = plain_reader(mem, ex) if mem is not None else None
 
     def go() -> Verification:
         v = verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized, gs.regions,
-                   gs.contents.get, state, read_va=read_va, strict=strict)
-        if mem is None or read_va is None:
+                   gs.contents.get, state, read_va=read_va, strict=strict,
+                   plain_va=plain)
+        if mem is None or plain is None:
             return v
-        return with_execmem(v, scan_exec(mem, ex.vcpus, ex.lk, read_va))
+        return with_execmem(v, scan_exec(mem, ex.vcpus, ex.lk, plain))
 
-    return await run_sync(go)
+    v = await run_sync(go)
+    return v if read_va is None else dataclasses.replace(v, reached=read_va.ranges())
 
 
 def with_execmem(v: Verification, scan: ExecScan) -> Verification:

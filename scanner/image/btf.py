@@ -330,11 +330,16 @@ class Btf:
                 if self._kind[t] in (Kind.ENUM, Kind.ENUM64)]
 
     # -- member paths ----------------------------------------------------------------
-    def _find_member(self, tid: int, name: str, depth: int = 0) -> tuple[BtfMember, int] | None:
+    def _find_member(self, tid: int, name: str, depth: int = 0,
+                     seen: set[int] | None = None) -> tuple[BtfMember, int] | None:
         """Member `name` of struct/union `tid`, looking through anonymous members;
-        with the bit offset of the anonymous container(s) it was found in."""
+        with the bit offset of the anonymous container(s) it was found in. Each struct
+        is searched once per lookup (`seen`): hostile BTF whose anonymous members all
+        share one type would otherwise make the search exponential in the depth."""
         if depth > MAX_DEPTH:
             raise self._err(f"anonymous members nested deeper than {MAX_DEPTH}", 0)
+        seen = set() if seen is None else seen
+        seen.add(tid)
         members = self.members(tid)
         for m in members:
             if m.name == name:
@@ -343,8 +348,10 @@ class Btf:
             if m.name:
                 continue
             inner = self.strip(m.type_id)
+            if inner in seen:
+                continue
             if self.kind(inner) in (Kind.STRUCT, Kind.UNION):
-                hit = self._find_member(inner, name, depth + 1)
+                hit = self._find_member(inner, name, depth + 1, seen)
                 if hit is not None:
                     return hit[0], hit[1] + m.bit_offset
         return None

@@ -30,7 +30,7 @@ from scanner.image.altreloc import AltRelocs, alt_relocs_from_image
 from scanner.image.btf import parse_btf
 from scanner.image.early_idt import find_early_stubs
 from scanner.image.kallsyms import Kallsyms, recover_kallsyms
-from scanner.image.layouts import Layouts, data_symbols_from, layouts_from_btf
+from scanner.image.layouts import DataSymbol, Layouts, data_symbols_from, layouts_from_btf
 from scanner.image.patchsites import PatchSites, extract_patch_sites
 from scanner.image.relocs import RegionRelocs
 from scanner.image.serialize import (
@@ -94,9 +94,9 @@ class KernelProfile:
     #: `btf_note` says why) or the profile predates them (`btf_note` empty).
     layouts: Layouts | None = None
     btf_note: str = ""
-    #: (link-time address, kallsyms type) of the kernel variables in
-    #: scanner.image.layouts.DATA_SYMBOLS the image has (empty: no kallsyms, or older).
-    data_symbols: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: The kernel variables of scanner.image.layouts.DATA_SYMBOLS the image has, by name
+    #: (empty: no kallsyms, or a profile stored by an older kscan).
+    data_symbols: dict[str, DataSymbol] = field(default_factory=dict)
     _sym_addrs: list[int] = field(default_factory=list, init=False, repr=False,
                                   compare=False)
 
@@ -133,7 +133,7 @@ class KernelProfile:
         """Link-time address of a kernel variable (one of DATA_SYMBOLS), when known."""
         hit = self.data_symbols.get(name)
         if hit is not None:
-            return hit[0]
+            return hit.addr
         return next((a for a, n in self.symbols if n == name), None)
 
     @property
@@ -180,7 +180,8 @@ class KernelProfile:
         header["optprobe_code"] = put(self.optprobe_code)
         header["layouts"] = self.layouts.to_plain() if self.layouts is not None else None
         header["btf_note"] = self.btf_note
-        header["data_symbols"] = {k: list(v) for k, v in self.data_symbols.items()}
+        header["data_symbols"] = {k: [v.addr, v.type, v.span]
+                                  for k, v in self.data_symbols.items()}
         head = orjson.dumps(header)
         raw = struct.pack("<I", len(head)) + head + b"".join(arrays)
         return _MAGIC + zstandard.ZstdCompressor(level=9).compress(raw)
@@ -268,14 +269,15 @@ def profile_from_image(image: KernelImage) -> KernelProfile:
     )
 
 
-def _data_symbols(v: Any) -> dict[str, tuple[int, str]]:
+def _data_symbols(v: Any) -> dict[str, DataSymbol]:
     if not isinstance(v, dict) or len(v) > 1024:
         raise ValueError("bad data symbols")
     out = {}
-    for k, (addr, typ) in v.items():
-        if type(addr) is not int or not 0 <= addr < 1 << 64 or not isinstance(typ, str):
+    for k, (addr, typ, span) in v.items():
+        if (type(addr) is not int or not 0 <= addr < 1 << 64 or not isinstance(typ, str)
+                or type(span) is not int or not 0 <= span < 1 << 30):
             raise ValueError(f"bad data symbol {k}")
-        out[str(k)] = (addr, typ[:1])
+        out[str(k)] = DataSymbol(addr, typ[:1], span)
     return out
 
 

@@ -24,7 +24,7 @@ from scanner.errors import KernelImageError
 from scanner.image.btf import Btf
 from scanner.image.kallsyms import Kallsyms
 
-__all__ = ["DATA_SYMBOLS", "WANTED", "Field", "Layouts", "StructLayout",
+__all__ = ["DATA_SYMBOLS", "WANTED", "DataSymbol", "Field", "Layouts", "StructLayout",
            "data_symbols_from", "layouts_from_btf"]
 
 #: struct → member paths. Paths absent from a kernel are left out of its layouts.
@@ -48,18 +48,18 @@ WANTED: dict[str, tuple[str, ...]] = {
     "module_layout": ("base", "size", "text_size", "ro_size", "ro_after_init_size"),
     "mod_kallsyms": ("symtab", "num_symtab", "strtab", "typetab"),
     "ftrace_ops": ("func", "next", "flags", "private", "trampoline", "trampoline_size",
-                   "local_hash", "func_hash", "saved_func", "direct_call", "ops_func",
-                   "list"),
+                   "local_hash", "local_hash.filter_hash", "local_hash.notrace_hash",
+                   "func_hash", "saved_func", "direct_call", "ops_func", "list"),
     "ftrace_ops_hash": ("notrace_hash", "filter_hash"),
     "ftrace_hash": ("size_bits", "buckets", "count", "flags"),
     "ftrace_func_entry": ("hlist", "ip", "direct"),
     "kprobe": ("hlist", "list", "addr", "symbol_name", "offset", "pre_handler",
-               "post_handler", "opcode", "ainsn", "flags"),
+               "post_handler", "opcode", "ainsn", "ainsn.insn", "flags"),
     "arch_specific_insn": ("insn", "boostable", "size", "emulate_op"),
-    "optimized_kprobe": ("kp", "list", "optinsn"),
+    "optimized_kprobe": ("kp", "list", "optinsn", "optinsn.insn", "optinsn.size"),
     "arch_optimized_insn": ("copied_insn", "insn", "size"),
     "bpf_prog": ("len", "jited_len", "jited", "type", "aux", "bpf_func", "tag"),
-    "bpf_prog_aux": ("id", "name", "ksym", "func_cnt", "prog"),
+    "bpf_prog_aux": ("id", "name", "ksym", "ksym.start", "ksym.end", "func_cnt", "prog"),
     "bpf_ksym": ("start", "end", "name", "lnode", "tnode", "prog"),
     "idr": ("idr_rt", "idr_base", "idr_next"),
     # Owners of executable kernel memory (scanner.check.kernel_lists.exec_owners).
@@ -80,6 +80,7 @@ DATA_SYMBOLS = (
     "prog_idr", "bpf_kallsyms", "bpf_tree", "__x86_return_thunk", "ftrace_ops_assist_func",
     "ftrace_regs_caller", "ftrace_caller", "ftrace_stub", "klp_patches", "init_task",
     "_stext", "_etext", "__start_rodata", "__end_rodata", "_sdata", "_edata",
+    "tainted_mask",
     "pack_list", "ftrace_ops_trampoline_list", "real_mode_header", "real_mode_blob",
     "real_mode_blob_end", "page_offset_base", "idt_table",
 )
@@ -215,11 +216,24 @@ def layouts_from_btf(btf: Btf) -> Layouts:
     return Layouts(structs, enums)
 
 
-def data_symbols_from(ks: Kallsyms) -> dict[str, tuple[int, str]]:
-    """(link-time address, kallsyms type) of each of `DATA_SYMBOLS` the kernel has."""
-    out: dict[str, tuple[int, str]] = {}
+@dataclass(frozen=True)
+class DataSymbol:
+    """A kernel variable: link-time address, kallsyms type (``D``, ``d``, ``B``, ``b``,
+    ``R``, ...) and span (bytes up to the next symbol, as kallsyms sizes symbols: an
+    upper bound of its size, e.g. of `kprobe_table`'s hash buckets; 0 if unknown)."""
+
+    addr: int
+    type: str
+    span: int = 0
+
+
+def data_symbols_from(ks: Kallsyms) -> dict[str, DataSymbol]:
+    """Each of `DATA_SYMBOLS` the kernel has."""
+    out: dict[str, DataSymbol] = {}
     for name in DATA_SYMBOLS:
         hit = ks.find(name)
         if hit is not None:
-            out[name] = hit
+            addr, typ = hit
+            span = ks.symbol_end(ks.index_at_or_below(addr)) - addr
+            out[name] = DataSymbol(addr, typ, span if 0 < span < 1 << 30 else 0)
     return out

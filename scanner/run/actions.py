@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -194,13 +195,35 @@ def collect_forensics(root: Path, vm: str, report: CheckReport, mem: GuestMemory
     return ForensicCopy(d, tuple(files))
 
 
+def _private_dir(path: Path) -> None:
+    """Make `path` a directory only its owner can enter: created 0700 (never wider,
+    whatever the umask), or an existing one (not a symlink) set to 0700."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if path.is_symlink() or not path.is_dir():
+            raise ActionError(f"forensic path {path} is not a directory") from None
+    os.chmod(path, 0o700, follow_symlinks=False)
+
+
 def write_forensics(copy: ForensicCopy) -> Path:
-    """Write a forensic copy (blocking I/O: call it in a thread); its directory."""
+    """Write a forensic copy (blocking I/O: call it in a thread); its directory.
+
+    Guest pages and reports can be sensitive: every directory kscan creates below the
+    forensics root (the VM's, the copy's, `pages/`) is 0700 from its creation, and
+    every file is created 0600, exclusively, never through a symlink — no moment in
+    which another local user could read or plant anything."""
     d = copy.dir
-    (d / "pages").mkdir(parents=True, exist_ok=True, mode=0o700)
+    root = d.parent.parent
+    if not root.exists():   # kscan's own: private too (one that exists is the admin's)
+        root.mkdir(parents=True, mode=0o700, exist_ok=True)
+    for sub in (d.parent, d, d / "pages"):
+        _private_dir(sub)
     for rel, data in copy.files:
-        (d / rel).write_bytes(data)
-    os.chmod(d, 0o700)
+        fd = os.open(d / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
     return d
 
 
@@ -243,35 +266,83 @@ def prune_forensics(root: Path, max_bytes: int) -> int:
     return removed
 
 
+#: After the hook exits, how long its stderr is still read: a background child it left
+#: behind holds the pipe open, and its end is not waited for.
+STDERR_GRACE = 0.5
+STDERR_TAIL = 500
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL the hook's whole process group (its session: `start_new_session`)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 async def run_exec(argv: tuple[str, ...], event: dict[str, Any],
                    timeout: float = EXEC_TIMEOUT) -> dict[str, Any]:
-    """Run the hook with the event on stdin; never through a shell."""
+    """Run the hook with the event on stdin; never through a shell.
+
+    The hook runs in a session of its own. On timeout its whole process group is
+    killed (what it started too, unless that left the group). The result waits for the
+    hook's exit, not for the end of its pipes: a hook that starts `sleep 100 &` and
+    exits is done when it exits (its stderr is read for `STDERR_GRACE` more seconds),
+    and never raises — the `action` event and the forensic copy after it depend on
+    that."""
+    loop = asyncio.get_running_loop()
+    r, w = os.pipe()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE)
-    except OSError as err:
-        return {"ok": False, "error": f"cannot run {argv[0]}: {err.strerror}"}
-    async def talk() -> bytes:
-        # The event is written here, not by communicate(): a hook that exits without
-        # reading it closes the pipe, which uvloop reports as RuntimeError (asyncio as
-        # BrokenPipeError) — the hook ran all the same; its exit code tells.
-        assert proc.stdin is not None
         try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+                stderr=w, start_new_session=True)
+        finally:
+            os.close(w)
+    except OSError as err:
+        os.close(r)
+        return {"ok": False, "error": f"cannot run {argv[0]}: {err.strerror}"}
+    tail = bytearray()
+    reader = asyncio.StreamReader()
+    err_transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(r, "rb", buffering=0))
+
+    async def feed() -> None:
+        # Written here, not by communicate(): a hook that exits without reading closes
+        # the pipe, which uvloop reports as RuntimeError (asyncio as BrokenPipeError) —
+        # the hook ran all the same; its exit code tells.
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
             proc.stdin.write(orjson.dumps(event, default=str) + b"\n")
             await proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError, RuntimeError):
-            pass
         with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
             proc.stdin.close()
-        _, err = await proc.communicate()
-        return err
 
+    async def drain_stderr() -> None:
+        while chunk := await reader.read(65536):
+            tail.extend(chunk)
+            del tail[:-STDERR_TAIL * 4]   # bytes: room for multi-byte characters
+
+    feeder = loop.create_task(feed())
+    drainer = loop.create_task(drain_stderr())
+    timed_out = False
     try:
-        err_out = await asyncio.wait_for(talk(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            timed_out = True
+            _kill_group(proc.pid)
+            with contextlib.suppress(TimeoutError, ProcessLookupError, ChildProcessError):
+                await asyncio.wait_for(proc.wait(), 5.0)
+        await asyncio.wait({drainer}, timeout=STDERR_GRACE)
+    finally:
+        for t in (feeder, drainer):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+                proc.stdin.close()
+        err_transport.close()
+    if timed_out:
         return {"ok": False, "error": f"timed out after {timeout:g}s; killed"}
     return {"ok": proc.returncode == 0, "exit_code": proc.returncode,
-            "stderr": err_out.decode(errors="replace")[-500:]}
+            "stderr": tail.decode(errors="replace")[-STDERR_TAIL:]}

@@ -38,7 +38,7 @@ from scanner.run.metrics import MetricsServer, VmTotals
 from scanner.run.scheduler import Policy, Scheduler
 from scanner.run.service import Notifier, monotonic_usec
 from scanner.run.watcher import VmWatcher, WatchState
-from scanner.vm import SourceKind, VmHandle, VmSource, open_vm
+from scanner.vm import SourceKind, VmHandle, VmSource, open_vm, state_key
 from store import Store
 
 __all__ = ["Engine", "RunConfig", "VmTotals"]
@@ -321,11 +321,29 @@ class Engine:
                     await self.sink.emit("vm_unreachable", None, source=source,
                                          message=message, retry_s=backoff)
                 return
+            key = state_key(src, vm.uuid)
+            clash = self._claimed_by(source, vm.name, key)
+            if clash is not None:
+                # A second VM claiming a watched VM's name (QEMU reports whatever -name
+                # it was given) or identity: not watched under it, retried later.
+                with contextlib.suppress(Exception):
+                    await vm.close()
+                backoff = self._backoff(source, UNREACHABLE_BACKOFF)
+                message = (f"a VM reporting the name {vm.name!r} is already watched from "
+                           f"{clash}; this one (state key {key}) is not watched under it")
+                if self._said.get(source) != message:
+                    self._said[source] = message
+                    await self.sink.emit("error", None, source=source, name=vm.name,
+                                         message=message, retry_s=backoff,
+                                         hint="give each VM a name of its own (-name)")
+                return
             self._said.pop(source, None)
-            w = VmWatcher(self, vm, source)
+            w = VmWatcher(self, vm, source, key)
             self.watchers[source] = w
             if vm.uuid:
                 self.sink.labels[vm.name] = {"uuid": vm.uuid}
+            else:  # not the uuid of a VM that was watched under this name before
+                self.sink.labels.pop(vm.name, None)
             await self.sink.emit("vm_found", vm.name, source=source, kind=src.kind)
             try:
                 await w.run()
@@ -344,6 +362,13 @@ class Engine:
             if ended is not None:
                 self._retire(ended)
             self._retry_at[source] = time.monotonic() + backoff
+
+    def _claimed_by(self, source: str, name: str, key: str) -> str | None:
+        """The source of another watched VM with this name or state key, if any."""
+        for other, w in self.watchers.items():
+            if w is not None and other != source and (w.name == name or w.key == key):
+                return other
+        return None
 
     async def _reconcile(self) -> None:
         while True:
@@ -490,9 +515,9 @@ class Engine:
 async def run_engine(cfg: RunConfig, db: str | None, stop: asyncio.Event,
                      out: Any = None, *, reloader: Callable[[], RunConfig] | None = None,
                      metrics: str | None = None, notifier: Notifier | None = None) -> None:
-    """Run the engine until `stop`. `metrics`: HOST:PORT to serve Prometheus metrics on;
-    `reloader`: what SIGHUP calls for the configuration anew; `notifier`: systemd's
-    (from the environment by default; inert outside systemd)."""
+    """Run the engine until `stop`. `metrics`: HOST:PORT or unix:PATH to serve
+    Prometheus metrics on; `reloader`: what SIGHUP calls for the configuration anew;
+    `notifier`: systemd's (from the environment by default; inert outside systemd)."""
     async with Store.open(db) as st:
         async def persist(ev: dict[str, Any]) -> None:
             # The log keys events by VM name; kscan's own events have vm null → "".

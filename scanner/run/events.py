@@ -16,9 +16,10 @@ freeze every VM), from a bounded queue of `queue_size` lines. When the queue is 
    to make room for other events; each counts in `dropped`;
 2. other events, except those in `NEVER_DROP`, are then left out of stdout only (they
    are in the database already) and count in `dropped` too;
-3. `NEVER_DROP` events (`tamper`, `action`, `tamper_cleared`, `forensics_failed`) are
-   always queued, in a reserve of another `queue_size` lines beyond the bound; only
-   beyond that reserve would one be left out of stdout (counted, and in the database).
+3. `NEVER_DROP` events (`tamper`, `tamper_transient`, `action`, `tamper_cleared`,
+   `forensics_failed`) are always queued, in a reserve of another `queue_size` lines
+   beyond the bound; only beyond that reserve would one be left out of stdout
+   (counted, and in the database).
 
 If stdout accepts nothing for `stall_warning` seconds kscan says so on stderr, once per
 stall, and again when it flows. On close the queue is given `CLOSE_TIMEOUT` seconds to
@@ -48,7 +49,8 @@ __all__ = ["DROPPABLE", "NEVER_DROP", "EventSink"]
 log = logging.getLogger("kscan.events")
 
 DROPPABLE = frozenset({"stats"})
-NEVER_DROP = frozenset({"tamper", "action", "tamper_cleared", "forensics_failed"})
+NEVER_DROP = frozenset({"tamper", "tamper_transient", "action", "tamper_cleared",
+                        "forensics_failed"})
 QUEUE_SIZE = 4096
 STALL_WARNING = 10.0
 CLOSE_TIMEOUT = 5.0
@@ -63,7 +65,7 @@ HOST = socket.gethostname()
 #: one critical event; what needs an operator's look is a warning; what changes a VM's
 #: standing is a notice; the rest is info.
 SEVERITY: dict[str, str] = {
-    "tamper": "critical",
+    "tamper": "critical", "tamper_transient": "critical",
     "vm_lost": "warning", "vm_unreachable": "warning", "error": "warning",
     "forensics_failed": "warning", "profile_missing": "warning",
     "baseline_missing": "warning", "module_list_broken": "warning",

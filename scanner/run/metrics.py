@@ -1,9 +1,11 @@
-"""`kscan run --metrics HOST:PORT`: the engine's state as Prometheus metrics.
+"""`kscan run --metrics HOST:PORT|unix:PATH`: the engine's state as Prometheus metrics.
 
-prometheus-client's HTTP server answers scrapes in a thread of its own, with a
+Scrapes are answered in threads of their own (`scanner.run.metrics_http`: a cached
+page rebuilt at most once a second, paced requests, the threads' CPU exempt from the
+scan budget — scraping never delays a scan), rendered by prometheus-client from a
 registry of kscan's own (not the library's global one: no process or GC collectors
 mixed in, nothing registered twice in tests). Its one collector never touches the
-engine from that thread: each scrape asks the event loop for a `Snapshot` (built there,
+engine from a thread: each rebuild asks the event loop for a `Snapshot` (built there,
 between two tasks, in well under a millisecond for hundreds of VMs) and waits for it
 at most `SNAPSHOT_TIMEOUT` seconds. A loop that does not answer in time (wedged, or
 busy beyond reason) gets the previous snapshot served, and `kscan_metrics_stale` says
@@ -103,6 +105,7 @@ class Snapshot:
     ready: bool
     states: dict[str, int]
     vms: list[VmRow] = field(default_factory=list)
+    metrics_cpu: float = 0.0   # CPU seconds answering scrapes (exempt from the budget)
 
 
 def snapshot(engine: Observed) -> Snapshot:
@@ -130,7 +133,8 @@ def snapshot(engine: Observed) -> Snapshot:
         taken=time.time(), start_time=engine.started_at, period=sched.period(),
         period_factor=sched.overhead, cpu_rate=sched.rate, cpu_budget=sched.policy.budget,
         cpu_seconds=time.process_time(), scans=engine.scans, dropped=engine.sink.dropped,
-        reloads=engine.reloads, ready=engine.ready, states=states, vms=rows)
+        reloads=engine.reloads, ready=engine.ready, states=states, vms=rows,
+        metrics_cpu=sched.exempted)
 
 
 class EngineCollector:
@@ -214,6 +218,9 @@ class EngineCollector:
                         "(--cpu-budget / 100)", snap.cpu_budget)
         yield counter("kscan_cpu_seconds", "CPU time the process used, in seconds",
                       snap.cpu_seconds)
+        yield counter("kscan_metrics_cpu_seconds", "CPU time answering metrics scrapes "
+                      "(part of kscan_cpu_seconds, exempt from the scan budget)",
+                      snap.metrics_cpu)
         yield counter("kscan_scans", "Fast scans done, all VMs", snap.scans)
         yield counter("kscan_events_dropped", "Events left out of stdout (stats first; "
                       "all but stats are in the database)", snap.dropped)
@@ -257,36 +264,65 @@ def parse_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise MetricsError(f"--metrics {text!r}: give HOST:PORT, e.g. 127.0.0.1:9464 "
-                           "or [::1]:9464")
+                           "or [::1]:9464, or unix:PATH")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
 
 
 class MetricsServer:
-    """prometheus-client's HTTP server (a daemon thread) with kscan's own registry."""
+    """The metrics page (`scanner.run.metrics_http`) on HOST:PORT or unix:PATH, with
+    kscan's own registry. The handler threads' CPU is exempt from the scan budget."""
 
     def __init__(self, engine: Observed, loop: asyncio.AbstractEventLoop,
                  address: str) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-        host, port = parse_address(address)
+        from scanner.run import metrics_http
+
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = EngineCollector(engine, loop)
         c: Collector = self.collector
         self.registry.register(c)
+        registry = self.registry
+        self.page = metrics_http.CachedPage(lambda: generate_latest(registry))
+        on_cpu = engine.scheduler.exempt
+        self.unix_path: str | None = None
+        self.host, self.port = "", 0
+        if address.startswith("unix:"):
+            path = address[5:]
+            if not path:
+                raise MetricsError("--metrics unix: needs a path, e.g. "
+                                   "unix:/run/kscan/metrics.sock")
+            try:
+                self._httpd: metrics_http.Server
+                self._httpd, self._thread = metrics_http.serve_unix(
+                    path, self.page, CONTENT_TYPE_LATEST, on_cpu)
+            except OSError as err:
+                raise MetricsError(f"--metrics {address}: cannot listen: "
+                                   f"{err.strerror or err}",
+                                   hint="a directory kscan can write to, and no other "
+                                   "kscan serving there") from None
+            self.unix_path = path
+            log.info("metrics on unix:%s", path)
+            return
+        host, port = parse_address(address)
         try:
-            self._httpd, self._thread = start_http_server(port, host,
-                                                          registry=self.registry)
+            self._httpd, self._thread = metrics_http.serve_tcp(
+                host, port, self.page, CONTENT_TYPE_LATEST, on_cpu)
         except OSError as err:
             raise MetricsError(f"--metrics {address}: cannot listen: {err.strerror or err}",
                                hint="choose a free port and an address of this host") \
                 from None
-        self.host, self.port = host, int(self._httpd.server_port)
+        self.host, self.port = host, int(self._httpd.server_address[1])
         log.info("metrics on http://%s:%d/metrics",
                  f"[{host}]" if ":" in host else host, self.port)
 
     def close(self) -> None:
+        from scanner.run import metrics_http
+
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(5)
+        if self.unix_path is not None and isinstance(self._httpd, metrics_http._UnixServer):
+            metrics_http.remove_socket(self._httpd, self.unix_path)

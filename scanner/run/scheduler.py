@@ -19,7 +19,9 @@ to the same bucket, so bursts of it delay routine scans instead of breaking the 
 Once a second the whole process's CPU time is reconciled with what was charged: the
 rest (event loop, database thread, event writer) is charged too, and a feedback factor
 on P steers the process's measured CPU rate to the budget — so the budget holds for the
-whole process, and is used, not left idle.
+whole process, and is used, not left idle. One exception: the CPU of the metrics
+server's threads (`exempt`), bounded by its own pacing and cache, is not charged — a
+client scraping in a loop must not be able to delay scans.
 
 **Start-up.** At start the bucket refills at `--startup-budget` (default one core)
 instead, until every VM attached by then has had its first verdict (or turned out not
@@ -33,6 +35,7 @@ steady state. The cost EWMA c_i learns from fast passes only.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 
@@ -85,6 +88,11 @@ class Scheduler:
         self._period, self._period_at = policy.min_interval, -1e9
         self._proc_mark = time.process_time()
         self._charged_mark = 0.0
+        #: CPU seconds spent outside the scan work and never charged to the budget
+        #: (the metrics server's threads: `exempt`); added to from other threads.
+        self.exempted = 0.0
+        self._exempt_mark = 0.0
+        self._exempt_lock = threading.Lock()
         self._wall_mark = time.monotonic()
         #: The process's CPU use, CPU seconds per second (EWMA, ~10 s).
         self.rate = policy.budget or 0.0
@@ -132,6 +140,7 @@ class Scheduler:
         self._tokens = min(b * BURST_SECONDS, self._tokens)
         self.rate = b
         self._proc_mark, self._charged_mark = time.process_time(), self.charged
+        self._exempt_mark = self.exempted
         self._wall_mark = time.monotonic()
         self._stale()
 
@@ -224,6 +233,14 @@ class Scheduler:
                 self._refill()
             self._tokens -= expected
 
+    def exempt(self, cpu_seconds: float) -> None:
+        """CPU another thread used on something the budget must not pay for (answering
+        metrics scrapes: paced and cached, so bounded, but charged it would let a
+        client scraping in a loop delay scans). Thread-safe."""
+        if cpu_seconds > 0:
+            with self._exempt_lock:
+                self.exempted += cpu_seconds
+
     def reconcile(self) -> None:
         """Once a second: charge the CPU the process used beyond what was charged
         (event loop, database thread, event writer) to the bucket, and steer the
@@ -234,9 +251,12 @@ class Scheduler:
         them equal. A model of the overhead (used ÷ counted) was tried first; it
         stayed skewed by warm-up work and left a third of the budget unused."""
         now, proc, charged = time.monotonic(), time.process_time(), self.charged
+        exempted = self.exempted
         dt = max(1e-3, now - self._wall_mark)
-        used, counted = proc - self._proc_mark, charged - self._charged_mark
+        used = max(0.0, proc - self._proc_mark - (exempted - self._exempt_mark))
+        counted = charged - self._charged_mark
         self._proc_mark, self._charged_mark, self._wall_mark = proc, charged, now
+        self._exempt_mark = exempted
         b = self.policy.budget
         if not b:
             return

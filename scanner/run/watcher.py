@@ -93,11 +93,15 @@ class WatchState(enum.StrEnum):
 
 
 class VmWatcher:
-    def __init__(self, ctx: WatchContext, vm: VmHandle, source: str) -> None:
+    def __init__(self, ctx: WatchContext, vm: VmHandle, source: str,
+                 key: str | None = None) -> None:
         self.ctx = ctx
         self.vm = vm
-        self.name = vm.name
+        self.name = vm.name  # what events show; a QEMU can report any name
         self.source = source
+        #: What its per-VM state and resume record are stored under
+        #: (`scanner.vm.identity.state_key`; the name where none is given).
+        self.key = key if key is not None else vm.name
         self.ref: Reference | None = None
         self.slide: int | None = None  # of the kernel last checked (a change: reboot)
         self.reported: frozenset[Any] | None = None  # the change set last reported
@@ -212,11 +216,11 @@ class VmWatcher:
         verdict is given without a slow path. False: take the full path."""
         st, name = self.ctx.store, self.name
         try:
-            blob = await st.get_resume(name)
+            blob = await st.get_resume(self.key)
             if blob is None:
                 return False
             saved = Saved.from_bytes(blob)
-            state = VmState.from_plain(await st.get_vm_state(name)) if saved else None
+            state = VmState.from_plain(await st.get_vm_state(self.key)) if saved else None
         except StoreError as err:  # an unreadable row: the full path rewrites both
             log.info("%s: persisted state unreadable (%s): full check", name, err)
             return False
@@ -299,7 +303,7 @@ class VmWatcher:
             saved = Saved.of(self.ref, ex.lk.profile.build_id, ex.lk.slide, ex.boot.key,
                              golden_digest(golden.regions), state.digest(), size,
                              {"regions": _summary(report)["regions"]})
-            await st.put_resume(self.name, saved.to_bytes())
+            await st.put_resume(self.key, saved.to_bytes())
         except StoreError as err:
             log.warning("%s: could not persist the resume state: %s", self.name, err)
 
@@ -362,7 +366,7 @@ class VmWatcher:
     async def _full_check(self, ex: Examined, golden: GoldenSet, first: bool,
                           confirm: bool = True) -> CheckReport:
         """Verify an examined VM (holding a slow-path slot), then report and act."""
-        checked = await verify_and_record(self.ctx.store, ex, self.name, golden,
+        checked = await verify_and_record(self.ctx.store, ex, self.key, golden,
                                           self.ctx.timed_in_worker, mem=self.vm.mem,
                                           strict=self.ctx.strict)
         report = checked.report
@@ -371,18 +375,23 @@ class VmWatcher:
             # The kernel is patching itself right now (its own patching verified in the
             # same pages): a scan can catch text_poke or an ftrace trampoline being
             # replaced half-way. Look once more, in full, before reporting; a change
-            # that is still there is reported from that second look.
-            await asyncio.sleep(CONFIRM_DELAY)
+            # that is still there is reported from that second look. What the first
+            # look saw is never only a log line: unless the second look reports the
+            # very same changes, it is a `tamper_transient` (an attacker can undo a
+            # change within the delay as easily as the kernel finishes a patch).
+            await self._before_second_look()
             try:
                 again = await self._slow(functools.partial(
                     self._examine, Snapshot(ex.vcpus, ex.boot)), urgent=True)
             except (VmStateError, TranslationError, ProfileError):
                 pass  # the kernel moved meanwhile: report what was seen
             else:
-                second = await self._full_check(again, golden, first, confirm=False)
-                if not second.tampered:
-                    log.info("%s: a change seen while the kernel patched itself was gone "
-                             "on a second look", self.name)
+                second: CheckReport | None = None
+                try:
+                    second = await self._full_check(again, golden, first, confirm=False)
+                finally:
+                    if second is None or _change_set(second) != _change_set(report):
+                        await self._transient(report, second)
                 return second
         partial = len(ex.normalized) < len(REGIONS)
         if partial and self.ref is not None and self.last_report is not None:
@@ -395,10 +404,13 @@ class VmWatcher:
                 patches=(report.patches if ".text" in ex.normalized
                          else self.last_report.patches))
             self.ref.digests.update(ex.raw_digests)
+            if ".text" in ex.normalized:  # what its patching reached was read again
+                self.ref.set_reached(self.vm.mem, checked.reached, ex.space.pgd,
+                                     ex.space.top_shift)
         else:
             self._drop_reference()
             self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ex.space.pgd,
-                                      ex.space.top_shift, ex.raw_digests)
+                                      ex.space.top_shift, ex.raw_digests, checked.reached)
         if self.ref is not None and report.execmem is not None:
             self.ref.exec_tables = report.execmem.fingerprint
         self.slide = ex.lk.slide
@@ -461,6 +473,26 @@ class VmWatcher:
             return
         await self._read_modules(profile, slide, walker)
 
+    async def _before_second_look(self) -> None:
+        """The pause before a second look (tests interpose here)."""
+        await asyncio.sleep(CONFIRM_DELAY)
+
+    async def _transient(self, seen: CheckReport, second: CheckReport | None) -> None:
+        """A tampering seen once and not (or not as it was) on the second look: said
+        as a critical event with what was seen. Not acted on: the VM no longer shows
+        it (what the second look found, if anything, was reported on its own)."""
+        look = "unknown" if second is None else "tampered" if second.tampered else "clean"
+        log.info("%s: a change seen while the kernel patched itself was not there as such "
+                 "on a second look (%s): tamper_transient", self.name, look)
+        await self.emit(
+            "tamper_transient", seen_at=self.seen_at, confirm_delay=CONFIRM_DELAY,
+            build_id=seen.build_id, slide=seen.slide, second_look=look,
+            message="a change seen while the kernel patched itself was not there as "
+                    "such on a second look: a patch caught half-way, or a tampering "
+                    "undone at once",
+            **tamper_fields(seen),
+            patched=seen.patches.to_json() if seen.patches else None)
+
     async def _on_patched(self, report: CheckReport) -> None:
         """Verified run-time patching is not tampering: said once per distinct set of
         patches (`kernel_patched`), never acted on."""
@@ -486,7 +518,7 @@ class VmWatcher:
             # QEMU reset the VM: a reboot, even if the kernel comes back at the same
             # slide. Its per-boot pages are this boot's again: take them afresh.
             self._resets = self.vm.resets()
-            await self.ctx.store.delete_vm_state(self.name)
+            await self.ctx.store.delete_vm_state(self.key)
             self._drop_reference()
             self.modwatch.reset()
             await self.emit("vm_booting", message="QEMU reset the VM (a reboot)")
@@ -591,7 +623,10 @@ class VmWatcher:
                     await self.emit("action", action="pause", ok=False,
                                     error=_describe(err))
             elif action.kind is ActionKind.EXEC:
-                result = await run_exec(action.argv, ev)
+                try:
+                    result = await run_exec(action.argv, ev)
+                except Exception as err:  # never lose the action event nor the copy
+                    result = {"ok": False, "error": _describe(err)}
                 await self.emit("action", action=action.describe(), **result)
             try:
                 if isinstance(copy, Exception):

@@ -6,9 +6,10 @@ the page walker reads and whose registers and boot profile the checks use.
 
 from scanner.vm.bootprofile import BootProfile, pti_active, read_boot_profile
 from scanner.vm.handle import VmHandle
+from scanner.vm.identity import state_key
 from scanner.vm.live import AttachedVm
 from scanner.vm.replay import ReplayVm, write_replay
 from scanner.vm.source import SourceKind, VmSource, open_vm
 
 __all__ = ["AttachedVm", "BootProfile", "ReplayVm", "SourceKind", "VmHandle", "VmSource",
-           "open_vm", "pti_active", "read_boot_profile", "write_replay"]
+           "open_vm", "pti_active", "read_boot_profile", "state_key", "write_replay"]

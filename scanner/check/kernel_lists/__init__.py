@@ -13,11 +13,14 @@ in full is said to be incomplete rather than trusted.
 * `lists.walk_list` — a bounded, cycle-checked `list_head` walk;
 * `modules.read_modules` — the module list (`struct module` via `modules`): name, state,
   memory ranges (6.1's `core_layout`/`init_layout`, 6.4+'s `mem[]`), `sig_ok`, taints;
-  `ModuleList.owner` finds the module whose memory holds an address.
+  `ModuleList.owner` finds the module whose memory holds an address;
+* `modsyms.read_module_symbols` — a listed module's own symbols (its kallsyms copy), to
+  name an address inside it ``func+0xoff [module]``.
 """
 
 from scanner.check.kernel_lists.lists import ListWalk, walk_list
 from scanner.check.kernel_lists.memory import KernelReader, walker_reader
+from scanner.check.kernel_lists.modsyms import ModuleSymbols, read_module_symbols
 from scanner.check.kernel_lists.modules import (
     ModuleInfo,
     ModuleList,
@@ -28,6 +31,18 @@ from scanner.check.kernel_lists.modules import (
     taint_letters,
 )
 
-__all__ = ["KernelReader", "ListWalk", "ModuleInfo", "ModuleList", "ModuleMemory",
-           "modules_off", "read_guest_modules", "read_modules", "taint_letters", "walk_list",
-           "walker_reader"]
+__all__ = [
+    "KernelReader",
+    "ListWalk",
+    "ModuleInfo",
+    "ModuleList",
+    "ModuleMemory",
+    "ModuleSymbols",
+    "modules_off",
+    "read_guest_modules",
+    "read_module_symbols",
+    "read_modules",
+    "taint_letters",
+    "walk_list",
+    "walker_reader",
+]

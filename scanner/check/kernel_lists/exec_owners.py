@@ -285,7 +285,7 @@ def read_exec_owners(profile: KernelProfile, slide: int, mem: KernelReader) -> E
     lay = profile.layouts
     if lay is None:
         return ExecOwners((), False, (profile.layouts_off or "no struct layouts",))
-    sym = {n: a + slide for n, (a, _) in profile.data_symbols.items()}
+    sym = {n: d.addr + slide for n, d in profile.data_symbols.items()}
     out: list[ExecOwner] = []
     problems: list[str] = []
     complete = True

@@ -24,6 +24,8 @@ DEFAULT_BUDGET = 8 << 20
 MAX_STRING = 256
 #: The largest single read a walker reader serves.
 MAX_READ = 1 << 16
+PAGE = 4096
+_MAX_CACHED = 4096
 
 
 def is_kernel_pointer(va: int) -> bool:
@@ -32,12 +34,34 @@ def is_kernel_pointer(va: int) -> bool:
 
 def walker_reader(walker: PageWalker) -> ReadVA:
     """A `ReadVA` through one kernel page table: None for anything unmapped, outside
-    RAM, or larger than MAX_READ. (Copies: these reads are small.)"""
+    RAM, or larger than MAX_READ. (Copies: these reads are small.)
+
+    The translation of each 4 KiB page is kept for the life of the reader (one pass:
+    make a new reader for each), at most `_MAX_CACHED` pages: a list walk reads a
+    node's `next` and its neighbour's `prev` from the same pages, and walking the
+    tables again for each would be most of its cost."""
     mem = walker.mem
+    pages: dict[int, int | None] = {}
+
+    def page_gpa(page: int) -> int | None:
+        if page in pages:
+            return pages[page]
+        try:
+            m = walker.translate(page)
+            gpa: int | None = m.gpa if mem.contains(m.gpa, PAGE) else None
+        except (TranslationError, OverflowError, ValueError):
+            gpa = None
+        if len(pages) < _MAX_CACHED:
+            pages[page] = gpa
+        return gpa
 
     def read(va: int, size: int) -> bytes | None:
         if not 0 < size <= MAX_READ:
             return None
+        off = va & (PAGE - 1)
+        if off + size <= PAGE:
+            gpa = page_gpa(va - off)
+            return None if gpa is None else bytes(mem.view(gpa + off, size))
         try:
             t = walker.translate_range(va, size)
             return b"".join(bytes(mem.view(g, n)) for g, n in t.gpa_runs())

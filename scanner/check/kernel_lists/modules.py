@@ -14,6 +14,7 @@ checked (kernel half, size below 1 GiB, no wrap), at most `MAX_MODULES` entries.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -41,6 +42,9 @@ MAX_AREA = 1 << 30
 TAINT_LETTERS = "PFSRMBUDAWCIOELKXTN"
 TAINT_UNSIGNED = 13   # 'E': a module without a valid signature was loaded
 TAINT_OOT = 12        # 'O': an out-of-tree module
+#: Taints a module load sets both on the kernel and on that module (add_taint_module):
+#: P proprietary, F forced, C staging, O out-of-tree, E unsigned, K livepatch, X aux.
+MODULE_TAINTS = sum(1 << TAINT_LETTERS.index(c) for c in "PFCOEKX")
 
 
 def taint_letters(mask: int) -> str:
@@ -104,6 +108,8 @@ class ModuleList:
     #: says nothing about what was unloaded.
     complete: bool
     problems: tuple[str, ...] = ()
+    #: The kernel-wide taint mask (`tainted_mask`), when the kernel has the symbol.
+    kernel_taints: int | None = None
     _index: list[tuple[int, int, int]] = field(default_factory=list, init=False,
                                                 repr=False, compare=False)
 
@@ -134,8 +140,23 @@ class ModuleList:
                 return self.modules[i], m
         return None
 
+    @property
+    def unexplained_taints(self) -> int:
+        """Module taints the kernel carries that no listed module does: a module that
+        left the list (unloaded, or unlinked itself) or rewrote its own record. Only
+        meaningful over a complete list; 0 when the kernel's mask is unknown."""
+        if self.kernel_taints is None:
+            return 0
+        listed = 0
+        for m in self.modules:
+            listed |= m.taints
+        return self.kernel_taints & MODULE_TAINTS & ~listed
+
     def to_json(self) -> dict[str, object]:
         return {"complete": self.complete, "problems": list(self.problems),
+                "kernel_taint": (taint_letters(self.kernel_taints)
+                                 if self.kernel_taints is not None else None),
+                "unexplained_taint": taint_letters(self.unexplained_taints),
                 "modules": [m.to_json() for m in self.modules]}
 
 
@@ -250,4 +271,10 @@ def read_guest_modules(profile: KernelProfile, slide: int, read_va: ReadVA, *,
     assert profile.layouts is not None
     head = profile.data_symbol("modules")
     assert head is not None
-    return read_modules(KernelReader(read_va), profile.layouts, head + slide, limit=limit)
+    reader = KernelReader(read_va)
+    ml = read_modules(reader, profile.layouts, head + slide, limit=limit)
+    taint_at = profile.data_symbol("tainted_mask")
+    if taint_at is None:
+        return ml
+    mask = reader.u64(taint_at + slide)
+    return dataclasses.replace(ml, kernel_taints=mask) if mask is not None else ml
