@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from scanner.check.execmem import ExecScan, exec_findings, scan_exec
+from scanner.check.execmem import ExecScan, address_owners, exec_findings, scan_exec
 from scanner.check.kernel_lists import walker_reader
 from scanner.image.kernel_profile import KernelProfile, profile_from_path
 from tests.conftest import GuestPool
@@ -48,10 +48,20 @@ def _addr(lines: tuple[str, ...], label: str) -> int:
 
 
 def scan(g: Guest, profile: KernelProfile) -> ExecScan:
-    async def go() -> ExecScan:
+    return scan_and_name(g, profile)[0]
+
+
+def scan_and_name(g: Guest, profile: KernelProfile, *addrs: int
+                  ) -> tuple[ExecScan, dict[int, str]]:
+    """The scan, and the owner of each of `addrs` named while the guest's memory is
+    open (a module's symbols are read on demand)."""
+    async def go() -> tuple[ExecScan, dict[int, str]]:
         vm, lk = await live_kernel(g.qmp_aux, profile)
         try:
-            return scan_exec(vm.mem, vm.vcpus, lk, walker_reader(vm.walker()))
+            read = walker_reader(vm.walker())
+            s = scan_exec(vm.mem, vm.vcpus, lk, read)
+            owners = address_owners(read, lk)
+            return s, {a: owners.describe(a) for a in addrs}
         finally:
             await vm.close()
 
@@ -116,14 +126,16 @@ def test_benign_runtime_code_stays_owned(xguest: Guest, kernel_profile: KernelPr
     assert kp.ok, kp
     rc, out = xguest.run("echo function > /sys/kernel/tracing/current_tracer")
     assert rc == 0, out
+    text = _addr(ben.lines, "text")
     try:
-        s = scan(xguest, kernel_profile)
+        s, names = scan_and_name(xguest, kernel_profile, text)
     finally:
         xguest.run("echo nop > /sys/kernel/tracing/current_tracer")
     assert s.complete and not exec_findings(s), exec_findings(s)
     kinds = s.account.by_kind
     assert kinds["module"] >= 2 and kinds["ftrace_trampoline"] >= 2, kinds
-    text = _addr(ben.lines, "text")
+    assert names[text] == "module kscan_benign (kscan_benign_hits)"
+    # A stored scan names owners without reading guest memory again (no symbols).
     assert s.owners is not None and s.owners.describe(text) == "module kscan_benign"
     tramp = [o for o in s.owners.owners.owners if o.kind == "ftrace_trampoline"]
     assert all(s.owners.claim_at(o.base) is not None for o in tramp)
@@ -195,9 +207,9 @@ def test_hidden_hooking_module_text_is_unowned(xguest: Guest, kernel_profile: Ke
     loaded = load(xguest, "kscan_hide")
     assert loaded.ok, loaded
     hook = _addr(loaded.lines, "->")
-    s = scan(xguest, kernel_profile)
+    s, names = scan_and_name(xguest, kernel_profile, hook)
     assert any(u.va <= hook < u.va + u.size for u in s.account.unowned), unowned(s)
-    assert s.owners is not None and s.owners.describe(hook) == "unowned memory"
+    assert names[hook] == "unowned memory"
 
 
 def test_sys_call_table_entry_named_with_its_module(xguest: Guest, xdb: str,
@@ -212,8 +224,9 @@ def test_sys_call_table_entry_named_with_its_module(xguest: Guest, xdb: str,
     # The old entry, named as the kernel names it (of aliases, kallsyms' first).
     old = kernel_profile.symbolize(hit[0]["old"])
     assert old is not None and "getppid" in old and hit[0]["old_owner"] == old, hit
-    assert hit[0]["new_owner"] == "module kscan_sct", hit
-    said = f"sys_call_table[110] = {old} now points into module kscan_sct"
+    # The hook named from the module's own kallsyms.
+    assert hit[0]["new_owner"] == "module kscan_sct (hooked)", hit
+    said = f"sys_call_table[110] = {old} now points into module kscan_sct (hooked)"
     assert hit[0]["message"] == said
     out = kscan("check", "--qmp", str(xguest.qmp_aux), "--db", xdb)
     assert said in out.stdout, out.stdout
@@ -256,7 +269,8 @@ def test_idt_gate_named_by_vector_and_owner(xguest: Guest, xdb: str,
         ptrs = [p for m in rep["regions"] if m["region"] == "idt" for mm in m["mismatches"]
                 for p in mm.get("pointers", [])]
         assert [p["label"] for p in ptrs] == ["idt[0x80]"], ptrs
-        assert ptrs[0]["new"] == text and ptrs[0]["new_owner"] == "module kscan_benign"
+        assert ptrs[0]["new"] == text
+        assert ptrs[0]["new_owner"] == "module kscan_benign (kscan_benign_hits)"
         assert ptrs[0]["old_owner"] == kernel_profile.symbolize(ptrs[0]["old"])
     finally:
         async def restore() -> None:
@@ -294,8 +308,9 @@ def test_612_clean_then_an_unowned_page(xguest612: Guest, tmp_path: Path) -> Non
         "echo 'p:kscan_mid vfs_read+9' >> /sys/kernel/tracing/kprobe_events && "
         "echo 1 > /sys/kernel/tracing/events/kprobes/kscan_mid/enable && cat /proc/version")
     assert rc == 0, out
+    text = _addr(ben.lines, "text")
     try:
-        s = scan(xguest612, profile)
+        s, names = scan_and_name(xguest612, profile, text)
     finally:
         xguest612.run("echo nop > /sys/kernel/tracing/current_tracer; "
                       "echo 0 > /sys/kernel/tracing/events/kprobes/kscan_mid/enable; "
@@ -304,8 +319,7 @@ def test_612_clean_then_an_unowned_page(xguest612: Guest, tmp_path: Path) -> Non
     kinds = s.account.by_kind
     assert kinds["module"] >= 1 and kinds["ftrace_trampoline"] >= 1, kinds
     assert kinds.get("kprobe_insn_page", 0) >= 1, kinds
-    assert s.owners is not None
-    assert s.owners.describe(_addr(ben.lines, "text")) == "module kscan_benign"
+    assert names[text] == "module kscan_benign (kscan_benign_hits)"
     # Then the page, and a sys_call_table entry (6.12 dispatches through x64_sys_call:
     # the table still exists, in .rodata, and a changed entry is still named).
     loaded = load(xguest612, "kscan_exec_page")
@@ -318,5 +332,5 @@ def test_612_clean_then_an_unowned_page(xguest612: Guest, tmp_path: Path) -> Non
     assert rc == 1
     ptrs = [p for m in rep["regions"] for mm in m["mismatches"] for p in mm.get("pointers", [])]
     hit = [p for p in ptrs if p["label"] == "sys_call_table[110]"]
-    assert hit and hit[0]["new_owner"] == "module kscan_sct" and "getppid" in hit[0][
+    assert hit and hit[0]["new_owner"] == "module kscan_sct (hooked)" and "getppid" in hit[0][
         "old_owner"], ptrs

@@ -23,8 +23,9 @@ Intervals are subtracted, never iterated page by page, so a guest mapping millio
 executable pages costs one pass over its ranges.
 
 `AddressOwners.describe` names the owner of any kernel address the same way, for
-pointer tables (`scanner.check.pointers`): `symbol+off`, `module name+off`, `bpf
-prog`, or "unowned memory".
+pointer tables (`scanner.check.pointers`): `symbol+off`, `module NAME (func+off)` (the
+module's own kallsyms, `scanner.check.kernel_lists.modsyms`), `bpf NAME`, or "unowned
+memory".
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from scanner.check.kernel_lists.exec_owners import (
     read_exec_owners,
 )
 from scanner.check.kernel_lists.memory import KernelReader
+from scanner.check.kernel_lists.modsyms import ModuleSymbols, read_module_symbols
 from scanner.check.kernel_lists.modules import ModuleList, modules_off, read_guest_modules
 from scanner.check.locate import LiveKernel
 from scanner.check.patching import ReadVA
@@ -141,12 +143,15 @@ class AddressOwners:
     claims: list[_Claim] = field(default_factory=list)
     packs: list[ExecOwner] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    #: Reads module symbol tables for `describe` (None: names without symbols).
+    reader: ReadVA | None = None
+    _modsyms: dict[int, ModuleSymbols | None] = field(default_factory=dict)
 
     @classmethod
     def build(cls, profile: KernelProfile, slide: int, text: tuple[int, int],
               modules: ModuleList | None, owners: ExecOwners,
               read_va: ReadVA | None) -> AddressOwners:
-        self = cls(profile, slide, text, modules, owners)
+        self = cls(profile, slide, text, modules, owners, reader=read_va)
         claims = [_Claim(_down(text[0]), _up(text[1]), "kernel_text", "kernel")]
         for mod in modules or ():
             for area in mod.text:
@@ -195,6 +200,21 @@ class AddressOwners:
         k = bisect.bisect_right(self.claims, addr, key=lambda c: c.base)
         return self.claims[k].base if k < len(self.claims) else None
 
+    def _module_symbol(self, addr: int) -> str | None:
+        """`func+0xoff` from the listed module's own kallsyms, when it can be read."""
+        if self.modules is None or self.reader is None or self.profile.layouts is None:
+            return None
+        hit = self.modules.owner(addr)
+        if hit is None:
+            return None
+        mod = hit[0]
+        if mod.address not in self._modsyms:
+            self._modsyms[mod.address] = read_module_symbols(
+                KernelReader(self.reader, budget=4 << 20), self.profile.layouts, mod)
+        syms = self._modsyms[mod.address]
+        got = syms.symbolize(addr) if syms is not None else None
+        return got.rsplit(" [", 1)[0] if got else None
+
     def pack_at(self, addr: int) -> ExecOwner | None:
         k = bisect.bisect_right(self.packs, addr, key=lambda p: p.base) - 1
         if k >= 0 and self.packs[k].base <= addr < self.packs[k].end:
@@ -209,7 +229,8 @@ class AddressOwners:
             if c.kind == "kernel_text":
                 return self.profile.symbolize(addr - self.slide) or f"kernel text {addr:#x}"
             if c.kind == "module":
-                return f"module {c.name}"
+                sym = self._module_symbol(addr)
+                return f"module {c.name} ({sym})" if sym else f"module {c.name}"
             if c.kind == "bpf":
                 return f"bpf {c.name}"
             return f"{c.kind.replace('_', ' ')} ({c.name})"
@@ -381,6 +402,8 @@ def scan_exec(mem: GuestMemory, vcpus: Sequence[VcpuState], lk: LiveKernel,
     if problems:
         acc = ExecAccount(acc.pages, acc.by_kind, acc.unowned,
                           (tuple(problems) + acc.problems)[:32])
+    # The scan outlives the guest memory it read (a report keeps it): no lazy reads.
+    owners.reader = None
     return ExecScan(acc, tuple(maps.items()), owners, fingerprint)
 
 
