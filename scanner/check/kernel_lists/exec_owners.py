@@ -62,7 +62,7 @@ MAX_TRAMPOLINE = PAGE
 MAX_OPS = 1024
 MAX_KPROBE_PAGES = 4096
 MAX_BPF_KSYMS = 65536
-MAX_PACKS = 1024
+MAX_PACKS = 256
 #: A BPF image larger than this is garbage (the JIT limits programs to 1M insns).
 MAX_BPF_IMAGE = 64 << 20
 #: The real-mode trampoline must sit below 1 MiB (it is entered in real mode).
