@@ -12,7 +12,7 @@ import pytest
 
 from scanner.check.classify import ByteRange
 from scanner.check.exec_fastpath import ExecTables
-from scanner.check.execmem import AddressOwners, account_exec
+from scanner.check.execmem import AddressOwners, ExecScan, account_exec, exec_findings
 from scanner.check.kernel_lists import KernelReader, ModuleList, ModuleMemory
 from scanner.check.kernel_lists.exec_owners import (
     BPF_PACK_SIZE,
@@ -23,10 +23,11 @@ from scanner.check.kernel_lists.exec_owners import (
 from scanner.check.kernel_lists.modules import ModuleInfo
 from scanner.check.pointers import gate_handler, idt_changes, rodata_changes
 from scanner.image.kernel_profile import KernelProfile
+from scanner.run.events import human
 from tests.synthetic import NX, PAGE, PS, RW, US, P, SyntheticRam
 from tests.test_kernel_lists import FakeKernel, layouts
 from translate import FIVE_LEVEL, FOUR_LEVEL, GuestMemory
-from translate.exec_map import ExecRange, exec_map
+from translate.exec_map import ExecMap, ExecRange, exec_map
 from translate.vcpu import VcpuState
 
 KTEXT = 0xFFFF_FFFF_8100_0000
@@ -445,3 +446,33 @@ def test_exec_tables_fingerprint(tmp_path: Path) -> None:
     ram.put(other + 400 * 8, 0x11000 | P | RW)                # a new kernel-half entry
     mem = ram.save(tmp_path / "ram")
     assert fp.roots_match(mem, [_vcpu(ram.pgd), _vcpu(other, 1)]) == 1
+
+
+def test_findings_of_a_scan(profile61: KernelProfile) -> None:
+    """Every unowned range is a finding, and so is a walk the guest's tables cut short."""
+    owners = _owners(profile61, Memory({}), [])
+    acc = account_exec([ExecRange(VMALLOC, 0x100000, 2 * PAGE, True)], owners, None)
+    cut = ExecMap((), (0x1000,), False, ("more than 8192 page-table descents toward "
+                                         "executable kernel memory: walk stopped",), 0x1000)
+    found = exec_findings(ExecScan(acc, ((0x1000, cut),), owners))
+    assert [(k, m) for k, m, _ in found] == [
+        ("unowned_exec", f"unowned executable kernel memory at {VMALLOC:#x} (2 pages, "
+                         "writable)"),
+        ("exec_walk_incomplete", "the kernel page table at gpa 0x1000 cannot be walked "
+                                 "for executable memory: more than 8192 page-table "
+                                 "descents toward executable kernel memory: walk stopped"),
+    ]
+    assert found[0][2] == {"va": VMALLOC, "pages": 2, "gpa": 0x100000, "writable": True,
+                           "why": ""}
+
+
+def test_tamper_line_names_the_pointer() -> None:
+    ev = {"vm": "vm7", "event": "tamper", "action": "pause", "forensics": None,
+          "mismatches": [{"region": ".rodata", "page": 0, "basis": "golden", "ranges": [],
+                          "pointers": [{"message": "sys_call_table[217] = "
+                                        "__x64_sys_getdents64 now points into module x"}]}],
+          "findings": [{"kind": "unowned_exec",
+                        "message": "unowned executable kernel memory at 0x1000 (1 page)"}]}
+    line = human(ev)
+    assert "sys_call_table[217] = __x64_sys_getdents64 now points into module x" in line
+    assert "unowned executable kernel memory at 0x1000 (1 page)" in line
