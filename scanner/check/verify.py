@@ -30,10 +30,12 @@ import zstandard
 
 from kscan.addresses import hex_addr
 from scanner.check.classify import ByteRange, diff_ranges
+from scanner.check.execmem import AddressOwners, ExecScan, address_owners
 from scanner.check.locate import REGIONS, LiveKernel, Region
 from scanner.check.patch_report import PatchReport, split_by_page
 from scanner.check.patch_state import PatchMemory, VmFacts
 from scanner.check.patching import ReadVA, verify_text_changes
+from scanner.check.pointers import PointerChange, idt_changes, rodata_changes
 from scanner.check.reached import ReachedRange
 from scanner.check.state import BootIdentity, PageRecord, VmState
 from scanner.hashing import page_hashes
@@ -69,12 +71,16 @@ class PageMismatch:
     #: a second change apart from one already reported even where the ranges show only
     #: their first bytes.
     content: int = 0
+    #: `.rodata` words and IDT gates that changed, named (`scanner.check.pointers`).
+    pointers: tuple[PointerChange, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"region": self.region, "page": self.page, "va": hex_addr(self.va),
                 "gpa": hex_addr(self.gpa) if self.gpa >= 0 else None,  # -1: not translated
                 "basis": self.basis, "symbol": self.symbol,
-                "ranges": [r.to_json() for r in self.ranges]}
+                "ranges": [r.to_json() for r in self.ranges],
+                **({"pointers": [p.to_json() for p in self.pointers]}
+                   if self.pointers else {})}
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,9 @@ class CheckReport:
     #: `--strict`: verified run-time patching is tampering too.
     strict: bool = False
     ts: float = field(default_factory=time.time)
+    #: Executable kernel memory accounted for (`scanner.check.execmem.ExecScan`; None:
+    #: not scanned — no guest memory reader, or a partial re-check).
+    execmem: ExecScan | None = None
 
     @property
     def tampered(self) -> bool:
@@ -160,7 +169,8 @@ class CheckReport:
                 "strict": self.strict,
                 "patched": self.patches.to_json() if self.patches else None,
                 "regions": [r.to_json() for r in self.regions],
-                "findings": [f.to_json() for f in self.findings]}
+                "findings": [f.to_json() for f in self.findings],
+                **({"execmem": self.execmem.to_json()} if self.execmem else {})}
 
 
 def boot_identity(lk: LiveKernel) -> BootIdentity:
@@ -240,6 +250,7 @@ def verify(
     *,
     read_va: ReadVA | None = None,
     strict: bool = False,
+    plain_va: ReadVA | None = None,
 ) -> Verification:
     """Check one VM. Returns the report and the VM's (possibly new) per-VM state.
 
@@ -272,6 +283,7 @@ def verify(
         return golden_cache[name] or None
 
     patches: PatchReport | None = None
+    owners: AddressOwners | None = None  # built on the first changed pointer table
     names = [n for n in REGIONS if n in normalized]
     if fresh and len(names) != len(REGIONS):
         raise ValueError("the first check of a boot needs all four regions")
@@ -339,7 +351,17 @@ def verify(
                 before = _page_bytes(gb, p) if gb else b""
             after = _page_bytes(buf, p)
             ranges = tuple(diff_ranges(before, after, name)) if before else ()
-            mismatches.append(_mismatch(lk, region, p, basis, ranges, hashes[p]))
+            pointers: tuple[PointerChange, ...] = ()
+            owner_va = plain_va or read_va
+            if name in (".rodata", "idt") and owner_va is not None and ranges:
+                if owners is None:
+                    owners = address_owners(owner_va, lk)
+                pointers = (rodata_changes(owners, region.va + p * PAGE,
+                                           lk.link_va(name, p * PAGE), before, ranges,
+                                           owner_va) if name == ".rodata" else
+                            idt_changes(owners, region.va, p, before, ranges, owner_va,
+                                        lk.slide))
+            mismatches.append(_mismatch(lk, region, p, basis, ranges, hashes[p], pointers))
         verdicts.append(RegionVerdict(
             name, len(buf), len(hashes),
             tuple(sorted(per_boot - set(accepted))),
@@ -354,13 +376,14 @@ def verify(
 
 
 def _mismatch(lk: LiveKernel, region: Region, p: int, basis: Basis,
-              ranges: tuple[ByteRange, ...], content: int) -> PageMismatch:
+              ranges: tuple[ByteRange, ...], content: int,
+              pointers: tuple[PointerChange, ...] = ()) -> PageMismatch:
     first = ranges[0].start if ranges else 0
     symbol = None
     if region.name != "idt":
         symbol = lk.profile.symbolize(lk.link_va(region.name, p * PAGE + first))
     return PageMismatch(region.name, p, region.va + p * PAGE, _gpa_of(region, p * PAGE),
-                        basis, ranges, symbol, content)
+                        basis, ranges, symbol, content, pointers)
 
 
 def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,

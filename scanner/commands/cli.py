@@ -246,6 +246,8 @@ def _print_report_text(rep: CheckReport) -> None:
             for br in m.ranges[:8]:
                 print(f"      bytes {br.start:#x}-{br.end:#x}: {br.before} -> {br.after}  "
                       f"[{br.kind}]")
+            for ptr in m.pointers[:8]:
+                print(f"      {ptr.message}")
     for f in rep.findings:
         print(f"  FINDING {f.kind}: {f.message}")
     if rep.patches is not None:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 
+from scanner.check.execmem import ExecScan, exec_findings, scan_exec
+from scanner.check.patching import ReadVA
 from scanner.check.reached import Recorder
 from scanner.check.state import VmState
-from scanner.check.verify import CheckReport, Verification, verify
+from scanner.check.verify import CheckReport, Finding, Verification, verify
 from scanner.examine.baselines import GoldenSet, golden_for
 from scanner.examine.reading import Examined, RunSync, inline
 from store import Store
 from translate import GuestMemory, TranslationError
 
-__all__ = ["check_examined", "guest_reader", "verify_and_record", "verify_examined"]
+__all__ = ["check_examined", "guest_reader", "plain_reader", "verify_and_record",
+           "verify_examined", "with_execmem"]
 
 #: The largest read a verifier may make through guest memory (a trampoline, a slot).
 _MAX_READ = 1 << 16
@@ -39,6 +42,22 @@ def guest_reader(mem: GuestMemory, ex: Examined) -> Recorder:
     return Recorder(read)
 
 
+def plain_reader(mem: GuestMemory, ex: Examined) -> ReadVA:
+    """A `ReadVA` through the same page table as `guest_reader`, recording nothing."""
+    walker = ex.space.walker(mem)
+
+    def read(va: int, size: int) -> bytes | None:
+        if not 0 < size <= _MAX_READ:
+            return None
+        try:
+            t = walker.translate_range(va, size)
+            return b"".join(bytes(mem.view(g, n)) for g, n in t.gpa_runs())
+        except (TranslationError, OverflowError, ValueError):
+            return None
+
+    return read
+
+
 async def verify_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet | None = None,
                           run_sync: RunSync[Verification] = inline, *,
                           mem: GuestMemory | None = None, strict: bool = False
@@ -48,10 +67,29 @@ async def verify_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet
     gs = golden if golden is not None else await golden_for(st, ex)
     state = VmState.from_plain(await st.get_vm_state(vm_id))
     read_va = guest_reader(mem, ex) if mem is not None else None
-    v = await run_sync(lambda: verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized,
-                                      gs.regions, gs.contents.get, state,
-                                      read_va=read_va, strict=strict))
+    # Owner lookups (module list, BPF, ftrace ops...) read kernel data, not code the
+    # patching reached: through a reader that records nothing.
+    plain = plain_reader(mem, ex) if mem is not None else None
+
+    def go() -> Verification:
+        v = verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized, gs.regions,
+                   gs.contents.get, state, read_va=read_va, strict=strict,
+                   plain_va=plain)
+        if mem is None or plain is None:
+            return v
+        return with_execmem(v, scan_exec(mem, ex.vcpus, ex.lk, plain))
+
+    v = await run_sync(go)
     return v if read_va is None else dataclasses.replace(v, reached=read_va.ranges())
+
+
+def with_execmem(v: Verification, scan: ExecScan) -> Verification:
+    """The verification with executable kernel memory accounted for: its findings (an
+    unowned range is tampering, always) added to the report."""
+    found = tuple(Finding(kind, msg, detail) for kind, msg, detail in exec_findings(scan))
+    report = dataclasses.replace(v.report, findings=v.report.findings + found,
+                                 execmem=scan)
+    return dataclasses.replace(v, report=report)
 
 
 async def check_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet | None = None,

@@ -260,7 +260,8 @@ def human(ev: dict[str, Any]) -> str:
         detail = ev.get("message") or ev.get("policy") or ""
         return str(kind) + (f": {detail}" if detail else "")
     if kind == "tamper":
-        parts = [f"{m['region']} page {m['page']} ({m['basis']}"
+        parts = [m["pointers"][0]["message"] if m.get("pointers") else
+                 f"{m['region']} page {m['page']} ({m['basis']}"
                  + (f", {m['ranges'][0]['kind']}" if m["ranges"] else "") + ")"
                  for m in ev.get("mismatches", [])[:4]]
         parts += [f["message"] for f in ev.get("findings", [])[:4]]

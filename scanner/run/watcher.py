@@ -414,6 +414,8 @@ class VmWatcher:
             self._drop_reference()
             self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ex.space.pgd,
                                       ex.space.top_shift, ex.raw_digests, checked.reached)
+        if self.ref is not None and report.execmem is not None:
+            self.ref.exec_tables = report.execmem.fingerprint
         self.slide = ex.lk.slide
         # Keep what a partial re-check needs — not the region copies (~19 MB) and not
         # the decoded IDT gates.
