@@ -28,9 +28,11 @@ import numpy as np
 import zstandard
 
 from kscan.addresses import hex_addr
+from scanner.check.attribution import Attribution, attribute, attribution_off
 from scanner.check.classify import ByteRange, diff_ranges
 from scanner.check.locate import REGIONS, LiveKernel, Region
-from scanner.check.patch_report import PatchReport, split_by_page
+from scanner.check.owners import OwnerKind, Trust, judge
+from scanner.check.patch_report import BOOT_TIME, PatchReport, split_by_page
 from scanner.check.patching import ReadVA, verify_text_changes
 from scanner.check.reached import ReachedRange
 from scanner.check.state import BootIdentity, PageRecord, VmState
@@ -231,6 +233,8 @@ def verify(
     *,
     read_va: ReadVA | None = None,
     strict: bool = False,
+    read_data: ReadVA | None = None,
+    trusted_modules: frozenset[str] = frozenset(),
 ) -> Verification:
     """Check one VM. Returns the report and the VM's (possibly new) per-VM state.
 
@@ -242,7 +246,10 @@ def verify(
     `.text` pages that differ from the golden baseline are checked site by site against
     the kernel's own patching (`scanner.check.patching`; `read_va` reads guest memory
     for trampolines outside `.text`): a page whose every change verifies is patched,
-    not tampered, unless `strict`.
+    not tampered, unless `strict`. Each verified run-time patch is then attributed to
+    its owner (`scanner.check.attribution`, reading the kernel's lists through
+    `read_data`, default `read_va`): a patch owned by an unsigned module not in
+    `trusted_modules`, or by nobody, is a `patch_owner` finding.
     """
     identity = boot_identity(lk)
     fresh = vm_state is None or vm_state.boot != identity
@@ -301,7 +308,8 @@ def verify(
         differ = np.flatnonzero((got != want) | ~known).tolist()
         unverified: dict[int, list[ByteRange]] | None = None
         if name == ".text" and any(p not in basis_of for p in differ):
-            patches, unverified = _verify_patching(lk, buf, golden_bytes(name), read_va)
+            patches, unverified = _verify_patching(lk, buf, golden_bytes(name), read_va,
+                                                   read_data or read_va, trusted_modules)
         mismatches = []
         for p in differ:
             basis, old = basis_of.get(p, (Basis.GOLDEN, None))
@@ -323,7 +331,9 @@ def verify(
             tuple(sorted(per_boot - set(accepted))),
             tuple(sorted(accepted)), tuple(mismatches)))
     report = CheckReport(vm, lk.profile.build_id, lk.profile.release, boot.key, lk.slide,
-                         tuple(verdicts), tuple(control_findings(lk, vcpus, boot)), fresh,
+                         tuple(verdicts),
+                         tuple(control_findings(lk, vcpus, boot) + owner_findings(patches)),
+                         fresh,
                          patches=patches, strict=strict)
     return Verification(report, vm_state)
 
@@ -338,8 +348,40 @@ def _mismatch(lk: LiveKernel, region: Region, p: int, basis: Basis,
                         basis, ranges, symbol)
 
 
+def owner_findings(patches: PatchReport | None, limit: int = 64) -> list[Finding]:
+    """A `patch_owner` finding per (patched function, owner) the policy calls tampering:
+    an unsigned module the operator does not trust, or code nobody owns."""
+    attr = patches.attribution if patches is not None else None
+    if attr is None:
+        return []
+    groups: dict[tuple[str, object], tuple[int, Any, Any]] = {}
+    for s in attr.tampering():
+        for o in s.owners:
+            if judge(o) is not Trust.TAMPER:
+                continue
+            key = (s.function, o.key)
+            n, first, _ = groups.get(key, (0, s, o))
+            groups[key] = (n + 1, first, o)
+    out = []
+    for n, s, o in list(groups.values())[:limit]:
+        if o.kind is OwnerKind.UNOWNED:
+            why = "code no kernel text, listed module or BPF program holds" + (
+                f" ({s.problem})" if s.problem else "")
+        else:
+            why = (f"module {o.name} is not signed (the kernel did not accept a signature) "
+                   "and not trusted (--trust-module)")
+        redirect = " (IPMODIFY: execution redirected)" if s.ipmodify else ""
+        out.append(Finding(
+            "patch_owner", f"{s.mechanism} hook on {s.function}{redirect} -> "
+                           f"{o.describe()}: {why}",
+            {"mechanism": s.mechanism, "symbol": s.function, "site": hex_addr(s.runtime),
+             "handler": hex_addr(o.address), "owner": o.to_json(), "sites": n}))
+    return out
+
+
 def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,
-                     read_va: ReadVA | None
+                     read_va: ReadVA | None, read_data: ReadVA | None = None,
+                     trusted: frozenset[str] = frozenset()
                      ) -> tuple[PatchReport | None, dict[int, list[ByteRange]] | None]:
     """Verify `.text`'s changes against the golden bytes as the kernel's own patching:
     the verified patches, and the unverified ranges by page (None, None: the profile
@@ -353,5 +395,9 @@ def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,
                                   optprobe_template=prof.optprobe_code or None)
     unverified = split_by_page(verdict, base)
     pages = sorted({(v.start - base) // PAGE for v in verdict.verified} - set(unverified))
-    report = PatchReport(tuple(verdict.verified), tuple(pages), prof.symbolize)
+    attribution: Attribution | None = None
+    runtime = [v for v in verdict.verified if v.mechanism not in BOOT_TIME]
+    if runtime and read_data is not None and attribution_off(prof) is None:
+        attribution = attribute(prof, lk.slide, read_data, runtime, trusted)
+    report = PatchReport(tuple(verdict.verified), tuple(pages), prof.symbolize, attribution)
     return (report if verdict.verified else None), unverified

@@ -69,13 +69,14 @@ async def baseline_vms(sources: Sequence[Source], db: str | None) -> list[Baseli
     return out
 
 
-async def check_vm(source: Source, db: str | None, *, strict: bool = False) -> CheckReport:
+async def check_vm(source: Source, db: str | None, *, strict: bool = False,
+                   trusted_modules: frozenset[str] = frozenset()) -> CheckReport:
     async with Store.open(db) as st:
         profiles = await load_profiles(st)
         async with await open_vm(source) as vm:
             ex = await examine(vm, profiles)
             report = await check_examined(st, ex, state_key(source, vm.uuid), mem=vm.mem,
-                                          strict=strict)
+                                          strict=strict, trusted_modules=trusted_modules)
             await st.append_event({"ts": report.ts, "event": "check", "vm": vm.name,
                                    **report.to_json()})
             return report

@@ -41,8 +41,8 @@ def guest_reader(mem: GuestMemory, ex: Examined) -> Recorder:
 
 async def verify_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet | None = None,
                           run_sync: RunSync[Verification] = inline, *,
-                          mem: GuestMemory | None = None, strict: bool = False
-                          ) -> Verification:
+                          mem: GuestMemory | None = None, strict: bool = False,
+                          trusted_modules: frozenset[str] = frozenset()) -> Verification:
     """Verify against the stored baselines (fetched unless given); records nothing.
     `mem` (the VM's memory) lets patch verifiers follow code outside `.text`."""
     gs = golden if golden is not None else await golden_for(st, ex)
@@ -50,15 +50,19 @@ async def verify_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet
     read_va = guest_reader(mem, ex) if mem is not None else None
     v = await run_sync(lambda: verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized,
                                       gs.regions, gs.contents.get, state,
-                                      read_va=read_va, strict=strict))
+                                      read_va=read_va, strict=strict,
+                                      read_data=read_va.peek if read_va else None,
+                                      trusted_modules=trusted_modules))
     return v if read_va is None else dataclasses.replace(v, reached=read_va.ranges())
 
 
 async def check_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet | None = None,
                          run_sync: RunSync[Verification] = inline, *,
-                         mem: GuestMemory | None = None, strict: bool = False) -> CheckReport:
+                         mem: GuestMemory | None = None, strict: bool = False,
+                         trusted_modules: frozenset[str] = frozenset()) -> CheckReport:
     """Verify, and store the VM's per-VM state when this check took it."""
-    v = await verify_and_record(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict)
+    v = await verify_and_record(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict,
+                                trusted_modules=trusted_modules)
     return v.report
 
 
@@ -66,9 +70,11 @@ async def verify_and_record(st: Store, ex: Examined, vm_id: str,
                             golden: GoldenSet | None = None,
                             run_sync: RunSync[Verification] = inline, *,
                             mem: GuestMemory | None = None,
-                            strict: bool = False) -> Verification:
+                            strict: bool = False,
+                            trusted_modules: frozenset[str] = frozenset()) -> Verification:
     """`check_examined`, returning the per-VM state the check used as well."""
-    v = await verify_examined(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict)
+    v = await verify_examined(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict,
+                              trusted_modules=trusted_modules)
     if v.report.per_vm_baseline_taken:
         await st.put_vm_state(vm_id, v.state.to_plain())
     return v
