@@ -56,7 +56,7 @@ _DIRECT_FORMS = frozenset({"call function", "jmp graph caller/stub"})
 #: ftrace's own wrappers: the ops' real callback is in `saved_func`.
 _WRAPPERS = ("ftrace_pid_func",)
 _KPROBE_FTRACE = "kprobe_ftrace_handler"
-IPMODIFY_DEFAULT = 1 << 13
+IPMODIFY_DEFAULT = 1 << 12
 #: Read at most this much guest memory for one attribution.
 BUDGET = 16 << 20
 
