@@ -350,7 +350,8 @@ def _mismatch(lk: LiveKernel, region: Region, p: int, basis: Basis,
 
 def owner_findings(patches: PatchReport | None, limit: int = 64) -> list[Finding]:
     """A `patch_owner` finding per (patched function, owner) the policy calls tampering:
-    an unsigned module the operator does not trust, or code nobody owns."""
+    an unsigned module the operator does not trust, or code nobody owns. `symbol` is the
+    function; the message names the first site `symbol+0xoff`."""
     attr = patches.attribution if patches is not None else None
     if attr is None:
         return []
@@ -359,7 +360,7 @@ def owner_findings(patches: PatchReport | None, limit: int = 64) -> list[Finding
         for o in s.owners:
             if judge(o) is not Trust.TAMPER:
                 continue
-            key = (s.function, o.key)
+            key = (s.function.split("+", 1)[0], o.key)
             n, first, _ = groups.get(key, (0, s, o))
             groups[key] = (n + 1, first, o)
     out = []
@@ -374,7 +375,8 @@ def owner_findings(patches: PatchReport | None, limit: int = 64) -> list[Finding
         out.append(Finding(
             "patch_owner", f"{s.mechanism} hook on {s.function}{redirect} -> "
                            f"{o.describe()}: {why}",
-            {"mechanism": s.mechanism, "symbol": s.function, "site": hex_addr(s.runtime),
+            {"mechanism": s.mechanism, "symbol": s.function.split("+", 1)[0],
+             "site": hex_addr(s.runtime),
              "handler": hex_addr(o.address), "owner": o.to_json(), "sites": n}))
     return out
 
