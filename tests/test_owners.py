@@ -376,3 +376,34 @@ def test_owner_change_changes_the_fingerprint() -> None:
     r2 = PatchReport((v,), (0,), prof.symbolize, a2)
     assert r1.fingerprint() != r2.fingerprint()
     assert a2.of(v.site).owners[0].name == "kscan_ftrace_hook"   # type: ignore[union-attr]
+
+
+# -- operator surface ----------------------------------------------------------------------
+
+def test_trust_module_option_and_config(tmp_path: Any) -> None:
+    import argparse
+
+    from scanner.commands.cli import _module_name, build_parser
+    from scanner.commands.config import load_config
+
+    assert _module_name("kscan-ftrace-hook") == "kscan_ftrace_hook"
+    for bad in ("", "a b", "x" * 56, "../evil", "m\n"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _module_name(bad)
+    args = build_parser().parse_args(["check", "--qmp", "s", "--trust-module", "a-b",
+                                      "--trust-module", "c"])
+    assert args.trust_module == ["a_b", "c"]
+    conf = tmp_path / "k.toml"
+    conf.write_text('trust_module = ["my-tracer"]\n')
+    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    assert load_config(conf, run_parser)["trust_module"] == ["my_tracer"]
+
+
+def test_kernel_patched_by_a_module_is_a_warning() -> None:
+    from scanner.run.events import severity
+
+    mod = Owner(OwnerKind.MODULE, MOD_TEXT, "signed_tracer", "f [signed_tracer]", True)
+    kern = Owner(OwnerKind.KERNEL, rt(TEXT), "vmlinux", "function_trace_call")
+    assert severity("kernel_patched", {"owners": [kern.to_json(), mod.to_json()]}) == "warning"
+    assert severity("kernel_patched", {"owners": [kern.to_json()]}) == "notice"
+    assert severity("kernel_patched", {}) == "notice"
