@@ -46,7 +46,7 @@ from scanner.check.owners import Owner, OwnerKind, OwnerLookup, Trust, judge
 from scanner.check.patching import ReadVA, VerifiedPatch
 from scanner.image.kernel_profile import KernelProfile
 
-__all__ = ["Attribution", "Hook", "SiteOwners", "attribute", "attribution_off"]
+__all__ = ["Attribution", "Hook", "OwnerSet", "SiteOwners", "attribute", "attribution_off"]
 
 #: Forms of an ftrace `__mcount_loc` site that call into ftrace's callers.
 _CALLER_FORMS = frozenset({"call ftrace_caller", "call ftrace_regs_caller"})
@@ -72,6 +72,28 @@ class Hook:
     owner: Owner
 
 
+_ORDER = (Trust.KERNEL, Trust.MODULE, Trust.TAMPER)
+
+
+@dataclass(frozen=True)
+class OwnerSet:
+    """The distinct owners of a site's handlers (shared by the sites with the same
+    handlers), the policy's verdict on them, and a signature for fingerprints."""
+
+    owners: tuple[Owner, ...]
+    trust: Trust
+    sig: bytes
+
+    @classmethod
+    def of(cls, owners: Iterable[Owner]) -> OwnerSet:
+        seen: dict[tuple[str, str, str | None], Owner] = {}
+        for o in owners:
+            seen.setdefault(o.key, o)
+        got = tuple(seen.values())
+        trust = max((judge(o) for o in got), key=_ORDER.index)
+        return cls(got, trust, repr(sorted(seen)).encode())
+
+
 @dataclass(frozen=True)
 class SiteOwners:
     site: int                #: link-time VA of the site
@@ -82,20 +104,23 @@ class SiteOwners:
     problem: str = ""
     #: The run-time address of the site (the unowned owner's address).
     runtime: int = 0
+    group: OwnerSet | None = None
+
+    def __post_init__(self) -> None:
+        if self.group is None:
+            object.__setattr__(self, "group", OwnerSet.of(
+                [h.owner for h in self.hooks] if self.hooks
+                else [Owner(OwnerKind.UNOWNED, self.runtime)]))
 
     @property
     def owners(self) -> tuple[Owner, ...]:
-        if not self.hooks:
-            return (Owner(OwnerKind.UNOWNED, self.runtime),)
-        seen: dict[tuple[str, str, str | None], Owner] = {}
-        for h in self.hooks:
-            seen.setdefault(h.owner.key, h.owner)
-        return tuple(seen.values())
+        assert self.group is not None
+        return self.group.owners
 
     @property
     def trust(self) -> Trust:
-        order = (Trust.KERNEL, Trust.MODULE, Trust.TAMPER)
-        return max((judge(o) for o in self.owners), key=order.index)
+        assert self.group is not None
+        return self.group.trust
 
     @property
     def ipmodify(self) -> bool:
@@ -164,6 +189,8 @@ class _Attributor:
         self._ops: OpsList | None = None
         self._kprobes: KprobeTable | None = None
         self._owners: dict[int, Owner] = {}
+        self._ops_hooks: dict[int, tuple[list[Hook], str]] = {}
+        self._groups: dict[tuple[tuple[int | None, int], ...], OwnerSet] = {}
         self.ipmodify = self.layouts.enums.get("FTRACE_OPS_FL_IPMODIFY", IPMODIFY_DEFAULT)
 
     def owner(self, addr: int) -> Owner:
@@ -200,6 +227,15 @@ class _Attributor:
                 for p in self.kprobes.at(ip) for kp, h in p.handlers()]
 
     def ops_hooks(self, ops_addr: int, ip: int) -> tuple[list[Hook], str]:
+        got = self._ops_hooks.get(ops_addr)
+        if got is not None:
+            return got
+        hooks, why = self._ops_hooks_of(ops_addr, ip)
+        if not any(h.via == "kprobe" for h in hooks) and not why.startswith("kprobe"):
+            self._ops_hooks[ops_addr] = (hooks, why)   # the same for every site it traces
+        return hooks, why
+
+    def _ops_hooks_of(self, ops_addr: int, ip: int) -> tuple[list[Hook], str]:
         o = self.ops.by_address(ops_addr)
         if o is None:
             return [], f"ftrace_ops {ops_addr:#x} is not on ftrace_ops_list"
@@ -243,8 +279,14 @@ class _Attributor:
             why += f" ({'; '.join(self.ops.problems[:2])})"
         if not hooks and not self.kprobes.complete and v.mechanism != "ftrace":
             why += f" ({'; '.join(self.kprobes.problems[:2])})"
+        group = None
+        if hooks:
+            key = tuple((h.struct, h.handler) for h in hooks)
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = OwnerSet.of(h.owner for h in hooks)
         return SiteOwners(v.site, v.mechanism, func, tuple(hooks), "" if hooks else why,
-                          ip)
+                          ip, group)
 
     def trampoline_hooks(self, tramp: int, ip: int) -> tuple[list[Hook], str]:
         mine = [o for o in self.ops.ops if o.trampoline == tramp]

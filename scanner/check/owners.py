@@ -23,6 +23,7 @@ kernel" for what cross-checks what. Pure: the lists come in already read.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,7 @@ class Owner:
     #: Modules: the operator trusts it (--trust-module).
     trusted: bool = False
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple[str, str, str | None]:
         """What groups sites in reports: kind, name and function (offset dropped)."""
         sym = self.symbol.split("+", 1)[0] if self.symbol else None

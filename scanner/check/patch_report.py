@@ -64,8 +64,8 @@ class PatchReport:
         for v in self.runtime:
             h.update(v.site.to_bytes(8, "little") + v.mechanism.encode() + v.after)
             s = self.attribution.of(v.site) if self.attribution is not None else None
-            if s is not None:
-                h.update(repr(sorted(o.key for o in s.owners)).encode())
+            if s is not None and s.group is not None:
+                h.update(s.group.sig)
         return h.intdigest()
 
     def entries(self, limit: int = MAX_ENTRIES) -> tuple[list[dict[str, Any]], int]:
