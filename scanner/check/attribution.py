@@ -191,6 +191,7 @@ class _Attributor:
         self._owners: dict[int, Owner] = {}
         self._ops_hooks: dict[int, tuple[list[Hook], str]] = {}
         self._groups: dict[tuple[tuple[int | None, int], ...], OwnerSet] = {}
+        self._covering: dict[tuple[int, ...], tuple[tuple[Hook, ...], str, OwnerSet]] = {}
         self.ipmodify = self.layouts.enums.get("FTRACE_OPS_FL_IPMODIFY", IPMODIFY_DEFAULT)
 
     def owner(self, addr: int) -> Owner:
@@ -266,27 +267,36 @@ class _Attributor:
         elif v.form == _TRAMP_FORM and v.target is not None:
             hooks, why = self.trampoline_hooks(v.target, ip)
         elif v.form in _CALLER_FORMS:
+            # Sites traced by the same ops share their hooks (35,000 under the function
+            # tracer): cached by the covering ops, unless a hook depends on the site.
+            key = tuple(o.address for o in self.ops.ops if o.covers(ip))
+            hit = self._covering.get(key)
+            if hit is not None:
+                return SiteOwners(v.site, v.mechanism, func, hit[0], hit[1], ip, hit[2])
             for o in self.ops.ops:
-                if o.covers(ip):
+                if o.address in key:
                     got, w = self.ops_hooks(o.address, ip)
                     hooks += got
                     why = why or w
             if not hooks:
                 why = why or "no ftrace_ops on ftrace_ops_list traces this function"
+            elif all(a in self._ops_hooks for a in key):
+                self._covering[key] = (tuple(hooks), why, self.group(hooks))
         else:
             return None   # the NOP, or text_poke_bp() from the baseline: no callee
         if not hooks and not self.ops.complete and v.mechanism == "ftrace":
             why += f" ({'; '.join(self.ops.problems[:2])})"
         if not hooks and not self.kprobes.complete and v.mechanism != "ftrace":
             why += f" ({'; '.join(self.kprobes.problems[:2])})"
-        group = None
-        if hooks:
-            key = tuple((h.struct, h.handler) for h in hooks)
-            group = self._groups.get(key)
-            if group is None:
-                group = self._groups[key] = OwnerSet.of(h.owner for h in hooks)
         return SiteOwners(v.site, v.mechanism, func, tuple(hooks), "" if hooks else why,
-                          ip, group)
+                          ip, self.group(hooks) if hooks else None)
+
+    def group(self, hooks: list[Hook]) -> OwnerSet:
+        key = tuple((h.struct, h.handler) for h in hooks)
+        got = self._groups.get(key)
+        if got is None:
+            got = self._groups[key] = OwnerSet.of(h.owner for h in hooks)
+        return got
 
     def trampoline_hooks(self, tramp: int, ip: int) -> tuple[list[Hook], str]:
         mine = [o for o in self.ops.ops if o.trampoline == tramp]
