@@ -107,13 +107,6 @@ class Recorder:
                                                prev is not None and prev.torn)
         return data
 
-    def peek(self, va: int, size: int) -> bytes | None:
-        """Read without recording: for data the check reads but does not verify
-        byte for byte (the lists patch owners are looked up in), which must not join
-        the fast path's checked state (counters in them change all the time)."""
-        got = self._walk(va, size)
-        return None if got is None else got[0]
-
     def ranges(self) -> tuple[ReachedRange, ...]:
         """What was read, by address."""
         with self._lock:

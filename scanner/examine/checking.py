@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from scanner.check.kernel_lists import walker_reader
 from scanner.check.reached import Recorder
 from scanner.check.state import VmState
 from scanner.check.verify import CheckReport, Verification, verify
@@ -48,10 +49,14 @@ async def verify_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet
     gs = golden if golden is not None else await golden_for(st, ex)
     state = VmState.from_plain(await st.get_vm_state(vm_id))
     read_va = guest_reader(mem, ex) if mem is not None else None
+    # The lists patch owners are looked up in are read, not recorded: they are not
+    # verified byte for byte, and their counters change all the time (the fast path
+    # would never pass). One page-caching reader per check.
+    read_data = walker_reader(ex.space.walker(mem)) if mem is not None else None
     v = await run_sync(lambda: verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized,
                                       gs.regions, gs.contents.get, state,
                                       read_va=read_va, strict=strict,
-                                      read_data=read_va.peek if read_va else None,
+                                      read_data=read_data,
                                       trusted_modules=trusted_modules))
     return v if read_va is None else dataclasses.replace(v, reached=read_va.ranges())
 
