@@ -32,14 +32,14 @@ from scanner.check.attribution import attribute
 from scanner.check.fastpath import fast_scan, make_reference
 from scanner.check.kernel_lists import walker_reader
 from scanner.examine import check_examined, examine, golden_for, load_profiles
+from scanner.examine.keying import keyed_store
 from scanner.vm import AttachedVm
-from store import Store
 from tools.guests import Guest, ensure_kernel
 
 
 async def measure(g: Guest, db: str, rounds: int) -> dict[str, float]:
     vm = await AttachedVm.attach(g.qmp_aux)
-    async with Store.open(db) as st:
+    async with keyed_store(db) as st:
         profiles = await load_profiles(st)
 
         async def slow() -> tuple[float, object]:

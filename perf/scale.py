@@ -51,9 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from perf.common import OUT, ROOT, database, emit, log, machine, recordings, run
 from scanner.check.locate import locate_kernel
 from scanner.examine import load_profiles
+from scanner.examine.keying import keyed_store
 from scanner.run.scheduler import HOT_SECONDS
 from scanner.vm.replay import ReplayVm
-from store import Store
 from tools.kscan_run import KscanRun
 from tools.record import clone
 
@@ -94,7 +94,7 @@ class Kscan(KscanRun):
 async def text_targets(recs: list[Path], db: str) -> dict[str, tuple[int, int]]:
     """Per recording: (file offset, size) of its .text in its memory file."""
     out = {}
-    async with Store.open(db) as st:
+    async with keyed_store(db) as st:
         profiles = await load_profiles(st)
     for rec in recs:
         vm = await ReplayVm.open(rec)

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from perf.common import OUT, emit, kscan, live_guests, log, machine, run
 from scanner.check.fastpath import check_memory, check_registers, make_reference
 from scanner.examine import check_examined, examine, golden_for, load_profiles
+from scanner.examine.keying import keyed_store
 from scanner.vm import AttachedVm
-from store import Store
 from tools.guests import ensure_kernel
 
 
@@ -60,7 +60,7 @@ def hash_dump(path: Path, runs: list[tuple[int, int]]) -> int:
 
 
 async def measure(sock: Path, db: str, rounds: int, work: Path) -> dict[str, float]:
-    async with Store.open(db) as st:
+    async with keyed_store(db) as st:
         profiles = await load_profiles(st)
         vm = await AttachedVm.attach(sock)
         try:

@@ -10,7 +10,7 @@ this list only; `tests/test_layers.py` keeps it so):
     profile      image/     kernel image → profile (sections, relocs, build id, symbols)
     locate       check/     identify the kernel and its KASLR slide, translate regions
     read/normalize check/   read regions zero-copy; undo KASLR in a copy
-    hash         hashing    one page hash and region hash for profile, baseline, verify
+    hash         hashing    keyed page and region hashes, fast digests (one definition)
     compare      check/     fast path (digests, page-table fingerprint), baselines,
                             page-by-page verify, localize and classify changes
     kernel data  check/kernel_lists/  the kernel's own lists (modules) read with the

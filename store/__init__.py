@@ -21,7 +21,8 @@ and golden baselines, Ed25519-signed, verified and bounded before anything is be
 
 Modules: `db` (Store), `models` (records), `schema` (migrations), `codec` (JSON with
 bytes), `paths` (XDG default path, private file creation), `bundle` (signed bundles),
-`errors`.
+`keyfile` (the host's secret hash key beside the database; the hashes themselves are
+`scanner`'s), `errors`.
 """
 
 from store.db import Store

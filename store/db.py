@@ -588,6 +588,61 @@ class Store:
             await cur.close()
         return deleted
 
+    # ------------------------------------------------------------ hash key id
+
+    async def get_key_id(self) -> str | None:
+        """The id of the host key the stored hashes were made under (None: never set,
+        e.g. a database from before keyed hashes)."""
+        async with self._reading("get_key_id") as conn:
+            rows = list(await conn.execute_fetchall("SELECT key_id FROM hash_key"))
+        return str(rows[0][0]) if rows else None
+
+    async def list_vm_ids(self) -> list[str]:
+        """The VMs with a stored per-VM state."""
+        async with self._reading("list_vm_ids") as conn:
+            rows = await conn.execute_fetchall("SELECT vm_id FROM vm_state ORDER BY vm_id")
+        return [str(r[0]) for r in rows]
+
+    async def rekey(self, key_id: str, *, expect: str | None,
+                    goldens: Mapping[tuple[str, str], Mapping[str, GoldenRegion]],
+                    drop_golden: Sequence[tuple[str, str]] = (),
+                    vm_states: Mapping[str, Mapping[str, Any]] | None = None) -> bool:
+        """In one transaction, if the stored key id is still `expect`: replace the hashes
+        of the golden baselines in `goldens` ((build id, boot profile) → regions; their
+        contents, source and time stay), delete those of `drop_golden`, replace the
+        per-VM states in `vm_states` and delete every other one, delete every resume
+        record (they hold hashes), and record `key_id`. False (nothing written) if
+        another process re-keyed meanwhile."""
+        _check_str("key_id", key_id)
+        states = {vm: codec.encode(dict(s), f"state of {vm}")
+                  for vm, s in (vm_states or {}).items()}
+        async with self._writing("rekey") as conn:
+            rows = list(await conn.execute_fetchall("SELECT key_id FROM hash_key"))
+            if (str(rows[0][0]) if rows else None) != expect:
+                return False
+            for (build_id, boot_profile), regions in goldens.items():
+                for name, r in regions.items():
+                    await conn.execute(
+                        "UPDATE golden_region SET region_hash = ?, page_hashes = ?"
+                        " WHERE build_id = ? AND boot_profile = ? AND name = ?",
+                        (r.region_hash, r.page_hashes, build_id, boot_profile, name))
+            for key in drop_golden:
+                for table in ("golden_content", "golden_region", "golden"):
+                    await conn.execute(f"DELETE FROM {table} WHERE build_id = ?"
+                                       " AND boot_profile = ?", key)
+            await conn.execute("DELETE FROM vm_resume")
+            for (vm_id,) in list(await conn.execute_fetchall("SELECT vm_id FROM vm_state")):
+                if vm_id in states:
+                    await conn.execute("UPDATE vm_state SET state = ? WHERE vm_id = ?",
+                                       (states[vm_id], vm_id))
+                else:
+                    await conn.execute("DELETE FROM vm_state WHERE vm_id = ?", (vm_id,))
+            await conn.execute(
+                "INSERT INTO hash_key (one, key_id, set_at) VALUES (1, ?, ?)"
+                " ON CONFLICT (one) DO UPDATE SET key_id = excluded.key_id,"
+                " set_at = excluded.set_at", (key_id, time.time()))
+        return True
+
     # ------------------------------------------------------------------ event log
 
     async def append_event(self, event: Mapping[str, Any]) -> int:

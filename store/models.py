@@ -2,7 +2,8 @@
 
 Golden region layout (what `page_hashes` and `per_boot` hold):
 
-- `page_hashes`: one 64-bit hash per 4 KiB page of the region, packed little-endian
+- `page_hashes`: one 64-bit hash per 4 KiB page of the region (keyed under the host key,
+  `scanner.hashing`; the `hash_key` table names the key), packed little-endian
   (`struct` format `<Q`), page 0 first. The number of pages is `len(page_hashes) // 8`.
 - `per_boot`: a bitmap with one bit per page, LSB first: page i is bit `i % 8` of byte
   `i // 8`. A set bit marks a page that legitimately differs per boot (e.g. the

@@ -11,7 +11,7 @@ one that has shipped. Statements run one by one inside the transaction (so no
 rebuilds a table must keep the references valid (`PRAGMA foreign_key_check` runs
 before the commit).
 
-Tables (v5):
+Tables (v6):
     profile         build_id → release, version, data (opaque profile bytes)
     golden          (build_id, boot_profile) → source_vm, created_at; FK → profile
     golden_region   (build_id, boot_profile, name) → size, hashes, per_boot, boots, meta
@@ -26,6 +26,7 @@ Tables (v5):
     bundle_key      key_id → newest sequence imported from that signing key, last
                     sequence this database exported with it (rollback protection of
                     baseline bundles, `store.bundle`)                            [v4]
+    hash_key        one row: the id of the host key the stored hashes are keyed under [v6]
     event           append-only log; UPDATE and DELETE are refused by triggers (only
                     `Store.prune_events` removes old rows, by age, keeping the last
                     tamper of each VM)
@@ -158,8 +159,19 @@ _V5 = Migration(5, "per-VM state keyed by VM identity, not by name", (
           "baseline is taken again at its next full check",
    notice_if="SELECT count(*) FROM vm_state")
 
+# Every hash stored is keyed under the host key (`store.keyfile`); this row names the key
+# they were made under. None (a database from before v6) or another key id: the hashes
+# are stale, and `scanner.examine.keying` re-hashes or drops them before any is used.
+_V6 = Migration(6, "hash_key: the id of the host key the stored hashes were made under", (
+    """CREATE TABLE hash_key (
+        one     INTEGER PRIMARY KEY CHECK (one = 1),
+        key_id  TEXT NOT NULL,
+        set_at  REAL NOT NULL
+    )""",
+))
+
 #: In order, versions 1, 2, 3, ... with no gaps (checked by the tests).
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4_BUNDLE_KEYS, _V5)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _V3, _V4_BUNDLE_KEYS, _V5, _V6)
 
 #: The newest schema this code knows.
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -42,8 +42,10 @@ class GuestPool:
         self.guests: dict[str, Guest] = {}
 
     def _ensure_standard(self) -> None:
-        if not self.guests:
-            started = start(STANDARD, self.run_dir)
+        # By name, not "none booted yet": a module may have booted extra guests first.
+        missing = [s for s in STANDARD if s.name not in self.guests]
+        if missing:
+            started = start(missing, self.run_dir)
             self.guests.update({g.name: g for g in started})
             wait_ready(started, timeout=float(os.environ.get("KSCAN_BOOT_TIMEOUT", "400")))
 

@@ -34,6 +34,8 @@ SLOT_VA = 0xFFFFFFFFC0005000
 OPS = 0xFFFF888012345678
 KEY1 = 0xFFFFFFFF82800000
 KEY2 = 0xFFFFFFFF82800040
+KEY3 = 0xFFFFFFFF82800080
+OP_BASE = 0xFFFF888055550000        # struct optimized_kprobe of each probed label
 
 
 def i32(v: int) -> bytes:
@@ -76,6 +78,7 @@ def build() -> tuple[bytes, dict[str, int], PatchSites]:
     a.func("ftrace_ops_list_func"); a.emit("55 5d c3")
     a.func("callback_a"); a.emit("55 5d c3")
     a.func("optimized_callback"); a.emit("c3")
+    a.func("__static_call_return0"); a.emit("31 c0 c3")
     a.func("x86_return_thunk"); a.emit("c3 cc")
     a.func("ftrace_caller")
     a.emit("55 48 89 e5")
@@ -151,7 +154,7 @@ def build() -> tuple[bytes, dict[str, int], PatchSites]:
         jump_target=u64([s["jl5_target"], s["jl2_target"]]),
         jump_key=u64([KEY1, KEY1]),
         static_call_addr=u64([s["sc_call"], s["sc_tail"], s["sc_jcc"]]),
-        static_call_key=u64([KEY1, KEY1 | 1, KEY2 | 1]),
+        static_call_key=u64([KEY1, KEY3 | 1, KEY2 | 1]),
         static_call_tail=np.array([False, True, True]),
         static_call_trampolines={s["__SCT__k1"]: KEY1, s["__SCT__k2"]: KEY2},
         smp_locks=u64([s["lock_a"]]),
@@ -161,6 +164,7 @@ def build() -> tuple[bytes, dict[str, int], PatchSites]:
         ftrace_trampolines={n: (s[n], s[n]) for n in names},
         optprobe_template=(s["optprobe_template_entry"], s["optprobe_template_end"]),
         function_starts=u64(sorted(a.funcs)),
+        symbols={n: s[n] for n in ("optimized_callback", "__static_call_return0")},
     )
     return bytes(a.buf), s, sites
 
@@ -173,6 +177,8 @@ class Mem:
 
     def __init__(self) -> None:
         self.regions: dict[int, bytes] = {}
+        for label in PROBED:     # each probe's struct optimized_kprobe: kp.addr
+            self.add(op_of(label) + 40, (SYM[label] + SLIDE).to_bytes(8, "little"))
 
     def add(self, va: int, data: bytes) -> None:
         self.regions[va] = bytes(data)
@@ -182,6 +188,13 @@ class Mem:
             if start <= va and va + size <= start + len(data):
                 return data[va - start:va - start + size]
         return None
+
+
+PROBED = ("probe_a", "jmpin_a", "relbr_a")
+
+
+def op_of(label: str) -> int:
+    return OP_BASE + PROBED.index(label) * 0x100
 
 
 def off(name: str) -> int:
@@ -387,12 +400,19 @@ def test_jump_label_wrong_target_or_size() -> None:
 # -- static calls -------------------------------------------------------------------------
 
 def test_static_call_site_forms() -> None:
-    at = SYM["sc_call"]
-    for code in (rel_insn(b"\xe8", at, SYM["other_fn"]), rel_insn(b"\xe8", at, SYM["__SCT__k1"]),
-                 NOP5, XOR5RAX):
+    at, tr = SYM["sc_call"], SYM["__SCT__k1"]
+    # (site, its trampoline): __static_call_update() writes both, to one function
+    for code, tcode in ((rel_insn(b"\xe8", at, SYM["other_fn"]),
+                         rel_insn(b"\xe9", tr, SYM["other_fn"])),
+                        (NOP5, RETINSN),
+                        (XOR5RAX, rel_insn(b"\xe9", tr, SYM["__static_call_return0"]))):
         live = bytearray(TEXT)
         patch(live, at, code)
-        only(check(live), "static_call")
+        patch(live, tr, tcode)
+        only(check(live), "static_call", 2)
+    live = bytearray(TEXT)                              # the site calls its trampoline
+    patch(live, at, rel_insn(b"\xe8", at, SYM["__SCT__k1"]))
+    only(check(live), "static_call")
     at = SYM["sc_tail"]
     for code in (rel_insn(b"\xe9", at, SYM["other_fn"]), RETINSN,
                  rel_insn(b"\xe9", at, SYM["x86_return_thunk"])):
@@ -429,10 +449,12 @@ def test_static_call_trampoline() -> None:
     at = SYM["__SCT__k1"]
     live = bytearray(TEXT)
     patch(live, at, rel_insn(b"\xe9", at, SYM["other_fn"]))
-    only(check(live), "static_call")
+    patch(live, SYM["sc_call"], rel_insn(b"\xe8", SYM["sc_call"], SYM["other_fn"]))
+    only(check(live), "static_call", 2)
     live = bytearray(TEXT)
     patch(live, at, RETINSN)
-    only(check(live), "static_call")
+    patch(live, SYM["sc_call"], NOP5)
+    only(check(live), "static_call", 2)
     live = bytearray(TEXT)
     patch(live, at, rel_insn(b"\xe9", at, SYM["other_fn"] + 1))
     assert not check(live).clean
@@ -504,7 +526,7 @@ def make_slot(at: str = "probe_a", after: str = "probe_b", va: int = SLOT_VA) ->
     slot = bytearray(tmpl)
     clac, val = tmpl.find(NOP3), tmpl.find(NOP5 * 3)
     slot[clac:clac + 3] = CLAC
-    slot[val:val + 10] = b"\x48\xbf" + (0xFFFF888055550000).to_bytes(8, "little")
+    slot[val:val + 10] = b"\x48\xbf" + op_of(at).to_bytes(8, "little")
     c = val + 10
     slot[c:c + 5] = b"\xe8" + i32(SYM["optimized_callback"] + SLIDE - (va + c + 5))
     src = bytearray(TEXT[off(at):off(after)])

@@ -1,10 +1,12 @@
 """scanner.check.baseline: per-boot pages from the kernel image, and the merge rules of
 build_golden for a second verified boot. The LiveKernel is a light fake (slide and a
-profile with rodata_file_pages / ro_after_init); page hashes are computed here with
-xxhash directly as the oracle."""
+profile with rodata_file_pages / ro_after_init); page hashes are computed here from
+their definitions (xxhash; AES-GMAC then AES) as the oracle."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import random
 from types import SimpleNamespace
 from typing import Any
@@ -12,7 +14,10 @@ from typing import Any
 import pytest
 import xxhash
 import zstandard
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from scanner import hashing
 from scanner.check.baseline import (
     MAX_RODATA_PER_BOOT,
     Capture,
@@ -32,8 +37,32 @@ BOOT = BootProfile("qemu64-x86_64-cpu", "ab12", 2, smep=False, smap=False)
 SLIDE = 0x1E00_0000
 
 
-def hashes(buf: bytes | bytearray) -> list[int]:
+def file_hashes(buf: bytes | bytearray) -> list[int]:
+    """The image file's unkeyed page fingerprints."""
     return [xxhash.xxh3_64_intdigest(bytes(buf[i:i + PAGE])) for i in range(0, len(buf), PAGE)]
+
+
+def _oracle_keys() -> tuple[bytes, bytes]:
+    master = hashing.current().master
+    return tuple(hmac.new(master, b"kscan/" + label, hashlib.sha256).digest()  # type: ignore[return-value]
+                 for label in (b"gmac", b"prp"))
+
+
+def _outer(tag: bytes) -> bytes:
+    enc = Cipher(algorithms.AES(_oracle_keys()[1]), modes.ECB()).encryptor()
+    return enc.update(tag) + enc.finalize()
+
+
+def hashes(buf: bytes | bytearray) -> list[int]:
+    """Keyed page hashes, made here from the construction's definition: the AES-GMAC tag
+    (fixed nonce) of the page, encrypted with the second AES key, its first 8 bytes."""
+    gmac = AESGCM(_oracle_keys()[0])
+    return [int.from_bytes(_outer(gmac.encrypt(b"kscan-page\0\0", b"", bytes(buf[i:i + PAGE])))[:8],
+                           "little") for i in range(0, len(buf), PAGE)]
+
+
+def region_oracle(buf: bytes | bytearray) -> bytes:
+    return _outer(AESGCM(_oracle_keys()[0]).encrypt(b"kscan-region", b"", bytes(buf)))
 
 
 def file_rodata() -> bytearray:
@@ -68,7 +97,7 @@ def live(file_pages: list[int] | tuple[int, ...] = (), ro_after_init: tuple[int,
         rodata_file_pages=tuple(file_pages), ro_after_init=ro_after_init))
 
 
-FILE_PAGES = hashes(file_rodata())
+FILE_PAGES = file_hashes(file_rodata())
 BOOT_WRITTEN = [36, 37, 39]  # pages this verified boot wrote (differ from the image)
 
 
@@ -129,7 +158,7 @@ def test_first_build() -> None:
     for name in REGIONS:
         r = g.regions[name]
         assert r.size == SIZES[name]
-        assert r.region_hash == xxhash.xxh3_128_digest(bytes(data[name]))
+        assert r.region_hash == region_oracle(data[name])
         assert r.page_hash_list() == hashes(data[name])
         assert r.boots == 1
         assert r.meta == {"slide": SLIDE, "source_vm": "vm-a", "boot_profile": BOOT.to_json()}

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import xxhash
 
 from scanner.check.fastpath import (
     FastOutcome,
@@ -27,6 +26,7 @@ from scanner.check.fastpath import (
     make_reference,
 )
 from scanner.check.locate import Region
+from scanner.hashing import raw_digests
 from tests.synthetic import NX, PAGE, RW, P, SyntheticRam
 from translate import FOUR_LEVEL, GuestMemory, PageWalker
 from translate.vcpu import VcpuState
@@ -124,7 +124,7 @@ def world(tmp_path: Path) -> Iterator[World]:
             ".rodata": bytes(ram.data[0x200000:0x201000] + ram.data[0x180000:0x181000]),
             "__ex_table": bytes(ram.data[0x220010:0x220810]),
             "idt": bytes(ram.data[0x230000:0x231000])}
-    digests = {n: xxhash.xxh3_128_digest(d) for n, d in data.items()}
+    digests = {n: raw_digests([d]) for n, d in data.items()}
     ref = make_reference(mem, lk, vcpus, ram.pgd, 39, digests)  # type: ignore[arg-type]
     w = World(ram, path, mem, lk, vcpus, ref, pgd_same, pgd_copy, pti_user, data)
     try:

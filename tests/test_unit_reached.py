@@ -31,7 +31,7 @@ from scanner.check.fastpath import (
 from scanner.check.locate import Region
 from scanner.check.reached import ReachedRange, Recorder, reached_digest
 from scanner.check.resume import Saved, resume_check
-from scanner.hashing import raw_digest
+from scanner.hashing import DIGEST_SIZE, raw_digests
 from tests.synthetic import NX, PAGE, P, SyntheticRam
 from tests.test_unit_fastpath import IDT_VA, KEXTAB, KRODATA, KTEXT, vcpu
 from translate import FOUR_LEVEL, GuestMemory, PageWalker, TranslationError
@@ -71,7 +71,7 @@ class World:
         return Recorder(walk)
 
     def reference(self, reached: tuple[ReachedRange, ...]) -> Reference:
-        digests = {n: raw_digest([self.mem.view(g, k) for g, k in r.runs])
+        digests = {n: raw_digests([self.mem.view(g, k) for g, k in r.runs])
                    for n, r in self.lk.regions.items()}
         return make_reference(self.mem, self.lk, self.vcpus, self.ram.pgd, 39, digests,
                               reached)
@@ -195,7 +195,7 @@ def test_a_range_read_twice_with_different_bytes_is_never_unchanged(world: World
     world.poke(TRAMP_GPA + 0x8, b"\xcc")  # inside the head
     assert rec(TRAMP, TRAMP_SIZE) is not None
     (r,) = rec.ranges()
-    assert r.torn and reached_digest(rec.ranges()) == bytes(16)
+    assert r.torn and reached_digest(rec.ranges()) == bytes(DIGEST_SIZE)
     ref = world.reference(rec.ranges())
     try:
         assert check_memory(ref, world.mem).reason == REACHED_BYTES

@@ -21,7 +21,7 @@ from scanner.check.kaslr import SlideMatch
 from scanner.check.locate import REGIONS, LiveKernel, Region
 from scanner.check.state import BootIdentity, PageRecord, VmState
 from scanner.check.verify import Basis, Verification, verify
-from scanner.hashing import page_hash, page_hashes
+from scanner.hashing import file_page_fingerprints, page_hash, page_hashes
 from scanner.image.kernel_profile import KernelProfile, SectionInfo
 from scanner.image.relocs import RegionRelocs
 from scanner.vm.bootprofile import BootProfile
@@ -48,7 +48,7 @@ def make_profile(rodata_file: bytes) -> KernelProfile:
         sections=sections, relocs={n: RegionRelocs.empty() for n in LINK},
         text_head=b"\0" * PAGE, ex_table=b"", symbols=((LINK[".text"], "_stext"),
                                                           (LINK[".text"] + 5 * PAGE, "vfs_read")),
-        rodata_file_pages=tuple(page_hashes(rodata_file)))
+        rodata_file_pages=tuple(file_page_fingerprints(rodata_file)))
 
 
 def region(name: str, *, writable: bool = False, gpa_shift: int = 0) -> Region:
@@ -245,15 +245,17 @@ def test_page_hash_at_profile_time_equals_page_hash_at_run_time() -> None:
     prof = make_profile(rodata)
     # Run time: the bytes come out of guest memory as a view of a larger buffer.
     guest = memoryview(bytearray(b"\xcc" * 77 + rodata + b"\xcc" * 99))[77:77 + len(rodata)]
-    assert list(prof.rodata_file_pages) == page_hashes(guest)
+    assert list(prof.rodata_file_pages) == file_page_fingerprints(guest)
     assert list(prof.rodata_file_pages) == [
         xxhash.xxh3_64_intdigest(rodata[i:i + PAGE]) for i in range(0, len(rodata), PAGE)]
+    # The keyed page hashes agree between views and copies too.
+    assert page_hashes(guest) == page_hashes(rodata)
     # And a stored profile keeps them.
     assert KernelProfile.from_bytes(prof.to_bytes()).rodata_file_pages == prof.rodata_file_pages
     # Per-page and whole-buffer forms agree, numpy arrays included.
     arr = np.frombuffer(rodata, dtype=np.uint8)
     assert page_hashes(arr.data) == page_hashes(rodata)
-    assert page_hash(rodata[:PAGE]) == prof.rodata_file_pages[0]
+    assert page_hash(rodata[:PAGE]) == page_hashes(rodata)[0]
 
 
 def test_remapping_a_page_does_not_reset_the_per_boot_baseline(world: World) -> None:

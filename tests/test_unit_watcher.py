@@ -37,7 +37,7 @@ from scanner.check.verify import CheckReport
 from scanner.commands.oneshot import baseline_vms
 from scanner.errors import QmpError
 from scanner.examine import Examined, GoldenSet, golden_for, load_profiles
-from scanner.hashing import page_hashes
+from scanner.hashing import file_page_fingerprints
 from scanner.image.kernel_profile import KernelProfile, SectionInfo
 from scanner.image.patchsites import PatchSites
 from scanner.image.relocs import RegionRelocs
@@ -100,7 +100,7 @@ def make_profile() -> KernelProfile:
         sections=sections,
         relocs={n: RegionRelocs.empty() for n in (".text", ".rodata", "__ex_table")},
         text_head=CONTENT[".text"][:PAGE], ex_table=CONTENT["__ex_table"],
-        rodata_file_pages=tuple(page_hashes(CONTENT[".rodata"])))
+        rodata_file_pages=tuple(file_page_fingerprints(CONTENT[".rodata"])))
 
 
 def build_ram(slide: int, load_gpa: int, boot_salt: int, *, text_writable: bool) -> SyntheticRam:

@@ -1,9 +1,10 @@
 """Golden baselines: hash a verified VM's protected regions, normalized for KASLR.
 
 A golden baseline belongs to (kernel build id, boot profile) and is shared by every VM
-of that kernel and boot profile. Per region it stores the hash of the normalized
-region, one xxh3_64 per 4 KiB page, the set of per-boot pages, and (compressed, in a
-separate table read only on mismatch) the normalized bytes, to show what changed.
+of that kernel and boot profile. Per region it stores the keyed hash of the normalized
+region, one keyed 64-bit hash per 4 KiB page (`scanner.hashing`), the set of per-boot
+pages, and (compressed, in a separate table read only on mismatch) the normalized bytes,
+to show what changed — and what the hashes are made again from when the key changes.
 
 Per-boot pages — bytes the kernel writes once per boot, like `__ro_after_init` data at
 the end of `.rodata` — are never learned from the VM being checked (an attacker would
@@ -31,7 +32,7 @@ import zstandard
 
 from scanner.check.locate import REGIONS, LiveKernel
 from scanner.errors import VmStateError
-from scanner.hashing import page_hashes, region_hash
+from scanner.hashing import file_page_fingerprints, page_hashes, region_hash
 from scanner.vm.bootprofile import BootProfile
 from store import GoldenRegion
 from translate import PAGE
@@ -71,7 +72,8 @@ def per_boot_from_image(lk: LiveKernel, cap: Capture) -> set[int]:
     `__ro_after_init` pages when symbols name them."""
     out: set[int] = set()
     file_pages = lk.profile.rodata_file_pages
-    for i, h in enumerate(cap.pages[".rodata"]):
+    # Unkeyed on both sides: the image file and a verified VM (see scanner.hashing).
+    for i, h in enumerate(file_page_fingerprints(cap.data[".rodata"])):
         if i < len(file_pages) and file_pages[i] != h:
             out.add(i)
     if lk.profile.ro_after_init:

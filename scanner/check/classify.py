@@ -72,6 +72,8 @@ KIND_CODES: tuple[tuple[str, str], ...] = (
     ("jump label", "bad_jump_label"),
     ("static call site", "bad_static_call"),
     ("static call trampoline", "bad_static_call"),
+    ("static call", "bad_static_call"),
+    ("runtime constant", "bad_runtime_const"),
     ("smp lock site", "bad_smp_lock"),
     ("int3", "bad_kprobe"),
     ("jmp", "bad_optprobe"),

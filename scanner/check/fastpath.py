@@ -8,13 +8,20 @@ After a full check (slow path) the watcher keeps a `Reference` per VM:
 * the kernel-half top-level entries each vCPU's CR3 must share (an attacker can point
   one process's PGD at a private copy of the kernel mapping);
 * each vCPU's control state (CR0.WP, CR4.SMEP/SMAP, IDTR);
-* xxh3_128 of each region's raw bytes, hashed straight from zero-copy views of the
-  guest's memory (memory that copies — anonymous RAM read from /proc/PID/mem, see
-  `translate.procmem` — is read afresh at each pass instead: its views are snapshots);
+* two digests of each region's raw bytes (`scanner.hashing.raw_digests`), hashed
+  straight from zero-copy views of the guest's memory (memory that copies — anonymous
+  RAM read from /proc/PID/mem, see `translate.procmem` — is read afresh at each pass
+  instead: its views are snapshots): the fast one (xxh3_128 seeded from the host key),
+  compared at every pass but one in KEYED_EVERY, and the keyed one (AES-GMAC under the
+  host key, then a block cipher: `scanner.hashing`), compared at that one. So every VM
+  gets a keyed comparison of all its protected bytes at least once per KEYED_EVERY
+  passes, and a change that kept the seeded xxh3 is still caught then (README "Keyed
+  comparison" has the bound); the keyed pass costs 4-6× the hashing of a fast one;
 * the same for the code outside `.text` that verified patching reaches (allocated
-  ftrace trampolines, optprobe slots: `scanner.check.reached`) — its bytes and the
-  page-table entries mapping it. A change there is reported as a `.text` change: the
-  verdict on `.text` is what rested on it, and re-verifying `.text` reads it again.
+  ftrace trampolines, optprobe slots: `scanner.check.reached`) — its bytes (both
+  digests, compared like the regions') and the page-table entries mapping it. A change
+  there is reported as a `.text` change: the verdict on `.text` is what rested on it,
+  and re-verifying `.text` reads it again.
 
 The watcher runs `check_registers` and `check_memory` on the event loop. Any difference
 sends the VM down the slow path (normalize, per-page compare, localize).
@@ -30,16 +37,19 @@ from dataclasses import dataclass
 from scanner.check.locate import LiveKernel
 from scanner.check.measure import region_views
 from scanner.check.reached import ReachedRange, reached_digest
-from scanner.hashing import raw_digest
+from scanner.hashing import fast_digest, keyed_digest
 from translate import GuestMemory, TranslationError, kernel_pgd_candidates
 from translate.vcpu import VcpuState
 from translate.x86 import CR0_WP, CR4_SMAP, CR4_SMEP
 
-__all__ = ["REACHED_BYTES", "REACHED_TABLES", "FastOutcome", "FastResult", "Reference",
-           "TableFingerprint", "check_memory",
-           "check_registers", "control_state", "fast_scan", "make_reference"]
+__all__ = ["KEYED_EVERY", "REACHED_BYTES", "REACHED_TABLES", "FastOutcome", "FastResult",
+           "Reference", "TableFingerprint", "check_memory", "check_registers",
+           "control_state", "fast_scan", "make_reference"]
 
 _CR4_BITS = CR4_SMEP | CR4_SMAP
+#: One memory pass in this many compares the keyed digests instead of the fast ones.
+KEYED_EVERY = 16
+_FAST = 16  # bytes of the fast digest at the start of a digest pair
 
 
 class TableFingerprint:
@@ -89,7 +99,7 @@ class Reference:
     """What a VM looked like at its last full check."""
 
     views: dict[str, list[memoryview]]  # empty when the memory copies (not zero_copy)
-    digests: dict[str, bytes]
+    digests: dict[str, bytes]  # digest pairs (`scanner.hashing.raw_digests`)
     fingerprint: TableFingerprint
     top_index: tuple[int, ...]  # kernel-half top-level indices the regions go through
     top_values: tuple[int, ...]
@@ -125,6 +135,7 @@ class Reference:
         self.reached_fingerprint = TableFingerprint([e for r in reached for e in r.entries])
         if mem.zero_copy:
             self.reached_views = [mem.view(g, n) for g, n in self.reached_runs]
+    passes: int = 0  # memory passes so far (every KEYED_EVERY-th one is keyed)
 
     def release(self) -> None:
         """Drop the views so the guest memory mapping can be closed."""
@@ -218,22 +229,32 @@ def check_registers(ref: Reference, mem: GuestMemory,
     return _UNCHANGED
 
 
-def check_memory(ref: Reference, mem: GuestMemory) -> FastResult:
-    """The memory part: translations unchanged, region bytes unchanged."""
+def check_memory(ref: Reference, mem: GuestMemory, keyed: bool | None = None) -> FastResult:
+    """The memory part: translations unchanged, region bytes unchanged. `keyed`: compare
+    the keyed digests (None: at every KEYED_EVERY-th pass of this reference)."""
+    if keyed is None:
+        ref.passes += 1
+        keyed = ref.passes % KEYED_EVERY == 0
     if not ref.fingerprint.unchanged(mem):
         return FastResult(FastOutcome.TABLES_CHANGED)
     if ref.reached_runs and not ref.reached_fingerprint.unchanged(mem):
         return FastResult(FastOutcome.TABLES_CHANGED, REACHED_TABLES)
+    if keyed:
+        digest, want = keyed_digest, {n: d[_FAST:] for n, d in ref.digests.items()}
+        want_reached = ref.reached_digest[_FAST:]
+    else:
+        digest, want = fast_digest, {n: d[:_FAST] for n, d in ref.digests.items()}
+        want_reached = ref.reached_digest[:_FAST]
     if mem.zero_copy:
         changed = tuple(name for name, views in ref.views.items()
-                        if raw_digest(views) != ref.digests[name])
+                        if digest(views) != want[name])
         reached = ref.reached_views
     else:  # copies are snapshots: read the regions again
         changed = tuple(name for name, runs in ref.runs.items()
-                        if raw_digest([mem.view(g, n) for g, n in runs]) != ref.digests[name])
+                        if digest([mem.view(g, n) for g, n in runs]) != want[name])
         reached = [mem.view(g, n) for g, n in ref.reached_runs]
     detail = ""
-    if ref.reached_runs and raw_digest(reached) != ref.reached_digest:
+    if ref.reached_runs and digest(reached) != want_reached:
         # The .text verdict rested on these bytes: re-verify .text (which reads them).
         detail = REACHED_BYTES
         if ".text" not in changed:

@@ -9,7 +9,7 @@ import numpy as np
 from scanner.check.idt import normalize_idt
 from scanner.check.locate import LiveKernel, Region
 from scanner.check.normalize import normalize_into
-from scanner.hashing import region_hash
+from scanner.hashing import raw_digests
 from scanner.image.altreloc import normalize_alt
 from translate import GuestMemory
 
@@ -25,10 +25,11 @@ def region_views(mem: GuestMemory, region: Region) -> list[memoryview]:
 def read_normalized(mem: GuestMemory, lk: LiveKernel, name: str,
                     idtr_limit: int = 0xFFF) -> tuple[bytearray, bytes]:
     """A copy of the region with KASLR undone (relocation sites; IDT gate handlers), and
-    the raw digest of exactly the bytes that were copied — so a later fast-path digest
-    equal to it proves the region still holds what was verified."""
+    the raw digests (`scanner.hashing.raw_digests`: fast and keyed) of exactly the bytes
+    that were copied — so a later fast-path digest equal to it proves the region still
+    holds what was verified."""
     raw = bytearray().join(region_views(mem, lk.regions[name]))
-    digest = region_hash(raw)
+    digest = raw_digests([raw])
     if name == "idt":
         return normalize_idt(raw, idtr_limit, lk.slide), digest
     normalize_alt(raw, lk.profile.alt_relocs.get(name), lk.slide)

@@ -17,12 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import xxhash
-
 from scanner.check.attribution import Attribution
 from scanner.check.classify import MAX_SHOWN, ByteRange
 from scanner.check.owners import Owner
 from scanner.check.patching import PatchVerdict, UnverifiedRange, VerifiedPatch
+from scanner.hashing import keyed_id
 from scanner.image.patchsites import MECHANISMS
 from translate import PAGE
 
@@ -59,14 +58,17 @@ class PatchReport:
 
     def fingerprint(self) -> int:
         """Identifies this set of patches (site, mechanism, bytes): one `kernel_patched`
-        event per distinct set."""
-        h = xxhash.xxh3_64()
-        for v in self.runtime:
-            h.update(v.site.to_bytes(8, "little") + v.mechanism.encode() + v.after)
-            s = self.attribution.of(v.site) if self.attribution is not None else None
-            if s is not None and s.group is not None:
-                h.update(s.group.sig)
-        return h.intdigest()
+        event per distinct set, owners included (a new owner is a new set). Keyed
+        (`scanner.hashing.keyed_id`): a new set of patches cannot be made to pose as one
+        already reported."""
+        attr = self.attribution
+
+        def owners(site: int) -> bytes:
+            s = attr.of(site) if attr is not None else None
+            return s.group.sig if s is not None and s.group is not None else b""
+
+        return keyed_id(*(v.site.to_bytes(8, "little") + v.mechanism.encode() + b"\0"
+                          + v.after + b"\0" + owners(v.site) for v in self.runtime))
 
     def entries(self, limit: int = MAX_ENTRIES) -> tuple[list[dict[str, Any]], int]:
         """(mechanism, function, count) of the sites, grouped by function (and owner,

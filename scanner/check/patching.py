@@ -13,21 +13,31 @@ What each mechanism accepts (x86-64, Linux 6.1 and 6.12; sources under arch/x86/
   `call` to `ftrace_caller` / `ftrace_regs_caller`, or a `call` to a trampoline the
   kernel allocated (create_trampoline), verified by reading it: the bytes of
   ftrace_caller..ftrace_caller_end (or the regs variant) from the baseline, except
-  the fields create_trampoline writes (see `_Verifier._ftrace_trampoline`). Also the
-  `ftrace_call` / `ftrace_regs_call` sites inside ftrace_caller
-  (ftrace_update_ftrace_func): a `call` to any function start in `.text`, and
+  the fields create_trampoline writes (see `_Verifier._ftrace_trampoline`): its
+  return `jmp` goes to the return thunk, its call to ftrace_ops_assist_func or its
+  ops' own function (ftrace_ops_get_func). Also the `ftrace_call` / `ftrace_regs_call`
+  sites inside ftrace_caller (ftrace_update_ftrace_func): a `call` to a function in
+  `.text`, and
   `ftrace_graph_call` where it exists (6.1 without WITH_ARGS only): `jmp` to
   ftrace_graph_caller or ftrace_stub.
 * `jump_label` — `__jump_table` code addresses (kernel/jump_label.c, __jump_label_patch):
   the size is the baseline instruction's (2: `66 90`/`eb rel8`, 5: NOP5/`e9 rel32`); live
-  bytes are x86_nops[size] or the `jmp` of that size to that entry's own target.
+  bytes are x86_nops[size] or the `jmp` of that size to that entry's own target. All
+  sites of one key are flipped from the golden baseline, or none (jump_label_update).
+  A key only boot code sets — in read-only data (`__ro_after_init`), or an LSM hook's
+  `security_hook_active_*` (not a BPF LSM hook's) — keeps the sites the first check
+  of the boot saw.
 * `static_call` — `.static_call_sites` (kernel/static_call.c, __static_call_transform):
   non-tail: `call` to a function start or to that key's trampoline, NOP5, or
   `2e 2e 2e 31 c0` (xor5rax, for __static_call_return0); tail: `jmp` to a function
   start (including the return thunk) or that key's trampoline, or `c3 cc cc cc cc`;
   a tail site that is a `Jcc rel32` in the baseline stays the same `Jcc` (6 bytes),
   only retargeted to a function start. Trampolines (`__SCT__*`): bytes 0..4 are
-  `jmp` to a function start or `c3 cc cc cc cc`.
+  `jmp` to a function start or `c3 cc cc cc cc` (or `jmp` to the return thunk). A
+  key's trampoline and all its sites name one function (or NULL): the kernel updates
+  them together (__static_call_update). LSM hooks' static calls keep what the first
+  check of the boot saw. "Function" means a sized function symbol (a `__pfx_`
+  partner on 6.2+; never an asm inner label: `PatchSites.call_targets`).
 * `kprobe` — an `int3` (0xcc) replacing the first byte of an instruction, decoded with
   capstone from the start of its function over the baseline bytes (kprobes/core.c,
   can_probe); not in `kprobe_blacklist`, not inside another mechanism's site.
@@ -35,18 +45,26 @@ What each mechanism accepts (x86-64, Linux 6.1 and 6.12; sources under arch/x86/
   function, with no jump in the function into the 4 bytes after the first
   (opt.c, can_optimize), and the slot verified by reading it
   (arch_prepare_optimized_kprobe): template bytes except the NOP3 → `clac`, the
-  `movabs $op, %rdi` and the `call optimized_callback` (a function start); then the
+  `movabs $op, %rdi` (op: the struct optimized_kprobe whose kp.addr is this site)
+  and the `call optimized_callback`; then the
   copied instructions (whole instructions covering ≥ 5 bytes, no relative branches,
   %rip-relative displacements re-based exactly as __copy_instruction does); then
-  `jmp` back to the instruction after them.
-* `smp_lock` — a `.smp_locks` byte that is 0xf0 or 0x3e in both (alternative.c).
-* `runtime_const` — any change inside a runtime-constant immediate (6.11+,
-  asm/runtime-const.h: per-boot values).
+  `jmp` back to the instruction after them. One slot serves one site.
+* `smp_lock` — a `.smp_locks` byte that is 0xf0 or 0x3e in both (alternative.c): all
+  sites alike, and 0x3e only on a one-vCPU VM.
+* `runtime_const` — the immediates of a runtime constant (6.11+, asm/runtime-const.h):
+  one value across its sites, equal to its variable in guest memory, to what the
+  kernel computes (USER_PTR_MAX), and to the value the first check of the boot saw.
 
 text_poke_bp() writes an `int3` first, then the tail, then the first byte: a site of
 ftrace, jump_label, static_call (or an optprobe jmp) whose first byte is `int3` and
 whose other bytes are the baseline's or those of an allowed form is verified as that
-mechanism with `in_progress=True`.
+mechanism with `in_progress=True` — outside the kprobe blacklist, and only once: the
+same half-state seen again HALF_STATE_MAX seconds later is tampering.
+
+What must hold across checks of one boot comes in as `memory` (`PatchMemory`, pinned at
+the first check) and goes out in the verdict; what the check knows of the VM besides
+its memory (vCPUs, paging mode, the time) as `facts` (`VmFacts`).
 
 Bounded: numpy finds the changed bytes and checks all fixed sites in bulk; per-site
 Python work (decoding, reading out-of-text targets) is capped by `Limits`, and what
@@ -66,11 +84,12 @@ import capstone
 import numpy as np
 import numpy.typing as npt
 
+from scanner.check.patch_state import HALF_STATE_MAX, PatchMemory, VmFacts
 from scanner.image.patchsites import MECHANISMS, PatchSites
 from scanner.image.relocs import RegionRelocs
 
-__all__ = ["Limits", "MechanismSummary", "PatchVerdict", "ReadVA", "UnverifiedRange",
-           "VerifiedPatch", "verify_text_changes"]
+__all__ = ["Limits", "MechanismSummary", "PatchMemory", "PatchVerdict", "ReadVA",
+           "UnverifiedRange", "VerifiedPatch", "VmFacts", "verify_text_changes"]
 
 #: Reads `size` bytes of guest memory at a run-time virtual address (None: unmapped).
 ReadVA = Callable[[int, int], bytes | None]
@@ -88,6 +107,12 @@ RETINSN = b"\xc3\xcc\xcc\xcc\xcc"   # static_call.c: ret; int3 x4
 INT3 = 0xCC
 CALL, JMP32, JMP8, RET = 0xE8, 0xE9, 0xEB, 0xC3
 KERNEL_HALF = 0xFFFF800000000000
+#: offsetof(struct optimized_kprobe, kp.addr) (include/linux/kprobes.h, 6.1 and 6.12:
+#: hlist_node, list_head, nmissed before it).
+KPROBE_ADDR_OFF = 40
+#: Names of the return thunks the kernel writes `jmp x86_return_thunk` to.
+RETURN_THUNKS = ("__x86_return_thunk", "retbleed_return_thunk", "srso_return_thunk",
+                 "srso_alias_return_thunk", "its_return_thunk")
 _M64 = (1 << 64) - 1
 
 
@@ -157,6 +182,8 @@ class PatchVerdict:
     verified: list[VerifiedPatch] = field(default_factory=list)
     unverified: list[UnverifiedRange] = field(default_factory=list)
     changed_bytes: int = 0
+    #: What the next check of this boot needs (`scanner.check.patch_state`).
+    memory: PatchMemory = field(default_factory=PatchMemory)
 
     @property
     def clean(self) -> bool:
@@ -231,7 +258,8 @@ class _Verifier:
     def __init__(self, baseline: bytes | bytearray | memoryview,
                  live: bytes | bytearray | memoryview, link_base: int, slide: int,
                  sites: PatchSites, read_va: ReadVA | None, relocs: RegionRelocs | None,
-                 optprobe_template: bytes | None, limits: Limits) -> None:
+                 optprobe_template: bytes | None, limits: Limits,
+                 facts: VmFacts | None = None, memory: PatchMemory | None = None) -> None:
         self.bmem = memoryview(baseline).cast("B")
         self.lmem = memoryview(live).cast("B")
         if len(self.bmem) != len(self.lmem):
@@ -261,7 +289,7 @@ class _Verifier:
         self.cand_cut: int | None = None
         #: Sites that were touched but did not verify: reported whole.
         self.failed: list[tuple[I64, int]] = []
-        self.remote_cache: dict[tuple[str, int], tuple[bool, str]] = {}
+        self.remote_cache: dict[tuple[str, int, int], tuple[bool, str]] = {}
         self.remote_reads = 0
         self.decoded_bytes = 0
         self.funcs: dict[int, _Func | None] = {}
@@ -278,6 +306,33 @@ class _Verifier:
         for _, e in bl:
             m = max(m, e)
             self.bl_maxend.append(m)
+        self.facts = facts or VmFacts()
+        self.memory = memory or PatchMemory()
+        self.now = self.facts.now
+        # Branch targets the kernel writes: functions, not labels inside one.
+        ct = _to_signed_sorted(sites.call_targets)
+        self.ct: I64 = ct if ct.size else fs
+        self.named: dict[str, int] = {k: _s64(v) for k, v in sites.symbols.items()}
+        self.thunks: I64 = np.array(sorted({self.named[n] for n in RETURN_THUNKS
+                                            if n in self.named}), dtype=np.int64)
+        self.opt_slots: dict[int, list[int]] = {}   # optprobe slot → sites jumping to it
+        #: Half-states seen by this check: key → live bytes, when first seen
+        #: (see PatchMemory.half).
+        self.half_seen: dict[str, str] = {}
+        self.half_first: dict[str, float] = {}
+        #: Keys (link VAs) of ftrace trampolines found in a half-state (int3 at their call).
+        self.tramp_half: dict[int, tuple[str, str]] = {}
+        #: Sites that verified one by one but break a rule across sites or checks:
+        #: text offset → (length, reason).
+        self.revoked: dict[int, tuple[int, str]] = {}
+        #: Unverified ranges of bytes that equal the golden baseline but should not
+        #: (a pinned state undone): (offset, length, before, reason).
+        self.undone: list[tuple[int, int, bytes, str]] = []
+        #: PatchMemory.fixed_sites for the next check.
+        self.fixed_now: dict[str, str] = (dict(self.memory.fixed_sites) if self.memory.pinned
+                                          else {})
+        #: PatchMemory.runtime_const for the next check.
+        self.rc_now: dict[str, int] = dict(self.memory.runtime_const)
 
     # -- small utilities ------------------------------------------------------------
     def off_of(self, va_s: int) -> int:
@@ -292,6 +347,14 @@ class _Verifier:
 
     def text_func_start(self, va_s: int) -> bool:
         return self.in_text_off(self.off_of(va_s)) and self.is_func_start(va_s)
+
+    def is_call_target(self, va_s: int) -> bool:
+        """A function in `.text` the kernel may branch to (not a label inside one)."""
+        return (self.in_text_off(self.off_of(va_s))
+                and bool(_isin_sorted(self.ct, np.array([va_s], dtype=np.int64))[0]))
+
+    def is_thunk(self, va_s: int) -> bool:
+        return bool(_isin_sorted(self.thunks, np.array([va_s], dtype=np.int64))[0])
 
     def blacklisted(self, va_s: int) -> bool:
         i = bisect.bisect_right(self.bl_starts, va_s) - 1
@@ -404,7 +467,11 @@ class _Verifier:
         return np.asarray((o >= 0) & (o < self.n), dtype=np.bool_)
 
     def func_start_mask(self, t: I64) -> B:
-        return self.text_mask(t) & _isin_sorted(self.fs, t)
+        """Branch targets the kernel may write: functions in `.text` (not labels)."""
+        return self.text_mask(t) & _isin_sorted(self.ct, t)
+
+    def thunk_mask(self, t: I64) -> B:
+        return _isin_sorted(self.thunks, t)
 
     # ftrace --------------------------------------------------------------------------
     def do_ftrace(self) -> None:
@@ -523,6 +590,97 @@ class _Verifier:
             for o in odd[t][:10000].tolist():
                 self.reasons.setdefault(o, "jump label: baseline instruction is neither "
                                            "a 2- nor a 5-byte NOP/jmp")
+        key = np.asarray(s.jump_key[:n], dtype=np.uint64)[keep]
+        sized = two | five
+        self._jump_label_keys(off[sized], np.where(two, 2, 5)[sized].astype(np.int64),
+                              key[sized])
+
+    def _jump_label_keys(self, off: I64, size: I64, key: npt.NDArray[np.uint64]) -> None:
+        """Across sites and checks. jump_label_update() (kernel/jump_label.c) sets every
+        entry of a key to the key's state: the sites of one key are all flipped from the
+        golden baseline or none is (a half-state, int3 first, may be either). A key in
+        data that is read-only after boot cannot change once the kernel has booted: its
+        sites keep the bytes the first check of the boot saw."""
+        if off.size == 0:
+            return
+        cols = off[:, None] + np.arange(5, dtype=np.int64)
+        cols = np.minimum(cols, self.n - 1)
+        diff = (self.l[cols] != self.b[cols]) & (np.arange(5) < size[:, None])
+        changed = diff.any(axis=1)
+        half = changed & (self.l[off] == INT3)
+        flipped = changed & ~half
+        # agreement (only keys with a changed site need it)
+        if flipped.any():
+            ks = key.view(np.int64)
+            fk = np.unique(ks[flipped])
+            of_fk = _isin_sorted(fk, ks)
+            steady = of_fk & ~changed                 # unchanged site of a flipped key
+            bad = np.unique(ks[steady])
+            hit = flipped & _isin_sorted(bad, ks)
+            for o, ln in zip(off[hit][:10000].tolist(), size[hit][:10000].tolist(),
+                             strict=True):
+                self.revoked.setdefault(o, (ln, "jump label: its key's other sites are not "
+                                                "flipped (the kernel sets all of a key's "
+                                                "sites to the key's state)"))
+        ro = np.zeros(off.shape, dtype=np.bool_)
+        for lo, hi in self.sites.readonly:
+            ro |= (key >= np.uint64(_u64(lo))) & (key < np.uint64(_u64(hi)))
+        self._pin(off[ro], size[ro], "jump label: its static key is in read-only data "
+                  "(__ro_after_init): it cannot change after boot, but this site changed "
+                  "since the first check of this boot")
+        boot = self._boot_only_keys(key) & ~ro
+        self._pin(off[boot], size[boot], "jump label: an LSM hook's static key (only boot "
+                  "code sets it) changed since the first check of this boot")
+
+    def _boot_only_keys(self, key: npt.NDArray[np.uint64]) -> B:
+        """Which of `key` are LSM hook keys only boot code sets: security_hook_active_*
+        whose hook slot's trampoline does not jump to a BPF LSM hook (those the kernel
+        toggles when a BPF program attaches)."""
+        s = self.sites
+        bk = np.asarray(s.boot_jump_keys, dtype=np.uint64)
+        if bk.size == 0 or bk.size != s.boot_jump_tramps.size:
+            return np.zeros(key.shape, dtype=np.bool_)
+        pos = np.minimum(np.searchsorted(bk, key), bk.size - 1)
+        hit = bk[pos] == key
+        if not hit.any():
+            return np.asarray(hit, dtype=np.bool_)
+        tr = self.offsets(np.asarray(s.boot_jump_tramps, dtype=np.uint64)[pos[hit]])
+        ok = (tr >= 0) & (tr + 5 <= self.n)
+        bpf_t = _to_signed_sorted(s.bpf_lsm_hooks)
+        bpf = np.zeros(tr.shape, dtype=np.bool_)
+        if ok.any():
+            t = tr[ok]
+            live = self.l[t[:, None] + np.arange(5, dtype=np.int64)]
+            dest = self.branch_targets(live, t, 1, 5)
+            bpf[ok] = (live[:, 0] == JMP32) & _isin_sorted(bpf_t, dest)
+        out = np.zeros(key.shape, dtype=np.bool_)
+        out[np.flatnonzero(hit)] = ~bpf
+        return out
+
+    def _pin(self, off: I64, size: I64, why: str) -> None:
+        """Sites only boot code writes: at the first check of a boot, remember those that
+        differ from the golden baseline; later, each must hold what was seen then."""
+        if off.size == 0:
+            return
+        cols = np.minimum(off[:, None] + np.arange(6, dtype=np.int64), self.n - 1)
+        changed = ((self.l[cols] != self.b[cols]) & (np.arange(6) < size[:, None])).any(axis=1)
+        mem = self.memory
+        if not mem.pinned:
+            self.fixed_now.update(
+                (f"{_u64(self.base_s + o):#x}", bytes(self.lmem[o:o + ln]).hex())
+                for o, ln in zip(off[changed].tolist(), size[changed].tolist(), strict=True))
+            return
+        for o, ln in zip(off[changed].tolist(), size[changed].tolist(), strict=True):
+            if mem.fixed_sites.get(f"{_u64(self.base_s + o):#x}") != bytes(
+                    self.lmem[o:o + ln]).hex():
+                self.revoked.setdefault(o, (ln, why))
+        if not mem.fixed_sites:
+            return
+        for o, ln in zip(off[~changed].tolist(), size[~changed].tolist(), strict=True):
+            was = mem.fixed_sites.get(f"{_u64(self.base_s + o):#x}")
+            if was is not None and len(self.undone) < 10000:
+                # unchanged from golden now, but not what the first check saw: undone
+                self.undone.append((o, ln, bytes.fromhex(was)[:ln], why))
 
     # static calls ---------------------------------------------------------------------
     def do_static_calls(self) -> None:
@@ -531,6 +689,8 @@ class _Verifier:
         tramps = {_s64(a): _u64(k) & ~3 for a, k in s.static_call_trampolines.items()}
         tr_addr = np.array(sorted(tramps), dtype=np.int64)
         tr_key = np.array([tramps[a] for a in tr_addr.tolist()], dtype=np.uint64)
+        ret0 = self.named.get("__static_call_return0")
+        nullret = self.named.get("__static_call_return")
 
         def any_tramp(t: I64) -> B:
             return _isin_sorted(tr_addr, t)
@@ -541,6 +701,14 @@ class _Verifier:
             pos = np.minimum(np.searchsorted(tr_addr, t), tr_addr.size - 1)
             return np.asarray((tr_addr[pos] == t) & (tr_key[pos] == key), dtype=np.bool_)
 
+        def fn_mask(t: I64) -> B:
+            return self.func_start_mask(t) & ~any_tramp(t)
+
+        off: I64 = np.zeros(0, dtype=np.int64)
+        key: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
+        tail: B = np.zeros(0, dtype=np.bool_)
+        jcc: B = tail
+        keep5: B = tail
         if n:
             off = self.offsets(s.static_call_addr[:n])
             key = np.asarray(s.static_call_key[:n], dtype=np.uint64) & ~np.uint64(3)
@@ -556,7 +724,7 @@ class _Verifier:
                           ) -> tuple[B, npt.NDArray[np.int8], I64]:
                 t = self.branch_targets(live, o, 1, 5)
                 call = live[:, 0] == CALL
-                fn = call & self.func_start_mask(t) & ~any_tramp(t)
+                fn = call & fn_mask(t)
                 tr = call & own_tramp(t, aux["key"])
                 nop = _eq_row(live, NOP5)
                 xor = _eq_row(live, XOR5RAX)
@@ -569,9 +737,9 @@ class _Verifier:
                        ) -> tuple[B, npt.NDArray[np.int8], I64]:
                 t = self.branch_targets(live, o, 1, 5)
                 jmp = live[:, 0] == JMP32
-                fn = jmp & self.func_start_mask(t) & ~any_tramp(t)
+                fn = jmp & fn_mask(t)
                 tr = jmp & own_tramp(t, aux["key"])
-                ret = _eq_row(live, RETINSN)
+                ret = _eq_row(live, RETINSN) | (jmp & self.thunk_mask(t))
                 form = np.select([fn, tr, ret], [0, 1, 2], 0).astype(np.int8)
                 return fn | tr | ret, form, np.where(jmp, t, 0)
 
@@ -579,7 +747,8 @@ class _Verifier:
                       ) -> tuple[B, npt.NDArray[np.int8], I64]:
                 t = self.branch_targets(live, o, 2, 6)
                 ok = ((live[:, 0] == 0x0F) & (live[:, 1] == aux["cc"])
-                      & self.func_start_mask(t) & ~any_tramp(t))
+                      & (fn_mask(t) | self.thunk_mask(t)
+                         | (t == (nullret if nullret is not None else -1))))
                 return ok, np.zeros(o.size, dtype=np.int8), t
 
             reason = "static call site: not an allowed call/jmp/nop/ret form or target"
@@ -598,48 +767,219 @@ class _Verifier:
             def v_tramp(live: U8, o: I64, aux: Mapping[str, npt.NDArray[Any]]
                         ) -> tuple[B, npt.NDArray[np.int8], I64]:
                 t = self.branch_targets(live, o, 1, 5)
-                jmp = (live[:, 0] == JMP32) & self.func_start_mask(t) & ~any_tramp(t)
-                ret = _eq_row(live, RETINSN)
+                isj = live[:, 0] == JMP32
+                jmp = isj & fn_mask(t)
+                ret = _eq_row(live, RETINSN) | (isj & self.thunk_mask(t))
                 form = np.where(jmp, 0, 1).astype(np.int8)
-                return jmp | ret, form, np.where(jmp, t, 0)
+                return jmp | ret, form, np.where(isj, t, 0)
 
             self.check_sites("static_call", tr_addr - np.int64(self.base_s), 5, v_tramp,
                              ["trampoline jmp function", "trampoline ret"],
                              bytes((JMP32, RET)),
                              reason="static call trampoline: not a jmp to a function "
                                     "start nor ret")
+        self._static_call_agreement(off, key, tail, jcc, keep5, tr_addr, tr_key, ret0)
+        bk = _to_signed_sorted(self.sites.boot_static_keys)
+        if bk.size:     # LSM hook static calls: only boot code updates them
+            why = ("static call: an LSM hook's call (only boot code sets it) changed since "
+                   "the first check of this boot")
+            sb = keep5 & _isin_sorted(bk, key.view(np.int64))
+            self._pin(off[sb], np.where(jcc[sb], 6, 5).astype(np.int64), why)
+            tb = _isin_sorted(bk, tr_key.view(np.int64))
+            tro = tr_addr[tb] - np.int64(self.base_s)
+            tro = tro[(tro >= 0) & (tro + 5 <= self.n)]
+            self._pin(tro, np.full(tro.shape, 5, dtype=np.int64), why)
+
+    def _static_call_agreement(self, off: I64, key: npt.NDArray[np.uint64], tail: B, jcc: B,
+                               keep5: B, tr_addr: I64, tr_key: npt.NDArray[np.uint64],
+                               ret0: int | None) -> None:
+        """__static_call_update() (kernel/static_call_inline.c) rewrites a key's
+        trampoline and every site of it together, to one function: each site and the
+        trampoline must say the same function (or NULL) — a site rewritten alone (one
+        LSM hook's call set to `xor eax,eax`, "return 0") is not the kernel's."""
+        tro = tr_addr - np.int64(self.base_s)
+        okt = (tro >= 0) & (tro + 5 <= self.n)
+        tro, tk = tro[okt], tr_key[okt]
+        so = off[keep5]
+        if so.size == 0 and tro.size == 0:
+            return
+        touched_keys = np.concatenate([
+            key[keep5][self.touched(so, np.full(so.shape, 6, dtype=np.int64))],
+            tk[self.touched(tro, np.full(tro.shape, 5, dtype=np.int64))]])
+        if touched_keys.size == 0:
+            return
+        wanted = np.unique(touched_keys.view(np.int64))
+        sk = key[keep5]
+        ssel = _isin_sorted(wanted, sk.view(np.int64))
+        tsel = _isin_sorted(wanted, tk.view(np.int64))
+        stail, sjcc = tail[keep5][ssel], jcc[keep5][ssel]
+        so, sk = so[ssel], sk[ssel]
+        tro, tk = tro[tsel], tk[tsel]
+        wild = np.int64(-1)
+        r0 = np.int64(ret0 if ret0 is not None else -2)
+
+        def says(o: I64, k: npt.NDArray[np.uint64], is_tail: B, is_jcc: B) -> I64:
+            cols = o[:, None] + np.arange(5, dtype=np.int64)
+            live = self.l[cols]
+            t = self.branch_targets(live, o, 1, 5)
+            tj = np.where(is_jcc, self.branch_targets(
+                self.l[np.minimum(o[:, None] + np.arange(6), self.n - 1)], o, 2, 6), t)
+            op = live[:, 0]
+            null = (_eq_row(live, NOP5) | _eq_row(live, RETINSN)
+                    | (((op == JMP32) | is_jcc) & self.thunk_mask(tj)))
+            nullret = self.named.get("__static_call_return")
+            if nullret is not None:
+                null |= is_jcc & (tj == nullret)
+            mine = np.zeros(o.shape, dtype=np.bool_)
+            if tr_addr.size:
+                pos = np.minimum(np.searchsorted(tr_addr, t), tr_addr.size - 1)
+                mine = ((op == CALL) | (op == JMP32)) & (tr_addr[pos] == t) & (
+                    tr_key[pos] == k)
+            out = np.where(is_jcc, tj, t)
+            out = np.where(_eq_row(live, XOR5RAX), r0, out)
+            out = np.where(null, 0, out)
+            return np.asarray(np.where(mine | (op == INT3), wild, out), dtype=np.int64)
+
+        s_says = says(so, sk, stail, sjcc)
+        t_says = says(tro, tk, np.ones(tro.shape, dtype=np.bool_),
+                      np.zeros(tro.shape, dtype=np.bool_))
+        allk = np.concatenate([sk, tk]).view(np.int64)
+        alls = np.concatenate([s_says, t_says])
+        allo = np.concatenate([so, tro])
+        alln = np.concatenate([np.where(sjcc, 6, 5), np.full(tro.shape, 5)])
+        m = alls != wild
+        if not m.any():
+            return
+        order = np.lexsort((alls[m], allk[m]))
+        kk, vv = allk[m][order], alls[m][order]
+        first = np.r_[True, kk[1:] != kk[:-1]]
+        changes = np.r_[False, (kk[1:] == kk[:-1]) & (vv[1:] != vv[:-1])]
+        grp = np.cumsum(first) - 1
+        bad_grp = np.zeros(int(grp[-1]) + 1 if grp.size else 0, dtype=np.bool_)
+        bad_grp[grp[changes]] = True
+        bad_keys = np.unique(kk[bad_grp[grp]])
+        if bad_keys.size == 0:
+            return
+        hit = _isin_sorted(bad_keys, allk)
+        for o, ln in zip(allo[hit].tolist(), alln[hit].tolist(), strict=True):
+            self.revoked.setdefault(o, (ln, "static call: this site and its key's other "
+                                           "sites/trampoline call different functions "
+                                           "(the kernel updates them together)"))
 
     # smp locks, runtime constants -----------------------------------------------------
     def do_smp_locks(self) -> None:
+        """alternatives_smp_unlock() (alternative.c) turns every `lock` prefix into `ds`
+        when the kernel boots with one CPU, and alternatives_smp_lock() all of them
+        back when a second comes online: all sites are `lock` or all are `ds`, and
+        `ds` only on a one-vCPU VM."""
+        off = self.offsets(self.sites.smp_locks)
+        off = off[(off >= 0) & (off < self.n)]
+        base = self.b[off]
+        off = off[(base == 0xF0) | (base == 0x3E)]
+        lv = self.l[off]
+        n_ds = int((lv == 0x3E).sum())
+        n_lock = int((lv == 0xF0).sum())
+        cpus = self.facts.cpus
+        if cpus is not None and cpus > 1:
+            bad_state, why = 0x3E, (f"smp lock site: `ds` in place of `lock` on a VM with "
+                                    f"{cpus} vCPUs (only a one-CPU boot unlocks)")
+        elif n_ds and n_lock:
+            bad_state = 0x3E if n_ds <= n_lock else 0xF0
+            why = (f"smp lock site: {n_ds} of {n_ds + n_lock} lock prefixes unlocked "
+                   "(the kernel unlocks all or none)")
+        else:
+            bad_state, why = -1, ""
+
         def validate(live: U8, o: I64, aux: Mapping[str, npt.NDArray[Any]]
                      ) -> tuple[B, npt.NDArray[np.int8], I64]:
-            base = self.b[o]
-            lv = live[:, 0]
-            ok = ((lv == 0xF0) | (lv == 0x3E)) & ((base == 0xF0) | (base == 0x3E))
-            return ok, np.where(lv == 0xF0, 0, 1).astype(np.int8), np.zeros(o.size, np.int64)
+            v = live[:, 0]
+            ok = ((v == 0xF0) | (v == 0x3E)) & (v != bad_state)
+            return ok, np.where(v == 0xF0, 0, 1).astype(np.int8), np.zeros(o.size, np.int64)
 
-        self.check_sites("smp_lock", self.offsets(self.sites.smp_locks), 1, validate,
-                         ["lock", "ds"], b"",
-                         reason="smp lock site: not 0xf0/0x3e")
+        self.check_sites("smp_lock", off, 1, validate, ["lock", "ds"], b"",
+                         reason=why or "smp lock site: not 0xf0/0x3e")
+        if bad_state >= 0:   # the minority left as in the golden baseline: undone sites
+            quiet = off[(lv == bad_state) & (lv == base)]
+            for o in quiet[:10000].tolist():
+                self.undone.append((o, 1, bytes((0xF0 if bad_state == 0x3E else 0x3E,)),
+                                    why))
 
     def do_runtime_consts(self) -> None:
-        by_size: dict[int, list[int]] = {}
+        """Runtime constants (6.11+, asm/runtime-const.h): runtime_const_init() writes a
+        variable's value into all its immediates once, at boot. All sites of a variable
+        hold one value; it equals the variable in guest memory (where kallsyms names
+        it), what the kernel computes (USER_PTR_MAX: TASK_SIZE_MAX for the VM's paging
+        mode), and the value pinned at the first check of the boot."""
+        groups: dict[tuple[str, int], list[int]] = {}
         for rc in self.sites.runtime_const:
             if 1 <= rc.size <= 8:
-                by_size.setdefault(rc.size, []).append(_s64(rc.addr) - self.base_s)
+                groups.setdefault((rc.name, rc.size), []).append(_s64(rc.addr) - self.base_s)
+        mem = self.memory
+        pins: dict[str, int] = {}
+        for (name, size), offs in sorted(groups.items()):
+            o = np.array(offs, dtype=np.int64)
+            o = o[(o >= 0) & (o + size <= self.n)]
+            if o.size == 0:
+                continue
+            cols = o[:, None] + np.arange(size, dtype=np.int64)
+            raw = np.zeros((o.size, 8), dtype=np.uint8)
+            raw[:, :size] = self.l[cols]
+            vals = np.unique(raw.view("<u8").reshape(-1))
+            why = ""
+            if vals.size > 1:
+                why = (f"runtime constant {name}: its {o.size} sites hold {vals.size} "
+                       "different values (the kernel writes one, at boot)")
+            else:
+                v = int(vals[0])
+                why = self._runtime_const_value(name, size, v)
+                was = mem.runtime_const.get(name)
+                if was is None and mem.pinned:
+                    # pinned without a value: the first check saw the golden bytes
+                    b = np.zeros((o.size, 8), dtype=np.uint8)
+                    b[:, :size] = self.b[cols]
+                    bvals = np.unique(b.view("<u8").reshape(-1))
+                    was = int(bvals[0]) if bvals.size == 1 else None
+                if not why and was is not None and was != v:
+                    why = (f"runtime constant {name}: {v:#x}, not the {was:#x} the first "
+                           "check of this boot saw (written once, at boot)")
+                if not why:
+                    pins[name] = v
 
-        def validate(live: U8, o: I64, aux: Mapping[str, npt.NDArray[Any]]
-                     ) -> tuple[B, npt.NDArray[np.int8], I64]:
-            return (np.ones(o.size, dtype=np.bool_), np.zeros(o.size, dtype=np.int8),
-                    np.zeros(o.size, dtype=np.int64))
+            def validate(live: U8, oo: I64, aux: Mapping[str, npt.NDArray[Any]],
+                         ok: bool = not why) -> tuple[B, npt.NDArray[np.int8], I64]:
+                return (np.full(oo.size, ok, dtype=np.bool_), np.zeros(oo.size, dtype=np.int8),
+                        np.zeros(oo.size, dtype=np.int64))
 
-        for size, offs in sorted(by_size.items()):
-            self.check_sites("runtime_const", np.array(offs, dtype=np.int64), size,
-                             validate, ["immediate"], b"")
+            self.check_sites("runtime_const", o, size, validate, ["immediate"], b"",
+                             reason=why)
+        self.rc_now = dict(mem.runtime_const) if mem.pinned else pins
+
+    def _runtime_const_value(self, name: str, size: int, v: int) -> str:
+        """Why `v` cannot be the value of runtime constant `name` ("" when it can)."""
+        la57 = self.facts.la57
+        if name == "USER_PTR_MAX" and la57 is not None:
+            # arch/x86/kernel/cpu/common.c: USER_PTR_MAX = TASK_SIZE_MAX, which is
+            # (1 << __VIRTUAL_MASK_SHIFT) - PAGE_SIZE (47, or 56 with 5-level paging).
+            want = (1 << (56 if la57 else 47)) - 4096
+            if v != want:
+                return (f"runtime constant USER_PTR_MAX: {v:#x}, not TASK_SIZE_MAX "
+                        f"{want:#x} of {5 if la57 else 4}-level paging (every user-pointer "
+                        "range check uses it)")
+        var = self.named.get(name)
+        if var is not None and self.read_va is not None:
+            width = 8 if size == 8 else 4
+            data = self.read(self.runtime(var), width)
+            if data is None:
+                return f"runtime constant {name}: its variable is unreadable"
+            mv = int.from_bytes(data, "little")
+            if mv != v:
+                return (f"runtime constant {name}: {v:#x} in the code, {mv:#x} in the "
+                        "variable (runtime_const_init copies the one into the other)")
+        return ""
 
     # out-of-text targets --------------------------------------------------------------
     def remote(self, kind: str, link_target: int) -> tuple[bool, str]:
-        key = (kind, link_target)
+        key = (kind, 0, link_target)
         if key in self.remote_cache:
             return self.remote_cache[key]
         if self.remote_reads >= self.limits.max_remote_targets:
@@ -743,21 +1083,69 @@ class _Verifier:
         call = bytes(copy[cr:cr + 5])
         if call[0] not in (CALL, INT3):
             return False, "trampoline: no call at ftrace_call"
-        crel = int.from_bytes(call[1:5], "little", signed=True)
-        dest = self.to_link(t + cr + 5 + crel)
-        if not self.text_func_start(dest):
-            return False, "trampoline calls something that is not a function in .text"
-        tail = data[size:size + ret_size]
-        if ret_size == 5 and tail[0] == JMP32:
-            jrel = int.from_bytes(tail[1:5], "little", signed=True)
-            if not self.text_func_start(self.to_link(t + size + 5 + jrel)):
-                return False, "trampoline return jmp not to a function in .text"
-        elif tail[:2] != b"\xc3\xcc"[:ret_size]:
-            return False, "trampoline return is not ret; int3"
         ops = int.from_bytes(data[size + ret_size:size + ret_size + 8], "little")
         if ops < KERNEL_HALF:
             return False, "trampoline ops pointer is not a kernel address"
+        crel = int.from_bytes(call[1:5], "little", signed=True)
+        dest = self.to_link(t + cr + 5 + crel)
+        why = self._tramp_callee(dest, ops)
+        if why:
+            return False, why
+        if call[0] == INT3:   # text_poke_bp() half-way through retargeting the call
+            why = self.half_state(f"t:{_u64(t + cr):#x}", call, "ftrace trampoline call")
+            if why:
+                return False, why
+        tail = data[size:size + ret_size]
+        if ret_size == 5 and tail[0] == JMP32:
+            jrel = int.from_bytes(tail[1:5], "little", signed=True)
+            ret_to = self.to_link(t + size + 5 + jrel)
+            if self.thunks.size and not self.is_thunk(ret_to):
+                return False, "trampoline return jmp not to the return thunk"
+            if not self.thunks.size and not self.text_func_start(ret_to):
+                return False, "trampoline return jmp not to a function in .text"
+        elif tail[:2] != b"\xc3\xcc"[:ret_size]:
+            return False, "trampoline return is not ret; int3"
         return True, ""
+
+    def _tramp_callee(self, dest: int, ops: int) -> str:
+        """arch_ftrace_update_trampoline() writes `call ftrace_ops_get_func(ops)`:
+        ftrace_ops_assist_func, or the ops' own function (ops->func, the first field
+        of struct ftrace_ops), a function in `.text`. Why not ("" when it is)."""
+        helpers = {self.named[n] for n in ("ftrace_ops_assist_func", "ftrace_ops_list_func")
+                   if n in self.named}
+        if not helpers:     # a profile without the names: any function in .text
+            return ("" if self.text_func_start(dest) else
+                    "trampoline calls something that is not a function in .text")
+        if dest in helpers:
+            return ""
+        f = self.read(ops, 8)
+        if f is None:
+            return "trampoline's ftrace_ops unreadable"
+        if self.to_link(int.from_bytes(f, "little")) != dest:
+            return ("trampoline calls neither ftrace_ops_assist_func nor its ops' "
+                    "function")
+        if not self.is_call_target(dest):
+            return "trampoline calls its ops' function, which is not a function in .text"
+        return ""
+
+    def half_state(self, key: str, live: bytes, what: str) -> str:
+        """A text_poke_bp() half-state seen now: remembered for the next check; why it
+        is not the kernel's if the same one was seen HALF_STATE_MAX seconds ago."""
+        now = self.now
+        if now is None:
+            return ""
+        hexb = live.hex()
+        self.half_seen[key] = hexb
+        old = self.memory.half.get(key)
+        if old is not None and old[0] == hexb:
+            self.half_first[key] = old[1]
+            if now - old[1] >= HALF_STATE_MAX:
+                return (f"{what}: text_poke_bp() half-state (int3) seen unchanged "
+                        f"{now - old[1]:.1f} s apart (the kernel finishes one in "
+                        "microseconds)")
+        else:
+            self.half_first[key] = now
+        return ""
 
     # kprobes, optprobes ---------------------------------------------------------------
     def func_of(self, off: int) -> tuple[int, int] | None:
@@ -868,7 +1256,8 @@ class _Verifier:
         for _o, jt in f.jumps:
             if lo <= jt <= hi:
                 return False, "a jump in the function lands inside the optprobe jmp", 5, tgt
-        key = ("optprobe", tgt)
+        # Cached by (site, slot): a slot verified for one site says nothing of another.
+        key = ("optprobe", p, tgt)
         if key not in self.remote_cache:
             if self.remote_reads >= self.limits.max_remote_targets:
                 return False, "too many distinct out-of-text targets (limit)", 5, tgt
@@ -876,6 +1265,8 @@ class _Verifier:
             self.remote_cache[key] = self._optprobe_slot(self.runtime(tgt), p,
                                                          f.starts[i:j], copy_end)
         ok, why = self.remote_cache[key]
+        if ok:
+            self.opt_slots.setdefault(tgt, []).append(p)
         return ok, why, 5, tgt
 
     def template(self) -> bytes | None:
@@ -918,12 +1309,23 @@ class _Verifier:
             return False, "optprobe slot: clac field is neither NOP3 nor clac"
         if data[val:val + 2] != b"\x48\xbf":
             return False, "optprobe slot: no movabs $op, %rdi"
-        if int.from_bytes(data[val + 2:val + 10], "little") < KERNEL_HALF:
+        op = int.from_bytes(data[val + 2:val + 10], "little")
+        if op < KERNEL_HALF:
             return False, "optprobe slot: op is not a kernel address"
+        # op is the struct optimized_kprobe of this probe: its kp.addr is the site.
+        kp_addr = self.read(op + KPROBE_ADDR_OFF, 8)
+        if kp_addr is None:
+            return False, "optprobe slot: its optimized_kprobe (op) is unreadable"
+        if int.from_bytes(kp_addr, "little") != self.runtime(self.base_s + p):
+            return False, "optprobe slot: its optimized_kprobe (op) probes another address"
         if data[callo] != CALL:
             return False, "optprobe slot: no call to the callback"
         crel = int.from_bytes(data[callo + 1:callo + 5], "little", signed=True)
-        if not self.text_func_start(self.to_link(slot + callo + 5 + crel)):
+        callee = self.to_link(slot + callo + 5 + crel)
+        cb = self.named.get("optimized_callback")
+        if cb is not None and callee != cb:
+            return False, "optprobe slot does not call optimized_callback"
+        if cb is None and not self.text_func_start(callee):
             return False, "optprobe slot calls something that is not a function in .text"
         copy = bytearray(data[tl:tl + size])
         self._normalize_copy(copy, p, size)
@@ -1002,6 +1404,14 @@ class _Verifier:
                 covered_to = p + 1
             else:
                 self.reasons.setdefault(p, why)
+        shared = {p for ps in self.opt_slots.values() if len(ps) > 1 for p in ps}
+        if shared:   # one slot serves one probe (arch_prepare_optimized_kprobe)
+            for i, m in enumerate(mechs):
+                if m == "optprobe" and offs[i] in shared:
+                    mechs[i] = ""
+                    self.reasons[offs[i]] = "optprobe: another site jumps into the same slot"
+                    self.failed.append((np.array([offs[i]], dtype=np.int64),
+                                        min(5, self.n - offs[i])))
         for mech in ("kprobe", "optprobe"):
             sel = [i for i, m in enumerate(mechs) if m == mech]
             if sel:
@@ -1078,10 +1488,52 @@ class _Verifier:
             out.append((s, e, why or "not a known patch site or form"))
         return out
 
+    def track_half_states(self) -> None:
+        """text_poke_bp()'s half-states are transient and obey the kprobe blacklist
+        (the kernel's int3 handler must be able to run there)."""
+        for bt in self.batches:
+            if not any(bt.in_progress):
+                continue
+            for o, ln, ip in zip(bt.off.tolist(), bt.length.tolist(), bt.in_progress,
+                                 strict=True):
+                if not ip:
+                    continue
+                va = self.base_s + o
+                if self.blacklisted(va):
+                    self.revoked.setdefault(o, (ln, f"{bt.mech}: text_poke_bp() half-state "
+                                                    "(int3) in a function kprobes may not "
+                                                    "touch (blacklist)"))
+                    continue
+                why = self.half_state(f"{_u64(va):#x}", bytes(self.lmem[o:o + ln]), bt.mech)
+                if why:
+                    self.revoked.setdefault(o, (ln, why))
+
+    def revoke(self) -> None:
+        """Sites that verified alone but break a rule across sites or checks."""
+        if not self.revoked:
+            return
+        rv = np.array(sorted(self.revoked), dtype=np.int64)
+        for i, bt in enumerate(self.batches):
+            hit = _isin_sorted(rv, bt.off)
+            if not hit.any():
+                continue
+            keep = ~hit
+            idx = np.flatnonzero(keep).tolist()
+            self.batches[i] = _Batch(bt.mech, bt.off[keep], bt.length[keep],
+                                     [bt.forms[j] for j in idx], [bt.targets[j] for j in idx],
+                                     [bt.in_progress[j] for j in idx])
+        for o, (ln, why) in self.revoked.items():
+            self.reasons[o] = why
+            self.failed.append((np.array([o], dtype=np.int64), max(1, min(ln, self.n - o))))
+
+    def next_memory(self) -> PatchMemory:
+        return PatchMemory(True, dict(self.rc_now), dict(self.fixed_now),
+                           {k: (b, self.half_first[k]) for k, b in self.half_seen.items()})
+
     def run(self) -> PatchVerdict:
         verdict = PatchVerdict(changed_bytes=int(self.idx.size))
-        if self.idx.size == 0:
-            return verdict
+        # Even with nothing changed: the first check of a boot pins what later checks
+        # must see again, and a pinned state undone shows only here.
         self.do_ftrace()
         self.do_jump_labels()
         self.do_static_calls()
@@ -1089,6 +1541,15 @@ class _Verifier:
         self.do_runtime_consts()
         cov = self.coverage()
         self.probes(self.idx[~cov])
+        self.track_half_states()
+        self.revoke()
+        verdict.memory = self.next_memory()
+        for o, ln, before, why in self.undone[:self.limits.max_ranges]:
+            verdict.unverified.append(UnverifiedRange(
+                _u64(self.base + o), _u64(self.base + o + ln), before,
+                bytes(self.lmem[o:o + ln]), why))
+        if self.idx.size == 0:
+            return verdict
         cov = self.coverage()
         base = self.base
         bm, lm = self.bmem, self.lmem
@@ -1109,6 +1570,7 @@ class _Verifier:
                 verdict.unverified.append(UnverifiedRange(
                     _u64(base + s), _u64(base + e), bytes(self.bmem[s:e]),
                     bytes(self.lmem[s:e]), why))
+        verdict.unverified.sort(key=attrgetter("start"))
         return verdict
 
 
@@ -1117,7 +1579,8 @@ def verify_text_changes(baseline: bytes | bytearray | memoryview,
                         sites: PatchSites, read_va: ReadVA | None = None, *,
                         relocs: RegionRelocs | None = None,
                         optprobe_template: bytes | None = None,
-                        limits: Limits | None = None) -> PatchVerdict:
+                        limits: Limits | None = None, facts: VmFacts | None = None,
+                        memory: PatchMemory | None = None) -> PatchVerdict:
     """Which changed bytes of `.text` are the kernel's own patching, and which are not.
 
     `baseline` and `live` are the whole KASLR-normalized `.text` (same length, link-time
@@ -1129,7 +1592,11 @@ def verify_text_changes(baseline: bytes | bytearray | memoryview,
     kernel code read from elsewhere be normalized before comparison; `optprobe_template`
     gives the normalized bytes of optprobe_template_entry..end when that template is not
     inside `.text` (6.x keeps it in .rodata).
+
+    `facts` is what the check knows of the VM besides its memory (vCPU count, paging
+    mode, the time); `memory` what the previous check of this boot left (None: this is
+    the first). The verdict's `memory` is what the next check of this boot needs.
     """
     v = _Verifier(baseline, live, link_base, slide, sites, read_va, relocs,
-                  optprobe_template, limits or Limits())
+                  optprobe_template, limits or Limits(), facts, memory)
     return v.run()

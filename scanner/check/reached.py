@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from scanner.hashing import raw_digest
+from scanner.hashing import DIGEST_SIZE, raw_digests
 
 __all__ = ["MAX_BYTES", "MAX_RANGES", "ReachedRange", "Recorder", "reached_digest"]
 
@@ -51,12 +51,13 @@ class ReachedRange:
 
 def reached_digest(ranges: Sequence[ReachedRange]) -> bytes:
     """The digest the fast path compares: over the ranges' bytes, in order — equal to
-    `raw_digest` over views of their runs while the bytes are unchanged. A torn range
+    `raw_digests` (the fast and the keyed digest) over views of their runs while the
+    bytes are unchanged. A torn range
     gives a digest no reading is expected to match (all zero), so the next fast pass
     sends the VM down the slow path again."""
     if any(r.torn for r in ranges):
-        return bytes(16)
-    return raw_digest([memoryview(r.data) for r in ranges])
+        return bytes(DIGEST_SIZE)
+    return raw_digests([memoryview(r.data) for r in ranges])
 
 
 #: Reads `size` bytes at guest-virtual `va`: (bytes, gpa runs, page-table entries), or

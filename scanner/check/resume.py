@@ -10,7 +10,8 @@ a digest of the golden baseline and one of the VM's per-VM state.
 A restarted kscan gives the VM its verdict from that record only if a fast pass proves
 the VM is now exactly what was verified: every saved page-table entry holds its saved
 value (so every translation is the same), every vCPU's control state and kernel
-mapping are the saved ones, the raw bytes of every region hash to the saved digests,
+mapping are the saved ones, the raw bytes of every region hash to the saved digests
+(the keyed ones: `scanner.hashing`),
 and the boot profile, golden baseline and per-VM state are still the ones the check
 used. Anything else — a reboot (other slide: other page-table entries, other bytes),
 memory changed while kscan was down, another baseline, a record that does not parse —
@@ -40,14 +41,16 @@ from scanner.check.fastpath import (
     control_state,
 )
 from scanner.check.locate import REGIONS
+from scanner.hashing import DIGEST_SIZE
 from translate import GuestMemory, TranslationError
 from translate.vcpu import VcpuState
 
 __all__ = ["FORMAT", "Saved", "resume_check"]
 
-#: Version of the persisted record; another version is not used (full path).
-#: 2: with the code outside `.text` that verified patching reached.
-FORMAT = 2
+#: Version of the persisted record; another version is not used (full path). 3: keyed
+#: digests (`scanner.hashing.raw_digests`) and the code outside `.text` that verified
+#: patching reached; a record of an older format (unkeyed xxh3) is re-taken.
+FORMAT = 3
 #: Bounds on a record read back (it is read from disk: checked before use).
 _MAX_BYTES = 1 << 20
 _MAX_ENTRIES = 1 << 14
@@ -127,14 +130,16 @@ class Saved:
                                  for g, k in _seq(d["reached_runs"], _MAX_RUNS))
             reached_digest = bytes.fromhex(d["reached_digest"]) \
                 if isinstance(d["reached_digest"], str) else None
-            if reached_digest is None or len(reached_digest) != (16 if reached_runs else 0):
+            want = DIGEST_SIZE if reached_runs else 0
+            if reached_digest is None or len(reached_digest) != want:
                 return None
             top_index = tuple(_int(i, 0, 511) for i in _seq(d["top_index"], 512))
             top_values = tuple(_u64(v) for v in _seq(d["top_values"], 512))
             control = tuple(_control(c) for c in _seq(d["control"], _MAX_VCPUS))
             runs = {str(n): tuple((_u64(g), _int(k, 1, _U64)) for g, k in _seq(rs, _MAX_RUNS))
                     for n, rs in _map(d["runs"]).items()}
-            digests = {str(n): _hexbytes(h, 16) for n, h in _map(d["digests"]).items()}
+            digests = {str(n): _hexbytes(h, DIGEST_SIZE)
+                       for n, h in _map(d["digests"]).items()}
             summary = d["summary"]
             saved = cls(_str(d["build_id"]), _int(d["slide"], -_U64, _U64),
                         _str(d["boot_key"]), tables, top_index, top_values, control,
@@ -195,8 +200,8 @@ def resume_check(saved: Saved, mem: GuestMemory, vcpus: Sequence[VcpuState],
     except TranslationError as err:
         return None, f"saved regions are not RAM of this VM: {err}"
     res: FastResult = check_registers(ref, mem, vcpus)
-    if res.ok:
-        res = check_memory(ref, mem)
+    if res.ok:  # keyed: the record may be old, and a restart is when to be thorough
+        res = check_memory(ref, mem, keyed=True)
     if not res.ok:
         ref.release()
         return None, res.reason + (f": {','.join(res.changed)}" if res.changed else "")

@@ -2,7 +2,8 @@
 
 Per boot of a VM (its `BootIdentity`), kscan keeps the VM's own reading of the per-boot
 pages (taken at the first check after that boot) and the pages an operator accepted
-(`kscan accept`). Stored in the database as plain JSON-able data (`to_plain`/
+(`kscan accept`), and what the patch verifiers pinned at its first check
+(`scanner.check.patch_state`). Stored in the database as plain JSON-able data (`to_plain`/
 `from_plain`: page numbers become string keys, records {"hash", "data"}); anything
 unreadable there is treated as no state (the next check takes a fresh one) rather
 than trusted.
@@ -82,11 +83,14 @@ class VmState:
     per_boot: Pages = field(default_factory=dict)
     accepted: Pages = field(default_factory=dict)
     taken_at: float = field(default_factory=time.time)
+    #: The patch verifiers' memory of this boot (`PatchMemory.to_plain()`).
+    patching: dict[str, Any] = field(default_factory=dict)
 
     def to_plain(self) -> dict[str, Any]:
         return {"boot": self.boot.to_plain(), "boot_profile": self.boot_profile,
                 "per_boot": _pages_to_plain(self.per_boot),
-                "accepted": _pages_to_plain(self.accepted), "taken_at": self.taken_at}
+                "accepted": _pages_to_plain(self.accepted), "taken_at": self.taken_at,
+                "patching": self.patching}
 
     def digest(self) -> bytes:
         """sha256 of what a check compares with: the boot, the boot profile, the hash of
@@ -106,8 +110,10 @@ class VmState:
         if d is None:
             return None
         try:
+            patching = d.get("patching", {})
             return cls(BootIdentity.from_plain(d["boot"]), str(d["boot_profile"]),
                        _pages_from_plain(d.get("per_boot", {})),
-                       _pages_from_plain(d.get("accepted", {})), float(d["taken_at"]))
+                       _pages_from_plain(d.get("accepted", {})), float(d["taken_at"]),
+                       patching if isinstance(patching, dict) else {})
         except (KeyError, TypeError, ValueError, AttributeError):
             return None

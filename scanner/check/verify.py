@@ -18,6 +18,7 @@ ranges with what kind of site changed (`scanner.check.classify`).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from scanner.check.classify import ByteRange, diff_ranges
 from scanner.check.locate import REGIONS, LiveKernel, Region
 from scanner.check.owners import OwnerKind, Trust, judge
 from scanner.check.patch_report import BOOT_TIME, PatchReport, split_by_page
+from scanner.check.patch_state import PatchMemory, VmFacts
 from scanner.check.patching import ReadVA, verify_text_changes
 from scanner.check.reached import ReachedRange
 from scanner.check.state import BootIdentity, PageRecord, VmState
@@ -40,7 +42,7 @@ from scanner.hashing import page_hashes
 from scanner.vm.bootprofile import BootProfile
 from store import GoldenRegion
 from translate.vcpu import VcpuState
-from translate.x86 import CR0_WP, CR4_SMAP, CR4_SMEP, PAGE
+from translate.x86 import CR0_WP, CR4_LA57, CR4_SMAP, CR4_SMEP, PAGE
 
 __all__ = ["Basis", "CheckReport", "Finding", "PageMismatch", "RegionVerdict",
            "Verification", "boot_identity", "verify"]
@@ -65,6 +67,10 @@ class PageMismatch:
     basis: Basis
     ranges: tuple[ByteRange, ...]
     symbol: str | None
+    #: The keyed hash of the page's bytes now (not shown: hashes stay on the host). Tells
+    #: a second change apart from one already reported even where the ranges show only
+    #: their first bytes.
+    content: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"region": self.region, "page": self.page, "va": hex_addr(self.va),
@@ -170,6 +176,9 @@ class Verification:
 
     report: CheckReport
     state: VmState
+    #: The state differs from the one given (fresh, or the patch verifiers' memory
+    #: moved): store it.
+    changed: bool = False
     #: Code outside `.text` the patch verifiers read (set by `scanner.examine`).
     reached: tuple[ReachedRange, ...] = ()
 
@@ -255,6 +264,9 @@ def verify(
     fresh = vm_state is None or vm_state.boot != identity
     if vm_state is None or fresh:
         vm_state = VmState(identity, boot.key)
+    memory = PatchMemory.from_plain(vm_state.patching)
+    facts = VmFacts(cpus=len(vcpus) or None,
+                    la57=bool(vcpus[0].cr4 & CR4_LA57) if vcpus else None, now=time.time())
     cctx = zstandard.ZstdCompressor(level=3)
     dctx = zstandard.ZstdDecompressor()
     golden_cache: dict[str, bytes] = {}
@@ -307,16 +319,26 @@ def verify(
                 basis_of[p] = (Basis.ACCEPTED, rec)
         differ = np.flatnonzero((got != want) | ~known).tolist()
         unverified: dict[int, list[ByteRange]] | None = None
-        if name == ".text" and any(p not in basis_of for p in differ):
-            patches, unverified = _verify_patching(lk, buf, golden_bytes(name), read_va,
-                                                   read_data or read_va, trusted_modules)
+        if name == ".text" and (any(p not in basis_of for p in differ)
+                                or memory.fixed_sites):
+            # (Also with nothing changed when a pinned state may have been undone.)
+            patches, unverified, memory = _verify_patching(
+                lk, buf, golden_bytes(name), read_va, facts, memory,
+                read_data or read_va, trusted_modules)
+            # A pinned state undone leaves bytes equal to the golden baseline.
+            differ = sorted(set(differ) | {p for p in unverified or () if p not in basis_of})
+        elif name == ".text":
+            # `.text` is the golden baseline's: what the first check of a boot pins is
+            # the golden bytes (the pinned memory holds no values), and no half-state.
+            memory = dataclasses.replace(memory, pinned=True, half={})
         mismatches = []
         for p in differ:
             basis, old = basis_of.get(p, (Basis.GOLDEN, None))
             if unverified is not None and basis is Basis.GOLDEN:
                 if p not in unverified:
                     continue  # every change in the page is the kernel's own patching
-                mismatches.append(_mismatch(lk, region, p, basis, tuple(unverified[p])))
+                mismatches.append(_mismatch(lk, region, p, basis, tuple(unverified[p]),
+                                            hashes[p]))
                 continue
             if old is not None:
                 before = dctx.decompress(old.data, max_output_size=PAGE)
@@ -325,7 +347,7 @@ def verify(
                 before = _page_bytes(gb, p) if gb else b""
             after = _page_bytes(buf, p)
             ranges = tuple(diff_ranges(before, after, name)) if before else ()
-            mismatches.append(_mismatch(lk, region, p, basis, ranges))
+            mismatches.append(_mismatch(lk, region, p, basis, ranges, hashes[p]))
         verdicts.append(RegionVerdict(
             name, len(buf), len(hashes),
             tuple(sorted(per_boot - set(accepted))),
@@ -335,17 +357,20 @@ def verify(
                          tuple(control_findings(lk, vcpus, boot) + owner_findings(patches)),
                          fresh,
                          patches=patches, strict=strict)
-    return Verification(report, vm_state)
+    plain = memory.to_plain()
+    moved = plain != vm_state.patching
+    vm_state.patching = plain
+    return Verification(report, vm_state, fresh or moved)
 
 
 def _mismatch(lk: LiveKernel, region: Region, p: int, basis: Basis,
-              ranges: tuple[ByteRange, ...]) -> PageMismatch:
+              ranges: tuple[ByteRange, ...], content: int) -> PageMismatch:
     first = ranges[0].start if ranges else 0
     symbol = None
     if region.name != "idt":
         symbol = lk.profile.symbolize(lk.link_va(region.name, p * PAGE + first))
     return PageMismatch(region.name, p, region.va + p * PAGE, _gpa_of(region, p * PAGE),
-                        basis, ranges, symbol)
+                        basis, ranges, symbol, content)
 
 
 def owner_findings(patches: PatchReport | None, limit: int = 64) -> list[Finding]:
@@ -382,19 +407,22 @@ def owner_findings(patches: PatchReport | None, limit: int = 64) -> list[Finding
 
 
 def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,
-                     read_va: ReadVA | None, read_data: ReadVA | None = None,
-                     trusted: frozenset[str] = frozenset()
-                     ) -> tuple[PatchReport | None, dict[int, list[ByteRange]] | None]:
+                     read_va: ReadVA | None, facts: VmFacts, memory: PatchMemory,
+                     read_data: ReadVA | None = None, trusted: frozenset[str] = frozenset()
+                     ) -> tuple[PatchReport | None, dict[int, list[ByteRange]] | None,
+                                PatchMemory]:
     """Verify `.text`'s changes against the golden bytes as the kernel's own patching:
-    the verified patches, and the unverified ranges by page (None, None: the profile
-    has no patch sites, so every change stays a plain mismatch)."""
+    the verified patches, the unverified ranges by page (None, None: the profile
+    has no patch sites, so every change stays a plain mismatch), and the verifiers'
+    memory for the next check of this boot."""
     prof = lk.profile
     if prof.patch_sites is None or golden is None or len(golden) != len(text):
-        return None, None
+        return None, None, memory
     base = prof.text.addr
     verdict = verify_text_changes(golden, text, base, lk.slide, prof.patch_sites, read_va,
                                   relocs=prof.relocs.get(".text"),
-                                  optprobe_template=prof.optprobe_code or None)
+                                  optprobe_template=prof.optprobe_code or None,
+                                  facts=facts, memory=memory)
     unverified = split_by_page(verdict, base)
     pages = sorted({(v.start - base) // PAGE for v in verdict.verified} - set(unverified))
     attribution: Attribution | None = None
@@ -402,4 +430,4 @@ def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,
     if runtime and read_data is not None and attribution_off(prof) is None:
         attribution = attribute(prof, lk.slide, read_data, runtime, trusted)
     report = PatchReport(tuple(verdict.verified), tuple(pages), prof.symbolize, attribution)
-    return (report if verdict.verified else None), unverified
+    return (report if verdict.verified else None), unverified, verdict.memory

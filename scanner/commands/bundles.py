@@ -22,11 +22,19 @@ page and content of the region's size), then merges it in one transaction:
   transaction.
 
 Importing the same bundle twice changes nothing the second time (but logs it again).
+
+No hash travels: every hash kscan compares is keyed under the host's secret key
+(`scanner.hashing`), which never leaves the host. An exported bundle carries each golden
+region's content (its normalized bytes) with the hash fields of the format zeroed, and
+refuses a baseline stored without content; import requires the content of every region
+and makes the hashes from it under the local key before merging.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,8 +45,10 @@ import zstandard
 from kscan.errors import KscanError
 from scanner.check.locate import REGIONS
 from scanner.errors import KernelImageError
+from scanner.examine.keying import keyed_store
+from scanner.hashing import page_hashes, region_hash
 from scanner.image.kernel_profile import KernelProfile
-from store import Store, default_db_path
+from store import default_db_path
 from store.bundle import (
     Bundle,
     encode_bundle,
@@ -90,7 +100,7 @@ async def export_bundle(out: str | os.PathLike[str], key_path: str | os.PathLike
     if not db_path.exists():
         raise KscanError(f"database {db_path} does not exist: nothing to export",
                          hint="export on the host that made the baselines, or pass --db")
-    async with Store.open(db_path) as st:
+    async with keyed_store(db_path) as st:
         stored = {p.build_id for p in await st.list_profiles()}
         wanted = list(dict.fromkeys(build_ids)) if build_ids else sorted(stored)
         unknown = [b for b in wanted if b not in stored]
@@ -110,7 +120,7 @@ async def export_bundle(out: str | os.PathLike[str], key_path: str | os.PathLike
             if info.build_id in wanted:
                 rec = await st.get_golden_record(info.build_id, info.boot_profile)
                 if rec is not None:
-                    goldens.append(rec)
+                    goldens.append(_without_hashes(rec))
         kid = key_id(key)
         sequence = await st.next_export_sequence(kid, int(time.time()))
         blob = encode_bundle(profiles, goldens, key, sequence=sequence)
@@ -141,9 +151,9 @@ async def import_bundle(path: str | os.PathLike[str], trust_path: str | os.PathL
                           "from an old bundle replayed", path=where,
                           hint="re-export it with this kscan, or import with --allow-older")
     new_profiles = {p.build_id: _usable_profile(p, where) for p in bundle.profiles}
-    for g in bundle.goldens:
-        _check_golden(g, where)
-    async with Store.open(db) as st:
+    contents = [_check_golden(g, where) for g in bundle.goldens]
+    async with keyed_store(db, announce=True) as st:
+        goldens = [_hashed(g, c) for g, c in zip(bundle.goldens, contents, strict=True)]
         pairs = []
         differ = []
         for row in bundle.profiles:
@@ -161,7 +171,7 @@ async def import_bundle(path: str | os.PathLike[str], trust_path: str | os.PathL
                         upgrade = True   # the stored one does not even read: take ours
             pairs.append((row, upgrade))
         outcome = await st.import_records(
-            pairs, bundle.goldens, replace_golden=replace,
+            pairs, goldens, replace_golden=replace,
             signer=(bundle.key_id, bundle.sequence, where), allow_older=allow_older,
             event={"ts": time.time(), "event": "imported", "vm": "", "bundle": where,
                    "key_id": bundle.key_id, "bundle_created": bundle.created,
@@ -184,8 +194,36 @@ def _usable_profile(row: ProfileRow, where: str) -> KernelProfile:
     return prof
 
 
-def _check_golden(g: GoldenRecord, where: str) -> None:
+def _without_hashes(rec: GoldenRecord) -> GoldenRecord:
+    """`rec` as exported: its keyed hashes zeroed (they would say something about the
+    key and are of no use elsewhere); its content is what the importer hashes."""
+    missing = sorted(n for n in rec.regions if not rec.contents.get(n))
+    if missing:
+        raise KscanError(f"golden baseline {rec.build_id} {rec.boot_profile!r} has no stored "
+                         f"content for {', '.join(missing)}: it cannot be exported",
+                         hint="take the baseline again with `kscan baseline`")
+    regions = {n: dataclasses.replace(r, region_hash=bytes(len(r.region_hash)),
+                                      page_hashes=bytes(len(r.page_hashes)))
+               for n, r in rec.regions.items()}
+    return dataclasses.replace(rec, regions=regions)
+
+
+def _hashed(g: GoldenRecord, contents: dict[str, bytes]) -> GoldenRecord:
+    """`g` with hashes made under the installed (local) key from its content."""
+    regions = {}
+    for name, r in g.regions.items():
+        pages = page_hashes(contents[name])
+        regions[name] = dataclasses.replace(
+            r, region_hash=region_hash(contents[name]),
+            page_hashes=struct.pack(f"<{len(pages)}Q", *pages))
+    return dataclasses.replace(g, regions=regions)
+
+
+def _check_golden(g: GoldenRecord, where: str) -> dict[str, bytes]:
+    """Check a bundle's golden baseline; its regions' content, decompressed."""
     what = f"golden baseline {g.build_id} {g.boot_profile!r}"
+    dctx = zstandard.ZstdDecompressor()
+    out: dict[str, bytes] = {}
     unknown = sorted(set(g.regions) - set(REGIONS))
     if unknown:
         raise BundleError(f"{what}: unknown regions {', '.join(unknown)}", path=where)
@@ -195,11 +233,17 @@ def _check_golden(g: GoldenRecord, where: str) -> None:
                               path=where)
         content = g.contents.get(name)
         if content is None:
-            continue
+            raise BundleError(f"{what}: no content for {name}: its hashes cannot be made "
+                              "under this host's key", path=where,
+                              hint="export it again with this kscan")
         try:
             framed = zstandard.frame_content_size(content)
+            data = dctx.decompress(content, max_output_size=max(r.size, 1)) \
+                if framed == r.size else b""
         except zstandard.ZstdError:
-            framed = -1
-        if framed != r.size:
+            framed, data = -1, b""
+        if framed != r.size or len(data) != r.size:
             raise BundleError(f"{what}: the content of {name} is not a zstd frame of "
                               f"{r.size} bytes", path=where)
+        out[name] = data
+    return out

@@ -86,7 +86,8 @@ examples:
 
 Without --db PATH the database is $KSCAN_DB, else the service's (systemd's
 $STATE_DIRECTORY, or /var/lib/kscan/kscan.db for root when it exists), else
-$XDG_STATE_HOME/kscan/kscan.db (~/.local/state/kscan/kscan.db).
+$XDG_STATE_HOME/kscan/kscan.db (~/.local/state/kscan/kscan.db). Its secret hash key is
+DB.key beside it (0600, never shared); `kscan key rotate` replaces it.
 """
 
 
@@ -112,6 +113,35 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
         _print_json(report.to_json())
     else:
         print(printable(report.to_text(), keep_newlines=True, limit=0))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- hash key
+
+
+async def cmd_key_show(args: argparse.Namespace) -> int:
+    from scanner.examine.keying import keyed_store
+    from store.keyfile import key_path
+
+    async with keyed_store(args.db) as st:
+        print(f"hash key: {key_path(st.path)} (id {await st.get_key_id()}); "
+              "`kscan key rotate` replaces it and re-hashes the baselines")
+    return EXIT_OK
+
+
+async def cmd_key_rotate(args: argparse.Namespace) -> int:
+    from scanner.examine.keying import rotate_key
+
+    path, out = await rotate_key(args.db)
+    if out is None:
+        print(f"rotated {path}; another kscan re-hashed meanwhile")
+    else:
+        print(f"rotated {path}: re-hashed {len(out.rehashed)} golden baselines from their "
+              f"content" + (f", dropped {len(out.dropped)} without content" if out.dropped
+                            else "")
+              + f"; re-hashed {out.states} per-VM states from their page bytes"
+              + (f" (dropped {out.states_dropped} unreadable)" if out.states_dropped else "")
+              + "; resume records dropped (re-taken at each VM's next check)")
     return EXIT_OK
 
 
@@ -645,6 +675,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _db_arg(p)
     p.set_defaults(func=cmd_inspect)
+
+    keyp = sub.add_parser("key", help="the secret hash key every comparison is keyed under")
+    ksub = keyp.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    p = ksub.add_parser("show", help="say where the key is (never what it is)")
+    _db_arg(p)
+    p.set_defaults(func=cmd_key_show)
+    p = ksub.add_parser("rotate", help="replace the key; re-hash the golden baselines and "
+                                       "per-VM states from the bytes they keep")
+    _db_arg(p)
+    p.set_defaults(func=cmd_key_rotate)
 
     prof = sub.add_parser("profile",
                           help="kernel profiles: add a kernel image, list or remove them")

@@ -22,6 +22,7 @@ import os
 from scanner.check.verify import CheckReport
 from scanner.errors import BaselineMissing, VmStateError
 from scanner.examine import Examined, examine, load_profiles, verify_examined
+from scanner.examine.keying import keyed_store
 from scanner.vm import BootProfile, CoreVm
 from store import Store
 
@@ -81,7 +82,7 @@ async def check_core(path: str | os.PathLike[str], db: str | None, *, vm: str | 
                      boot_profile: str | None = None, strict: bool = False,
                      trusted_modules: frozenset[str] = frozenset()) -> CheckReport:
     """Check a memory image against the baselines; records only a `check` event."""
-    async with await CoreVm.open(path, vm) as cvm, Store.open(db) as st:
+    async with await CoreVm.open(path, vm) as cvm, keyed_store(db) as st:
         ex = await examine(cvm, await load_profiles(st))
         ex = dataclasses.replace(ex, boot=await core_boot_profile(st, ex, boot_profile))
         report = (await verify_examined(st, ex, cvm.name, mem=cvm.mem, strict=strict,

@@ -80,6 +80,6 @@ async def verify_and_record(st: Store, ex: Examined, vm_id: str,
     """`check_examined`, returning the per-VM state the check used as well."""
     v = await verify_examined(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict,
                               trusted_modules=trusted_modules)
-    if v.report.per_vm_baseline_taken:
+    if v.report.per_vm_baseline_taken or v.changed:
         await st.put_vm_state(vm_id, v.state.to_plain())
     return v

@@ -25,7 +25,7 @@ import orjson
 import zstandard
 
 from scanner.errors import KernelImageError
-from scanner.hashing import page_hashes
+from scanner.hashing import file_page_fingerprints
 from scanner.image.altreloc import AltRelocs, alt_relocs_from_image
 from scanner.image.btf import parse_btf
 from scanner.image.early_idt import find_early_stubs
@@ -73,7 +73,8 @@ class KernelProfile:
     ro_after_init: tuple[int, int] | None = None
     #: Sorted (address, name) of symbols inside protected regions, when known.
     symbols: tuple[tuple[int, str], ...] = ()
-    #: xxh3_64 of each 4 KiB chunk of the file's `.rodata` (link-time bytes): pages a
+    #: Unkeyed xxh3_64 of each 4 KiB chunk of the file's `.rodata` (link-time bytes,
+    #: `scanner.hashing.file_page_fingerprints`): pages a
     #: verified VM changed from these were written at boot (see scanner.check.baseline).
     rodata_file_pages: tuple[int, ...] = ()
     #: Link-time (address, stride) of `early_idt_handler_array`, read from `.init.text`
@@ -258,7 +259,7 @@ def profile_from_image(image: KernelImage) -> KernelProfile:
         build_id=image.build_id, release=image.release, version=image.version,
         sections=sections, relocs=relocs, text_head=text[:PAGE],
         ex_table=image.section_bytes("__ex_table"), ro_after_init=ro_after_init,
-        symbols=tuple(symbols), rodata_file_pages=tuple(page_hashes(
+        symbols=tuple(symbols), rodata_file_pages=tuple(file_page_fingerprints(
             image.section_bytes(".rodata"))), early_idt=_early_idt(image),
         alt_relocs={n: ar for n in PROTECTED_SECTIONS
                     if (ar := alt_relocs_from_image(image, n)).count},

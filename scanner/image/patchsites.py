@@ -14,13 +14,14 @@ the extractor fills it from the image, `scanner.check.patching` consumes it.)
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MECHANISMS", "PatchSites", "RuntimeConst", "extract_patch_sites"]
+__all__ = ["MECHANISMS", "SYMBOLS", "PatchSites", "RuntimeConst", "extract_patch_sites"]
 
 MECHANISMS = ("ftrace", "jump_label", "static_call", "kprobe", "optprobe", "smp_lock",
               "runtime_const")
@@ -77,6 +78,39 @@ class PatchSites:
     #: call may target any of them; an `int3` must sit on an instruction boundary
     #: decoded from the function start.
     function_starts: U64 = field(default_factory=_empty)
+    #: Branch bit of each `__jump_table` entry (key bit 0; same order as `jump_code`):
+    #: an entry jumps when its key's state differs from it.
+    jump_branch: npt.NDArray[np.bool_] = field(
+        default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    #: [start, end) of the image's data that is read-only once the kernel has booted
+    #: (x86 keeps `.data..ro_after_init` inside `.rodata`): a static key there cannot
+    #: change after boot.
+    readonly: tuple[tuple[int, int], ...] = ()
+    #: Functions the kernel's patching may branch to, sorted: text symbols that are
+    #: functions, not labels inside one (empty: unknown, `function_starts` serves).
+    call_targets: U64 = field(default_factory=_empty)
+    #: Named addresses the verifiers pin targets and values to (`SYMBOLS`, and the
+    #: runtime-constant variables), when kallsyms has them.
+    symbols: dict[str, int] = field(default_factory=dict)
+    #: Static keys only boot code changes, though they lie in writable data: the LSM
+    #: hooks' `security_hook_active_<hook>_<n>` (6.9+; set by lsm_static_call_init),
+    #: sorted, with the trampoline of the same hook slot's static call (same order).
+    #: A BPF LSM hook's key may be toggled at run time (its trampoline jumps to a
+    #: `bpf_lsm_*` function, listed in `bpf_lsm_hooks`).
+    boot_jump_keys: U64 = field(default_factory=_empty)
+    boot_jump_tramps: U64 = field(default_factory=_empty)
+    bpf_lsm_hooks: U64 = field(default_factory=_empty)
+    #: Static-call keys only boot code updates: the LSM hooks' `lsm_static_call_*`.
+    boot_static_keys: U64 = field(default_factory=_empty)
+
+
+#: Symbols `PatchSites.symbols` keeps: what the kernel writes as branch targets
+#: (return thunks, ftrace_ops_get_func's helpers, the optprobe callback,
+#: __static_call_return0) and variables whose values the patching must agree with.
+SYMBOLS = ("__x86_return_thunk", "retbleed_return_thunk", "srso_return_thunk",
+           "srso_alias_return_thunk", "its_return_thunk", "x86_return_thunk",
+           "ftrace_ops_assist_func", "ftrace_ops_list_func", "optimized_callback",
+           "__static_call_return0", "__static_call_return")
 
 
 # =========================================================================== extraction
@@ -227,20 +261,82 @@ def _rel(base: int, values: npt.NDArray[np.int64], field_off: int,
 def _extract(img: _Image, rep: dict[str, Any]) -> PatchSites:
     ks = img.ks
     ftrace = _ftrace(img, rep)
-    jump_code, jump_target, jump_key = _jump_table(img, rep)
+    jump_code, jump_target, jump_key, jump_branch = _jump_table(img, rep)
     sc_addr, sc_key, sc_tail = _static_calls(img, rep)
+    rc = _runtime_consts(img, rep)
     return PatchSites(
         ftrace=ftrace,
         jump_code=jump_code, jump_target=jump_target, jump_key=jump_key,
         static_call_addr=sc_addr, static_call_key=sc_key, static_call_tail=sc_tail,
         static_call_trampolines=_sct_trampolines(img, rep),
         smp_locks=_smp_locks(img, rep),
-        runtime_const=_runtime_consts(img, rep),
+        runtime_const=rc,
         kprobe_blacklist=_kprobe_blacklist(img, rep),
         ftrace_trampolines=_ftrace_trampolines(img, rep),
         optprobe_template=_optprobe(img, rep),
         function_starts=ks.function_starts().astype(np.uint64),
+        jump_branch=jump_branch,
+        readonly=_readonly(img),
+        call_targets=_call_targets(ks),
+        symbols=_symbols(img, rc),
+        **_lsm_keys(img),
     )
+
+
+def _lsm_keys(img: _Image) -> dict[str, U64]:
+    """security_hook_active_<h>_<n> keys with their slot's `__SCT__lsm_static_call_<h>_<n>`
+    trampoline, the `__SCK__lsm_static_call_*` keys and the `bpf_lsm_*` functions."""
+    ks = img.ks
+    lo, hi = img.text
+    keys: list[tuple[int, int]] = []
+    skeys: list[int] = []
+    bpf: list[int] = []
+    for a, name in zip(ks.addresses.tolist(), ks.names, strict=True):
+        if name.startswith("security_hook_active_"):
+            tr = ks.lookup("__SCT__lsm_static_call_" + name[len("security_hook_active_"):])
+            keys.append((int(a), int(tr or 0)))
+        elif name.startswith("__SCK__lsm_static_call_"):
+            skeys.append(int(a))
+        elif name.startswith("bpf_lsm_") and lo <= int(a) < hi:
+            bpf.append(int(a))
+    keys.sort()
+    return {"boot_jump_keys": np.array([k for k, _ in keys], dtype=np.uint64),
+            "boot_jump_tramps": np.array([t for _, t in keys], dtype=np.uint64),
+            "bpf_lsm_hooks": np.unique(np.array(bpf, dtype=np.uint64)),
+            "boot_static_keys": np.unique(np.array(skeys, dtype=np.uint64))}
+
+
+def _readonly(img: _Image) -> tuple[tuple[int, int], ...]:
+    """`.rodata` (with `.data..ro_after_init` in it, mark_rodata_ro() makes it read-only
+    at the end of boot)."""
+    s = img.image.sections.get(".rodata")
+    return ((s.addr, s.end),) if s is not None and s.size else ()
+
+
+#: Labels inside asm functions (SYM_INNER_LABEL), not functions: never a branch target
+#: the kernel writes.
+_INNER = re.compile(r"^(ftrace_(regs_)?call|ftrace_(regs_)?caller_(op_ptr|end|jmp|ret)|"
+                    r"ftrace_graph_call|ftrace_epilogue|optprobe_template_\w+|"
+                    r"__\w+_text_(start|end))$")
+
+
+def _call_targets(ks: Any) -> U64:
+    """Text symbols that are functions. On kernels with function padding (6.2+, a
+    `__pfx_<name>` symbol before every function objtool knows as one), a symbol is a
+    function when it has its `__pfx_`; everywhere, asm inner labels are not."""
+    lo, hi = ks.text
+    names: tuple[str, ...] = ks.names
+    pfx = {n[6:] for n in names if n.startswith("__pfx_")}
+    out = [int(a) for a, t, n in zip(ks.addresses.tolist(), ks.types, names, strict=True)
+           if t in "tTwW" and lo <= int(a) < hi and not n.startswith("__pfx_")
+           and not _INNER.match(n) and (not pfx or n in pfx)]
+    return np.unique(np.array(out, dtype=np.uint64))
+
+
+def _symbols(img: _Image, rc: tuple[RuntimeConst, ...]) -> dict[str, int]:
+    ks = img.ks
+    wanted = list(SYMBOLS) + sorted({c.name for c in rc})
+    return {n: int(a) for n in wanted if (a := ks.lookup(n)) is not None}
 
 
 def _ftrace(img: _Image, rep: dict[str, Any]) -> U64:
@@ -263,11 +359,12 @@ def _ftrace(img: _Image, rep: dict[str, Any]) -> U64:
     return out
 
 
-def _jump_table(img: _Image, rep: dict[str, Any]) -> tuple[U64, U64, U64]:
+def _jump_table(img: _Image, rep: dict[str, Any]
+                ) -> tuple[U64, U64, U64, npt.NDArray[np.bool_]]:
     t = img.table("__start___jump_table", "__stop___jump_table", "__jump_table", 16, rep,
                   "jump_label")
     if t is None:
-        return _empty(), _empty(), _empty()
+        return _empty(), _empty(), _empty(), np.zeros(0, dtype=np.bool_)
     base, raw = t
     rec = np.frombuffer(raw, dtype=np.dtype([("code", "<i4"), ("target", "<i4"), ("key", "<i8")]))
     code = _rel(base, rec["code"].astype(np.int64), 0, 16)
@@ -278,6 +375,7 @@ def _jump_table(img: _Image, rep: dict[str, Any]) -> tuple[U64, U64, U64]:
     r["init_flag"] = int((rec["key"] & 2).astype(bool).sum())
     inside = img.in_text(code, 5) & img.in_text(target, 1)
     r["outside_text"] = int((~inside).sum())
+    branch = (rec["key"] & 1).astype(bool)[inside]
     code, target, key = code[inside], target[inside], key[inside]
     b = img.text_at(code, 5)
     nop5 = (b == np.frombuffer(_NOP5, dtype=np.uint8)).all(axis=1)
@@ -286,10 +384,10 @@ def _jump_table(img: _Image, rep: dict[str, Any]) -> tuple[U64, U64, U64]:
     ok = nop5 | nop2 | jmp
     r["rejected"] = int((~ok).sum())
     r["nop2"], r["nop5"], r["jmp"] = int(nop2.sum()), int(nop5.sum()), int(jmp.sum())
-    code, target, key = code[ok], target[ok], key[ok]
+    code, target, key, branch = code[ok], target[ok], key[ok], branch[ok]
     order = np.argsort(code, kind="stable")
     r["kept"] = int(code.size)
-    return code[order], target[order], key[order]
+    return code[order], target[order], key[order], branch[order]
 
 
 def _static_calls(img: _Image, rep: dict[str, Any]) -> tuple[U64, U64, npt.NDArray[np.bool_]]:

@@ -113,6 +113,10 @@ _U64_FIELDS = ("ftrace", "jump_code", "jump_target", "jump_key", "static_call_ad
                "static_call_key", "smp_locks", "function_starts")
 
 
+#: Added after the format was first used: optional when read.
+_LATER_U64 = ("boot_jump_keys", "boot_jump_tramps", "bpf_lsm_hooks", "boot_static_keys")
+
+
 def patch_sites_to_bytes(ps: PatchSites) -> bytes:
     arrays: dict[str, np.ndarray] = {f: np.asarray(getattr(ps, f)).astype("<u8")
                                      for f in _U64_FIELDS}
@@ -121,6 +125,10 @@ def patch_sites_to_bytes(ps: PatchSites) -> bytes:
     arrays["sct_key"] = np.array(list(ps.static_call_trampolines.values()), dtype="<u8")
     arrays["rc_addr"] = np.array([c.addr for c in ps.runtime_const], dtype="<u8")
     arrays["kprobe_blacklist"] = np.array(ps.kprobe_blacklist, dtype="<u8").reshape(-1)
+    arrays["jump_branch"] = np.asarray(ps.jump_branch).astype("|u1")
+    arrays["call_targets"] = np.asarray(ps.call_targets).astype("<u8")
+    for name in _LATER_U64:
+        arrays[name] = np.asarray(getattr(ps, name)).astype("<u8")
     rc_names = sorted({c.name for c in ps.runtime_const})
     header = {
         "format": 1,
@@ -129,6 +137,8 @@ def patch_sites_to_bytes(ps: PatchSites) -> bytes:
         "rc_names": rc_names,
         "ftrace_trampolines": {k: list(v) for k, v in ps.ftrace_trampolines.items()},
         "optprobe_template": list(ps.optprobe_template) if ps.optprobe_template else None,
+        "readonly": [list(r) for r in ps.readonly],
+        "symbols": dict(ps.symbols),
     }
     return _pack(_PS_MAGIC, header, arrays)
 
@@ -153,6 +163,14 @@ def patch_sites_from_bytes(blob: bytes) -> PatchSites:
         if len(kb) % 2:
             raise ValueError("odd kprobe blacklist")
         opt = h["optprobe_template"]
+        # Added later: a profile stored before has none (verifiers then know less).
+        branch = arr["jump_branch"].astype(bool) if "jump_branch" in arr else np.zeros(0, bool)
+        if branch.size not in (0, u64["jump_code"].size):
+            raise ValueError("jump branch flags differ in length from the jump table")
+        if ("boot_jump_keys" in arr) != ("boot_jump_tramps" in arr) or (
+                "boot_jump_keys" in arr
+                and arr["boot_jump_keys"].size != arr["boot_jump_tramps"].size):
+            raise ValueError("boot key arrays differ in length")
         return PatchSites(
             **u64,
             static_call_tail=arr["static_call_tail"].astype(bool),
@@ -163,6 +181,13 @@ def patch_sites_from_bytes(blob: bytes) -> PatchSites:
             ftrace_trampolines={str(k): (int(v[0]), int(v[1]))
                                 for k, v in h["ftrace_trampolines"].items()},
             optprobe_template=(int(opt[0]), int(opt[1])) if opt else None,
+            jump_branch=branch,
+            readonly=tuple((int(a), int(b)) for a, b in h.get("readonly", [])),
+            call_targets=(arr["call_targets"].astype(np.uint64) if "call_targets" in arr
+                          else np.zeros(0, dtype=np.uint64)),
+            **{n: arr[n].astype(np.uint64) if n in arr else np.zeros(0, dtype=np.uint64)
+               for n in _LATER_U64},
+            symbols={str(k): int(v) for k, v in h.get("symbols", {}).items()},
         )
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise KernelImageError(f"stored patch sites are corrupt: {err}", path="<db>") from err

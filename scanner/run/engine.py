@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from kscan import __version__
 from kscan.errors import KscanError
 from scanner.examine import Examined, GoldenSet, golden_for, load_profiles
+from scanner.examine.keying import keyed_store
 from scanner.image.kernel_profile import KernelProfile
 from scanner.qemu.discover import expand_sockets, find_qemu_processes
 from scanner.run.actions import Action, ActionKind, prune_forensics
@@ -548,7 +549,7 @@ async def run_engine(cfg: RunConfig, db: str | None, stop: asyncio.Event,
     from scanner.run.formats import formatter
 
     shape = None if event_format == "native" else formatter(event_format)
-    async with Store.open(db) as st:
+    async with keyed_store(db) as st:
         async def persist(ev: dict[str, Any]) -> None:
             # The log keys events by VM name; kscan's own events have vm null → "".
             await st.append_event({**ev, "vm": ev["vm"] or ""})

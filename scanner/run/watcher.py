@@ -34,6 +34,7 @@ from scanner.check.fastpath import (
     make_reference,
 )
 from scanner.check.locate import REGIONS
+from scanner.check.patch_state import HALF_STATE_MAX
 from scanner.check.resume import Saved, resume_check
 from scanner.check.state import BootIdentity, VmState
 from scanner.check.verify import CheckReport
@@ -114,6 +115,7 @@ class VmWatcher:
         self.last_report: CheckReport | None = None
         self._state_at = 0.0  # monotonic time of the last run-state query
         self.patched_set: int | None = None  # the verified patching last reported
+        self.checked_at = 0.0  # when the last full check read the VM
         self._resets = vm.resets()  # QEMU RESET events already accounted for
         self._acting: set[asyncio.Task[None]] = set()  # actions and forensics under way
         self._act_lock = asyncio.Lock()
@@ -418,6 +420,7 @@ class VmWatcher:
         # the decoded IDT gates.
         self.last = ex.without_copies()
         self.last_report = report
+        self.checked_at = time.time()
         self.state = WatchState.WATCHING
         self.verified_at = time.time()
         await self._persist(ex, golden, report, checked.state)
@@ -539,7 +542,7 @@ class VmWatcher:
         sched.settle(expected, cost)
         self.scans += 1
         self.ctx.count_scan()
-        if res.ok:
+        if res.ok and not self._half_state_due():
             self.verified_at = time.time()
             if self.modwatch.due(self.vm.mem):
                 await self._modules_again(vcpus)
@@ -581,6 +584,15 @@ class VmWatcher:
                 self.reported = None
             # A new boot is identified and its first check reported like the first one.
             await self._full_check(ex, golden, first=rebooted)
+
+    def _half_state_due(self) -> bool:
+        """The last full check saw text_poke_bp() half-way (an int3 over a site): the
+        same bytes still there a second later are not the kernel's, but the fast path
+        would only see "unchanged" — look in full again."""
+        r = self.last_report
+        return (r is not None and r.patches is not None
+                and any(v.in_progress for v in r.patches.verified)
+                and time.time() - self.checked_at >= HALF_STATE_MAX)
 
     async def _kernel_gone(self, err: KscanError) -> None:
         """The kernel is not where it was: a reboot, or its mappings were torn down."""
@@ -653,9 +665,10 @@ def _describe(err: BaseException) -> str:
 
 def _change_set(report: CheckReport) -> frozenset[Any]:
     """What a tampering is, for reporting each distinct one once: every changed page
-    with the bytes it now holds (a second, different change in an already reported page
-    is a new tampering), every finding, and under --strict the verified patching."""
-    out: list[Any] = [(m.region, m.page, m.basis,
+    with the bytes it now holds (its keyed hash: a second, different change in an
+    already reported page is a new tampering, even past the bytes the ranges show),
+    every finding, and under --strict the verified patching."""
+    out: list[Any] = [(m.region, m.page, m.basis, m.content,
                        tuple((r.start, r.end, r.after) for r in m.ranges))
                       for m in report.mismatches]
     out += [(f.kind, f.message) for f in report.findings]
