@@ -207,10 +207,12 @@ def test_hostile_ops_list_and_hashes_are_bounded() -> None:
     m.link_ops([c])
     got = read_ftrace_ops(KernelReader(m.k.read), m.lay, rt(OPS_LIST), rt(LIST_END))
     assert not got.complete and not got.ops[0].filter.complete
-    # size_bits out of bounds: not read, not trusted
+    # size_bits out of bounds: not read; taken to cover everything (fail closed: its
+    # callback is attributed to every ftrace site, never hidden from one)
     put(m.k, m.lay, "ftrace_hash", fh, size_bits=40)
     got = read_ftrace_ops(KernelReader(m.k.read), m.lay, rt(OPS_LIST), rt(LIST_END))
-    assert not got.complete and not got.ops[0].covers(0xFFFF_FFFF_9000_0000)
+    assert not got.complete and not got.ops[0].filter.complete
+    assert got.ops[0].covers(0xFFFF_FFFF_9000_0000) and got.ops[0].covers(0xFFFF_FFFF_9100_0000)
 
 
 @pytest.mark.parametrize("which", ["6.1", "6.12"])
@@ -407,3 +409,24 @@ def test_kernel_patched_by_a_module_is_a_warning() -> None:
     assert severity("kernel_patched", {"owners": [kern.to_json(), mod.to_json()]}) == "warning"
     assert severity("kernel_patched", {"owners": [kern.to_json()]}) == "notice"
     assert severity("kernel_patched", {}) == "notice"
+
+
+def test_an_unreadable_filter_does_not_hide_a_hook() -> None:
+    """A module's ops whose filter hash cannot be read (a looping bucket) beside the
+    function tracer: its callback is attributed to the traced site, not left out."""
+    m = setup()
+    tracer = m.ops(rt(FUNCS["function_trace_call"]))
+    hook = m.ops(MOD_TEXT + 0x10, flags=IPM, ips=[rt(FUNCS["vfs_read"])])
+    lay = m.lay
+    hh = int.from_bytes(m.k.read(hook + lay["ftrace_ops"]["func_hash"].offset, 8) or b"",
+                        "little")
+    fh = int.from_bytes(m.k.read(hh + lay["ftrace_ops_hash"]["filter_hash"].offset, 8)
+                        or b"", "little")
+    put(m.k, lay, "ftrace_hash", fh, buckets=0x10)          # not a kernel pointer
+    m.link_ops([tracer, hook])
+    v = site("ftrace", "__x64_sys_getdents64", "call ftrace_caller", TEXT)
+    a = attribute(FakeProfile(lay), SLIDE, m.k.read, [v])   # type: ignore[arg-type]
+    s = a.of(v.site)
+    assert s is not None and s.trust is Trust.TAMPER
+    assert {o.name for o in s.owners} == {"vmlinux", "kscan_ftrace_hook"}
+    assert any("hash could not be read" in p for p in a.problems)

@@ -194,6 +194,8 @@ class _Attributor:
         self._owners: dict[int, Owner] = {}
         self._ops_hooks: dict[int, tuple[list[Hook], str]] = {}
         self._groups: dict[tuple[tuple[int | None, int], ...], OwnerSet] = {}
+        self._special: frozenset[int] = frozenset()
+        self._default_key: tuple[int, ...] = ()
         self._covering: dict[tuple[int, ...], tuple[tuple[Hook, ...], str, OwnerSet]] = {}
         self.ipmodify = self.layouts.enums.get("FTRACE_OPS_FL_IPMODIFY", IPMODIFY_DEFAULT)
 
@@ -215,6 +217,15 @@ class _Attributor:
             self._ops = read_ftrace_ops(self.mem, self.layouts, head + self.slide,
                                         end + self.slide)
             self.problems += self._ops.problems
+            # Which ops trace an ip depends on it only where some filter or notrace hash
+            # names it; everywhere else it is the ops with no filter.
+            special: set[int] = set()
+            for o in self._ops.ops:
+                special |= o.filter.ips or set()
+                special |= o.notrace.ips or set()
+            self._special = frozenset(special)
+            self._default_key = tuple(o.address for o in self._ops.ops
+                                      if o.filter.ips is None or not o.filter.complete)
         return self._ops
 
     @property
@@ -272,7 +283,9 @@ class _Attributor:
         elif v.form in _CALLER_FORMS:
             # Sites traced by the same ops share their hooks (35,000 under the function
             # tracer): cached by the covering ops, unless a hook depends on the site.
-            key = tuple(o.address for o in self.ops.ops if o.covers(ip))
+            ops = self.ops       # (read first: it sets the default key)
+            key = (self._default_key if ip not in self._special
+                   else tuple(o.address for o in ops.ops if o.covers(ip)))
             hit = self._covering.get(key)
             if hit is not None:
                 return SiteOwners(v.site, v.mechanism, func, hit[0], hit[1], ip, hit[2])

@@ -55,9 +55,11 @@ class FtraceOps:
     saved_func: int = 0
 
     def covers(self, ip: int) -> bool:
-        """Whether this ops traces the function at `ip` (ftrace_ops_test)."""
-        return ((self.filter.ips is None or ip in self.filter.ips)
-                and not self.notrace.has(ip))
+        """Whether this ops traces the function at `ip` (ftrace_ops_test). A filter
+        that could not be read in full is taken to cover every function: its callback
+        is then attributed to more sites, never hidden from one."""
+        return ((self.filter.ips is None or not self.filter.complete or ip in self.filter.ips)
+                and not (self.notrace.complete and self.notrace.has(ip)))
 
 
 @dataclass(frozen=True)
