@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from scanner.check.kernel_lists import (
     BpfProgram,
+    FtraceOps,
     KernelReader,
     KprobeTable,
     OpsList,
@@ -195,6 +196,9 @@ class _Attributor:
         self._ops_hooks: dict[int, tuple[list[Hook], str]] = {}
         self._groups: dict[tuple[tuple[int | None, int], ...], OwnerSet] = {}
         self._special: frozenset[int] = frozenset()
+        self._tramps: dict[int, tuple[FtraceOps | None, str]] = {}
+        #: id() of each hooks list cached in _ops_hooks → its owner set (None: not yet).
+        self._shared: dict[int, OwnerSet | None] = {}
         self._default_key: tuple[int, ...] = ()
         self._covering: dict[tuple[int, ...], tuple[tuple[Hook, ...], str, OwnerSet]] = {}
         self.ipmodify = self.layouts.enums.get("FTRACE_OPS_FL_IPMODIFY", IPMODIFY_DEFAULT)
@@ -248,6 +252,7 @@ class _Attributor:
         hooks, why = self._ops_hooks_of(ops_addr, ip)
         if not any(h.via == "kprobe" for h in hooks) and not why.startswith("kprobe"):
             self._ops_hooks[ops_addr] = (hooks, why)   # the same for every site it traces
+            self._shared[id(hooks)] = None             # (kept alive by _ops_hooks)
         return hooks, why
 
     def _ops_hooks_of(self, ops_addr: int, ip: int) -> tuple[list[Hook], str]:
@@ -280,6 +285,12 @@ class _Attributor:
             hooks = [Hook("call", None, t, False, self.owner(t))]
         elif v.form == _TRAMP_FORM and v.target is not None:
             hooks, why = self.trampoline_hooks(v.target, ip)
+            if hooks and id(hooks) in self._shared:
+                # the ops' cached hooks (the same for every site it traces): their group
+                g = self._shared[id(hooks)]
+                if g is None:
+                    g = self._shared[id(hooks)] = self.group(hooks)
+                return SiteOwners(v.site, v.mechanism, func, tuple(hooks), "", ip, g)
         elif v.form in _CALLER_FORMS:
             # Sites traced by the same ops share their hooks (35,000 under the function
             # tracer): cached by the covering ops, unless a hook depends on the site.
@@ -315,21 +326,32 @@ class _Attributor:
         return got
 
     def trampoline_hooks(self, tramp: int, ip: int) -> tuple[list[Hook], str]:
-        mine = [o for o in self.ops.ops if o.trampoline == tramp]
-        if len(mine) != 1:
-            return [], (f"trampoline {tramp:#x} belongs to no ftrace_ops on ftrace_ops_list"
-                        if not mine else f"trampoline {tramp:#x} claimed by {len(mine)} ops")
-        o = mine[0]
-        if not 8 < o.trampoline_size <= 1 << 16:
-            return [], f"ftrace_ops {o.address:#x}: trampoline size {o.trampoline_size}"
-        stored = self.mem.u64(tramp + o.trampoline_size - 8)
-        if stored != o.address:
-            return [], (f"trampoline {tramp:#x} stores ops pointer "
-                        f"{stored if stored is None else hex(stored)}, not its ops "
-                        f"{o.address:#x}")
+        got = self._tramps.get(tramp)
+        if got is None:
+            got = self._tramps[tramp] = self._tramp_ops(tramp)
+        o, why = got
+        if o is None:
+            return [], why
         if not o.covers(ip):
             return [], f"ftrace_ops {o.address:#x} does not trace this function"
         return self.ops_hooks(o.address, ip)
+
+    def _tramp_ops(self, tramp: int) -> tuple[FtraceOps | None, str]:
+        """The ops a trampoline belongs to, cross-checked (once per trampoline)."""
+        mine = [o for o in self.ops.ops if o.trampoline == tramp]
+        if len(mine) != 1:
+            return None, (f"trampoline {tramp:#x} belongs to no ftrace_ops on "
+                          "ftrace_ops_list" if not mine
+                          else f"trampoline {tramp:#x} claimed by {len(mine)} ops")
+        o = mine[0]
+        if not 8 < o.trampoline_size <= 1 << 16:
+            return None, f"ftrace_ops {o.address:#x}: trampoline size {o.trampoline_size}"
+        stored = self.mem.u64(tramp + o.trampoline_size - 8)
+        if stored != o.address:
+            return None, (f"trampoline {tramp:#x} stores ops pointer "
+                          f"{stored if stored is None else hex(stored)}, not its ops "
+                          f"{o.address:#x}")
+        return o, ""
 
 
 def attribute(profile: KernelProfile, slide: int, read_va: ReadVA,
