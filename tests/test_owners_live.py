@@ -3,7 +3,8 @@ to its owner, and the policy applied — tracers and tracefs kprobes are the ker
 an unsigned module's hook is tampering unless trusted, a hidden module's hook is tampering
 always.
 
-One 6.1 guest takes, in order: the function tracer and tracefs kprobes (then off), the
+One 6.1 guest takes, in order: the function tracer and tracefs kprobes (entry, int3,
+optimized; then off), the
 kprobe module (then unloaded), the ftrace hook module (check, --trust-module, `run`; then
 unloaded), and last the module that hides itself (never unloads). One 6.12 guest checks
 the ftrace hook there.
@@ -98,6 +99,19 @@ def test_tracer_and_tracefs_kprobes_are_owned_by_the_kernel(og: Guest, odb: str)
         sh(og, f"echo 0 > {TRACING}/events/kprobes/enable && "
                f"echo > {TRACING}/kprobe_events && "
                "echo 1 > /proc/sys/debug/kprobes-optimization")
+    # an optimized kprobe: the jmp's optimized_kprobe is the aggregate in kprobe_table
+    sh(og, f"echo 'p:kscan_opt vfs_read+0xf' >> {TRACING}/kprobe_events && "
+           f"echo 1 > {TRACING}/events/kprobes/kscan_opt/enable && sleep 2")
+    try:
+        rc, doc = check(og, odb)
+        assert rc == 0 and owner_findings(doc) == [], doc["findings"][:3]
+        got = {(r["owner"]["kind"], r["owner"]["symbol"]) for r in rows(doc, "vfs_read")
+               if r["mechanism"] == "optprobe"}
+        assert ("kernel", "kprobe_dispatcher") in got, doc["patched"]["sites"]
+        assert {k for k, _ in got} == {"kernel"}, got
+    finally:
+        sh(og, f"echo 0 > {TRACING}/events/kprobes/kscan_opt/enable && "
+               f"echo '-:kscan_opt' >> {TRACING}/kprobe_events")
     time.sleep(0.5)
     rc, doc = check(og, odb)
     assert rc == 0 and doc["patched"] is None, doc["patched"]
