@@ -430,3 +430,36 @@ def test_an_unreadable_filter_does_not_hide_a_hook() -> None:
     assert s is not None and s.trust is Trust.TAMPER
     assert {o.name for o in s.owners} == {"vmlinux", "kscan_ftrace_hook"}
     assert any("hash could not be read" in p for p in a.problems)
+
+
+def test_owner_events_match_the_exact_schema() -> None:
+    """`kernel_patched` with owners and a `tamper` with a `patch_owner` finding, as the
+    attribution builds them, validate against contrib/events.schema.json (exact)."""
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).resolve().parent.parent / "contrib" /
+                         "events.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    m = setup()
+    sc = scenario(m)
+    prof = FakeProfile(m.lay)
+    vr = FUNCS["vfs_read"] + 4
+    patches = (site("ftrace", "__x64_sys_getdents64", "call allocated trampoline",
+                    sc["tramp"]),
+               VerifiedPatch("kprobe", vr, vr, vr + 1, b"\x48", b"\xcc", "int3"))
+    a = attribute(prof, SLIDE, m.k.read, patches)    # type: ignore[arg-type]
+    rep = PatchReport(patches, (0,), prof.symbolize, a)
+    base = {"ts": 1.0, "host": "h", "vm": "v", "build_id": "ab", "slide": hex(SLIDE)}
+    patched = {"event": "kernel_patched", "severity": "warning", **base, **rep.to_json()}
+    assert sorted(e.message for e in validator.iter_errors(patched)) == []
+    findings = [f.to_json() for f in owner_findings(rep)]
+    assert {f["owner"]["name"] for f in findings} == {"kscan_ftrace_hook"}
+    finding = jsonschema.Draft202012Validator({"$ref": "#/$defs/finding",
+                                               "$defs": schema["$defs"]})
+    for f in findings:
+        assert [e.message for e in finding.iter_errors(f)] == []
+    bad = dict(findings[0], owner={**findings[0]["owner"], "extra": 1})
+    assert list(finding.iter_errors(bad))
