@@ -186,6 +186,22 @@ def og612(guests: GuestPool, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return g, _db(g, "6.12", tmp_path_factory.mktemp("owners612"))
 
 
+def test_612_tracer_and_tracefs_kprobe_are_the_kernels(og612: tuple[Guest, str]) -> None:
+    g, db = og612
+    sh(g, f"echo function > {TRACING}/current_tracer && "
+          f"echo 'p:kscan_entry vfs_read' >> {TRACING}/kprobe_events && "
+          f"echo 1 > {TRACING}/events/kprobes/enable")
+    try:
+        rc, doc = check(g, db)
+        assert rc == 0 and owner_findings(doc) == [], doc["findings"][:3]
+        kinds = {o["kind"] for o in doc["patched"]["owners"]}
+        symbols = {o["symbol"] for o in doc["patched"]["owners"]}
+        assert kinds == {"kernel"} and "kprobe_dispatcher" in symbols, doc["patched"]["owners"]
+    finally:
+        sh(g, f"echo 0 > {TRACING}/events/kprobes/enable && echo > {TRACING}/kprobe_events"
+              f" && echo nop > {TRACING}/current_tracer")
+
+
 def test_612_ftrace_hook_attributed(og612: tuple[Guest, str]) -> None:
     g, db = og612
     loaded = load(g, "kscan_ftrace_hook")
