@@ -152,6 +152,17 @@ def test_an_unsigned_ftrace_hook_is_tampering_unless_trusted(og: Guest, odb: str
         assert rc == 0 and doc["result"] == "clean", doc["findings"]
         (r,) = rows(doc, "__x64_sys_getdents64")
         assert r["owner"]["kind"] == "module" and r["owner"]["trusted"] is True
+        # `run`, untrusted: a tamper event whose finding names module and function
+        proc = RunProc(["--qmp", str(og.qmp), "--db", odb, "--interval", "1",
+                        "--forensics-dir", str(tmp_path / "f0")], tmp_path / "run0.err")
+        try:
+            ev = proc.wait_for(lambda e: e["event"] in ("kernel_patched", "tamper"), 300)
+            assert ev["event"] == "tamper", ev
+            (f,) = [f for f in ev["findings"] if f["kind"] == "patch_owner"]
+            assert f["owner"]["name"] == "kscan_ftrace_hook", f
+            assert f["symbol"] == "__x64_sys_getdents64"
+        finally:
+            assert proc.stop() == 0
         # `run`, the module trusted in the config file: kernel_patched, a warning
         conf = tmp_path / "kscan.toml"
         conf.write_text('trust_module = ["kscan_ftrace_hook"]\n')
