@@ -29,10 +29,12 @@ import numpy as np
 import zstandard
 
 from kscan.addresses import hex_addr
+from scanner.check.attribution import Attribution, attribute, attribution_off
 from scanner.check.classify import ByteRange, diff_ranges
 from scanner.check.execmem import AddressOwners, ExecScan, address_owners
 from scanner.check.locate import REGIONS, LiveKernel, Region
-from scanner.check.patch_report import PatchReport, split_by_page
+from scanner.check.owners import OwnerKind, Trust, judge
+from scanner.check.patch_report import BOOT_TIME, PatchReport, split_by_page
 from scanner.check.patch_state import PatchMemory, VmFacts
 from scanner.check.patching import ReadVA, verify_text_changes
 from scanner.check.pointers import PointerChange, idt_changes, rodata_changes
@@ -251,6 +253,8 @@ def verify(
     read_va: ReadVA | None = None,
     strict: bool = False,
     plain_va: ReadVA | None = None,
+    read_data: ReadVA | None = None,
+    trusted_modules: frozenset[str] = frozenset(),
 ) -> Verification:
     """Check one VM. Returns the report and the VM's (possibly new) per-VM state.
 
@@ -262,7 +266,10 @@ def verify(
     `.text` pages that differ from the golden baseline are checked site by site against
     the kernel's own patching (`scanner.check.patching`; `read_va` reads guest memory
     for trampolines outside `.text`): a page whose every change verifies is patched,
-    not tampered, unless `strict`.
+    not tampered, unless `strict`. Each verified run-time patch is then attributed to
+    its owner (`scanner.check.attribution`, reading the kernel's lists through
+    `read_data`, default `read_va`): a patch owned by an unsigned module not in
+    `trusted_modules`, or by nobody, is a `patch_owner` finding.
     """
     identity = boot_identity(lk)
     fresh = vm_state is None or vm_state.boot != identity
@@ -328,7 +335,8 @@ def verify(
                                 or memory.fixed_sites):
             # (Also with nothing changed when a pinned state may have been undone.)
             patches, unverified, memory = _verify_patching(
-                lk, buf, golden_bytes(name), read_va, facts, memory)
+                lk, buf, golden_bytes(name), read_va, facts, memory,
+                read_data or read_va, trusted_modules)
             # A pinned state undone leaves bytes equal to the golden baseline.
             differ = sorted(set(differ) | {p for p in unverified or () if p not in basis_of})
         elif name == ".text":
@@ -367,7 +375,9 @@ def verify(
             tuple(sorted(per_boot - set(accepted))),
             tuple(sorted(accepted)), tuple(mismatches)))
     report = CheckReport(vm, lk.profile.build_id, lk.profile.release, boot.key, lk.slide,
-                         tuple(verdicts), tuple(control_findings(lk, vcpus, boot)), fresh,
+                         tuple(verdicts),
+                         tuple(control_findings(lk, vcpus, boot) + owner_findings(patches)),
+                         fresh,
                          patches=patches, strict=strict)
     plain = memory.to_plain()
     moved = plain != vm_state.patching
@@ -386,8 +396,42 @@ def _mismatch(lk: LiveKernel, region: Region, p: int, basis: Basis,
                         basis, ranges, symbol, content, pointers)
 
 
+def owner_findings(patches: PatchReport | None, limit: int = 64) -> list[Finding]:
+    """A `patch_owner` finding per (patched function, owner) the policy calls tampering:
+    an unsigned module the operator does not trust, or code nobody owns. `symbol` is the
+    function; the message names the first site `symbol+0xoff`."""
+    attr = patches.attribution if patches is not None else None
+    if attr is None:
+        return []
+    groups: dict[tuple[str, object], tuple[int, Any, Any]] = {}
+    for s in attr.tampering():
+        for o in s.owners:
+            if judge(o) is not Trust.TAMPER:
+                continue
+            key = (s.function.split("+", 1)[0], o.key)
+            n, first, _ = groups.get(key, (0, s, o))
+            groups[key] = (n + 1, first, o)
+    out = []
+    for n, s, o in list(groups.values())[:limit]:
+        if o.kind is OwnerKind.UNOWNED:
+            why = "code no kernel text, listed module or BPF program holds" + (
+                f" ({s.problem})" if s.problem else "")
+        else:
+            why = (f"module {o.name} is not signed (the kernel did not accept a signature) "
+                   "and not trusted (--trust-module)")
+        redirect = " (IPMODIFY: execution redirected)" if s.ipmodify else ""
+        out.append(Finding(
+            "patch_owner", f"{s.mechanism} hook on {s.function}{redirect} -> "
+                           f"{o.describe()}: {why}",
+            {"mechanism": s.mechanism, "symbol": s.function.split("+", 1)[0],
+             "site": hex_addr(s.runtime),
+             "handler": hex_addr(o.address), "owner": o.to_json(), "sites": n}))
+    return out
+
+
 def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,
-                     read_va: ReadVA | None, facts: VmFacts, memory: PatchMemory
+                     read_va: ReadVA | None, facts: VmFacts, memory: PatchMemory,
+                     read_data: ReadVA | None = None, trusted: frozenset[str] = frozenset()
                      ) -> tuple[PatchReport | None, dict[int, list[ByteRange]] | None,
                                 PatchMemory]:
     """Verify `.text`'s changes against the golden bytes as the kernel's own patching:
@@ -404,5 +448,9 @@ def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,
                                   facts=facts, memory=memory)
     unverified = split_by_page(verdict, base)
     pages = sorted({(v.start - base) // PAGE for v in verdict.verified} - set(unverified))
-    report = PatchReport(tuple(verdict.verified), tuple(pages), prof.symbolize)
+    attribution: Attribution | None = None
+    runtime = [v for v in verdict.verified if v.mechanism not in BOOT_TIME]
+    if runtime and read_data is not None and attribution_off(prof) is None:
+        attribution = attribute(prof, lk.slide, read_data, runtime, trusted)
+    report = PatchReport(tuple(verdict.verified), tuple(pages), prof.symbolize, attribution)
     return (report if verdict.verified else None), unverified, verdict.memory

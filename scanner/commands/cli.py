@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -32,6 +33,18 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_TAMPERED, EXIT_ERROR = 0, 1, 2
 #: Hashing threads `run` may be given (each slow path in flight holds ~19 MB).
 MAX_WORKERS = 64
+def _module_name(text: str) -> str:
+    """A module name as the kernel keeps it (`-` becomes `_`)."""
+    name = text.replace("-", "_")
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,55}", name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a module name (letters, digits, "
+                                         "_ and -, at most 55)")
+    return name
+
+
+TRUST_HELP = ("a module whose run-time patches (ftrace hooks, kprobes) are the kernel's "
+              "own patching although the kernel did not accept its signature; "
+              "repeatable. Code no listed module holds is tampering all the same")
 STRICT_HELP = ("treat the kernel's own verified run-time patching (ftrace, jump labels, "
                "static calls, kprobes) as tampering too: for hardened VMs where tracing "
                "itself is suspicious")
@@ -261,6 +274,11 @@ def _print_report_text(rep: CheckReport) -> None:
             shown = ", ".join(f"{r['symbol']}" + (f" ×{r['count']}" if r["count"] > 1 else "")
                               for r in rows[:4])
             print(f"    {mech:<13} {shown}" + (" ..." if len(rows) > 4 or doc["more"] else ""))
+        for o in doc.get("owners", ())[:8]:
+            where = o["symbol"] or o["address"]
+            sig = ("" if o["kind"] != "module" else " signed" if o["signed"] else " UNSIGNED")
+            trust = " trusted" if o["trusted"] else ""
+            print(f"    owner: {o['kind']}{sig}{trust} {o['name']} {where}")
 
 
 async def cmd_check(args: argparse.Namespace) -> int:
@@ -271,13 +289,15 @@ async def cmd_check(args: argparse.Namespace) -> int:
         from scanner.commands.offline import check_core
 
         rep = await check_core(args.core, args.db, vm=args.vm, boot_profile=args.boot_profile,
-                               strict=args.strict)
+                               strict=args.strict,
+                               trusted_modules=frozenset(args.trust_module or ()))
     else:
         if args.vm or args.boot_profile:
             raise UsageError("--vm and --boot-profile are for --core only")
         rep = await check_vm(_libvirt_source(args) or (
             VmSource(SourceKind.QMP, args.qmp) if args.qmp
-            else VmSource(SourceKind.REPLAY, args.replay)), args.db, strict=args.strict)
+            else VmSource(SourceKind.REPLAY, args.replay)), args.db, strict=args.strict,
+            trusted_modules=frozenset(args.trust_module or ()))
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(rep.to_json()) + b"\n")
     else:
@@ -568,6 +588,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
                     replay=tuple(args.replay or ()), policy=policy,
                     action=action, forensics_dir=forensics,
                     workers=args.workers, stats_every=args.stats_every, strict=args.strict,
+                    trusted_modules=frozenset(args.trust_module or ()),
                     libvirt=args.connect if args.libvirt else None,
                     discover_uids=frozenset(_uid(u) for u in args.discover_user or ()),
                     keep_days=args.keep_days, forensics_max_mb=args.forensics_max_mb,
@@ -735,6 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
+    p.add_argument("--trust-module", action="append", metavar="NAME", type=_module_name,
+                   help=TRUST_HELP)
     _db_arg(p)
     p.set_defaults(func=cmd_check)
 
@@ -863,6 +886,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this long (default: run until stopped)")
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
+    p.add_argument("--trust-module", action="append", metavar="NAME", type=_module_name,
+                   help=TRUST_HELP)
     p.add_argument("--event-format", choices=("native", "ecs", "ocsf"), default="native",
                    help="the shape of events on stdout: kscan's own (native, default), "
                         "Elastic Common Schema 8.x (ecs) or OCSF 1.5 (ocsf: a tamper is a "

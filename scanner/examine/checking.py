@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from scanner.check.execmem import ExecScan, exec_findings, scan_exec
+from scanner.check.kernel_lists import walker_reader
 from scanner.check.patching import ReadVA
 from scanner.check.reached import Recorder
 from scanner.check.state import VmState
@@ -60,21 +61,24 @@ def plain_reader(mem: GuestMemory, ex: Examined) -> ReadVA:
 
 async def verify_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet | None = None,
                           run_sync: RunSync[Verification] = inline, *,
-                          mem: GuestMemory | None = None, strict: bool = False
-                          ) -> Verification:
+                          mem: GuestMemory | None = None, strict: bool = False,
+                          trusted_modules: frozenset[str] = frozenset()) -> Verification:
     """Verify against the stored baselines (fetched unless given); records nothing.
     `mem` (the VM's memory) lets patch verifiers follow code outside `.text`."""
     gs = golden if golden is not None else await golden_for(st, ex)
     state = VmState.from_plain(await st.get_vm_state(vm_id))
     read_va = guest_reader(mem, ex) if mem is not None else None
     # Owner lookups (module list, BPF, ftrace ops...) read kernel data, not code the
-    # patching reached: through a reader that records nothing.
+    # patching reached: through readers that record nothing (their counters change all
+    # the time: the fast path would never pass). `plain` for the executable-memory
+    # accounting and pointer names, a page-caching one for the patch owners.
     plain = plain_reader(mem, ex) if mem is not None else None
+    read_data = walker_reader(ex.space.walker(mem)) if mem is not None else None
 
     def go() -> Verification:
         v = verify(ex.vm, ex.lk, ex.vcpus, ex.boot, ex.normalized, gs.regions,
                    gs.contents.get, state, read_va=read_va, strict=strict,
-                   plain_va=plain)
+                   plain_va=plain, read_data=read_data, trusted_modules=trusted_modules)
         if mem is None or plain is None:
             return v
         return with_execmem(v, scan_exec(mem, ex.vcpus, ex.lk, plain))
@@ -94,9 +98,11 @@ def with_execmem(v: Verification, scan: ExecScan) -> Verification:
 
 async def check_examined(st: Store, ex: Examined, vm_id: str, golden: GoldenSet | None = None,
                          run_sync: RunSync[Verification] = inline, *,
-                         mem: GuestMemory | None = None, strict: bool = False) -> CheckReport:
+                         mem: GuestMemory | None = None, strict: bool = False,
+                         trusted_modules: frozenset[str] = frozenset()) -> CheckReport:
     """Verify, and store the VM's per-VM state when this check took it."""
-    v = await verify_and_record(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict)
+    v = await verify_and_record(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict,
+                                trusted_modules=trusted_modules)
     return v.report
 
 
@@ -104,9 +110,11 @@ async def verify_and_record(st: Store, ex: Examined, vm_id: str,
                             golden: GoldenSet | None = None,
                             run_sync: RunSync[Verification] = inline, *,
                             mem: GuestMemory | None = None,
-                            strict: bool = False) -> Verification:
+                            strict: bool = False,
+                            trusted_modules: frozenset[str] = frozenset()) -> Verification:
     """`check_examined`, returning the per-VM state the check used as well."""
-    v = await verify_examined(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict)
+    v = await verify_examined(st, ex, vm_id, golden, run_sync, mem=mem, strict=strict,
+                              trusted_modules=trusted_modules)
     if v.report.per_vm_baseline_taken or v.changed:
         await st.put_vm_state(vm_id, v.state.to_plain())
     return v

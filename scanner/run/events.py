@@ -86,6 +86,9 @@ def severity(event: str, fields: dict[str, Any]) -> str:
         return "warning"
     if event == "module_loaded" and fields.get("sig_ok") is False:
         return "warning"  # the kernel did not accept its signature
+    if event == "kernel_patched" and any(
+            isinstance(o, dict) and o.get("kind") == "module" for o in fields.get("owners", ())):
+        return "warning"  # a module (signed, or trusted by the operator) patched the kernel
     return SEVERITY.get(event, "info")
 
 

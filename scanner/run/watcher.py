@@ -371,7 +371,8 @@ class VmWatcher:
         """Verify an examined VM (holding a slow-path slot), then report and act."""
         checked = await verify_and_record(self.ctx.store, ex, self.key, golden,
                                           self.ctx.timed_in_worker, mem=self.vm.mem,
-                                          strict=self.ctx.strict)
+                                          strict=self.ctx.strict,
+                                          trusted_modules=self.ctx.trusted_modules)
         report = checked.report
         if (confirm and report.tampered and report.patches is not None
                 and _change_set(report) != self.reported):
