@@ -1,6 +1,6 @@
 """`--event-format ecs|ocsf`: every event kscan emits, mapped to ECS 8.x and OCSF 1.5,
 has the published schemas' required fields and allowed values (vendored minimal
-schemas in contrib/siem/, their source in each file's $comment); a tamper is an ECS
+schemas in kscan/contrib/siem/, their source in each file's $comment); a tamper is an ECS
 alert / an OCSF Detection Finding with the hypervisor host as observer and the guest as
 host; and `kscan run --event-format` prints them (a replayed VM tampered with)."""
 

@@ -1,5 +1,5 @@
 """Events for SIEMs: every event carries host, severity and (where the VM has one) uuid,
-and matches the JSON Schema shipped in contrib/events.schema.json. (conftest.py also
+and matches the JSON Schema shipped in kscan/contrib/events.schema.json. (conftest.py also
 validates every event the whole suite emits against it.)"""
 
 from __future__ import annotations
@@ -233,4 +233,11 @@ def test_the_schema_knows_every_basis_and_finding_kind() -> None:
     kinds = {n.args[0].value for n in ast.walk(tree)
              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
              and n.func.id == "Finding" and n.args and isinstance(n.args[0], ast.Constant)}
+    # The executable-memory findings: (kind, message, detail) tuples of exec_findings.
+    exec_tree = ast.parse((Path(__file__).resolve().parent.parent / "scanner" / "check" /
+                           "execmem.py").read_text())
+    kinds |= {n.elts[0].value for n in ast.walk(exec_tree)
+              if isinstance(n, ast.Tuple) and len(n.elts) == 3
+              and isinstance(n.elts[0], ast.Constant) and isinstance(n.elts[0].value, str)
+              and n.elts[0].value.startswith(("unowned_", "exec_"))}
     assert kinds == set(defs["finding"]["properties"]["kind"]["enum"])

@@ -171,7 +171,7 @@ def test_a_fast_collision_is_caught_by_the_keyed_pass(world: World) -> None:  # 
     assert outcomes == ([FastOutcome.UNCHANGED] * (KEYED_EVERY - 1)
                         + [FastOutcome.BYTES_CHANGED]) * 2
     assert check_memory(ref, mem, keyed=True).changed == (".text",)
-    assert FORMAT == 2   # resume records of the unkeyed format are not used
+    assert FORMAT >= 2   # resume records of the unkeyed format (1) are not used
 
 
 def test_a_second_change_past_the_shown_bytes_is_a_new_tampering() -> None:

@@ -31,7 +31,7 @@ from scanner.check.fastpath import (
 from scanner.check.locate import Region
 from scanner.check.reached import ReachedRange, Recorder, reached_digest
 from scanner.check.resume import Saved, resume_check
-from scanner.hashing import raw_digests
+from scanner.hashing import DIGEST_SIZE, raw_digests
 from tests.synthetic import NX, PAGE, P, SyntheticRam
 from tests.test_unit_fastpath import IDT_VA, KEXTAB, KRODATA, KTEXT, vcpu
 from translate import FOUR_LEVEL, GuestMemory, PageWalker, TranslationError
@@ -195,7 +195,7 @@ def test_a_range_read_twice_with_different_bytes_is_never_unchanged(world: World
     world.poke(TRAMP_GPA + 0x8, b"\xcc")  # inside the head
     assert rec(TRAMP, TRAMP_SIZE) is not None
     (r,) = rec.ranges()
-    assert r.torn and reached_digest(rec.ranges()) == bytes(16)
+    assert r.torn and reached_digest(rec.ranges()) == bytes(DIGEST_SIZE)
     ref = world.reference(rec.ranges())
     try:
         assert check_memory(ref, world.mem).reason == REACHED_BYTES

@@ -197,6 +197,7 @@ class Ctx:
         self.action = Action(ActionKind.REPORT)
         self.forensics_dir = forensics_dir
         self.strict = False
+        self.trusted_modules: frozenset[str] = frozenset()
         self.events: list[dict[str, Any]] = []
         self.scans = 0
         self._slots = asyncio.Semaphore(1)

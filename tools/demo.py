@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         act = ev.wait_for(lambda e: e["event"] == "action" and e["vm"] == "demo1", 30)
         m = hit["mismatches"][0]
         say(f"detected in {time.monotonic() - t0:.1f}s: {m['region']} page {m['page']} "
-            f"va {m['va']:#x} gpa {m['gpa']:#x}, bytes {m['ranges'][0]['start']:#x}-"
+            f"va {m['va']} gpa {m['gpa']}, bytes {m['ranges'][0]['start']:#x}-"
             f"{m['ranges'][0]['end']:#x}: {m['ranges'][0]['before']} -> "
             f"{m['ranges'][0]['after']} ({m['ranges'][0]['kind']})")
         state = asyncio.run(_run_state(g1.qmp_aux))

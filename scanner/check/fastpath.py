@@ -8,6 +8,8 @@ After a full check (slow path) the watcher keeps a `Reference` per VM:
 * the kernel-half top-level entries each vCPU's CR3 must share (an attacker can point
   one process's PGD at a private copy of the kernel mapping);
 * each vCPU's control state (CR0.WP, CR4.SMEP/SMAP, IDTR);
+* the executable projection of the page tables that map executable kernel memory
+  (`scanner.check.exec_fastpath.ExecTables`, from the last full check's walk);
 * two digests of each region's raw bytes (`scanner.hashing.raw_digests`), hashed
   straight from zero-copy views of the guest's memory (memory that copies — anonymous
   RAM read from /proc/PID/mem, see `translate.procmem` — is read afresh at each pass
@@ -34,6 +36,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from scanner.check.exec_fastpath import ExecTables
 from scanner.check.locate import LiveKernel
 from scanner.check.measure import region_views
 from scanner.check.reached import ReachedRange, reached_digest
@@ -105,6 +108,10 @@ class Reference:
     top_values: tuple[int, ...]
     control: tuple[tuple[int, int, int, int], ...]
     runs: dict[str, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
+    #: The page tables that decide what kernel memory is executable, as the last full
+    #: check accounted for it (`scanner.check.exec_fastpath`; None: not known).
+    exec_tables: ExecTables | None = None
+
     #: Code outside `.text` that verified patching reached (`scanner.check.reached`):
     #: its physical runs in order, their digest, and their page-table entries.
     reached_runs: list[tuple[int, int]] = dataclasses.field(default_factory=list)
@@ -193,6 +200,7 @@ class FastOutcome(enum.StrEnum):
     CONTROL_CHANGED = "vCPU control state changed"
     MAPPING_CHANGED = "a vCPU maps the kernel differently"
     TABLES_CHANGED = "page tables of protected regions changed"
+    EXEC_CHANGED = "page tables of executable kernel memory changed"
     BYTES_CHANGED = "region bytes changed"
 
 
@@ -226,6 +234,11 @@ def check_registers(ref: Reference, mem: GuestMemory,
         if not any(_top_matches(ref, mem, pgd) for pgd in kernel_pgd_candidates(v.cr3)):
             return FastResult(FastOutcome.MAPPING_CHANGED,
                               f"vCPU {v.index} (CR3 {v.cr3:#x}) maps the kernel differently")
+    if ref.exec_tables is not None:
+        odd = ref.exec_tables.roots_match(mem, vcpus)
+        if odd is not None:
+            return FastResult(FastOutcome.EXEC_CHANGED, f"vCPU {odd} maps executable kernel "
+                              "memory differently")
     return _UNCHANGED
 
 
@@ -239,6 +252,8 @@ def check_memory(ref: Reference, mem: GuestMemory, keyed: bool | None = None) ->
         return FastResult(FastOutcome.TABLES_CHANGED)
     if ref.reached_runs and not ref.reached_fingerprint.unchanged(mem):
         return FastResult(FastOutcome.TABLES_CHANGED, REACHED_TABLES)
+    if ref.exec_tables is not None and not ref.exec_tables.tables_unchanged(mem):
+        return FastResult(FastOutcome.EXEC_CHANGED)
     if keyed:
         digest, want = keyed_digest, {n: d[_FAST:] for n, d in ref.digests.items()}
         want_reached = ref.reached_digest[_FAST:]

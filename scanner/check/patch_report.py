@@ -17,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from scanner.check.attribution import Attribution
 from scanner.check.classify import MAX_SHOWN, ByteRange
+from scanner.check.owners import Owner
 from scanner.check.patching import PatchVerdict, UnverifiedRange, VerifiedPatch
 from scanner.hashing import keyed_id
 from scanner.image.patchsites import MECHANISMS
@@ -40,6 +42,8 @@ class PatchReport:
     verified: tuple[VerifiedPatch, ...]
     pages: tuple[int, ...]  # .text pages whose every change is verified patching
     symbolize: Callable[[int], str | None]
+    #: Who made each run-time patch (None: attribution was off for this kernel).
+    attribution: Attribution | None = None
 
     @property
     def runtime(self) -> tuple[VerifiedPatch, ...]:
@@ -54,36 +58,64 @@ class PatchReport:
 
     def fingerprint(self) -> int:
         """Identifies this set of patches (site, mechanism, bytes): one `kernel_patched`
-        event per distinct set. Keyed (`scanner.hashing.keyed_id`): a new set of patches
-        cannot be made to pose as one already reported."""
+        event per distinct set, owners included (a new owner is a new set). Keyed
+        (`scanner.hashing.keyed_id`): a new set of patches cannot be made to pose as one
+        already reported."""
+        attr = self.attribution
+
+        def owners(site: int) -> bytes:
+            s = attr.of(site) if attr is not None else None
+            return s.group.sig if s is not None and s.group is not None else b""
+
         return keyed_id(*(v.site.to_bytes(8, "little") + v.mechanism.encode() + b"\0"
-                          + v.after for v in self.runtime))
+                          + v.after + b"\0" + owners(v.site) for v in self.runtime))
 
     def entries(self, limit: int = MAX_ENTRIES) -> tuple[list[dict[str, Any]], int]:
-        """(mechanism, function, count) of the sites, grouped by function, mechanism by
-        mechanism (each gets its share of `limit`, so 35,000 ftrace sites do not hide
-        one jump label); and how many rows were left out."""
-        groups: dict[str, dict[str, int]] = {}
+        """(mechanism, function, count) of the sites, grouped by function (and owner,
+        when attributed: each row then has the `owner` of its sites; a site run by two
+        owners counts in two rows), mechanism by mechanism (each gets its share of
+        `limit`, so 35,000 ftrace sites do not hide one jump label; rows whose owner is
+        not the kernel come first); and how many rows were left out."""
+        groups: dict[str, dict[tuple[str, Any], int]] = {}
+        owner_of: dict[Any, Owner] = {}
+        attr = self.attribution
         for v in self.verified:
             sym = self.symbolize(v.site) or f"{v.site:#x}"
             funcs = groups.setdefault(v.mechanism, {})
             func = sym.split("+", 1)[0]
-            funcs[func] = funcs.get(func, 0) + 1
+            s = attr.of(v.site) if attr is not None else None
+            for o in (s.owners if s is not None else (None,)):
+                key = (func, o.key if o is not None else None)
+                if o is not None:
+                    owner_of.setdefault(o.key, o)
+                funcs[key] = funcs.get(key, 0) + 1
         mechs = [m for m in MECHANISMS if m in groups]
         share = max(1, limit // max(1, len(mechs)))
         rows: list[dict[str, Any]] = []
         more = 0
+
+        def rank(kv: tuple[tuple[str, Any], int]) -> tuple[bool, int, str]:
+            (f, ok), n = kv
+            return (ok is None or ok[0] == "kernel", -n, f)
+
         for m in mechs:
-            ranked = sorted(groups[m].items(), key=lambda kv: (-kv[1], kv[0]))
-            rows += [{"mechanism": m, "symbol": f, "count": n} for f, n in ranked[:share]]
+            ranked = sorted(groups[m].items(), key=rank)
+            for (f, ok), n in ranked[:share]:
+                row: dict[str, Any] = {"mechanism": m, "symbol": f, "count": n}
+                if ok is not None:
+                    row["owner"] = owner_of[ok].to_json()
+                rows.append(row)
             more += max(0, len(ranked) - share)
         return rows, more
 
     def to_json(self) -> dict[str, Any]:
         rows, more = self.entries()
         in_progress = sum(1 for v in self.verified if v.in_progress)
-        return {"mechanisms": self.counts(), "pages": len(self.pages),
-                "in_progress": in_progress, "sites": rows, "more": more}
+        out: dict[str, Any] = {"mechanisms": self.counts(), "pages": len(self.pages),
+                               "in_progress": in_progress, "sites": rows, "more": more}
+        if self.attribution is not None:
+            out["owners"] = [o.to_json() for o in self.attribution.owners()[:MAX_ENTRIES]]
+        return out
 
 
 def split_by_page(verdict: PatchVerdict, link_base: int) -> dict[int, list[ByteRange]]:

@@ -29,11 +29,15 @@ import numpy as np
 import zstandard
 
 from kscan.addresses import hex_addr
+from scanner.check.attribution import Attribution, attribute, attribution_off
 from scanner.check.classify import ByteRange, diff_ranges
+from scanner.check.execmem import AddressOwners, ExecScan, address_owners
 from scanner.check.locate import REGIONS, LiveKernel, Region
-from scanner.check.patch_report import PatchReport, split_by_page
+from scanner.check.owners import OwnerKind, Trust, judge
+from scanner.check.patch_report import BOOT_TIME, PatchReport, split_by_page
 from scanner.check.patch_state import PatchMemory, VmFacts
 from scanner.check.patching import ReadVA, verify_text_changes
+from scanner.check.pointers import PointerChange, idt_changes, rodata_changes
 from scanner.check.reached import ReachedRange
 from scanner.check.state import BootIdentity, PageRecord, VmState
 from scanner.hashing import page_hashes
@@ -69,12 +73,16 @@ class PageMismatch:
     #: a second change apart from one already reported even where the ranges show only
     #: their first bytes.
     content: int = 0
+    #: `.rodata` words and IDT gates that changed, named (`scanner.check.pointers`).
+    pointers: tuple[PointerChange, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"region": self.region, "page": self.page, "va": hex_addr(self.va),
                 "gpa": hex_addr(self.gpa) if self.gpa >= 0 else None,  # -1: not translated
                 "basis": self.basis, "symbol": self.symbol,
-                "ranges": [r.to_json() for r in self.ranges]}
+                "ranges": [r.to_json() for r in self.ranges],
+                **({"pointers": [p.to_json() for p in self.pointers]}
+                   if self.pointers else {})}
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,9 @@ class CheckReport:
     #: `--strict`: verified run-time patching is tampering too.
     strict: bool = False
     ts: float = field(default_factory=time.time)
+    #: Executable kernel memory accounted for (`scanner.check.execmem.ExecScan`; None:
+    #: not scanned — no guest memory reader, or a partial re-check).
+    execmem: ExecScan | None = None
 
     @property
     def tampered(self) -> bool:
@@ -160,7 +171,8 @@ class CheckReport:
                 "strict": self.strict,
                 "patched": self.patches.to_json() if self.patches else None,
                 "regions": [r.to_json() for r in self.regions],
-                "findings": [f.to_json() for f in self.findings]}
+                "findings": [f.to_json() for f in self.findings],
+                **({"execmem": self.execmem.to_json()} if self.execmem else {})}
 
 
 def boot_identity(lk: LiveKernel) -> BootIdentity:
@@ -240,6 +252,9 @@ def verify(
     *,
     read_va: ReadVA | None = None,
     strict: bool = False,
+    plain_va: ReadVA | None = None,
+    read_data: ReadVA | None = None,
+    trusted_modules: frozenset[str] = frozenset(),
 ) -> Verification:
     """Check one VM. Returns the report and the VM's (possibly new) per-VM state.
 
@@ -251,7 +266,10 @@ def verify(
     `.text` pages that differ from the golden baseline are checked site by site against
     the kernel's own patching (`scanner.check.patching`; `read_va` reads guest memory
     for trampolines outside `.text`): a page whose every change verifies is patched,
-    not tampered, unless `strict`.
+    not tampered, unless `strict`. Each verified run-time patch is then attributed to
+    its owner (`scanner.check.attribution`, reading the kernel's lists through
+    `read_data`, default `read_va`): a patch owned by an unsigned module not in
+    `trusted_modules`, or by nobody, is a `patch_owner` finding.
     """
     identity = boot_identity(lk)
     fresh = vm_state is None or vm_state.boot != identity
@@ -272,6 +290,7 @@ def verify(
         return golden_cache[name] or None
 
     patches: PatchReport | None = None
+    owners: AddressOwners | None = None  # built on the first changed pointer table
     names = [n for n in REGIONS if n in normalized]
     if fresh and len(names) != len(REGIONS):
         raise ValueError("the first check of a boot needs all four regions")
@@ -316,7 +335,8 @@ def verify(
                                 or memory.fixed_sites):
             # (Also with nothing changed when a pinned state may have been undone.)
             patches, unverified, memory = _verify_patching(
-                lk, buf, golden_bytes(name), read_va, facts, memory)
+                lk, buf, golden_bytes(name), read_va, facts, memory,
+                read_data or read_va, trusted_modules)
             # A pinned state undone leaves bytes equal to the golden baseline.
             differ = sorted(set(differ) | {p for p in unverified or () if p not in basis_of})
         elif name == ".text":
@@ -339,13 +359,25 @@ def verify(
                 before = _page_bytes(gb, p) if gb else b""
             after = _page_bytes(buf, p)
             ranges = tuple(diff_ranges(before, after, name)) if before else ()
-            mismatches.append(_mismatch(lk, region, p, basis, ranges, hashes[p]))
+            pointers: tuple[PointerChange, ...] = ()
+            owner_va = plain_va or read_va
+            if name in (".rodata", "idt") and owner_va is not None and ranges:
+                if owners is None:
+                    owners = address_owners(owner_va, lk)
+                pointers = (rodata_changes(owners, region.va + p * PAGE,
+                                           lk.link_va(name, p * PAGE), before, ranges,
+                                           owner_va) if name == ".rodata" else
+                            idt_changes(owners, region.va, p, before, ranges, owner_va,
+                                        lk.slide))
+            mismatches.append(_mismatch(lk, region, p, basis, ranges, hashes[p], pointers))
         verdicts.append(RegionVerdict(
             name, len(buf), len(hashes),
             tuple(sorted(per_boot - set(accepted))),
             tuple(sorted(accepted)), tuple(mismatches)))
     report = CheckReport(vm, lk.profile.build_id, lk.profile.release, boot.key, lk.slide,
-                         tuple(verdicts), tuple(control_findings(lk, vcpus, boot)), fresh,
+                         tuple(verdicts),
+                         tuple(control_findings(lk, vcpus, boot) + owner_findings(patches)),
+                         fresh,
                          patches=patches, strict=strict)
     plain = memory.to_plain()
     moved = plain != vm_state.patching
@@ -354,17 +386,52 @@ def verify(
 
 
 def _mismatch(lk: LiveKernel, region: Region, p: int, basis: Basis,
-              ranges: tuple[ByteRange, ...], content: int) -> PageMismatch:
+              ranges: tuple[ByteRange, ...], content: int,
+              pointers: tuple[PointerChange, ...] = ()) -> PageMismatch:
     first = ranges[0].start if ranges else 0
     symbol = None
     if region.name != "idt":
         symbol = lk.profile.symbolize(lk.link_va(region.name, p * PAGE + first))
     return PageMismatch(region.name, p, region.va + p * PAGE, _gpa_of(region, p * PAGE),
-                        basis, ranges, symbol, content)
+                        basis, ranges, symbol, content, pointers)
+
+
+def owner_findings(patches: PatchReport | None, limit: int = 64) -> list[Finding]:
+    """A `patch_owner` finding per (patched function, owner) the policy calls tampering:
+    an unsigned module the operator does not trust, or code nobody owns. `symbol` is the
+    function; the message names the first site `symbol+0xoff`."""
+    attr = patches.attribution if patches is not None else None
+    if attr is None:
+        return []
+    groups: dict[tuple[str, object], tuple[int, Any, Any]] = {}
+    for s in attr.tampering():
+        for o in s.owners:
+            if judge(o) is not Trust.TAMPER:
+                continue
+            key = (s.function.split("+", 1)[0], o.key)
+            n, first, _ = groups.get(key, (0, s, o))
+            groups[key] = (n + 1, first, o)
+    out = []
+    for n, s, o in list(groups.values())[:limit]:
+        if o.kind is OwnerKind.UNOWNED:
+            why = "code no kernel text, listed module or BPF program holds" + (
+                f" ({s.problem})" if s.problem else "")
+        else:
+            why = (f"module {o.name} is not signed (the kernel did not accept a signature) "
+                   "and not trusted (--trust-module)")
+        redirect = " (IPMODIFY: execution redirected)" if s.ipmodify else ""
+        out.append(Finding(
+            "patch_owner", f"{s.mechanism} hook on {s.function}{redirect} -> "
+                           f"{o.describe()}: {why}",
+            {"mechanism": s.mechanism, "symbol": s.function.split("+", 1)[0],
+             "site": hex_addr(s.runtime),
+             "handler": hex_addr(o.address), "owner": o.to_json(), "sites": n}))
+    return out
 
 
 def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,
-                     read_va: ReadVA | None, facts: VmFacts, memory: PatchMemory
+                     read_va: ReadVA | None, facts: VmFacts, memory: PatchMemory,
+                     read_data: ReadVA | None = None, trusted: frozenset[str] = frozenset()
                      ) -> tuple[PatchReport | None, dict[int, list[ByteRange]] | None,
                                 PatchMemory]:
     """Verify `.text`'s changes against the golden bytes as the kernel's own patching:
@@ -381,5 +448,9 @@ def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,
                                   facts=facts, memory=memory)
     unverified = split_by_page(verdict, base)
     pages = sorted({(v.start - base) // PAGE for v in verdict.verified} - set(unverified))
-    report = PatchReport(tuple(verdict.verified), tuple(pages), prof.symbolize)
+    attribution: Attribution | None = None
+    runtime = [v for v in verdict.verified if v.mechanism not in BOOT_TIME]
+    if runtime and read_data is not None and attribution_off(prof) is None:
+        attribution = attribute(prof, lk.slide, read_data, runtime, trusted)
+    report = PatchReport(tuple(verdict.verified), tuple(pages), prof.symbolize, attribution)
     return (report if verdict.verified else None), unverified, verdict.memory

@@ -160,13 +160,15 @@ async def cmd_check(args: argparse.Namespace) -> int:
         from scanner.commands.offline import check_core
 
         rep = await check_core(args.core, args.db, vm=args.vm, boot_profile=args.boot_profile,
-                               strict=args.strict)
+                               strict=args.strict,
+                               trusted_modules=frozenset(args.trust_module or ()))
     else:
         if args.vm or args.boot_profile:
             raise UsageError("--vm and --boot-profile are for --core only")
         rep = await check_vm(libvirt_source(args) or (
             VmSource(SourceKind.QMP, args.qmp) if args.qmp
-            else VmSource(SourceKind.REPLAY, args.replay)), args.db, strict=args.strict)
+            else VmSource(SourceKind.REPLAY, args.replay)), args.db, strict=args.strict,
+            trusted_modules=frozenset(args.trust_module or ()))
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(rep.to_json()) + b"\n")
     else:

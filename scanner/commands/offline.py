@@ -79,12 +79,14 @@ async def core_boot_profile(st: Store, ex: Examined, key: str | None) -> BootPro
 
 
 async def check_core(path: str | os.PathLike[str], db: str | None, *, vm: str | None = None,
-                     boot_profile: str | None = None, strict: bool = False) -> CheckReport:
+                     boot_profile: str | None = None, strict: bool = False,
+                     trusted_modules: frozenset[str] = frozenset()) -> CheckReport:
     """Check a memory image against the baselines; records only a `check` event."""
     async with await CoreVm.open(path, vm) as cvm, keyed_store(db) as st:
         ex = await examine(cvm, await load_profiles(st))
         ex = dataclasses.replace(ex, boot=await core_boot_profile(st, ex, boot_profile))
-        report = (await verify_examined(st, ex, cvm.name, mem=cvm.mem, strict=strict)).report
+        report = (await verify_examined(st, ex, cvm.name, mem=cvm.mem, strict=strict,
+                                        trusted_modules=trusted_modules)).report
         await st.append_event({"ts": report.ts, "event": "check", "vm": cvm.name,
                                "core": os.fspath(path), **report.to_json()})
         return report

@@ -71,13 +71,15 @@ async def baseline_vms(sources: Sequence[Source], db: str | None) -> list[Baseli
     return out
 
 
-async def check_vm(source: Source, db: str | None, *, strict: bool = False) -> CheckReport:
+async def check_vm(source: Source, db: str | None, *, strict: bool = False,
+                   trusted_modules: frozenset[str] = frozenset()) -> CheckReport:
     async with keyed_store(db) as st:
         profiles = await load_profiles(st)
         async with await open_vm(source) as vm:
             ex = await examine(vm, profiles)
             key = state_key(source, vm.uuid)
-            report = await check_examined(st, ex, key, mem=vm.mem, strict=strict)
+            report = await check_examined(st, ex, key, mem=vm.mem, strict=strict,
+                                          trusted_modules=trusted_modules)
             if report.patches is not None and any(v.in_progress
                                                   for v in report.patches.verified):
                 # text_poke_bp() seen half-way: the kernel finishes in microseconds. Look
@@ -85,7 +87,8 @@ async def check_vm(source: Source, db: str | None, *, strict: bool = False) -> C
                 # the same half-state still there is tampering.
                 await asyncio.sleep(HALF_STATE_MAX)
                 ex = await examine(vm, profiles)
-                report = await check_examined(st, ex, key, mem=vm.mem, strict=strict)
+                report = await check_examined(st, ex, key, mem=vm.mem, strict=strict,
+                                              trusted_modules=trusted_modules)
             await st.append_event({"ts": report.ts, "event": "check", "vm": vm.name,
                                    **report.to_json()})
             return report

@@ -22,12 +22,16 @@ from kscan.errors import KscanError
 from scanner.terminal import printable
 
 __all__ = ["DEFAULT_URI", "EXIT_ERROR", "EXIT_OK", "EXIT_TAMPERED", "MAX_WORKERS",
-           "STRICT_HELP", "Option", "Parser", "UsageError", "bound_seconds", "default_uri",
-           "duration", "interval", "non_negative", "percent", "stats_every", "workers"]
+           "STRICT_HELP", "TRUST_HELP", "Option", "Parser", "UsageError", "bound_seconds",
+           "default_uri", "duration", "interval", "module_name", "non_negative", "percent",
+           "stats_every", "workers"]
 
 EXIT_OK, EXIT_TAMPERED, EXIT_ERROR = 0, 1, 2
 #: Hashing threads `run` may be given (each slow path in flight holds ~19 MB).
 MAX_WORKERS = 64
+TRUST_HELP = ("a module whose run-time patches (ftrace hooks, kprobes) are the kernel's "
+              "own patching although the kernel did not accept its signature; "
+              "repeatable. Code no listed module holds is tampering all the same")
 STRICT_HELP = ("treat the kernel's own verified run-time patching (ftrace, jump labels, "
                "static calls, kprobes) as tampering too: for hardened VMs where tracing "
                "itself is suspicious")
@@ -180,3 +184,12 @@ def duration(text: str) -> float:
 
 
 duration.kind = float  # type: ignore[attr-defined]  # TOML: see commands.config
+
+
+def module_name(text: str) -> str:
+    """A module name as the kernel keeps it (`-` becomes `_`)."""
+    name = text.replace("-", "_")
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,55}", name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a module name (letters, digits, "
+                                         "_ and -, at most 55)")
+    return name

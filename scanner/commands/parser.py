@@ -30,11 +30,13 @@ from scanner.commands.options import (
     DEFAULT_URI,
     MAX_WORKERS,
     STRICT_HELP,
+    TRUST_HELP,
     Parser,
     bound_seconds,
     default_uri,
     duration,
     interval,
+    module_name,
     non_negative,
     percent,
     stats_every,
@@ -196,6 +198,8 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--strict", action="store_true",
                    help=STRICT_HELP)
+    p.add_argument("--trust-module", action="append", metavar="NAME", type=module_name,
+                   help=TRUST_HELP)
     _db_arg(p)
     p.set_defaults(func=cmd_check)
 
@@ -324,6 +328,8 @@ def build_parser() -> Parser:
                    help="stop after this long (default: run until stopped)")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
                    help=STRICT_HELP)
+    p.add_argument("--trust-module", action="append", metavar="NAME", type=module_name,
+                   help=TRUST_HELP)
     p.add_argument("--event-format", choices=("native", "ecs", "ocsf"), default="native",
                    help="the shape of events on stdout: kscan's own (native, default), "
                         "Elastic Common Schema 8.x (ecs) or OCSF 1.5 (ocsf: a tamper is a "

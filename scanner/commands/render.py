@@ -93,6 +93,7 @@ def report_lines(rep: CheckReport) -> list[str]:
             for br in m.ranges[:8]:
                 out.append(f"      bytes {br.start:#x}-{br.end:#x}: {br.before} -> "
                            f"{br.after}  [{br.kind}]")
+            out += [f"      {ptr.message}" for ptr in m.pointers[:8]]
     for f in rep.findings:
         out.append(f"  FINDING {f.kind}: {f.message}")
     if rep.patches is not None:
@@ -107,6 +108,11 @@ def report_lines(rep: CheckReport) -> list[str]:
                               for r in rows[:4])
             out.append(f"    {mech:<13} {shown}"
                        + (" ..." if len(rows) > 4 or doc["more"] else ""))
+        for o in doc.get("owners", ())[:8]:
+            where = o["symbol"] or o["address"]
+            sig = ("" if o["kind"] != "module" else " signed" if o["signed"] else " UNSIGNED")
+            trust = " trusted" if o["trusted"] else ""
+            out.append(f"    owner: {o['kind']}{sig}{trust} {o['name']} {where}")
     return out
 
 

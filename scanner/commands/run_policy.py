@@ -163,6 +163,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
                     action=action, forensics_dir=forensics,
                     workers=args.workers, stats_every=args.stats_every,
                     strict=bool(args.strict),
+                    trusted_modules=frozenset(args.trust_module or ()),
                     libvirt=args.connect if args.libvirt else None,
                     discover_uids=frozenset(_uid(u) for u in args.discover_user or ()),
                     keep_days=args.keep_days, forensics_max_mb=args.forensics_max_mb,

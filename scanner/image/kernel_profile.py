@@ -173,7 +173,9 @@ class KernelProfile:
         header["early_idt"] = list(self.early_idt) if self.early_idt else None
         header["alt_relocs"] = {region: [put(b) for b in ar.to_arrays()]
                                 for region, ar in self.alt_relocs.items()}
-        header["kallsyms"] = put(kallsyms_to_bytes(self.kallsyms)) if self.kallsyms else None
+        ro = self.sections.get(".rodata")
+        header["kallsyms"] = put(kallsyms_to_bytes(
+            self.kallsyms, also=(ro.addr, ro.end) if ro else None)) if self.kallsyms else None
         header["patch_sites"] = (put(patch_sites_to_bytes(self.patch_sites))
                                  if self.patch_sites else None)
         header["optprobe_code"] = put(self.optprobe_code)

@@ -49,7 +49,7 @@ WANTED: dict[str, tuple[str, ...]] = {
     "mod_kallsyms": ("symtab", "num_symtab", "strtab", "typetab"),
     "ftrace_ops": ("func", "next", "flags", "private", "trampoline", "trampoline_size",
                    "local_hash", "local_hash.filter_hash", "local_hash.notrace_hash",
-                   "func_hash", "saved_func", "direct_call", "ops_func"),
+                   "func_hash", "saved_func", "direct_call", "ops_func", "list"),
     "ftrace_ops_hash": ("notrace_hash", "filter_hash"),
     "ftrace_hash": ("size_bits", "buckets", "count", "flags"),
     "ftrace_func_entry": ("hlist", "ip", "direct"),
@@ -62,6 +62,11 @@ WANTED: dict[str, tuple[str, ...]] = {
     "bpf_prog_aux": ("id", "name", "ksym", "ksym.start", "ksym.end", "func_cnt", "prog"),
     "bpf_ksym": ("start", "end", "name", "lnode", "tnode", "prog"),
     "idr": ("idr_rt", "idr_base", "idr_next"),
+    # Owners of executable kernel memory (scanner.check.kernel_lists.exec_owners).
+    "kprobe_insn_cache": ("pages", "insn_size", "sym"),
+    "kprobe_insn_page": ("list", "insns", "cache", "nused"),
+    "bpf_prog_pack": ("list", "ptr", "bitmap"),
+    "real_mode_header": ("text_start", "ro_end"),
 }
 #: Enums whose every value is kept, and prefixes of enumerators kept from any enum.
 WANTED_ENUMS = ("module_state", "mod_mem_type")
@@ -76,6 +81,8 @@ DATA_SYMBOLS = (
     "ftrace_regs_caller", "ftrace_caller", "ftrace_stub", "klp_patches", "init_task",
     "_stext", "_etext", "__start_rodata", "__end_rodata", "_sdata", "_edata",
     "tainted_mask",
+    "pack_list", "ftrace_ops_trampoline_list", "real_mode_header", "real_mode_blob",
+    "real_mode_blob_end", "page_offset_base", "idt_table",
 )
 
 #: Bounds on stored layouts (far above the tables here).

@@ -74,11 +74,15 @@ def _unpack(magic: bytes, blob: bytes, what: str) -> tuple[dict[str, Any], dict[
 # --------------------------------------------------------------------------- kallsyms
 
 
-def kallsyms_to_bytes(ks: Kallsyms, *, full: bool = False) -> bytes:
-    """Serialize `ks` (only symbols inside `.text` unless `full`)."""
+def kallsyms_to_bytes(ks: Kallsyms, *, full: bool = False,
+                      also: tuple[int, int] | None = None) -> bytes:
+    """Serialize `ks` (only symbols inside `.text`, and inside [also) — `.rodata`, to
+    name pointer tables — unless `full`)."""
     lo, hi = ks.text
     a = ks.addresses
     keep = np.ones(a.size, dtype=bool) if full else (a >= np.uint64(lo)) & (a <= np.uint64(hi))
+    if also is not None and not full:
+        keep |= (a >= np.uint64(also[0])) & (a < np.uint64(also[1]))
     idx = np.flatnonzero(keep)
     addrs = a[idx]
     names = "\n".join(ks.names[i] for i in idx.tolist())

@@ -33,6 +33,8 @@ class WatchContext(Protocol):
     forensics_dir: Path
     #: --strict: the kernel's own verified patching is tampering too.
     strict: bool
+    #: --trust-module: modules whose runtime patches are not tampering though unsigned.
+    trusted_modules: frozenset[str]
 
     async def emit(self, event: str, vm: str | None, **fields: Any) -> dict[str, Any]:
         """Emit one event (stdout and the database's log); returns it."""

@@ -73,6 +73,8 @@ class RunConfig:
     discover_every: float = 2.0
     stats_every: float = 60.0
     strict: bool = False
+    #: --trust-module: unsigned modules whose runtime patches are not tampering.
+    trusted_modules: frozenset[str] = frozenset()
     libvirt: str | None = None  # watch every running domain of this libvirt URI
     #: --discover: the users (uids) whose QEMU processes are watched besides root's.
     discover_uids: frozenset[int] = frozenset()
@@ -97,6 +99,7 @@ class Engine:
         self.action = cfg.action
         self.forensics_dir = cfg.forensics_dir
         self.strict = cfg.strict
+        self.trusted_modules = cfg.trusted_modules
         self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers),
                                        thread_name_prefix="kscan-hash")
         self.watchers: dict[str, VmWatcher | None] = {}  # source → watcher (None: attaching)
@@ -474,6 +477,7 @@ class Engine:
         self.scheduler._stale()
         self.action = applied.action
         self.strict = applied.strict
+        self.trusted_modules = applied.trusted_modules
         self.forensics_dir = applied.forensics_dir
         self._profiles = (0.0, [])
         self._golden.clear()

@@ -86,6 +86,9 @@ def severity(event: str, fields: dict[str, Any]) -> str:
         return "warning"
     if event == "module_loaded" and fields.get("sig_ok") is False:
         return "warning"  # the kernel did not accept its signature
+    if event == "kernel_patched" and any(
+            isinstance(o, dict) and o.get("kind") == "module" for o in fields.get("owners", ())):
+        return "warning"  # a module (signed, or trusted by the operator) patched the kernel
     return SEVERITY.get(event, "info")
 
 
@@ -260,7 +263,8 @@ def human(ev: dict[str, Any]) -> str:
         detail = ev.get("message") or ev.get("policy") or ""
         return str(kind) + (f": {detail}" if detail else "")
     if kind == "tamper":
-        parts = [f"{m['region']} page {m['page']} ({m['basis']}"
+        parts = [m["pointers"][0]["message"] if m.get("pointers") else
+                 f"{m['region']} page {m['page']} ({m['basis']}"
                  + (f", {m['ranges'][0]['kind']}" if m["ranges"] else "") + ")"
                  for m in ev.get("mismatches", [])[:4]]
         parts += [f["message"] for f in ev.get("findings", [])[:4]]

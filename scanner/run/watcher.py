@@ -371,7 +371,8 @@ class VmWatcher:
         """Verify an examined VM (holding a slow-path slot), then report and act."""
         checked = await verify_and_record(self.ctx.store, ex, self.key, golden,
                                           self.ctx.timed_in_worker, mem=self.vm.mem,
-                                          strict=self.ctx.strict)
+                                          strict=self.ctx.strict,
+                                          trusted_modules=self.ctx.trusted_modules)
         report = checked.report
         if (confirm and report.tampered and report.patches is not None
                 and _change_set(report) != self.reported):
@@ -414,6 +415,8 @@ class VmWatcher:
             self._drop_reference()
             self.ref = make_reference(self.vm.mem, ex.lk, ex.vcpus, ex.space.pgd,
                                       ex.space.top_shift, ex.raw_digests, checked.reached)
+        if self.ref is not None and report.execmem is not None:
+            self.ref.exec_tables = report.execmem.fingerprint
         self.slide = ex.lk.slide
         # Keep what a partial re-check needs — not the region copies (~19 MB) and not
         # the decoded IDT gates.

@@ -14,10 +14,22 @@ in full is said to be incomplete rather than trusted.
 * `modules.read_modules` — the module list (`struct module` via `modules`): name, state,
   memory ranges (6.1's `core_layout`/`init_layout`, 6.4+'s `mem[]`), `sig_ok`, taints;
   `ModuleList.owner` finds the module whose memory holds an address;
+* `ftrace_ops.read_ftrace_ops` — the registered ftrace callbacks (`ftrace_ops_list`)
+  with their filters; `kprobes.read_kprobes` — the kprobes (`kprobe_table`), members
+  of aggregate probes included; `bpf.read_bpf_programs` — BPF JIT images
+  (`bpf_kallsyms`);
 * `modsyms.read_module_symbols` — a listed module's own symbols (its kallsyms copy), to
   name an address inside it ``func+0xoff [module]``.
 """
 
+from scanner.check.kernel_lists.bpf import BpfProgram, read_bpf_programs
+from scanner.check.kernel_lists.ftrace_ops import (
+    FtraceOps,
+    OpsList,
+    ftrace_off,
+    read_ftrace_ops,
+)
+from scanner.check.kernel_lists.kprobes import Kprobe, KprobeTable, kprobes_off, read_kprobes
 from scanner.check.kernel_lists.lists import ListWalk, walk_list
 from scanner.check.kernel_lists.memory import KernelReader, walker_reader
 from scanner.check.kernel_lists.modsyms import ModuleSymbols, read_module_symbols
@@ -32,14 +44,24 @@ from scanner.check.kernel_lists.modules import (
 )
 
 __all__ = [
+    "BpfProgram",
+    "FtraceOps",
     "KernelReader",
+    "Kprobe",
+    "KprobeTable",
     "ListWalk",
     "ModuleInfo",
     "ModuleList",
     "ModuleMemory",
     "ModuleSymbols",
+    "OpsList",
+    "ftrace_off",
+    "kprobes_off",
     "modules_off",
+    "read_bpf_programs",
+    "read_ftrace_ops",
     "read_guest_modules",
+    "read_kprobes",
     "read_module_symbols",
     "read_modules",
     "taint_letters",

@@ -1,0 +1,423 @@
+"""Executable kernel memory, accounted for page by page (pure).
+
+Every executable page of the kernel half (`translate.exec_map`, all vCPUs' kernel roots)
+must belong to one of:
+
+* the kernel image's text — [_text, PAGE_ALIGN(_etext)) after the slide (measured on
+  Debian's 6.1 and 6.12: the only executable part of the image once `mark_rodata_ro()`
+  and `free_initmem()` have run; the direct-map alias of the text is NX);
+* a listed module's text (`core_layout`/`init_layout` text, or `mem[MOD_TEXT]`,
+  `mem[MOD_INIT_TEXT]`);
+* an ftrace trampoline whose first bytes are the kernel's own `ftrace_regs_caller` or
+  `ftrace_caller` (what `create_trampoline()` copies): a forged `ftrace_ops` cannot
+  claim a page of arbitrary code;
+* a kprobe instruction-slot page of `kprobe_insn_slots`/`kprobe_optinsn_slots`;
+* a BPF image on `bpf_kallsyms`; a page of a BPF prog pack that holds no image must be
+  int3 fill (`bpf_jit_fill_hole()` at allocation, `bpf_arch_text_invalidate()` at
+  free), so a pack cannot host code no program claims;
+* the real-mode trampoline in the direct map (below 1 MiB, inside the blob's size).
+
+Anything else is tampering: "unowned executable kernel memory at VA (N pages)" — the
+text of a module that unlinked itself, a page made executable by hand, shellcode.
+Intervals are subtracted, never iterated page by page, so a guest mapping millions of
+executable pages costs one pass over its ranges.
+
+`AddressOwners.describe` names the owner of any kernel address the same way, for
+pointer tables (`scanner.check.pointers`): `symbol+off`, `module NAME (func+off)` (the
+module's own kallsyms, `scanner.check.kernel_lists.modsyms`), `bpf NAME`, or "unowned
+memory".
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kscan.addresses import hex_addr
+from scanner.check.exec_fastpath import ExecTables
+from scanner.check.kernel_lists.exec_owners import (
+    BPF_CHUNK,
+    ExecOwner,
+    ExecOwners,
+    read_exec_owners,
+)
+from scanner.check.kernel_lists.memory import KernelReader
+from scanner.check.kernel_lists.modsyms import ModuleSymbols, read_module_symbols
+from scanner.check.kernel_lists.modules import ModuleList, modules_off, read_guest_modules
+from scanner.check.locate import LiveKernel
+from scanner.check.patching import ReadVA
+from scanner.image.kernel_profile import KernelProfile
+from translate import GuestMemory, TranslationError, kernel_space
+from translate.exec_map import ExecMap, ExecRange, exec_map
+from translate.vcpu import VcpuState
+
+__all__ = ["AddressOwners", "ExecAccount", "ExecScan", "Unowned", "account_exec",
+           "address_owners", "describe_owner", "exec_findings", "scan_exec"]
+
+PAGE = 4096
+#: Bytes of the ftrace caller a trampoline must start with.
+TRAMPOLINE_PREFIX = 32
+#: Reported unowned ranges are capped (a guest can make millions).
+MAX_REPORTED = 64
+#: BPF pack pages one accounting may read to check their int3 fill (a 2 MiB pack is
+#: 512 pages; past this budget unclaimed pack pages count as unowned, unchecked).
+MAX_FILL_CHECKS = 8192
+INT3_PAGE = b"\xcc" * PAGE
+INT3_CHUNK = b"\xcc" * BPF_CHUNK
+
+
+def _down(a: int) -> int:
+    return a & ~(PAGE - 1)
+
+
+def _up(a: int) -> int:
+    return (a + PAGE - 1) & ~(PAGE - 1)
+
+
+@dataclass(frozen=True)
+class Unowned:
+    """An executable kernel range nothing owns."""
+
+    va: int
+    size: int
+    gpa: int
+    writable: bool
+    why: str = ""
+
+    @property
+    def pages(self) -> int:
+        return (self.size + PAGE - 1) // PAGE
+
+    @property
+    def message(self) -> str:
+        extra = f"; {self.why}" if self.why else ""
+        return (f"unowned executable kernel memory at {self.va:#x} ({self.pages} page"
+                f"{'s' if self.pages != 1 else ''}{', writable' if self.writable else ''}"
+                f"{extra})")
+
+    def to_json(self) -> dict[str, object]:
+        return {"va": hex_addr(self.va), "pages": self.pages, "gpa": hex_addr(self.gpa),
+                "writable": self.writable, "why": self.why}
+
+
+@dataclass(frozen=True)
+class ExecAccount:
+    """Executable kernel pages by owner kind, and what no owner claims."""
+
+    pages: int
+    by_kind: dict[str, int]
+    unowned: tuple[Unowned, ...]
+    #: Owner claims rejected (forged or stale list entries), and read problems.
+    problems: tuple[str, ...] = ()
+
+    @property
+    def unowned_pages(self) -> int:
+        return sum(u.pages for u in self.unowned)
+
+    def to_json(self) -> dict[str, object]:
+        return {"pages": self.pages, "by_kind": dict(self.by_kind),
+                "unowned": [u.to_json() for u in self.unowned],
+                "problems": list(self.problems)}
+
+
+@dataclass(frozen=True)
+class _Claim:
+    base: int
+    end: int
+    kind: str
+    name: str
+
+
+@dataclass
+class AddressOwners:
+    """Every owner of kernel code kscan knows for one check: the image's text, listed
+    modules, and the run-time owners. `claims` are page-rounded and sorted."""
+
+    profile: KernelProfile
+    slide: int
+    text: tuple[int, int]
+    modules: ModuleList | None
+    owners: ExecOwners
+    claims: list[_Claim] = field(default_factory=list)
+    packs: list[ExecOwner] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    #: Reads module symbol tables for `describe` (None: names without symbols).
+    reader: ReadVA | None = None
+    _modsyms: dict[int, ModuleSymbols | None] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, profile: KernelProfile, slide: int, text: tuple[int, int],
+              modules: ModuleList | None, owners: ExecOwners,
+              read_va: ReadVA | None) -> AddressOwners:
+        self = cls(profile, slide, text, modules, owners, reader=read_va)
+        claims = [_Claim(_down(text[0]), _up(text[1]), "kernel_text", "kernel")]
+        for mod in modules or ():
+            for area in mod.text:
+                claims.append(_Claim(_down(area.base), _up(area.end), "module", mod.name))
+        prefixes = self._caller_prefixes(read_va)
+        for o in owners.owners:
+            if o.kind == "bpf_pack":
+                self.packs.append(o)
+                continue
+            if o.kind == "ftrace_trampoline":
+                got = read_va(o.base, TRAMPOLINE_PREFIX) if read_va is not None else None
+                if got is None or got not in prefixes:
+                    self.rejected.append(f"{o.name}: trampoline {o.base:#x} does not start "
+                                         "with the kernel's ftrace caller: not a trampoline")
+                    continue
+            claims.append(_Claim(_down(o.base), _up(o.end), o.kind, o.name))
+        claims.sort(key=lambda c: (c.base, c.end))
+        self.claims = claims
+        self.packs.sort(key=lambda p: p.base)
+        return self
+
+    def _caller_prefixes(self, read_va: ReadVA | None) -> set[bytes]:
+        out: set[bytes] = set()
+        if read_va is None:
+            return out
+        for name in ("ftrace_regs_caller", "ftrace_caller"):
+            at = self.profile.data_symbol(name)
+            if at is None and self.profile.kallsyms is not None:
+                at = self.profile.kallsyms.lookup(name)
+            if at is not None:
+                b = read_va(at + self.slide, TRAMPOLINE_PREFIX)
+                if b is not None:
+                    out.add(b)
+        return out
+
+    def claim_at(self, addr: int) -> _Claim | None:
+        """The (first) claim holding `addr`. Claims of a sane kernel do not overlap; a
+        hostile one's may: look back over the few that could still cover it."""
+        k = bisect.bisect_right(self.claims, addr, key=lambda c: c.base) - 1
+        for c in reversed(self.claims[max(0, k - 16):k + 1]):
+            if c.base <= addr < c.end:
+                return c
+        return None
+
+    def _next_claim_base(self, addr: int) -> int | None:
+        k = bisect.bisect_right(self.claims, addr, key=lambda c: c.base)
+        return self.claims[k].base if k < len(self.claims) else None
+
+    def _module_symbol(self, addr: int) -> str | None:
+        """`func+0xoff` from the listed module's own kallsyms, when it can be read."""
+        if self.modules is None or self.reader is None or self.profile.layouts is None:
+            return None
+        hit = self.modules.owner(addr)
+        if hit is None:
+            return None
+        mod = hit[0]
+        if mod.address not in self._modsyms:
+            self._modsyms[mod.address] = read_module_symbols(
+                KernelReader(self.reader, budget=4 << 20), self.profile.layouts, mod)
+        syms = self._modsyms[mod.address]
+        got = syms.symbolize(addr) if syms is not None else None
+        return got.rsplit(" [", 1)[0] if got else None
+
+    def pack_at(self, addr: int) -> ExecOwner | None:
+        k = bisect.bisect_right(self.packs, addr, key=lambda p: p.base) - 1
+        if k >= 0 and self.packs[k].base <= addr < self.packs[k].end:
+            return self.packs[k]
+        return None
+
+    def describe(self, addr: int) -> str:
+        """Who owns `addr`: `symbol+off` in the kernel, `module NAME+off`, `bpf NAME`,
+        an ftrace trampoline or kprobe slot page, or "unowned memory"."""
+        c = self.claim_at(addr)
+        if c is not None:
+            if c.kind == "kernel_text":
+                return self.profile.symbolize(addr - self.slide) or f"kernel text {addr:#x}"
+            if c.kind == "module":
+                sym = self._module_symbol(addr)
+                return f"module {c.name} ({sym})" if sym else f"module {c.name}"
+            if c.kind == "bpf":
+                return f"bpf {c.name}"
+            return f"{c.kind.replace('_', ' ')} ({c.name})"
+        if self.text[0] <= addr < self.text[1] + (64 << 20):
+            # Kernel data (rodata, data, bss): a data symbol, not code.
+            sym = self.profile.symbolize(addr - self.slide)
+            if sym is None and self.profile.kallsyms is not None:
+                ks = self.profile.kallsyms
+                i = ks.index_at_or_below(addr - self.slide)
+                if i >= 0:
+                    sym = ks.symbolize(addr - self.slide)
+            if sym is not None:
+                return f"kernel data {sym}"
+        if self.modules is not None:
+            hit = self.modules.owner(addr)
+            if hit is not None:
+                return f"module {hit[0].name} ({hit[1].kind})"
+        if self.pack_at(addr) is not None:
+            return "BPF prog pack (no program there)"
+        return "unowned memory"
+
+
+def describe_owner(owners: AddressOwners | None, addr: int) -> str:
+    return owners.describe(addr) if owners is not None else f"{addr:#x}"
+
+
+def _pack_page(pack: ExecOwner, page: int, data: bytes | None) -> str | None:
+    """`bpf_pack` (the page holds allocated chunks and its free chunks are int3),
+    `bpf_pack_fill` (all free, all int3), or None (free chunks hold something else, or
+    the page or bitmap cannot be read)."""
+    if data is None or len(data) != PAGE:
+        return None
+    per_page = PAGE // BPF_CHUNK
+    first = (page - pack.base) // BPF_CHUNK
+    if not pack.bitmap:
+        return "bpf_pack_fill" if data == INT3_PAGE else None
+    used = False
+    for k in range(per_page):
+        bit = first + k
+        if bit // 8 < len(pack.bitmap) and pack.bitmap[bit // 8] >> (bit % 8) & 1:
+            used = True
+        elif data[k * BPF_CHUNK:(k + 1) * BPF_CHUNK] != INT3_CHUNK:
+            return None
+    return "bpf_pack" if used else "bpf_pack_fill"
+
+
+def account_exec(ranges: Sequence[ExecRange], owners: AddressOwners,
+                 read_va: ReadVA | None) -> ExecAccount:
+    """Split every executable range into owned and unowned pieces (see the module doc)."""
+    by_kind: dict[str, int] = {}
+    unowned: list[Unowned] = []
+    total = 0
+    fill_checks = 0
+
+    def add_unowned(va: int, end: int, r: ExecRange, why: str = "") -> None:
+        gpa = r.gpa + (va - r.va)
+        last = unowned[-1] if unowned else None
+        if (last is not None and last.va + last.size == va and last.why == why
+                and last.writable == r.writable):
+            unowned[-1] = Unowned(last.va, last.size + end - va, last.gpa, r.writable, why)
+        elif len(unowned) < MAX_REPORTED:
+            unowned.append(Unowned(va, end - va, gpa, r.writable, why))
+        else:
+            # Counted, not listed: the last entry stands for the rest.
+            tail = unowned[-1]
+            unowned[-1] = Unowned(tail.va, tail.size + (end - va), tail.gpa, tail.writable,
+                                  "and more ranges")
+
+    for r in ranges:
+        total += r.pages
+        cur, end = r.va, r.end
+        while cur < end:
+            c = owners.claim_at(cur)
+            if c is not None:
+                stop = min(end, c.end)
+                by_kind[c.kind] = by_kind.get(c.kind, 0) + (stop - cur) // PAGE
+                cur = stop
+                continue
+            nxt = owners._next_claim_base(cur)
+            stop = min(end, nxt) if nxt is not None and nxt > cur else end
+            # Unclaimed: pages of a BPF pack are the pack's when every chunk its bitmap
+            # says is free is int3 fill; anything else there is no program's code.
+            pack = owners.pack_at(cur)
+            if pack is not None:
+                stop = min(stop, pack.end)
+                p = cur
+                while p < stop:
+                    fill_checks += 1
+                    data = (read_va(p, PAGE) if read_va is not None
+                            and fill_checks <= MAX_FILL_CHECKS else None)
+                    kind = _pack_page(pack, p, data)
+                    if kind is not None:
+                        by_kind[kind] = by_kind.get(kind, 0) + 1
+                    else:
+                        add_unowned(p, p + PAGE, r, "in a BPF prog pack, in chunks no "
+                                    "program holds")
+                    p += PAGE
+            else:
+                add_unowned(cur, stop, r)
+            cur = stop
+    return ExecAccount(total, by_kind, tuple(unowned),
+                       tuple(owners.rejected + list(owners.owners.problems))[:32])
+
+
+@dataclass(frozen=True)
+class ExecScan:
+    """One slow-path look at executable kernel memory, over every vCPU's kernel root."""
+
+    account: ExecAccount
+    #: (root gpa, its walk) for each distinct kernel root (without table snapshots).
+    maps: tuple[tuple[int, ExecMap], ...]
+    owners: AddressOwners | None = None
+    #: What the fast path compares to prove this accounting still holds.
+    fingerprint: ExecTables | None = None
+
+    @property
+    def complete(self) -> bool:
+        return all(m.complete for _, m in self.maps)
+
+    @property
+    def tables(self) -> tuple[int, ...]:
+        """Every table page the walks read (the fast path fingerprints them)."""
+        return tuple(sorted({t for _, m in self.maps for t in m.tables}))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.account.to_json(), "roots": [hex_addr(r) for r, _ in self.maps],
+                "tables": len(self.tables), "complete": self.complete}
+
+
+def address_owners(mem_read: ReadVA, lk: LiveKernel) -> AddressOwners:
+    """Everything that owns kernel code, read from the guest through `mem_read`."""
+    prof = lk.profile
+    modules = None
+    if modules_off(prof) is None:
+        modules = read_guest_modules(prof, lk.slide, mem_read)
+    owners = read_exec_owners(prof, lk.slide, KernelReader(mem_read))
+    text = lk.regions[".text"]
+    return AddressOwners.build(prof, lk.slide, (text.va, text.va + text.size), modules,
+                               owners, mem_read)
+
+
+def scan_exec(mem: GuestMemory, vcpus: Sequence[VcpuState], lk: LiveKernel,
+              read_va: ReadVA) -> ExecScan:
+    """Walk each vCPU's kernel root for executable pages and account for them."""
+    maps: dict[int, ExecMap] = {}
+    problems: list[str] = []
+    nxe = True
+    for v in vcpus:
+        try:
+            sp = kernel_space(mem, v)
+        except TranslationError as err:
+            problems.append(f"vCPU {v.index}: {err}")
+            continue
+        nxe &= sp.nxe
+        if sp.pgd not in maps:
+            maps[sp.pgd] = exec_map(mem, sp.pgd, sp.mode, nxe=sp.nxe)
+    fingerprint = ExecTables.from_snapshots({r: m.snapshot for r, m in maps.items()}, nxe)
+    maps = {r: dataclasses.replace(m, snapshot={}) for r, m in maps.items()}
+    seen: set[ExecRange] = set()
+    ranges: list[ExecRange] = []
+    for m in maps.values():
+        for r in m.ranges:
+            if r not in seen:
+                seen.add(r)
+                ranges.append(r)
+    ranges.sort(key=lambda r: (r.va, r.size))
+    owners = address_owners(read_va, lk)
+    acc = account_exec(ranges, owners, read_va)
+    if problems:
+        acc = ExecAccount(acc.pages, acc.by_kind, acc.unowned,
+                          (tuple(problems) + acc.problems)[:32])
+    # The scan outlives the guest memory it read (a report keeps it): no lazy reads.
+    owners.reader = None
+    return ExecScan(acc, tuple(maps.items()), owners, fingerprint)
+
+
+def exec_findings(scan: ExecScan) -> list[tuple[str, str, dict[str, Any]]]:
+    """(kind, message, detail) of each problem the scan found: every unowned range, and
+    a walk the guest's tables made incomplete."""
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    for u in scan.account.unowned:
+        out.append(("unowned_exec", u.message, u.to_json()))
+    for root, m in scan.maps:
+        if not m.complete:
+            out.append(("exec_walk_incomplete",
+                        f"the kernel page table at gpa {root:#x} cannot be walked for "
+                        f"executable memory: {'; '.join(m.problems[:2])}",
+                        {"root": hex_addr(root), "problems": list(m.problems)}))
+    return out

@@ -1,0 +1,185 @@
+"""The registered ftrace callbacks, from `ftrace_ops_list` (kernel/trace/ftrace.c).
+
+`ftrace_ops_list` points at the first `struct ftrace_ops`; each `next` points at the
+following one, and the list ends at the sentinel `ftrace_list_end`. For each ops: its
+callback `func` (`saved_func` when `func` is one of ftrace's own wrappers), `flags`
+(FTRACE_OPS_FL_*: IPMODIFY means the callback may redirect execution), the trampoline
+the kernel allocated for it (`trampoline`, `trampoline_size`) and the functions it
+traces: `func_hash->filter_hash` (an empty hash: every function) minus
+`func_hash->notrace_hash`. A `struct ftrace_hash` is `size_bits`, `buckets` (an array
+of `1 << size_bits` hlist heads) and `count`; each entry a `ftrace_func_entry`
+{hlist, ip}.
+
+Hostile-safe: at most `MAX_OPS` ops, `MAX_BITS` bits of buckets, `MAX_ENTRIES`
+entries over all hashes, cycles detected; a list or hash that cannot be read in full
+says so (`complete`), never guesses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scanner.check.kernel_lists.memory import KernelReader, field_int, is_kernel_pointer
+from scanner.image.layouts import Layouts
+
+__all__ = ["FtraceHash", "FtraceOps", "OpsList", "ftrace_off", "read_ftrace_ops"]
+
+MAX_OPS = 256
+MAX_BITS = 16
+MAX_ENTRIES = 1 << 18
+
+
+@dataclass(frozen=True)
+class FtraceHash:
+    """The ips of one hash; `ips` is None when the hash is empty (every function)."""
+
+    ips: frozenset[int] | None
+    complete: bool = True
+
+    def has(self, ip: int) -> bool:
+        return self.ips is not None and ip in self.ips
+
+
+ALL = FtraceHash(None)
+
+
+@dataclass(frozen=True)
+class FtraceOps:
+    address: int
+    func: int
+    flags: int
+    trampoline: int
+    trampoline_size: int
+    filter: FtraceHash
+    notrace: FtraceHash
+    saved_func: int = 0
+
+    def covers(self, ip: int) -> bool:
+        """Whether this ops traces the function at `ip` (ftrace_ops_test). A filter
+        that could not be read in full is taken to cover every function: its callback
+        is then attributed to more sites, never hidden from one."""
+        return ((self.filter.ips is None or not self.filter.complete or ip in self.filter.ips)
+                and not (self.notrace.complete and self.notrace.has(ip)))
+
+
+@dataclass(frozen=True)
+class OpsList:
+    ops: tuple[FtraceOps, ...]
+    complete: bool
+    problems: tuple[str, ...] = ()
+
+    def by_address(self, addr: int) -> FtraceOps | None:
+        return next((o for o in self.ops if o.address == addr), None)
+
+
+def ftrace_off(layouts: Layouts | None) -> str | None:
+    """Why ftrace ops cannot be read with these layouts (None: they can)."""
+    if layouts is None:
+        return "no struct layouts"
+    need = {"ftrace_ops": ("func", "next", "flags", "func_hash"),
+            "ftrace_ops_hash": ("filter_hash", "notrace_hash"),
+            "ftrace_hash": ("size_bits", "buckets", "count"),
+            "ftrace_func_entry": ("hlist", "ip"), "hlist_node": ("next",)}
+    for s, fs in need.items():
+        lay = layouts.get(s)
+        if lay is None or not all(f in lay for f in fs):
+            return f"the kernel's BTF lacks struct {s} ({', '.join(fs)})"
+    return None
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.left = MAX_ENTRIES
+
+
+def _read_hash(mem: KernelReader, layouts: Layouts, va: int, budget: _Budget) -> FtraceHash:
+    if va == 0:
+        return ALL
+    h = layouts["ftrace_hash"]
+    buf = mem.struct(va, h) if is_kernel_pointer(va) else None
+    if buf is None:
+        return FtraceHash(frozenset(), False)
+    bits = field_int(buf, h["size_bits"])
+    count = field_int(buf, h["count"])
+    buckets = field_int(buf, h["buckets"])
+    if count == 0:
+        return ALL
+    if bits > MAX_BITS or not is_kernel_pointer(buckets):
+        return FtraceHash(frozenset(), False)
+    heads = mem.read(buckets, 8 << bits)
+    if heads is None:
+        return FtraceHash(frozenset(), False)
+    e = layouts["ftrace_func_entry"]
+    node_next = layouts["hlist_node"]["next"].offset
+    hl, ip_off = e["hlist"].offset, e["ip"].offset
+    ips: set[int] = set()
+    complete = True
+    for i in range(1 << bits):
+        node = int.from_bytes(heads[8 * i:8 * i + 8], "little")
+        seen: set[int] = set()
+        while node:
+            if budget.left <= 0 or node in seen or not is_kernel_pointer(node):
+                complete = False
+                break
+            budget.left -= 1
+            seen.add(node)
+            ip = mem.u64(node - hl + ip_off)
+            nxt = mem.u64(node + node_next)
+            if ip is None or nxt is None:
+                complete = False
+                break
+            ips.add(ip)
+            node = nxt
+    if len(ips) != count:
+        complete = False
+    return FtraceHash(frozenset(ips), complete)
+
+
+def read_ftrace_ops(mem: KernelReader, layouts: Layouts, list_va: int, end_va: int, *,
+                    limit: int = MAX_OPS) -> OpsList:
+    """The ops on the list whose head pointer is the variable at `list_va`
+    (`ftrace_ops_list`), up to the sentinel at `end_va` (`ftrace_list_end`)."""
+    o = layouts["ftrace_ops"]
+    hh = layouts["ftrace_ops_hash"]
+    cur = mem.u64(list_va)
+    out: list[FtraceOps] = []
+    problems: list[str] = []
+    seen: set[int] = set()
+    budget = _Budget()
+    for _ in range(limit + 1):
+        if cur == end_va:
+            return OpsList(tuple(out), not problems, tuple(problems))
+        if cur is None or not is_kernel_pointer(cur) or cur in seen:
+            problems.append("ftrace_ops_list: " + (
+                "unreadable" if cur is None else f"cycle at {cur:#x}" if cur in seen
+                else f"pointer {cur:#x} is not a kernel address"))
+            return OpsList(tuple(out), False, tuple(problems))
+        seen.add(cur)
+        buf = mem.struct(cur, o)
+        if buf is None:
+            problems.append(f"ftrace_ops at {cur:#x} cannot be read")
+            return OpsList(tuple(out), False, tuple(problems))
+        fh = field_int(buf, o["func_hash"])
+        filt, notrace = ALL, FtraceHash(frozenset())
+        hbuf = mem.struct(fh, hh) if is_kernel_pointer(fh) else None
+        if hbuf is None:
+            problems.append(f"ftrace_ops at {cur:#x}: func_hash {fh:#x} cannot be read")
+            filt = FtraceHash(frozenset(), False)
+        else:
+            filt = _read_hash(mem, layouts, field_int(hbuf, hh["filter_hash"]), budget)
+            notrace = _read_hash(mem, layouts, field_int(hbuf, hh["notrace_hash"]), budget)
+            if notrace.ips is None:
+                notrace = FtraceHash(frozenset())
+            if not (filt.complete and notrace.complete):
+                problems.append(f"ftrace_ops at {cur:#x}: a hash could not be read in full")
+
+        def opt(name: str, buf: bytes = buf) -> int:
+            f = o.get(name)
+            return field_int(buf, f) if f is not None else 0
+
+        out.append(FtraceOps(cur, field_int(buf, o["func"]), field_int(buf, o["flags"]),
+                             opt("trampoline"), opt("trampoline_size"), filt, notrace,
+                             opt("saved_func")))
+        cur = field_int(buf, o["next"])
+    problems.append(f"ftrace_ops_list: more than {limit} ops")
+    return OpsList(tuple(out), False, tuple(problems))
