@@ -91,7 +91,7 @@ def _own(ev: dict[str, Any]) -> dict[str, Any]:
 def _summary(ev: dict[str, Any], kind: str, vm: str | None) -> str:
     try:
         return human({**ev, "event": kind, "vm": vm})
-    except (KeyError, TypeError, IndexError, ValueError):  # a malformed logged event
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError):  # malformed
         return f"{vm or ''}: {kind}".lstrip(": ")
 
 
