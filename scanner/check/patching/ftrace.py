@@ -41,7 +41,8 @@ from scanner.check.patching.text_poke import TextPokeVerifier
 
 
 class FtraceVerifier(TextPokeVerifier):
-    # ftrace --------------------------------------------------------------------------
+    """`ftrace` sites, ftrace_caller's own call sites, allocated trampolines."""
+
     def do_ftrace(self) -> None:
         s = self.sites
         sym = self.sym

@@ -36,7 +36,8 @@ from scanner.check.patching.common import (
 
 
 class JumpLabelVerifier(VerifierBase):
-    # jump labels ----------------------------------------------------------------------
+    """`jump_label` sites and the rules across a key's sites and checks."""
+
     def do_jump_labels(self) -> None:
         s = self.sites
         n = min(s.jump_code.size, s.jump_target.size)

@@ -27,7 +27,8 @@ _JUMPS = frozenset({"jmp", "jo", "jno", "jb", "jae", "je", "jne", "jbe", "ja", "
 
 
 class KprobeVerifier(VerifierBase):
-    # kprobes, optprobes ---------------------------------------------------------------
+    """`kprobe` int3s, and the function decoding `optprobe` shares."""
+
     def func_of(self, off: int) -> tuple[int, int] | None:
         """[start, end) text offsets of the function containing text offset `off`."""
         va = self.base_s + off

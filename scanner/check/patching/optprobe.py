@@ -35,6 +35,8 @@ from scanner.check.patching.kprobe import KprobeVerifier
 
 
 class OptprobeVerifier(KprobeVerifier):
+    """`optprobe` jmps and the slots they jump to."""
+
     def optprobe(self, p: int) -> tuple[bool, str, int, int]:
         """(ok, reason, patch length, link target) for a jmp (or int3+rel) at p."""
         if p + 5 > self.n:

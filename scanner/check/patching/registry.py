@@ -38,6 +38,8 @@ Owner = Callable[..., str | None]
 
 @dataclass(frozen=True)
 class Mechanism:
+    """One way the kernel rewrites its own `.text`, as kscan verifies it."""
+
     name: str
     description: str
     #: Link-time VAs of its fixed sites in a kernel build (empty: kprobes and

@@ -25,6 +25,8 @@ from scanner.check.patching.common import (
 
 
 class RuntimeConstVerifier(VerifierBase):
+    """`runtime_const` immediates (6.11+)."""
+
     def do_runtime_consts(self) -> None:
         """Runtime constants (6.11+, asm/runtime-const.h): runtime_const_init() writes a
         variable's value into all its immediates once, at boot. All sites of a variable

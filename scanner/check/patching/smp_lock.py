@@ -21,7 +21,8 @@ from scanner.check.patching.common import (
 
 
 class SmpLockVerifier(VerifierBase):
-    # smp locks, runtime constants -----------------------------------------------------
+    """`smp_lock` prefixes."""
+
     def do_smp_locks(self) -> None:
         """alternatives_smp_unlock() (alternative.c) turns every `lock` prefix into `ds`
         when the kernel boots with one CPU, and alternatives_smp_lock() all of them

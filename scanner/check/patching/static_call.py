@@ -43,7 +43,8 @@ from scanner.check.patching.common import (
 
 
 class StaticCallVerifier(VerifierBase):
-    # static calls ---------------------------------------------------------------------
+    """`static_call` sites and trampolines, and the agreement of a key's."""
+
     def do_static_calls(self) -> None:
         s = self.sites
         n = min(s.static_call_addr.size, s.static_call_key.size, s.static_call_tail.size)

@@ -19,6 +19,8 @@ from scanner.check.patching.common import (
 
 
 class TextPokeVerifier(VerifierBase):
+    """text_poke_bp() half-states of any mechanism's site."""
+
     def half_state(self, key: str, live: bytes, what: str) -> str:
         """A text_poke_bp() half-state seen now: remembered for the next check; why it
         is not the kernel's if the same one was seen HALF_STATE_MAX seconds ago."""
