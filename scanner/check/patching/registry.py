@@ -53,7 +53,7 @@ class Mechanism:
     owner: Owner | None = None
 
 
-def _u64(vals: list[int]) -> U64:
+def _sorted_u64(vals: list[int]) -> U64:
     return np.array(sorted(v & ((1 << 64) - 1) for v in vals), dtype=np.uint64)
 
 
@@ -61,12 +61,12 @@ def _ftrace_sites(ps: PatchSites) -> U64:
     inner = [ps.ftrace_trampolines[k][0] for k in
              ("ftrace_call", "ftrace_regs_call", "ftrace_graph_call")
              if k in ps.ftrace_trampolines]
-    return np.union1d(np.asarray(ps.ftrace, dtype=np.uint64), _u64(inner))
+    return np.union1d(np.asarray(ps.ftrace, dtype=np.uint64), _sorted_u64(inner))
 
 
 def _static_call_sites(ps: PatchSites) -> U64:
     return np.union1d(np.asarray(ps.static_call_addr, dtype=np.uint64),
-                      _u64(list(ps.static_call_trampolines)))
+                      _sorted_u64(list(ps.static_call_trampolines)))
 
 
 def _none(ps: PatchSites) -> U64:
@@ -87,7 +87,7 @@ REGISTRY: tuple[Mechanism, ...] = (
               lambda ps: np.unique(np.asarray(ps.smp_locks, dtype=np.uint64)),
               SmpLockVerifier.do_smp_locks, boot_time=True),
     Mechanism("runtime_const", "runtime constants: immediates written once, at boot (6.11+)",
-              lambda ps: _u64([rc.addr for rc in ps.runtime_const]),
+              lambda ps: _sorted_u64([rc.addr for rc in ps.runtime_const]),
               RuntimeConstVerifier.do_runtime_consts, boot_time=True),
 )
 
