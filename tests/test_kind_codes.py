@@ -35,8 +35,10 @@ def test_every_classified_shape_has_a_code() -> None:
 
 def _reason_literals() -> set[str]:
     """String constants the patch verifiers give as reasons: `reason=`/`why =` values,
-    `reasons.setdefault(_, "...")` and the text of `return False, "..."`."""
-    tree = ast.parse((ROOT / "scanner" / "check" / "patching.py").read_text())
+    `reasons.setdefault(_, "...")` and the text of `return False, "..."`, in every module
+    of the scanner.check.patching package."""
+    trees = [ast.parse(f.read_text())
+             for f in sorted((ROOT / "scanner" / "check" / "patching").glob("*.py"))]
     out: set[str] = set()
 
     def text(node: ast.AST) -> str | None:
@@ -49,7 +51,7 @@ def _reason_literals() -> set[str]:
             return text(node.left)
         return None
 
-    for node in ast.walk(tree):
+    for node in (n for tree in trees for n in ast.walk(tree)):
         named = isinstance(node, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id in ("why", "reason") for t in node.targets)
         if (isinstance(node, ast.keyword) and node.arg == "reason") or named:

@@ -20,16 +20,18 @@ from typing import Any
 from scanner.check.attribution import Attribution
 from scanner.check.classify import MAX_SHOWN, ByteRange
 from scanner.check.owners import Owner
-from scanner.check.patching import PatchVerdict, UnverifiedRange, VerifiedPatch
+from scanner.check.patching import (
+    BOOT_TIME,
+    MECHANISMS,
+    PatchVerdict,
+    UnverifiedRange,
+    VerifiedPatch,
+)
 from scanner.hashing import keyed_id
-from scanner.image.patchsites import MECHANISMS
 from translate import PAGE
 
 __all__ = ["BOOT_TIME", "MAX_ENTRIES", "PatchReport", "split_by_page"]
 
-#: Mechanisms that follow how the VM booted (per-boot constants; lock prefixes for its
-#: CPU count), not run-time tracing: listed, never a `kernel_patched` or --strict matter.
-BOOT_TIME = frozenset({"runtime_const", "smp_lock"})
 #: Site entries listed in a report or event (the per-mechanism totals are complete).
 MAX_ENTRIES = 200
 

@@ -21,10 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MECHANISMS", "SYMBOLS", "PatchSites", "RuntimeConst", "extract_patch_sites"]
-
-MECHANISMS = ("ftrace", "jump_label", "static_call", "kprobe", "optprobe", "smp_lock",
-              "runtime_const")
+__all__ = ["SYMBOLS", "PatchSites", "RuntimeConst", "extract_patch_sites"]
 
 U64 = npt.NDArray[np.uint64]
 
