@@ -255,6 +255,11 @@ def _done(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _items(ev: dict[str, Any], key: str) -> list[Any]:
+    got = ev.get(key)
+    return got if isinstance(got, list) else []
+
+
 def human(ev: dict[str, Any]) -> str:
     """A one-line summary of an event for the log on stderr."""
     who = ev["vm"] or ""
@@ -263,12 +268,15 @@ def human(ev: dict[str, Any]) -> str:
         detail = ev.get("message") or ev.get("policy") or ""
         return str(kind) + (f": {detail}" if detail else "")
     if kind == "tamper":
-        parts = [m["pointers"][0]["message"] if m.get("pointers") else
-                 f"{m['region']} page {m['page']} ({m['basis']}"
-                 + (f", {m['ranges'][0]['kind']}" if m["ranges"] else "") + ")"
-                 for m in ev.get("mismatches", [])[:4]]
-        parts += [f["message"] for f in ev.get("findings", [])[:4]]
-        more = len(ev.get("mismatches", [])) + len(ev.get("findings", [])) - len(parts)
+        # Also for rows of the event log another version wrote: only well-formed items.
+        ms = [m for m in _items(ev, "mismatches") if isinstance(m, dict)]
+        fs = [f for f in _items(ev, "findings") if isinstance(f, dict)]
+        parts = [m["pointers"][0].get("message", "") if m.get("pointers") else
+                 f"{m.get('region')} page {m.get('page')} ({m.get('basis')}"
+                 + (f", {m['ranges'][0].get('kind')}" if m.get("ranges") else "") + ")"
+                 for m in ms[:4]]
+        parts += [str(f.get("message", "")) for f in fs[:4]]
+        more = len(ms) + len(fs) - len(parts)
         return (f"{who}: TAMPERED: " + "; ".join(parts) + (f"; +{more} more" if more > 0
                                                             else "")
                 + f" [action {ev.get('action')}, forensics {ev.get('forensics')}]")
