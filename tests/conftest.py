@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from kscan.shipped import contrib_path
 from scanner.image.kernel_profile import KernelProfile, profile_from_path
 from tools.guests import Guest, GuestSpec, ensure_kernel, start, wait_ready
 
@@ -82,7 +83,7 @@ def kernel_profile() -> KernelProfile:
 
 # -- every event the suite emits matches the published schema -----------------------------
 
-SCHEMA = Path(__file__).resolve().parent.parent / "contrib" / "events.schema.json"
+SCHEMA = contrib_path("events.schema.json")
 
 
 class EmittedEvents:

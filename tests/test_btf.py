@@ -315,7 +315,7 @@ def _strip_header(blob: bytes, *keys: str) -> bytes:
 
 
 def test_profile_keeps_layouts_and_data_symbols_and_reads_older_ones() -> None:
-    from scanner.commands.cli import _knows_less
+    from scanner.commands.handlers import knows_less as _knows_less
 
     prof = profile_from_image(real_image("6.1"))
     assert prof.layouts is not None and prof.layouts_off is None

@@ -1,6 +1,6 @@
 """`--event-format ecs|ocsf`: every event kscan emits, mapped to ECS 8.x and OCSF 1.5,
 has the published schemas' required fields and allowed values (vendored minimal
-schemas in contrib/siem/, their source in each file's $comment); a tamper is an ECS
+schemas in kscan/contrib/siem/, their source in each file's $comment); a tamper is an ECS
 alert / an OCSF Detection Finding with the hypervisor host as observer and the guest as
 host; and `kscan run --event-format` prints them (a replayed VM tampered with)."""
 
@@ -17,15 +17,16 @@ from typing import Any
 import jsonschema
 import pytest
 
+from kscan.shipped import contrib_path
 from scanner.run.formats import EVENT_FORMATS, format_event, formatter, to_ecs, to_ocsf
 from tests.test_event_schema import EXAMPLES, UUID, emit_all
 from tests.test_ops import fleet, tamper  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 ECS = jsonschema.Draft202012Validator(json.loads(
-    (ROOT / "contrib" / "siem" / "ecs-8.17.required.schema.json").read_text()))
+    contrib_path("siem/ecs-8.17.required.schema.json").read_text()))
 OCSF = jsonschema.Draft202012Validator(json.loads(
-    (ROOT / "contrib" / "siem" / "ocsf-1.5.0.required.schema.json").read_text()))
+    contrib_path("siem/ocsf-1.5.0.required.schema.json").read_text()))
 
 #: Events only the database's log holds, as stored (vm "", no severity, no host).
 LOGGED = [
@@ -155,3 +156,43 @@ def test_run_prints_the_format(fleet: dict[str, Any], fmt: str) -> None:  # noqa
         assert alert["event"]["kind"] == "alert" and alert["host"]["name"] == "ops1"
     else:
         assert alert["class_uid"] == 2004 and alert["device"]["name"] == "ops1"
+
+
+@pytest.mark.parametrize("fmt", ["ecs", "ocsf"])
+def test_events_command_replays_the_log_in_a_siem_format(tmp_path: Path, fmt: str) -> None:
+    """`kscan events --event-format ecs|ocsf`: every logged event (those `run` wrote and
+    those only one-shot commands log) as one valid document per line, filters applied
+    to the native event, the log id kept."""
+    import asyncio
+
+    from store import Store
+    from tests.kscan_proc import kscan
+
+    db = tmp_path / "k.db"
+    logged = [ev for ev in all_events() if ev["event"] != "stats"]  # never logged
+
+    async def fill() -> None:
+        async with Store.open(db) as st:
+            for ev in logged:
+                await st.append_event({**ev, "vm": ev["vm"] or ""})
+
+    asyncio.run(fill())
+    res = kscan("events", "--db", str(db), "-n", "1000", "--event-format", fmt, timeout=60)
+    assert res.returncode == 0, res.stderr
+    docs = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(docs) == len(logged)
+    validator = ECS if fmt == "ecs" else OCSF
+    for doc in docs:
+        assert not errors(validator, doc), errors(validator, doc)
+    if fmt == "ecs":
+        assert [d["event"]["action"] for d in docs] == [e["event"] for e in logged]
+        assert all(isinstance(d["kscan"]["id"], int) for d in docs), docs[0]
+    else:
+        assert [d["unmapped"]["kscan"]["event"] for d in docs] == [e["event"] for e in logged]
+        assert all(isinstance(d["unmapped"]["kscan"]["id"], int) for d in docs)
+    res = kscan("events", "--db", str(db), "--severity", "critical", "--event-format", fmt,
+                timeout=60)
+    crit = [json.loads(line) for line in res.stdout.splitlines()]
+    want = [e for e in logged if e.get("severity") == "critical"
+            or (e["event"] == "check" and e.get("result") == "tampered")]
+    assert want and len(crit) == len(want)

@@ -1,5 +1,5 @@
 """Events for SIEMs: every event carries host, severity and (where the VM has one) uuid,
-and matches the JSON Schema shipped in contrib/events.schema.json. (conftest.py also
+and matches the JSON Schema shipped in kscan/contrib/events.schema.json. (conftest.py also
 validates every event the whole suite emits against it.)"""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 import jsonschema
 import pytest
 
+from kscan.shipped import contrib_path
 from scanner.run.events import SEVERITIES, EventSink, severity
 
-SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "contrib" /
-                     "events.schema.json").read_text())
+SCHEMA = json.loads(contrib_path("events.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 UUID = "6a1f0e3c-2b7d-4c9e-8f00-0123456789ab"
 MISMATCH = {"region": ".text", "page": 5, "va": "0xffffffff9a005000", "gpa": "0x1005000",

@@ -34,7 +34,7 @@ from tests.test_ops import fleet, make_vm, tamper  # noqa: F401  (fleet: a fixtu
 from tests.test_unit_watcher import write_vm
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+README = ROOT / "docs" / "operating.md"  # the journald recipe
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z kscan: ")
 
 
@@ -294,14 +294,14 @@ def journald(raw: bytes) -> list[tuple[int, str]]:
 
 def readme_recipe() -> str:
     m = re.search(r"^ +(journalctl -u kscan -o cat \| jq .*)$", README.read_text(), re.M)
-    assert m is not None, "the README's journald recipe is gone"
+    assert m is not None, "docs/operating.md's journald recipe is gone"
     return m.group(1)
 
 
 def test_journald_priorities_no_duplicates_and_the_readme_recipe(
         fleet: dict[str, Any]) -> None:  # noqa: F811
     """Was: every event journaled twice (JSON on stdout, a summary on stderr), no
-    PRIORITY, and the README's `journalctl -o cat | jq` failed on the summaries."""
+    PRIORITY, and the documented `journalctl -o cat | jq` failed on the summaries."""
     tmp = fleet["tmp"]
     journal = tmp / "journal"
     with open(journal, "wb") as stream:
@@ -334,7 +334,7 @@ def test_journald_priorities_no_duplicates_and_the_readme_recipe(
     for prio, ev in events:
         assert prio == want[ev["severity"]], ev
     assert [p for p, e in events if e["event"] == "tamper"] == [2]
-    # The README's recipe over that journal: exactly the critical events.
+    # The documented recipe over that journal: exactly the critical events.
     cat = tmp / "cat"
     cat.write_text("".join(m + "\n" for _, m in entries)
                    + "kscan: a log line of kscan's own, not JSON\n")

@@ -28,10 +28,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kscan.shipped import contrib_path
 from scanner.commands.cli import build_parser
 from scanner.commands.config import (
     NOT_KEYS,
     ConfigError,
+    config_keys,
     load_config,
     parse_with_config,
     subparser,
@@ -52,8 +54,8 @@ from tests.test_unit_watcher import (
 
 ROOT = Path(__file__).resolve().parent.parent
 LOAD_GPA = 0x10_0000
-EXAMPLE = ROOT / "contrib" / "kscan.toml.example"
-UNIT = ROOT / "contrib" / "systemd" / "kscan.service"
+EXAMPLE = contrib_path("kscan.toml.example")
+UNIT = contrib_path("systemd/kscan.service")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -422,7 +424,8 @@ def test_config_error_exits_2_with_one_line(tmp_path: Path) -> None:
 
 def test_example_config_has_every_key_and_is_valid() -> None:
     run = subparser(build_parser(), "run")
-    keys = {a.dest for a in run._actions if a.option_strings} - NOT_KEYS
+    keys = set(config_keys(run))
+    assert not keys & NOT_KEYS and {"qmp", "strict", "db", "cpu_budget"} <= keys
     text = EXAMPLE.read_text()
     shown = set(re.findall(r"^# (\w+) = ", text, re.M))
     assert shown == keys, f"missing {keys - shown}, unknown {shown - keys}"

@@ -385,8 +385,9 @@ def test_owner_change_changes_the_fingerprint() -> None:
 def test_trust_module_option_and_config(tmp_path: Any) -> None:
     import argparse
 
-    from scanner.commands.cli import _module_name, build_parser
-    from scanner.commands.config import load_config
+    from scanner.commands.cli import build_parser
+    from scanner.commands.config import load_config, subparser
+    from scanner.commands.options import module_name as _module_name
 
     assert _module_name("kscan-ftrace-hook") == "kscan_ftrace_hook"
     for bad in ("", "a b", "x" * 56, "../evil", "m\n"):
@@ -397,7 +398,7 @@ def test_trust_module_option_and_config(tmp_path: Any) -> None:
     assert args.trust_module == ["a_b", "c"]
     conf = tmp_path / "k.toml"
     conf.write_text('trust_module = ["my-tracer"]\n')
-    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    run_parser = subparser(build_parser(), "run")
     assert load_config(conf, run_parser)["trust_module"] == ["my_tracer"]
 
 
@@ -434,14 +435,14 @@ def test_an_unreadable_filter_does_not_hide_a_hook() -> None:
 
 def test_owner_events_match_the_exact_schema() -> None:
     """`kernel_patched` with owners and a `tamper` with a `patch_owner` finding, as the
-    attribution builds them, validate against contrib/events.schema.json (exact)."""
+    attribution builds them, validate against kscan/contrib/events.schema.json (exact)."""
     import json
-    from pathlib import Path
 
     import jsonschema
 
-    schema = json.loads((Path(__file__).resolve().parent.parent / "contrib" /
-                         "events.schema.json").read_text())
+    from kscan.shipped import contrib_path
+
+    schema = json.loads(contrib_path("events.schema.json").read_text())
     validator = jsonschema.Draft202012Validator(schema)
     m = setup()
     sc = scenario(m)

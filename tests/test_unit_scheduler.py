@@ -1,6 +1,7 @@
 """scanner.run.scheduler: adaptive period under a CPU budget, hot VMs, fixed intervals, the
 token bucket (real delays measured on the event loop's clock, exact delays with a fake
-clock) and the cost EWMA. Expected values are computed by hand from the README's rules."""
+clock) and the cost EWMA. Expected values are computed by hand from the rules in
+docs/operating.md."""
 
 from __future__ import annotations
 
@@ -183,7 +184,7 @@ def test_describe() -> None:
 
 
 # -- token bucket: exact amounts with a fake clock ----------------------------------------
-# acquire(): wait while the bucket is in debt, then reserve (README: "a token bucket
+# acquire(): wait while the bucket is in debt, then reserve (docs/operating.md: "a token bucket
 # refilled at the budget is the hard cap for all work").
 
 def test_bucket_exact_delays(clock: FakeClock, sleeps: list[float]) -> None:

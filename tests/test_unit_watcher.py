@@ -443,7 +443,7 @@ def test_a_vm_shut_down_while_watching_is_lost(world: dict[str, Any]) -> None:
             await ctx.wait("vm_clean", 0)
             vm._state = "shutdown"  # QEMU -no-shutdown (libvirt): QMP stays up
             try:
-                # Expected (README: vm_lost "the VM ... went away"; RunStatus.gone: "will
+                # Expected (docs/operating.md: vm_lost "the VM ... went away"; RunStatus.gone: "will
                 # not run its kernel again without a reset"): the watcher ends.
                 await _finish(task, timeout=1.0)
             finally:

@@ -4,7 +4,9 @@ The keys are the long options of `kscan run` with `_` for `-` (`cpu_budget = 10`
 `on_tamper = "pause"`, `qmp = ["/run/*/kscan.sock"]`), `db` included; they are read
 from `kscan run`'s own parser, so an option added to `run` is a key at once. Values are
 checked with the option's own type (its range checks included); a key given on the
-command line overrides the file (a repeatable option replaces the file's list).
+command line overrides the file (a repeatable option replaces the file's list; a switch
+the file turns on, `strict = true`, the command line turns off: `--no-strict`). The
+options are read from what `commands.options.Parser` records, not argparse's internals.
 
 Without `--config`, `/etc/kscan/kscan.toml` is read if it exists. An unknown key, a
 wrong type, a bad value or a file that is not TOML is one line naming the file and the
@@ -20,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from kscan.errors import KscanError
+from kscan.shipped import contrib_path
+from scanner.commands.options import Option, Parser
 
-__all__ = ["DEFAULT_CONFIG", "ConfigError", "load_config", "parse_with_config"]
+__all__ = ["DEFAULT_CONFIG", "ConfigError", "config_keys", "load_config", "parse_with_config",
+           "subparser"]
 
 DEFAULT_CONFIG = Path("/etc/kscan/kscan.toml")
 #: Options of `run` that are no keys of the file.
@@ -33,17 +38,15 @@ class ConfigError(KscanError):
     """The configuration file cannot be used."""
 
 
-def subparser(ap: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    for action in ap._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            found: argparse.ArgumentParser = action.choices[name]
-            return found
-    raise KeyError(name)
+def subparser(ap: Parser, name: str) -> Parser:
+    """The parser of `ap`'s subcommand `name` (KeyError if none)."""
+    return ap.commands[name]
 
 
-def _keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in parser._actions
-            if a.dest not in NOT_KEYS and a.dest != argparse.SUPPRESS and a.option_strings}
+def config_keys(parser: Parser) -> dict[str, Option]:
+    """The keys of the file: the options of `parser` (`run`'s), by dest."""
+    return {dest: o for dest, o in parser.options.items()
+            if dest not in NOT_KEYS and dest != argparse.SUPPRESS}
 
 
 def _kind(value: Any) -> str:
@@ -51,7 +54,9 @@ def _kind(value: Any) -> str:
             list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
 
 
-def _convert(path: Path, key: str, action: argparse.Action, value: Any) -> Any:
+def _convert(path: Path, key: str, option: Option, value: Any) -> Any:
+    action = option.action
+
     def bad(what: str) -> ConfigError:
         return ConfigError(f"{path}: {key}: {what}")
 
@@ -64,11 +69,11 @@ def _convert(path: Path, key: str, action: argparse.Action, value: Any) -> Any:
         except (argparse.ArgumentTypeError, ValueError, KscanError) as err:
             raise bad(str(err)) from None
 
-    if isinstance(action, argparse._StoreTrueAction):
+    if option.kind in ("store_true", "boolean"):
         if not isinstance(value, bool):
             raise bad(f"expected true or false, got {_kind(value)}")
         return value
-    if isinstance(action, argparse._AppendAction):
+    if option.kind == "append":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise bad(f"expected a list of strings, got {_kind(value)}")
@@ -94,7 +99,7 @@ def _convert(path: Path, key: str, action: argparse.Action, value: Any) -> Any:
     return typed(str(value))
 
 
-def load_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+def load_config(path: Path, parser: Parser) -> dict[str, Any]:
     """The file's settings, keyed by option dest, each checked and converted."""
     try:
         with open(path, "rb") as f:
@@ -108,13 +113,13 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    keys = _keys(parser)
+    keys = config_keys(parser)
     out: dict[str, Any] = {}
     for key, value in doc.items():
         action = keys.get(key)
         if action is None:
             hint = f"did you mean {key.replace('-', '_')}?" if key.replace(
-                "-", "_") in keys else "see contrib/kscan.toml.example for every key"
+                "-", "_") in keys else f"see {contrib_path('kscan.toml.example')} for every key"
             raise ConfigError(f"{path}: unknown key {key!r}", hint=hint)
         out[key] = _convert(path, key, action, value)
     return out
@@ -127,7 +132,7 @@ def config_file(given: str | None) -> Path | None:
     return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 
 
-def parse_with_config(build_parser: Callable[[], argparse.ArgumentParser],
+def parse_with_config(build_parser: Callable[[], Parser],
                       argv: Sequence[str]) -> argparse.Namespace:
     """Parse the command line; for `run`, with the configuration file's settings as
     the defaults the command line overrides. `args.config_file` names the file read."""
@@ -141,8 +146,8 @@ def parse_with_config(build_parser: Callable[[], argparse.ArgumentParser],
     ap = build_parser()
     run = subparser(ap, "run")
     settings = load_config(path, run)
-    keys = _keys(run)
-    lists = {k: v for k, v in settings.items() if isinstance(keys[k], argparse._AppendAction)}
+    keys = config_keys(run)
+    lists = {k: v for k, v in settings.items() if keys[k].kind == "append"}
     run.set_defaults(**{k: v for k, v in settings.items() if k not in lists})
     args = ap.parse_args(argv)
     for key, value in lists.items():

@@ -9,7 +9,9 @@ writes). Filters: `--vm NAME` (repeatable; `--vm ''` for kscan's own events),
 `--since`, the last `--lines` events (100); with it, every event since then.
 `--follow` then prints new events as `run` appends them (polling every second), until
 Ctrl-C. Lines are `TIME SEVERITY VM: EVENT: summary`; `--json` prints each event as one
-JSON object per line, as `run` writes them on stdout, with its log `id`.
+JSON object per line, as `run` writes them on stdout, with its log `id`;
+`--event-format ecs|ocsf` prints them as `run --event-format` does (JSON lines, the log
+`id` kept among kscan's own fields), for replaying the log into a SIEM.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import orjson
 
 from scanner.run.events import SEVERITIES, human, severity
+from scanner.run.formats import EVENT_FORMATS, formatter
 from scanner.terminal import printable
 from store.models import EventRow
 from store.reader import Reader
@@ -92,8 +95,9 @@ def format_line(ev: dict[str, Any]) -> str:
 
 
 class _Printer:
-    def __init__(self, json: bool, min_severity: str | None) -> None:
-        self.json = json
+    def __init__(self, json: bool, min_severity: str | None, fmt: str = "native") -> None:
+        self.json = json or fmt != "native"  # ECS and OCSF are JSON documents
+        self.shape = formatter(fmt)
         self.rank = SEVERITIES.index(min_severity) if min_severity else len(SEVERITIES)
 
     def wanted(self, ev: dict[str, Any]) -> bool:
@@ -108,7 +112,8 @@ class _Printer:
             if not self.wanted(ev):
                 continue
             if self.json:
-                out.buffer.write(orjson.dumps(ev, option=orjson.OPT_NON_STR_KEYS) + b"\n")
+                out.buffer.write(orjson.dumps(self.shape(ev), option=orjson.OPT_NON_STR_KEYS)
+                                 + b"\n")
             else:
                 out.write(format_line(ev) + "\n")
         out.flush()
@@ -117,7 +122,7 @@ class _Printer:
 async def cmd_events(args: argparse.Namespace) -> int:
     types = [t for group in args.type or () for t in group]
     vms: list[str | None] = list(args.vm) if args.vm else [None]
-    printer = _Printer(args.json, args.severity)
+    printer = _Printer(args.json, args.severity, args.event_format)
     with Reader.open(args.db) as r:
         last = r.last_event_id()  # before reading: nothing appended meanwhile is missed
         rows: list[EventRow] = []
@@ -170,7 +175,8 @@ def add_parser(sub: Any, db_arg: Any) -> None:
                "  kscan events --vm web01 --since 1h\n"
                "  kscan events --type tamper --since 7d --json | jq .mismatches_total\n"
                "  kscan events --severity warning --follow\n"
-               "  kscan events --since 2026-12-01T00:00 --type tamper,action",
+               "  kscan events --since 2026-12-01T00:00 --type tamper,action\n"
+               "  kscan events --since 30d --event-format ecs > kscan-ecs.ndjson",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vm", action="append", metavar="NAME",
                    help="only this VM's events (repeatable; '' for kscan's own)")
@@ -186,5 +192,9 @@ def add_parser(sub: Any, db_arg: Any) -> None:
     p.add_argument("-f", "--follow", action="store_true",
                    help="then print new events as they are logged, until Ctrl-C")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--event-format", choices=EVENT_FORMATS, default="native",
+                   help="the shape of --json lines, as kscan run's: kscan's own (native, "
+                        "default), Elastic Common Schema 8.x (ecs) or OCSF 1.5 (ocsf); "
+                        "ecs and ocsf imply --json")
     db_arg(p)
     p.set_defaults(func=cmd_events)

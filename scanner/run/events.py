@@ -2,8 +2,8 @@
 
 Every event has `ts` (Unix time, float), `event` (its type), `severity` (critical,
 warning, notice, info), `host` (this host's name) and `vm` (the VM's name, or null for
-kscan's own events), `uuid` where the VM has one, plus fields of its type (README:
-"Events"; the JSON Schema in contrib/events.schema.json).
+kscan's own events), `uuid` where the VM has one, plus fields of its type
+(docs/operating.md: "Events"; the JSON Schema: kscan/contrib/events.schema.json).
 
 Order of a detection's path: an event is appended to the database's append-only log
 first (every type except `DROPPABLE`), then queued for stdout; `emit` never waits for

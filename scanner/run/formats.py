@@ -2,8 +2,8 @@
 
 Pure mappings of one native event (the dict `EventSink.emit` builds, or a row of the
 database's event log) to another shape; nothing here does I/O. `native` is kscan's own
-shape (contrib/events.schema.json). The others keep every native field, so nothing is
-lost in translation:
+shape (kscan/contrib/events.schema.json, installed with the package: `kscan
+--contrib-dir`). The others keep every native field, so nothing is lost in translation:
 
 * `ecs` — Elastic Common Schema 8.x (`ecs.version` 8.17.0). `@timestamp` (ISO 8601,
   UTC), `message` (the one-line summary kscan logs), `event.{kind, category, type,
@@ -91,7 +91,7 @@ def _own(ev: dict[str, Any]) -> dict[str, Any]:
 def _summary(ev: dict[str, Any], kind: str, vm: str | None) -> str:
     try:
         return human({**ev, "event": kind, "vm": vm})
-    except (KeyError, TypeError, IndexError, ValueError):  # a malformed logged event
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError):  # malformed
         return f"{vm or ''}: {kind}".lstrip(": ")
 
 
