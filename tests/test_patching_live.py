@@ -315,3 +315,23 @@ def test_run_reports_a_second_change_in_one_page(pool: dict[str, Guest], db: str
         proc.stop()
         for off, old in zip((base, base + 0x40), olds, strict=False):
             run(write_bytes(g.qmp_aux, kernel_profile_full, ".text", off, old))
+
+
+def test_the_host_tells_whether_a_real_guest_ran(pool: dict[str, Guest]) -> None:
+    """QEMU names its vCPU threads; the host says how long each ran (what the second
+    look of a change caught half-way waits for, scanner.vm.progress)."""
+    import asyncio
+
+    from scanner.vm.live import AttachedVm
+    from scanner.vm.progress import progressed
+
+    async def go() -> None:
+        async with await AttachedVm.attach(pool["p4"].qmp_aux) as vm:
+            first = await vm.progress()
+            assert first is not None and len(first.run_s) == 4
+            assert all(r > 0 for r in first.run_s)  # every vCPU booted the kernel
+            await asyncio.sleep(0.5)
+            later = await vm.progress()
+            assert later is not None and progressed(first, later)  # idle or ran
+
+    asyncio.run(go())

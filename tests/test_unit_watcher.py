@@ -47,6 +47,7 @@ from scanner.run.scheduler import Policy, Scheduler
 from scanner.run.watcher import VmWatcher, WatchState
 from scanner.vm import SourceKind, VmSource
 from scanner.vm.bootprofile import BootProfile
+from scanner.vm.progress import Sample
 from scanner.vm.replay import ReplayVm, write_replay
 from store import Store
 from tests.synthetic import NX, PAGE, RW, P, SyntheticRam
@@ -928,3 +929,85 @@ def test_a_different_tampering_on_the_second_look_reports_both(
             await _finish(task)
 
     asyncio.run(asyncio.wait_for(go(), 15))
+
+
+class StarvedVm(LosableVm):
+    """A VM whose vCPU the host has not let run (runnable, no run time) until the test
+    says it ran — as a TCG or overcommitted guest waits for a core."""
+
+    ran = 0.0
+
+    async def progress(self) -> Sample | None:
+        return Sample((self.ran,), (False,))
+
+
+def test_the_second_look_waits_until_the_guest_has_run(
+        patching_world: dict[str, Any]) -> None:
+    """The kernel caught half-way on a starved guest: 0.3 s later it has not run, so the
+    change is still there — a fixed delay took it for a tampering (and with `pause`,
+    stopped the VM for good in the middle of its own patching). The second look waits
+    for the host to say every vCPU ran; the kernel then has finished."""
+    async def go() -> None:
+        async with Store.open(patching_world["db"]) as st:
+            ram = _flipped(build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False))
+            mem = write_vm(patching_world["tmp"] / "life", "life", ram)
+            ctx = Ctx(st, patching_world["tmp"] / "forensics")
+            vm = await StarvedVm.open(patching_world["tmp"] / "life")
+            assert isinstance(vm, StarvedVm)
+            w = SecondLook(ctx, vm, "replay:" + str(patching_world["tmp"] / "life"))
+            task = asyncio.create_task(w.run())
+            await ctx.wait("vm_clean", 0)
+            at = 0x10_0000 + TAMPER_PAGE * PAGE + TAMPER_AT
+            original = bytes(CONTENT[".text"][TAMPER_PAGE * PAGE + TAMPER_AT:][:5])
+            looked_at: list[float] = []
+
+            def starve_then_run() -> None:
+                looked_at.append(time.monotonic())
+
+                async def later() -> None:
+                    await asyncio.sleep(1.0)  # well past CONFIRM_DELAY
+                    poke(mem, at, original)   # the kernel finishes once it runs
+                    vm.ran = 1.0
+
+                asyncio.get_running_loop().create_task(later())
+
+            w.during = starve_then_run
+            mark = len(ctx.events)
+            poke(mem, at, b"\xe9\x11\x22\x33\x44")
+            ev = await ctx.wait("tamper_transient", mark)
+            assert time.monotonic() - looked_at[0] >= 1.0
+            assert ev["second_look"] == "clean"
+            await ctx.scans_after(3)
+            assert "tamper" not in ctx.kinds() and "action" not in ctx.kinds()
+            vm.lost = "done"
+            await _finish(task)
+
+    asyncio.run(asyncio.wait_for(go(), 20))
+
+
+def test_a_starved_guest_is_looked_at_again_after_a_bound(
+        patching_world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest the host says never runs cannot delay the second look past CONFIRM_MOST:
+    a change still there then is a tamper (an attacker gains nothing by looking
+    starved)."""
+    monkeypatch.setattr(watcher_mod, "CONFIRM_MOST", 1.0)
+
+    async def go() -> None:
+        async with Store.open(patching_world["db"]) as st:
+            ram = _flipped(build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False))
+            mem = write_vm(patching_world["tmp"] / "life", "life", ram)
+            ctx = Ctx(st, patching_world["tmp"] / "forensics")
+            vm = await StarvedVm.open(patching_world["tmp"] / "life")
+            w = SecondLook(ctx, vm, "replay:" + str(patching_world["tmp"] / "life"))
+            task = asyncio.create_task(w.run())
+            await ctx.wait("vm_clean", 0)
+            mark = len(ctx.events)
+            t0 = time.monotonic()
+            poke(mem, 0x10_0000 + TAMPER_PAGE * PAGE + TAMPER_AT, b"\xe9\x11\x22\x33\x44")
+            await ctx.wait("tamper", mark)
+            assert time.monotonic() - t0 >= 1.0
+            assert "tamper_transient" not in ctx.kinds()
+            vm.lost = "done"
+            await _finish(task)
+
+    asyncio.run(asyncio.wait_for(go(), 20))

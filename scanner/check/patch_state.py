@@ -21,11 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["HALF_STATE_MAX", "PatchMemory", "VmFacts"]
+__all__ = ["HALF_STATE_MAX", "HALF_STATE_MOST", "PatchMemory", "VmFacts"]
 
 #: A text_poke_bp() half-state seen again this many seconds (or more) after it was
 #: first seen is tampering: the kernel completes one in well under a millisecond.
 HALF_STATE_MAX = 1.0
+#: ... provided the guest has run in between (a vCPU starved of a host core finishes
+#: nothing; `scanner.vm.progress`); after this many seconds, whatever the host says.
+HALF_STATE_MOST = 10.0
 
 
 @dataclass(frozen=True)

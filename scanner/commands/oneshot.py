@@ -7,7 +7,6 @@ builds a baseline, verifies, or approves the current bytes.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ import zstandard
 
 from kscan.addresses import hex_addr
 from scanner.check.baseline import GoldenBuild, build_golden, capture
-from scanner.check.patch_state import HALF_STATE_MAX
+from scanner.check.patch_state import HALF_STATE_MAX, HALF_STATE_MOST
 from scanner.check.state import PageRecord
 from scanner.check.verify import CheckReport
 from scanner.errors import VmStateError
@@ -25,6 +24,7 @@ from scanner.examine import check_examined, examine, golden_for, load_profiles, 
 from scanner.examine.keying import keyed_store
 from scanner.hashing import page_hash
 from scanner.vm import VmSource, open_vm, state_key
+from scanner.vm.progress import wait_for_progress
 from translate import PAGE
 
 __all__ = ["AcceptResult", "BaselineResult", "accept_vm", "baseline_vms", "check_vm"]
@@ -83,9 +83,9 @@ async def check_vm(source: Source, db: str | None, *, strict: bool = False,
             if report.patches is not None and any(v.in_progress
                                                   for v in report.patches.verified):
                 # text_poke_bp() seen half-way: the kernel finishes in microseconds. Look
-                # again a second later (the VM's state remembers what was seen when):
-                # the same half-state still there is tampering.
-                await asyncio.sleep(HALF_STATE_MAX)
+                # again a second later, once the guest has run (the VM's state remembers
+                # what was seen when): the same half-state still there is tampering.
+                await wait_for_progress(vm.progress, HALF_STATE_MAX, HALF_STATE_MOST)
                 ex = await examine(vm, profiles)
                 report = await check_examined(st, ex, key, mem=vm.mem, strict=strict,
                                               trusted_modules=trusted_modules)

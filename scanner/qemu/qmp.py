@@ -50,6 +50,8 @@ OPERATION_TIMEOUT = 30.0
 MAX_MEMDEVS = 256
 #: Feature words: QEMU reports ~40; refuse a reply far beyond that.
 MAX_FEATURE_WORDS = 1024
+#: More vCPUs than QEMU allows (x86 max_cpus is 4096 with x2APIC + IOMMU): a broken reply.
+MAX_VCPUS = 8192
 _U64 = 1 << 64
 
 
@@ -329,6 +331,21 @@ class QmpVm:
         if text.startswith("gpa:"):
             return int(text.split(":", 1)[1].strip(), 16)
         return None
+
+    async def vcpu_threads(self) -> list[int]:
+        """The host thread id of each vCPU (query-cpus-fast), in vCPU order: how the
+        host tells whether the guest has run (`scanner.vm.progress`)."""
+        async with self.deadline("query-cpus-fast"):
+            cpus = await self.execute("query-cpus-fast")
+        if not isinstance(cpus, list) or not 0 < len(cpus) <= MAX_VCPUS:
+            raise self._bad("query-cpus-fast", f"{str(cpus)[:60]!r}")
+        tids = []
+        for c in cpus:
+            tid = c.get("thread-id") if isinstance(c, dict) else None
+            if not isinstance(tid, int) or isinstance(tid, bool) or not 0 < tid < 1 << 22:
+                raise self._bad("query-cpus-fast", f"thread-id {tid!r:.40}")
+            tids.append(tid)
+        return tids
 
     async def cpu_model(self) -> tuple[str, list[Any]]:
         """(QOM type, feature words) of vCPU 0: what boot-time code patching depends on."""

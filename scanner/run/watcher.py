@@ -34,7 +34,7 @@ from scanner.check.fastpath import (
     make_reference,
 )
 from scanner.check.locate import REGIONS
-from scanner.check.patch_state import HALF_STATE_MAX
+from scanner.check.patch_state import HALF_STATE_MAX, HALF_STATE_MOST
 from scanner.check.resume import Saved, resume_check
 from scanner.check.state import BootIdentity, VmState
 from scanner.check.verify import CheckReport
@@ -63,6 +63,7 @@ from scanner.run.actions import (
 from scanner.run.context import WatchContext
 from scanner.run.modwatch import ModuleWatch
 from scanner.vm import VmHandle, pti_active
+from scanner.vm.progress import Sample, progressed, wait_for_progress
 from store import StoreError
 from translate import BackendError, PageWalker, TranslationError, kernel_space
 from translate.vcpu import VcpuState
@@ -78,6 +79,9 @@ RETRY_MISSING = 30.0  # no profile / no baseline: look again this often
 #: A tampering seen while the kernel is patching itself is looked at again this much
 #: later before it is reported (see `_full_check`).
 CONFIRM_DELAY = 0.3
+#: ... and, where the host can tell, not before the guest has run since (a starved vCPU
+#: finishes nothing), but no later than this.
+CONFIRM_MOST = 5.0
 #: While watching, ask QEMU for the run state at most this often (a VM that shuts down
 #: or panics under -no-shutdown keeps its QMP socket and its memory: scans alone would
 #: never notice it is gone).
@@ -116,6 +120,8 @@ class VmWatcher:
         self._state_at = 0.0  # monotonic time of the last run-state query
         self.patched_set: int | None = None  # the verified patching last reported
         self.checked_at = 0.0  # when the last full check read the VM
+        #: The vCPUs' run times when that check saw text_poke_bp() half-way.
+        self._checked_run: Sample | None = None
         self._resets = vm.resets()  # QEMU RESET events already accounted for
         self._acting: set[asyncio.Task[None]] = set()  # actions and forensics under way
         self._act_lock = asyncio.Lock()
@@ -423,6 +429,8 @@ class VmWatcher:
         self.last = ex.without_copies()
         self.last_report = report
         self.checked_at = time.time()
+        self._checked_run = (await self.vm.progress() if report.patches is not None and any(
+            v.in_progress for v in report.patches.verified) else None)
         self.state = WatchState.WATCHING
         self.verified_at = time.time()
         await self._persist(ex, golden, report, checked.state)
@@ -480,7 +488,7 @@ class VmWatcher:
 
     async def _before_second_look(self) -> None:
         """The pause before a second look (tests interpose here)."""
-        await asyncio.sleep(CONFIRM_DELAY)
+        await wait_for_progress(self.vm.progress, CONFIRM_DELAY, CONFIRM_MOST)
 
     async def _transient(self, seen: CheckReport, second: CheckReport | None) -> None:
         """A tampering seen once and not (or not as it was) on the second look: said
@@ -544,7 +552,10 @@ class VmWatcher:
         sched.settle(expected, cost)
         self.scans += 1
         self.ctx.count_scan()
-        if res.ok and not self._half_state_due():
+        due = res.ok and self._half_state_due()
+        if due and not await self._guest_ran_since_check():
+            due = False  # the guest has not run since: its half-state proves nothing yet
+        if res.ok and not due:
             self.verified_at = time.time()
             if self.modwatch.due(self.vm.mem):
                 await self._modules_again(vcpus)
@@ -595,6 +606,15 @@ class VmWatcher:
         return (r is not None and r.patches is not None
                 and any(v.in_progress for v in r.patches.verified)
                 and time.time() - self.checked_at >= HALF_STATE_MAX)
+
+    async def _guest_ran_since_check(self) -> bool:
+        """Every vCPU ran (or went idle) since the last full check, as the host sees
+        it; True where the host cannot tell, and HALF_STATE_MOST seconds after the
+        check whatever it says."""
+        if self._checked_run is None or time.time() - self.checked_at >= HALF_STATE_MOST:
+            return True
+        now = await self.vm.progress()
+        return now is None or progressed(self._checked_run, now)
 
     async def _kernel_gone(self, err: KscanError) -> None:
         """The kernel is not where it was: a reboot, or its mappings were torn down."""

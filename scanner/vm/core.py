@@ -53,6 +53,7 @@ from scanner.errors import CoreFileError
 from scanner.qemu.hmp import MAX_VCPUS, VcpuState
 from scanner.qemu.qmp import RunState, RunStatus
 from scanner.vm.bootprofile import BootProfile
+from scanner.vm.progress import Sample
 from translate import GuestMemory, PageWalker, RamRange, kernel_walker
 from translate.physmem import append_ram
 from translate.x86 import CR0_PG, CR4_PAE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_NXE
@@ -271,6 +272,9 @@ class CoreVm:
 
     async def pause(self) -> None:
         return None
+
+    async def progress(self) -> Sample | None:
+        return None  # no vCPU threads: the host cannot tell
 
     async def close(self) -> None:
         self.mem.close()

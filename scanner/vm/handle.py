@@ -10,6 +10,7 @@ from typing import Protocol
 
 from scanner.qemu.qmp import RunState
 from scanner.vm.bootprofile import BootProfile
+from scanner.vm.progress import Sample
 from translate import GuestMemory, PageWalker
 from translate.vcpu import VcpuState
 
@@ -27,6 +28,10 @@ class VmHandle(Protocol):
     async def run_state(self) -> RunState: ...
     async def boot_profile(self) -> BootProfile: ...
     async def pause(self) -> None: ...
+    async def progress(self) -> Sample | None:
+        """How long each vCPU thread has run and whether it sleeps, from the host
+        (None: the host cannot tell, e.g. a replayed VM)."""
+        ...
     def resets(self) -> int:
         """How many times QEMU reset the VM since it was attached (0 if unknown)."""
         ...

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from scanner.errors import QmpError, VmStateError
 from scanner.qemu.qmp import QmpVm, RunState
 from scanner.vm.bootprofile import BootProfile, read_boot_profile
+from scanner.vm.progress import Sample, sample_threads
 from translate import GuestMemory, PageWalker, RamRange, kernel_walker
 from translate.vcpu import VcpuState
 
@@ -38,6 +39,8 @@ class AttachedVm:
         self.mem = mem
         self.vcpus = vcpus
         self.uuid: str | None = None  # a libvirt domain's UUID (scanner.vm.domain)
+        #: The vCPUs' host thread ids (None: not asked yet; empty: QEMU would not say).
+        self._threads: list[int] | None = None
 
     @classmethod
     async def attach(cls, socket: str | os.PathLike[str], *, owner: int | None = None,
@@ -113,6 +116,19 @@ class AttachedVm:
 
     async def pause(self) -> None:
         await self.qmp.stop()
+
+    async def progress(self) -> Sample | None:
+        if self._threads is None:
+            try:
+                self._threads = await self.qmp.vcpu_threads()
+            except QmpError:
+                self._threads = []
+        if not self._threads:
+            return None
+        got = sample_threads(self._threads)
+        if got is None or len(got.run_s) != len(self.vcpus):
+            self._threads = None  # vCPUs came or went, or QEMU restarted: ask again
+        return got
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -25,6 +25,7 @@ import orjson
 from scanner.errors import VmStateError
 from scanner.qemu.qmp import RunState, RunStatus
 from scanner.vm.bootprofile import BootProfile
+from scanner.vm.progress import Sample
 from translate import GuestMemory, PageWalker, RamRange, kernel_walker
 from translate.vcpu import VcpuState
 
@@ -77,6 +78,9 @@ class ReplayVm:
 
     async def pause(self) -> None:
         self._state = "paused"
+
+    async def progress(self) -> Sample | None:
+        return None  # no vCPU threads: the host cannot tell
 
     async def close(self) -> None:
         self.mem.close()
