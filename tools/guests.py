@@ -394,7 +394,11 @@ def qemu_command(spec: GuestSpec, guest: Guest, kernel: KernelFiles, initrd: Pat
     return [
         QEMU,
         "-name", spec.name,
-        "-accel", "tcg",
+        # One TCG thread for all vCPUs: multi-threaded TCG can livelock a guest that
+        # patches its own code (the function tracer's text_poke_bp batches) on a loaded
+        # host — a vCPU spinning on a stale int3 with interrupts off never answers the
+        # patching CPU's IPI (seen here as a soft lockup in smp_call_function_many_cond).
+        "-accel", "tcg,thread=single",
         "-machine", "q35,memory-backend=ram0",
         "-object", f"memory-backend-file,id=ram0,size={size},mem-path={guest.mem_path},share=on",
         "-m", size,
