@@ -14,7 +14,13 @@ guest memory (`scanner.check.kernel_lists`):
   → the kprobes registered at the site, through their handlers;
 * a kprobe `int3` or an optprobe `jmp` → the `struct kprobe` in `kprobe_table` whose
   `addr` is the site (members of an aggregate probe included) → its handlers;
-* `ftrace_call` / `ftrace_graph_call` inside ftrace_caller → the kernel function called.
+* `ftrace_call` / `ftrace_graph_call` inside ftrace_caller → the kernel function called;
+* an ftrace direct call (the verifier matched the site's target to `direct_functions`)
+  → a BPF trampoline listed on `bpf_kallsyms` (`bpf_trampoline_<key>`, called at its
+  start) is decoded (`scanner.check.direct_calls`) and each `call` in it owned: the
+  BPF programs whose JIT images it calls (at least one), kernel text (the trampoline's
+  helpers) left out, anything else (a module, nobody) an owner too; any other target
+  is owned as itself (a module's `register_ftrace_direct` trampoline → the module).
 
 Each handler's owner comes from `scanner.check.owners`. A site with no handler found
 (no ops covers it, no kprobe is registered there, a trampoline of no listed ops) is
@@ -29,6 +35,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from scanner.check.direct_calls import TRAMPOLINE_PREFIX, trampoline_calls
 from scanner.check.kernel_lists import (
     BpfProgram,
     FtraceOps,
@@ -53,6 +60,8 @@ __all__ = ["Attribution", "Hook", "OwnerSet", "SiteOwners", "attribute", "attrib
 #: Forms of an ftrace `__mcount_loc` site that call into ftrace's callers.
 _CALLER_FORMS = frozenset({"call ftrace_caller", "call ftrace_regs_caller"})
 _TRAMP_FORM = "call allocated trampoline"
+#: An ftrace direct call the verifier matched against `direct_functions`.
+_DIRECT_CALL = "call direct"
 #: Forms whose target is a kernel function called directly (ftrace_call, graph call).
 _DIRECT_FORMS = frozenset({"call function", "jmp graph caller/stub"})
 #: ftrace's own wrappers: the ops' real callback is in `saved_func`.
@@ -67,7 +76,7 @@ BUDGET = 16 << 20
 class Hook:
     """One handler a patched site runs."""
 
-    via: str                 #: "ftrace_ops", "kprobe" or "call"
+    via: str                 #: "ftrace_ops", "kprobe", "call" or "direct"
     struct: int | None       #: the ftrace_ops / struct kprobe (run-time address)
     handler: int             #: run-time address of the handler
     ipmodify: bool           #: an ftrace ops that may redirect execution
@@ -186,6 +195,7 @@ class _Attributor:
         bk = profile.data_symbol("bpf_kallsyms")
         if bk is not None:
             bpf, _ = read_bpf_programs(self.mem, self.layouts, bk + slide)
+        self.bpf = bpf
         text = profile.text
         self.lookup = OwnerLookup(
             text.addr + slide, text.addr + text.size + slide, profile.symbolize, slide, ml,
@@ -197,6 +207,7 @@ class _Attributor:
         self._groups: dict[tuple[tuple[int | None, int], ...], OwnerSet] = {}
         self._special: frozenset[int] = frozenset()
         self._tramps: dict[int, tuple[FtraceOps | None, str]] = {}
+        self._direct: dict[int, tuple[tuple[Hook, ...], str]] = {}
         #: id() of each hooks list cached in _ops_hooks → its owner set (None: not yet).
         self._shared: dict[int, OwnerSet | None] = {}
         self._default_key: tuple[int, ...] = ()
@@ -283,6 +294,8 @@ class _Attributor:
         elif v.form in _DIRECT_FORMS and v.target is not None:
             t = v.target + self.slide     # a .text target: link-time VA
             hooks = [Hook("call", None, t, False, self.owner(t))]
+        elif v.form == _DIRECT_CALL and v.target is not None:
+            hooks, why = self.direct_hooks(v.target + self.slide)
         elif v.form == _TRAMP_FORM and v.target is not None:
             hooks, why = self.trampoline_hooks(v.target, ip)
             if hooks and id(hooks) in self._shared:
@@ -317,6 +330,47 @@ class _Attributor:
             why += f" ({'; '.join(self.kprobes.problems[:2])})"
         return SiteOwners(v.site, v.mechanism, func, tuple(hooks), "" if hooks else why,
                           ip, self.group(hooks) if hooks else None)
+
+    def direct_hooks(self, target: int) -> tuple[list[Hook], str]:
+        """The owners of an ftrace direct-call target (run-time address), once each."""
+        got = self._direct.get(target)
+        if got is None:
+            got = self._direct[target] = self._direct_hooks(target)
+        return list(got[0]), got[1]
+
+    def _direct_hooks(self, target: int) -> tuple[tuple[Hook, ...], str]:
+        image = next((p for p in self.bpf if p.start <= target < p.end), None)
+        if image is None:
+            o = self.owner(target)
+            if o.kind is OwnerKind.UNOWNED:
+                return (), (f"direct-call target {target:#x} is in no listed module or "
+                            "BPF trampoline")
+            return (Hook("direct", None, target, False, o),), ""
+        if not image.name.startswith(TRAMPOLINE_PREFIX) or image.start != target:
+            return (), (f"direct call into BPF image {image.name!r} at "
+                        f"+{target - image.start:#x}: not the start of a BPF trampoline")
+        dec = trampoline_calls(self.mem.read, image.start, image.end)
+        if dec.problem:
+            return (), f"BPF trampoline {image.name}: {dec.problem}"
+        hooks: list[Hook] = []
+        progs = 0
+        for c in dict.fromkeys(dec.calls):
+            if self.lookup.in_text(c):
+                continue       # __bpf_prog_enter/exit, the traced function, the thunk
+            prog = next((p for p in self.bpf if p.start == c
+                         and not p.name.startswith(("bpf_trampoline_", "bpf_dispatcher_"))),
+                        None)
+            if prog is not None:
+                progs += 1
+                hooks.append(Hook("direct", image.start, c, False, self.owner(c)))
+            else:
+                o = self.owner(c)
+                hooks.append(Hook("direct", image.start, c, False,
+                                  o if o.kind is not OwnerKind.BPF
+                                  else Owner(OwnerKind.UNOWNED, c)))
+        if not progs:
+            return (), f"BPF trampoline {image.name} calls no BPF program"
+        return tuple(hooks), ""
 
     def group(self, hooks: list[Hook]) -> OwnerSet:
         key = tuple((h.struct, h.handler) for h in hooks)
