@@ -1,0 +1,91 @@
+"""ftrace direct calls on a real 6.1 guest (issue 16 §3): a BPF fentry program's
+trampoline is the kernel patching itself, owned by the program; a module's direct
+trampoline is owned by the module (unsigned: tampering unless trusted).
+
+The fentry program is loaded by tests/guestprogs/kscan_fentry.c (raw bpf() syscalls,
+static, no libc: the guest has only busybox) with the BTF id of the traced function,
+which the test takes from the kernel image's BTF with kscan's own reader.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from scanner.image.btf import Kind, parse_btf
+from tests.conftest import GuestPool
+from tests.realkernels import real_image
+from tests.test_modules_live import _build_all
+from tests.test_owners_live import _db, check, owner_findings, sh
+from tools.guests import Guest, GuestError, GuestSpec
+from tools.testmodules import build_program, load, push
+
+pytestmark = pytest.mark.guest
+FENTRY_ON = "__x64_sys_getpgrp"
+
+
+@pytest.fixture(scope="module")
+def dg(guests: GuestPool) -> Guest:
+    _build_all("6.1")
+    (g,) = guests.boot(GuestSpec("direct61"))
+    return g
+
+
+@pytest.fixture(scope="module")
+def ddb(dg: Guest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _db(dg, "6.1", tmp_path_factory.mktemp("direct"))
+
+
+def _site_rows(doc: dict[str, object], kind: str) -> list[dict[str, object]]:
+    patched = doc["patched"]
+    assert isinstance(patched, dict), doc
+    return [r for r in patched["sites"] if r.get("owner", {}).get("kind") == kind]
+
+
+def test_a_bpf_fentry_program_is_the_kernel_patching_itself(dg: Guest, ddb: str) -> None:
+    btf = parse_btf(real_image("6.1").section_bytes(".BTF"))
+    fid = btf.find(Kind.FUNC, FENTRY_ON)
+    assert fid is not None, FENTRY_ON
+    try:
+        prog = build_program("kscan_fentry")
+    except (GuestError, OSError) as err:
+        pytest.skip(f"the BPF loader cannot be built: {err}")
+    push(dg, prog, "/tmp/kscan_fentry")
+    out = sh(dg, f"chmod +x /tmp/kscan_fentry && (/tmp/kscan_fentry {fid} > /tmp/fentry.out "
+                 "2>&1 & echo $! > /tmp/fentry.pid) && sleep 3 && cat /tmp/fentry.out")
+    assert "attached" in out, out
+    try:
+        rc, doc = check(dg, ddb)
+        assert rc == 0 and owner_findings(doc) == [], doc["findings"][:3]
+        rows = _site_rows(doc, "bpf")
+        assert rows, doc["patched"]
+        assert all(r["mechanism"] == "ftrace" for r in rows), rows
+        names = {r["owner"]["name"] for r in rows}
+        assert any(n.endswith("_kscan_fentry") for n in names), names
+        assert all(re.fullmatch(r"prog id \d+", r["owner"]["symbol"]) for r in rows), rows
+        assert {r["symbol"] for r in rows} <= {FENTRY_ON, "__do_sys_getpgrp"}, rows
+    finally:
+        sh(dg, "kill $(cat /tmp/fentry.pid); sleep 2")
+
+
+def test_a_module_direct_call_is_tampering_unless_trusted(dg: Guest, ddb: str,
+                                                         tmp_path: Path) -> None:
+    loaded = load(dg, "kscan_direct")
+    assert loaded.ok, loaded
+    try:
+        rc, doc = check(dg, ddb)
+        assert rc == 1 and doc["result"] == "tampered", doc["findings"][:3]
+        (f,) = owner_findings(doc)
+        assert f["symbol"] in ("__x64_sys_sync", "__do_sys_sync"), f
+        assert f["mechanism"] == "ftrace" and f["owner"]["kind"] == "module", f
+        assert f["owner"]["name"] == "kscan_direct", f
+        assert f["owner"]["symbol"] == "kscan_direct_tramp [kscan_direct]", f
+        assert "not signed" in f["message"], f
+        rc, doc = check(dg, ddb, "--trust-module", "kscan_direct")
+        assert rc == 0 and owner_findings(doc) == [], doc["findings"]
+        (r,) = _site_rows(doc, "module")
+        assert r["owner"]["name"] == "kscan_direct" and r["owner"]["trusted"] is True
+    finally:
+        sh(dg, "rmmod kscan_direct")
