@@ -324,7 +324,8 @@ class _Attributor:
                 self._covering[key] = (tuple(hooks), why, self.group(hooks))
         else:
             return None   # the NOP, or text_poke_bp() from the baseline: no callee
-        if not hooks and not self.ops.complete and v.mechanism == "ftrace":
+        if (not hooks and v.mechanism == "ftrace" and v.form != _DIRECT_CALL
+                and not self.ops.complete):
             why += f" ({'; '.join(self.ops.problems[:2])})"
         if not hooks and not self.kprobes.complete and v.mechanism != "ftrace":
             why += f" ({'; '.join(self.kprobes.problems[:2])})"

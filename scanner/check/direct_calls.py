@@ -122,7 +122,7 @@ def trampoline_calls(read: ReadVA, start: int, end: int) -> Decoded:
                 # The return: `jmp __x86_return_thunk` (emit_return under RETHUNK).
                 calls.append(target)
                 return Decoded(tuple(calls), "", pos)
-    if pos < len(code) and len(code) < end - start:
+    if len(code) < end - start:
         return Decoded(tuple(calls), "trampoline unreadable before its return", pos)
     if pos < len(code):
         return Decoded(tuple(calls), f"undecodable bytes at +{pos:#x}", pos)
