@@ -192,14 +192,20 @@ class _Attributor:
         ml = read_modules(self.mem, self.layouts, mods_va + slide)
         self.problems += ml.problems
         bpf: tuple[BpfProgram, ...] = ()
+        whole = True
         bk = profile.data_symbol("bpf_kallsyms")
         if bk is not None:
-            bpf, _ = read_bpf_programs(self.mem, self.layouts, bk + slide)
+            bpf, whole = read_bpf_programs(self.mem, self.layouts, bk + slide)
+            if not whole:
+                self.problems.append("bpf_kallsyms cannot be read in full")
         self.bpf = bpf
+        self.bpf_note = f"bpf_kallsyms: {len(bpf)} images" + (
+            "" if bk is None or whole else ", not read in full")
         text = profile.text
         self.lookup = OwnerLookup(
-            text.addr + slide, text.addr + text.size + slide, profile.symbolize, slide, ml,
-            lambda m: read_module_symbols(self.mem, self.layouts, m), bpf, trusted)
+            profile, slide, (text.addr + slide, text.addr + text.size + slide), ml,
+            module_symbols=lambda m: read_module_symbols(self.mem, self.layouts, m),
+            bpf=bpf, trusted=trusted)
         self._ops: OpsList | None = None
         self._kprobes: KprobeTable | None = None
         self._owners: dict[int, Owner] = {}
@@ -295,7 +301,7 @@ class _Attributor:
             t = v.target + self.slide     # a .text target: link-time VA
             hooks = [Hook("call", None, t, False, self.owner(t))]
         elif v.form == _DIRECT_CALL and v.target is not None:
-            hooks, why = self.direct_hooks(v.target + self.slide)
+            hooks, why = self.direct_hooks(v.target)   # outside .text: run-time VA
         elif v.form == _TRAMP_FORM and v.target is not None:
             hooks, why = self.trampoline_hooks(v.target, ip)
             if hooks and id(hooks) in self._shared:
@@ -344,8 +350,11 @@ class _Attributor:
         if image is None:
             o = self.owner(target)
             if o.kind is OwnerKind.UNOWNED:
+                near = ", ".join(f"{p.name} {p.start:#x}-{p.end:#x}" for p in sorted(
+                    self.bpf, key=lambda p: abs(p.start - target))[:3])
                 return (), (f"direct-call target {target:#x} is in no listed module or "
-                            "BPF trampoline")
+                            f"BPF trampoline ({self.bpf_note}" + (
+                                f"; nearest {near}" if near else "") + ")")
             return (Hook("direct", None, target, False, o),), ""
         if not image.name.startswith(TRAMPOLINE_PREFIX) or image.start != target:
             return (), (f"direct call into BPF image {image.name!r} at "

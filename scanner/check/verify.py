@@ -32,9 +32,9 @@ from kscan.addresses import hex_addr
 from scanner.check.attribution import Attribution, attribute, attribution_off
 from scanner.check.classify import ByteRange, diff_ranges
 from scanner.check.direct_calls import direct_lookup
-from scanner.check.execmem import AddressOwners, ExecScan, address_owners
+from scanner.check.execmem import ExecScan, address_owners
 from scanner.check.locate import REGIONS, LiveKernel, Region
-from scanner.check.owners import OwnerKind, Trust, judge
+from scanner.check.owners import OwnerKind, OwnerLookup, Trust, judge
 from scanner.check.patch_report import BOOT_TIME, PatchReport, split_by_page
 from scanner.check.patch_state import PatchMemory, VmFacts
 from scanner.check.patching import ReadVA, verify_text_changes
@@ -291,7 +291,7 @@ def verify(
         return golden_cache[name] or None
 
     patches: PatchReport | None = None
-    owners: AddressOwners | None = None  # built on the first changed pointer table
+    owners: OwnerLookup | None = None  # built on the first changed pointer table
     names = [n for n in REGIONS if n in normalized]
     if fresh and len(names) != len(REGIONS):
         raise ValueError("the first check of a boot needs all four regions")
