@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scanner.check.kernel_lists.bpf import read_bpf_programs
-from scanner.check.kernel_lists.lists import walk_list
+from scanner.check.kernel_lists.lists import walk_chain, walk_list
 from scanner.check.kernel_lists.memory import (
     KernelReader,
     field_int,
@@ -108,7 +108,6 @@ def _ftrace(mem: KernelReader, lay: Layouts, sym: dict[str, int], out: list[Exec
         problems.append("no ftrace_ops layout: ftrace trampolines not read")
         return False
     complete = True
-    seen: set[int] = set()
     claimed: set[tuple[int, int]] = set()
 
     def claim(at: int) -> None:
@@ -129,24 +128,13 @@ def _ftrace(mem: KernelReader, lay: Layouts, sym: dict[str, int], out: list[Exec
 
     head, end = sym.get("ftrace_ops_list"), sym.get("ftrace_list_end")
     if head is not None and end is not None:
-        cur = mem.u64(head)
-        for _ in range(MAX_OPS + 1):
-            if cur is None or not is_kernel_pointer(cur):
-                problems.append("ftrace_ops_list: unreadable or non-kernel link")
-                complete = False
-                break
-            if cur == end:
-                break
-            if cur in seen:
-                problems.append(f"ftrace_ops_list: cycle at {cur:#x}")
-                complete = False
-                break
-            seen.add(cur)
-            claim(cur)
-            cur = mem.u64(cur + ops["next"].offset)
-        else:
-            problems.append(f"ftrace_ops_list: more than {MAX_OPS} ops")
-            complete = False
+        chain = walk_chain(mem, head, end, next_off=ops["next"].offset, limit=MAX_OPS,
+                           name="ftrace_ops_list")
+        if chain.problem:
+            problems.append(chain.problem)
+        complete &= chain.complete
+        for at in chain.nodes:
+            claim(at)
     else:
         complete = False
     tl = sym.get("ftrace_ops_trampoline_list")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scanner.check.kernel_lists.lists import walk_chain
 from scanner.check.kernel_lists.memory import KernelReader, field_int, is_kernel_pointer
 from scanner.image.layouts import Layouts
 
@@ -202,20 +203,12 @@ def read_ftrace_ops(mem: KernelReader, layouts: Layouts, list_va: int, end_va: i
     (`ftrace_ops_list`), up to the sentinel at `end_va` (`ftrace_list_end`)."""
     o = layouts["ftrace_ops"]
     hh = layouts["ftrace_ops_hash"]
-    cur = mem.u64(list_va)
+    chain = walk_chain(mem, list_va, end_va, next_off=o["next"].offset, limit=limit,
+                       name="ftrace_ops_list")
     out: list[FtraceOps] = []
     problems: list[str] = []
-    seen: set[int] = set()
     budget = _Budget()
-    for _ in range(limit + 1):
-        if cur == end_va:
-            return OpsList(tuple(out), not problems, tuple(problems))
-        if cur is None or not is_kernel_pointer(cur) or cur in seen:
-            problems.append("ftrace_ops_list: " + (
-                "unreadable" if cur is None else f"cycle at {cur:#x}" if cur in seen
-                else f"pointer {cur:#x} is not a kernel address"))
-            return OpsList(tuple(out), False, tuple(problems))
-        seen.add(cur)
+    for cur in chain.nodes:
         buf = mem.struct(cur, o)
         if buf is None:
             problems.append(f"ftrace_ops at {cur:#x} cannot be read")
@@ -241,6 +234,6 @@ def read_ftrace_ops(mem: KernelReader, layouts: Layouts, list_va: int, end_va: i
         out.append(FtraceOps(cur, field_int(buf, o["func"]), field_int(buf, o["flags"]),
                              opt("trampoline"), opt("trampoline_size"), filt, notrace,
                              opt("saved_func")))
-        cur = field_int(buf, o["next"])
-    problems.append(f"ftrace_ops_list: more than {limit} ops")
-    return OpsList(tuple(out), False, tuple(problems))
+    if chain.problem:
+        problems.append(chain.problem)
+    return OpsList(tuple(out), chain.complete and not problems, tuple(problems))
