@@ -1,4 +1,4 @@
-"""ftrace direct calls on a real 6.1 guest (issue 16 §3): a BPF fentry program's
+"""ftrace direct calls on real 6.1 and 6.12 guests (issue 16 §3): a BPF fentry program's
 trampoline is the kernel patching itself, owned by the program; a module's direct
 trampoline is owned by the module (unsigned: tampering unless trusted).
 
@@ -10,7 +10,6 @@ which the test takes from the kernel image's BTF with kscan's own reader.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -44,8 +43,29 @@ def _site_rows(doc: dict[str, object], kind: str) -> list[dict[str, object]]:
     return [r for r in patched["sites"] if r.get("owner", {}).get("kind") == kind]
 
 
+@pytest.fixture(scope="module")
+def dg612(guests: GuestPool, tmp_path_factory: pytest.TempPathFactory) -> tuple[Guest, str]:
+    _build_all("6.12")
+    (g,) = guests.boot(GuestSpec("direct612", kernel="6.12"))
+    return g, _db(g, "6.12", tmp_path_factory.mktemp("direct612"))
+
+
 def test_a_bpf_fentry_program_is_the_kernel_patching_itself(dg: Guest, ddb: str) -> None:
-    btf = parse_btf(real_image("6.1").section_bytes(".BTF"))
+    _bpf_fentry(dg, ddb, "6.1")
+
+
+def test_a_module_direct_call_is_tampering_unless_trusted(dg: Guest, ddb: str) -> None:
+    _module_direct(dg, ddb)
+
+
+def test_612_bpf_fentry_and_module_direct_call(dg612: tuple[Guest, str]) -> None:
+    g, db = dg612
+    _bpf_fentry(g, db, "6.12")
+    _module_direct(g, db)
+
+
+def _bpf_fentry(dg: Guest, ddb: str, kernel: str) -> None:
+    btf = parse_btf(real_image(kernel).section_bytes(".BTF"))
     fid = btf.find(Kind.FUNC, FENTRY_ON)
     assert fid is not None, FENTRY_ON
     try:
@@ -70,8 +90,7 @@ def test_a_bpf_fentry_program_is_the_kernel_patching_itself(dg: Guest, ddb: str)
         sh(dg, "kill $(cat /tmp/fentry.pid); sleep 2")
 
 
-def test_a_module_direct_call_is_tampering_unless_trusted(dg: Guest, ddb: str,
-                                                         tmp_path: Path) -> None:
+def _module_direct(dg: Guest, ddb: str) -> None:
     loaded = load(dg, "kscan_direct")
     assert loaded.ok, loaded
     try:
