@@ -294,3 +294,51 @@ def test_direct_lookup_from_the_profile() -> None:
     assert look is not None and look(ip) == (TRAMP, "") and look(ip + 1)[0] is None
     del prof.syms["direct_functions"]
     assert direct_lookup(prof, to.SLIDE, m.k.read) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("which", ["6.1", "6.12"])
+def test_a_shared_site_runs_the_direct_target_through_call_direct_funcs(which: str) -> None:
+    """The function tracer and a module's direct call on one function: the site calls
+    ftrace_regs_caller, and ftrace's direct ops (`call_direct_funcs`, a kernel function)
+    sends execution to the module. The owner is the module, not the kernel."""
+    m = to.setup(which)
+    ip = to.rt(to.FUNCS["__x64_sys_sync"])
+    target = to.MOD_TEXT + 0x20
+    direct_hash(m, {ip: target})
+    bpf_list(m, [])
+    tracer = m.ops(to.rt(to.FUNCS["function_trace_call"]))
+    dops = m.ops(to.rt(to.FUNCS["call_direct_funcs"]), ips=[ip])
+    if "direct_call" in m.lay["ftrace_ops"]:       # 6.5+: the ops holds the target
+        to.put(m.k, m.lay, "ftrace_ops", dops, direct_call=target)
+        m.k.u64(to.rt(DIRECT_VAR), 0)              # (and the hash is not needed)
+    m.link_ops([tracer, dops])
+    prof = _profile(m)
+    sites = [to.site("ftrace", "__x64_sys_sync", "call ftrace_regs_caller", to.TEXT),
+             to.site("ftrace", "vfs_read", "call ftrace_regs_caller", to.TEXT)]
+    a = attribute(prof, to.SLIDE, m.k.read, sites)  # type: ignore[arg-type]
+    s = a.of(to.FUNCS["__x64_sys_sync"])
+    assert s is not None and s.trust is Trust.TAMPER
+    assert {(o.kind, o.name) for o in s.owners} == {(OwnerKind.KERNEL, "vmlinux"),
+                                                    (OwnerKind.MODULE, "kscan_ftrace_hook")}
+    s = a.of(to.FUNCS["vfs_read"])                    # only the tracer there
+    assert s is not None and s.trust is Trust.KERNEL
+    # a target in memory nobody owns: unowned, never hidden behind the tracer's owner
+    hidden = to.HIDDEN + 0x40
+    if "direct_call" in m.lay["ftrace_ops"]:
+        to.put(m.k, m.lay, "ftrace_ops", dops, direct_call=hidden)
+    else:
+        direct_hash(m, {ip: hidden})
+    s = attribute(prof, to.SLIDE, m.k.read, sites[:1]).of(ip - to.SLIDE)  # type: ignore[arg-type]
+    assert s is not None and s.trust is Trust.TAMPER
+    assert OwnerKind.UNOWNED in {o.kind for o in s.owners}
+    if "direct_call" in m.lay["ftrace_ops"]:
+        return
+    # 6.1: an entry the hash does not hold — call_direct_funcs does nothing there
+    direct_hash(m, {ip + 0x100: hidden})
+    s = attribute(prof, to.SLIDE, m.k.read, sites[:1]).of(ip - to.SLIDE)  # type: ignore[arg-type]
+    assert s is not None and s.trust is Trust.KERNEL
+    # a hash that cannot be read: fail closed
+    h = int.from_bytes(m.k.read(to.rt(DIRECT_VAR), 8) or b"", "little")
+    to.put(m.k, m.lay, "ftrace_hash", h, size_bits=40)
+    s = attribute(prof, to.SLIDE, m.k.read, sites[:1]).of(ip - to.SLIDE)  # type: ignore[arg-type]
+    assert s is not None and s.trust is Trust.TAMPER

@@ -37,7 +37,7 @@ DATA = 0xFFFF_8880_0100_0000          # where ops, hashes, kprobes live (direct 
 FUNCS = {"function_trace_call": TEXT + 0x1000, "kprobe_ftrace_handler": TEXT + 0x2000,
          "kprobe_dispatcher": TEXT + 0x3000, "aggr_pre_handler": TEXT + 0x4000,
          "__x64_sys_getdents64": TEXT + 0x10000, "__x64_sys_sync": TEXT + 0x20000,
-         "vfs_read": TEXT + 0x30000}
+         "vfs_read": TEXT + 0x30000, "call_direct_funcs": TEXT + 0x5000}
 MOD_TEXT = 0xFFFF_FFFF_C100_0000     # text of the first module `build` lays out
 HIDDEN = 0xFFFF_FFFF_C800_0000       # module space no listed module holds
 

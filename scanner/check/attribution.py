@@ -15,6 +15,9 @@ guest memory (`scanner.check.kernel_lists`):
 * a kprobe `int3` or an optprobe `jmp` → the `struct kprobe` in `kprobe_table` whose
   `addr` is the site (members of an aggregate probe included) → its handlers;
 * `ftrace_call` / `ftrace_graph_call` inside ftrace_caller → the kernel function called;
+* `call_direct_funcs` (the direct-call ops, when other ops trace the function too) →
+  the function's direct target (6.12: the ops' `direct_call`; 6.1: its
+  `direct_functions` entry), owned as below;
 * an ftrace direct call (the verifier matched the site's target to `direct_functions`)
   → a BPF trampoline listed on `bpf_kallsyms` (`bpf_trampoline_<key>`, called at its
   start) is decoded (`scanner.check.direct_calls`) and each `call` in it owned: the
@@ -35,8 +38,9 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from scanner.check.direct_calls import TRAMPOLINE_PREFIX, trampoline_calls
+from scanner.check.direct_calls import TRAMPOLINE_PREFIX, direct_lookup, trampoline_calls
 from scanner.check.kernel_lists import (
+    NO_DIRECT_ENTRY,
     BpfProgram,
     FtraceOps,
     KernelReader,
@@ -67,6 +71,8 @@ _DIRECT_FORMS = frozenset({"call function", "jmp graph caller/stub"})
 #: ftrace's own wrappers: the ops' real callback is in `saved_func`.
 _WRAPPERS = ("ftrace_pid_func",)
 _KPROBE_FTRACE = "kprobe_ftrace_handler"
+#: ftrace's ops for direct calls on functions other ops trace too (kernel/trace/ftrace.c).
+_DIRECT_FUNCS = "call_direct_funcs"
 IPMODIFY_DEFAULT = 1 << 12
 #: Read at most this much guest memory for one attribution.
 BUDGET = 16 << 20
@@ -214,6 +220,7 @@ class _Attributor:
         self._special: frozenset[int] = frozenset()
         self._tramps: dict[int, tuple[FtraceOps | None, str]] = {}
         self._direct: dict[int, tuple[tuple[Hook, ...], str]] = {}
+        self.direct = direct_lookup(profile, slide, read_va)
         #: id() of each hooks list cached in _ops_hooks → its owner set (None: not yet).
         self._shared: dict[int, OwnerSet | None] = {}
         self._default_key: tuple[int, ...] = ()
@@ -267,7 +274,8 @@ class _Attributor:
         if got is not None:
             return got
         hooks, why = self._ops_hooks_of(ops_addr, ip)
-        if not any(h.via == "kprobe" for h in hooks) and not why.startswith("kprobe"):
+        if (not any(h.via in ("kprobe", "direct") for h in hooks)
+                and not why.startswith(("kprobe", "direct"))):
             self._ops_hooks[ops_addr] = (hooks, why)   # the same for every site it traces
             self._shared[id(hooks)] = None             # (kept alive by _ops_hooks)
         return hooks, why
@@ -279,6 +287,25 @@ class _Attributor:
         func = o.func
         if self.sym(func).split("+", 1)[0] in _WRAPPERS and o.saved_func:
             func = o.saved_func
+        if self.sym(func) == _DIRECT_FUNCS:
+            # ftrace's direct-call ops, when the site is shared with other ops: it sends
+            # execution to the ip's direct target (6.12: ops->direct_call; 6.1: the
+            # direct_functions entry), owned like a site calling it directly.
+            # No target: the callback does nothing for this ip (a complete hash without
+            # an entry); an unknown one, or one nobody owns, is unowned code (never
+            # hidden behind the other ops' owners).
+            target, why = ((o.direct_call, "") if o.direct_call
+                           else self.direct(ip) if self.direct is not None
+                           else (None, "direct_functions cannot be read"))
+            if target is None:
+                return ([], "") if why == NO_DIRECT_ENTRY else (
+                    [Hook("direct", o.address, 0, False, Owner(OwnerKind.UNOWNED, 0))],
+                    f"direct-call ops: {why}")
+            hooks, why = self.direct_hooks(target)
+            if not hooks:
+                hooks = [Hook("direct", o.address, target, False,
+                              Owner(OwnerKind.UNOWNED, target))]
+            return hooks, why and f"direct-call ops: {why}"
         if self.sym(func) == _KPROBE_FTRACE:
             hooks = self.kprobe_hooks(ip)
             return hooks, "" if hooks else ("kprobe ftrace ops covers the site but no "

@@ -25,6 +25,7 @@ in full is said to be incomplete rather than trusted.
 
 from scanner.check.kernel_lists.bpf import BpfProgram, read_bpf_programs
 from scanner.check.kernel_lists.ftrace_ops import (
+    NO_DIRECT_ENTRY,
     DirectCalls,
     FtraceOps,
     OpsList,
@@ -48,6 +49,7 @@ from scanner.check.kernel_lists.modules import (
 )
 
 __all__ = [
+    "NO_DIRECT_ENTRY",
     "BpfProgram",
     "DirectCalls",
     "FtraceOps",

@@ -27,7 +27,8 @@ from scanner.check.kernel_lists.lists import walk_chain
 from scanner.check.kernel_lists.memory import KernelReader, field_int, is_kernel_pointer
 from scanner.image.layouts import Layouts
 
-__all__ = ["DirectCalls", "FtraceHash", "FtraceOps", "OpsList", "direct_off", "ftrace_off",
+__all__ = ["NO_DIRECT_ENTRY", "DirectCalls", "FtraceHash", "FtraceOps", "OpsList", "direct_off",
+           "ftrace_off",
            "read_direct_calls", "read_ftrace_ops"]
 
 MAX_OPS = 256
@@ -59,6 +60,8 @@ class FtraceOps:
     filter: FtraceHash
     notrace: FtraceHash
     saved_func: int = 0
+    #: 6.5+: the direct-call target of a direct ops (`direct_call`; 0: none or 6.1).
+    direct_call: int = 0
 
     def covers(self, ip: int) -> bool:
         """Whether this ops traces the function at `ip` (ftrace_ops_test). A filter
@@ -153,6 +156,10 @@ def _read_hash(mem: KernelReader, layouts: Layouts, va: int, budget: _Budget) ->
     return ALL if got is None else FtraceHash(frozenset(got), complete)
 
 
+#: What `DirectCalls.lookup` says of an ip a complete hash has no entry for.
+NO_DIRECT_ENTRY = "direct_functions has no entry for this function"
+
+
 @dataclass(frozen=True)
 class DirectCalls:
     """`direct_functions`: the ftrace direct calls (BPF trampolines, modules' direct
@@ -170,7 +177,7 @@ class DirectCalls:
             return got, ""
         if not self.complete:
             return None, f"direct_functions cannot be read in full ({self.problem})"
-        return None, "direct_functions has no entry for this function"
+        return None, NO_DIRECT_ENTRY
 
 
 def direct_off(layouts: Layouts | None) -> str | None:
@@ -233,7 +240,7 @@ def read_ftrace_ops(mem: KernelReader, layouts: Layouts, list_va: int, end_va: i
 
         out.append(FtraceOps(cur, field_int(buf, o["func"]), field_int(buf, o["flags"]),
                              opt("trampoline"), opt("trampoline_size"), filt, notrace,
-                             opt("saved_func")))
+                             opt("saved_func"), opt("direct_call")))
     if chain.problem:
         problems.append(chain.problem)
     return OpsList(tuple(out), chain.complete and not problems, tuple(problems))
