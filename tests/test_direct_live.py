@@ -17,7 +17,7 @@ from scanner.image.btf import Kind, parse_btf
 from tests.conftest import GuestPool
 from tests.realkernels import real_image
 from tests.test_modules_live import _build_all
-from tests.test_owners_live import _db, check, owner_findings, sh
+from tests.test_owners_live import TRACING, _db, check, owner_findings, sh
 from tools.guests import Guest, GuestError, GuestSpec
 from tools.testmodules import build_program, load, push
 
@@ -93,6 +93,7 @@ def _bpf_fentry(dg: Guest, ddb: str, kernel: str) -> None:
 def _module_direct(dg: Guest, ddb: str) -> None:
     loaded = load(dg, "kscan_direct")
     assert loaded.ok, loaded
+    sym = "__x64_sys_sync"
     try:
         rc, doc = check(dg, ddb)
         assert rc == 1 and doc["result"] == "tampered", doc["findings"][:3]
@@ -106,5 +107,22 @@ def _module_direct(dg: Guest, ddb: str) -> None:
         assert rc == 0 and owner_findings(doc) == [], doc["findings"]
         (r,) = _site_rows(doc, "module")
         assert r["owner"]["name"] == "kscan_direct" and r["owner"]["trusted"] is True
+        # The function tracer on the same function: the site now calls
+        # ftrace_regs_caller and ftrace's call_direct_funcs (a kernel function) sends
+        # execution on to the module: still the module's, not the kernel's.
+        # (6.1's kallsyms names __x64_sys_sync's code __do_sys_sync)
+        sh(dg, f"(echo __do_sys_sync > {TRACING}/set_ftrace_filter || "
+               f"echo {sym} > {TRACING}/set_ftrace_filter) && "
+               f"echo function > {TRACING}/current_tracer")
+        try:
+            rc, doc = check(dg, ddb)
+            assert rc == 1, doc["findings"][:3]
+            (f,) = owner_findings(doc)
+            assert f["owner"]["name"] == "kscan_direct", f
+            kernel = {o["symbol"] for o in doc["patched"]["owners"] if o["kind"] == "kernel"}
+            assert "function_trace_call" in kernel, doc["patched"]["owners"]
+        finally:
+            sh(dg, f"echo nop > {TRACING}/current_tracer && "
+                   f"echo > {TRACING}/set_ftrace_filter")
     finally:
         sh(dg, "rmmod kscan_direct")
