@@ -137,7 +137,7 @@ def test_benign_runtime_code_stays_owned(xguest: Guest, kernel_profile: KernelPr
     assert names[text] == "module kscan_benign (kscan_benign_hits)"
     # A stored scan names owners without reading guest memory again (no symbols).
     assert s.owners is not None and s.owners.describe(text) == "module kscan_benign"
-    tramp = [o for o in s.owners.owners.owners if o.kind == "ftrace_trampoline"]
+    tramp = [o for o in s.owners.exec_owners.owners if o.kind == "ftrace_trampoline"]
     assert all(s.owners.claim_at(o.base) is not None for o in tramp)
 
 

@@ -326,3 +326,28 @@ def test_inspect_text_of_the_module_list() -> None:
     text = modules_text(cut.to_json())
     assert "INCOMPLETE: cycle" in text[0]
     assert "OE is carried by no listed module" in text[-1]
+
+
+def test_walk_chain_bounds() -> None:
+    """A singly linked chain to a sentinel (ftrace_ops_list): whole, cycled, cut, long."""
+    from scanner.check.kernel_lists.lists import walk_chain
+
+    k = FakeKernel()
+    var, end, base = 0xFFFF_FFFF_8200_0000, 0xFFFF_FFFF_8200_0100, 0xFFFF_8880_0000_0000
+    k.alloc(var, 8)
+    k.alloc(base, 0x1000)
+    nodes = [base + 0x40 * i for i in range(4)]
+    k.u64(var, nodes[0])
+    for a, b in zip(nodes, [*nodes[1:], end], strict=True):
+        k.u64(a + 8, b)
+    mem = KernelReader(k.read)
+    got = walk_chain(mem, var, end, next_off=8)
+    assert got.complete and got.nodes == tuple(nodes)
+    k.u64(nodes[3] + 8, nodes[1])                              # a cycle
+    got = walk_chain(mem, var, end, next_off=8, name="x")
+    assert not got.complete and got.problem.startswith("x: cycle")
+    assert len(walk_chain(mem, var, end, next_off=8, limit=2).nodes) == 2
+    k.u64(nodes[3] + 8, 0x1234)                                # out of the kernel half
+    assert "not a kernel address" in walk_chain(mem, var, end, next_off=8).problem
+    k.u64(nodes[3] + 8, base + 0x2000)                         # unreadable
+    assert "unreadable" in walk_chain(mem, var, end, next_off=8).problem

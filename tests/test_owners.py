@@ -37,7 +37,7 @@ DATA = 0xFFFF_8880_0100_0000          # where ops, hashes, kprobes live (direct 
 FUNCS = {"function_trace_call": TEXT + 0x1000, "kprobe_ftrace_handler": TEXT + 0x2000,
          "kprobe_dispatcher": TEXT + 0x3000, "aggr_pre_handler": TEXT + 0x4000,
          "__x64_sys_getdents64": TEXT + 0x10000, "__x64_sys_sync": TEXT + 0x20000,
-         "vfs_read": TEXT + 0x30000}
+         "vfs_read": TEXT + 0x30000, "call_direct_funcs": TEXT + 0x5000}
 MOD_TEXT = 0xFFFF_FFFF_C100_0000     # text of the first module `build` lays out
 HIDDEN = 0xFFFF_FFFF_C800_0000       # module space no listed module holds
 
@@ -152,6 +152,7 @@ class FakeProfile:
         self.syms = {"ftrace_ops_list": OPS_LIST, "ftrace_list_end": LIST_END,
                      "kprobe_table": KPROBE_TABLE, "modules": MODULES - SLIDE}
         self.names = sorted((a, n) for n, a in FUNCS.items())
+        self.kallsyms = None
 
     def data_symbol(self, name: str) -> int | None:
         return self.syms.get(name)
@@ -243,9 +244,9 @@ def test_kprobe_table_with_an_aggregate(which: str) -> None:
 def lookup(m: Mem, trusted: frozenset[str] = frozenset()) -> OwnerLookup:
     ml = read_modules(KernelReader(m.k.read), m.lay, MODULES)
     prof = FakeProfile(m.lay)
-    return OwnerLookup(rt(TEXT), rt(TEXT + TEXT_SIZE), prof.symbolize, SLIDE, ml, None,
-                       (BpfProgram(0xFFFF_FFFF_A000_0000, 0xFFFF_FFFF_A000_0100, "bpf_prog_x",
-                                   42),), trusted)
+    return OwnerLookup(prof, SLIDE, (rt(TEXT), rt(TEXT + TEXT_SIZE)), ml,  # type: ignore[arg-type]
+                       bpf=(BpfProgram(0xFFFF_FFFF_A000_0000, 0xFFFF_FFFF_A000_0100,
+                                       "bpf_prog_x", 42),), trusted=trusted)
 
 
 def test_owner_of_each_kind() -> None:

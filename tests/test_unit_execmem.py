@@ -12,7 +12,7 @@ import pytest
 
 from scanner.check.classify import ByteRange
 from scanner.check.exec_fastpath import ExecTables
-from scanner.check.execmem import AddressOwners, ExecScan, account_exec, exec_findings
+from scanner.check.execmem import ExecScan, account_exec, exec_findings
 from scanner.check.kernel_lists import KernelReader, ModuleList, ModuleMemory
 from scanner.check.kernel_lists.exec_owners import (
     BPF_PACK_SIZE,
@@ -21,6 +21,7 @@ from scanner.check.kernel_lists.exec_owners import (
     read_exec_owners,
 )
 from scanner.check.kernel_lists.modules import ModuleInfo
+from scanner.check.owners import OwnerLookup
 from scanner.check.pointers import gate_handler, idt_changes, rodata_changes
 from scanner.image.kernel_profile import KernelProfile
 from scanner.run.events import human
@@ -255,8 +256,8 @@ class Memory:
 
 
 def _owners(profile: KernelProfile, mem: Memory, extra: list[ExecOwner],
-            modules: ModuleList | None = None) -> AddressOwners:
-    return AddressOwners.build(profile, SLIDE, (KTEXT, KTEXT + MB2 + 0x800), modules,
+            modules: ModuleList | None = None) -> OwnerLookup:
+    return OwnerLookup.build(profile, SLIDE, (KTEXT, KTEXT + MB2 + 0x800), modules,
                                ExecOwners(tuple(extra), True), mem.read)
 
 

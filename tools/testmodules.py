@@ -43,6 +43,8 @@ from tools.guests import (
 )
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "tests" / "modules"
+#: Small static guest programs (tests/guestprogs/*.c: `build_program`, `push`).
+PROGRAM_DIR = SOURCE_DIR.parent / "guestprogs"
 COMMON = ("kscan_testmod.h",)
 
 #: Every test module, with what it does once loaded (the C file's header says more).
@@ -55,6 +57,8 @@ MODULES: dict[str, str] = {
     "kscan_hide": "unlinks itself from the module list, then ftrace-hooks "
                   "__x64_sys_newuname (nodename becomes kscan-ghost)",
     "kscan_sct": "points sys_call_table[nr] (default 110, getppid) into the module",
+    "kscan_direct": "ftrace direct call (register_ftrace_direct, 6.1 API) on sym= (default "
+                    "__x64_sys_sync) to a trampoline in the module; counts hits",
     "kscan_exec_page": "maps an executable page in vmalloc space and unlinks itself "
                        "(vanish=1: fails init, only the page stays)",
 }
@@ -145,20 +149,47 @@ def build(name: str, kernel: str = "6.1") -> Path:
     return out
 
 
-def load(guest: Guest, name: str, params: str = "", timeout: float = 120.0) -> Loaded:
-    """Build (if needed) and insmod test module `name` into a running test guest."""
-    ko = build(name, guest.spec.kernel)
-    b64 = base64.b64encode(ko.read_bytes()).decode()
-    path = f"/tmp/{name}.ko"
+def push(guest: Guest, src: Path, path: str, timeout: float = 120.0) -> None:
+    """Copy a host file to `path` in the guest over its command channel."""
+    b64 = base64.b64encode(src.read_bytes()).decode()
     rc, out = guest.run(f"rm -f {path}.b64 {path}", timeout)
     for i in range(0, len(b64), CHUNK):
         rc, out = guest.run(f"printf %s '{b64[i:i + CHUNK]}' >> {path}.b64", timeout)
         if rc != 0:
-            raise GuestError(f"{guest.name}: sending {name}.ko failed: {out}")
+            raise GuestError(f"{guest.name}: sending {src.name} failed: {out}")
     rc, out = guest.run(f"base64 -d {path}.b64 > {path} && wc -c < {path}", timeout)
-    if rc != 0 or out.strip() != str(ko.stat().st_size):
-        raise GuestError(f"{guest.name}: {name}.ko arrived damaged ({out.strip()!r} bytes "
-                         f"of {ko.stat().st_size})")
+    if rc != 0 or out.strip() != str(src.stat().st_size):
+        raise GuestError(f"{guest.name}: {src.name} arrived damaged ({out.strip()!r} bytes "
+                         f"of {src.stat().st_size})")
+
+
+def build_program(name: str) -> Path:
+    """A static, libc-free x86-64 guest program from tests/guestprogs/NAME.c (built once
+    per source; the guests have only busybox)."""
+    src = PROGRAM_DIR / f"{name}.c"
+    if not src.exists():
+        raise GuestError(f"no guest program {src}")
+    h = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    out = cache_dir() / "programs" / f"{name}-{h}"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    got = subprocess.run(["gcc", "-static", "-nostdlib", "-ffreestanding", "-fno-builtin",
+                          "-fno-stack-protector", "-fno-pie", "-no-pie", "-Os", "-s",
+                          "-o", str(tmp), str(src)], capture_output=True, text=True,
+                         check=False)
+    if got.returncode != 0:
+        raise GuestError(f"building {name} failed:\n{got.stderr[-3000:]}")
+    tmp.replace(out)
+    return out
+
+
+def load(guest: Guest, name: str, params: str = "", timeout: float = 120.0) -> Loaded:
+    """Build (if needed) and insmod test module `name` into a running test guest."""
+    ko = build(name, guest.spec.kernel)
+    path = f"/tmp/{name}.ko"
+    push(guest, ko, path, timeout)
     safe = "".join(c for c in params if c.isalnum() or c in "=_ ,.-")
     rc, out = guest.run(f"insmod {path} {safe}".strip(), timeout)
     return Loaded(name, rc, out, dmesg(guest, name))

@@ -14,7 +14,16 @@ guest memory (`scanner.check.kernel_lists`):
   → the kprobes registered at the site, through their handlers;
 * a kprobe `int3` or an optprobe `jmp` → the `struct kprobe` in `kprobe_table` whose
   `addr` is the site (members of an aggregate probe included) → its handlers;
-* `ftrace_call` / `ftrace_graph_call` inside ftrace_caller → the kernel function called.
+* `ftrace_call` / `ftrace_graph_call` inside ftrace_caller → the kernel function called;
+* `call_direct_funcs` (the direct-call ops, when other ops trace the function too) →
+  the function's direct target (6.12: the ops' `direct_call`; 6.1: its
+  `direct_functions` entry), owned as below;
+* an ftrace direct call (the verifier matched the site's target to `direct_functions`)
+  → a BPF trampoline listed on `bpf_kallsyms` (`bpf_trampoline_<key>`, called at its
+  start) is decoded (`scanner.check.direct_calls`) and each `call` in it owned: the
+  BPF programs whose JIT images it calls (at least one), kernel text (the trampoline's
+  helpers) left out, anything else (a module, nobody) an owner too; any other target
+  is owned as itself (a module's `register_ftrace_direct` trampoline → the module).
 
 Each handler's owner comes from `scanner.check.owners`. A site with no handler found
 (no ops covers it, no kprobe is registered there, a trampoline of no listed ops) is
@@ -29,7 +38,9 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from scanner.check.direct_calls import TRAMPOLINE_PREFIX, direct_lookup, trampoline_calls
 from scanner.check.kernel_lists import (
+    NO_DIRECT_ENTRY,
     BpfProgram,
     FtraceOps,
     KernelReader,
@@ -53,11 +64,15 @@ __all__ = ["Attribution", "Hook", "OwnerSet", "SiteOwners", "attribute", "attrib
 #: Forms of an ftrace `__mcount_loc` site that call into ftrace's callers.
 _CALLER_FORMS = frozenset({"call ftrace_caller", "call ftrace_regs_caller"})
 _TRAMP_FORM = "call allocated trampoline"
+#: An ftrace direct call the verifier matched against `direct_functions`.
+_DIRECT_CALL = "call direct"
 #: Forms whose target is a kernel function called directly (ftrace_call, graph call).
 _DIRECT_FORMS = frozenset({"call function", "jmp graph caller/stub"})
 #: ftrace's own wrappers: the ops' real callback is in `saved_func`.
 _WRAPPERS = ("ftrace_pid_func",)
 _KPROBE_FTRACE = "kprobe_ftrace_handler"
+#: ftrace's ops for direct calls on functions other ops trace too (kernel/trace/ftrace.c).
+_DIRECT_FUNCS = "call_direct_funcs"
 IPMODIFY_DEFAULT = 1 << 12
 #: Read at most this much guest memory for one attribution.
 BUDGET = 16 << 20
@@ -67,7 +82,7 @@ BUDGET = 16 << 20
 class Hook:
     """One handler a patched site runs."""
 
-    via: str                 #: "ftrace_ops", "kprobe" or "call"
+    via: str                 #: "ftrace_ops", "kprobe", "call" or "direct"
     struct: int | None       #: the ftrace_ops / struct kprobe (run-time address)
     handler: int             #: run-time address of the handler
     ipmodify: bool           #: an ftrace ops that may redirect execution
@@ -183,13 +198,20 @@ class _Attributor:
         ml = read_modules(self.mem, self.layouts, mods_va + slide)
         self.problems += ml.problems
         bpf: tuple[BpfProgram, ...] = ()
+        whole = True
         bk = profile.data_symbol("bpf_kallsyms")
         if bk is not None:
-            bpf, _ = read_bpf_programs(self.mem, self.layouts, bk + slide)
+            bpf, whole = read_bpf_programs(self.mem, self.layouts, bk + slide)
+            if not whole:
+                self.problems.append("bpf_kallsyms cannot be read in full")
+        self.bpf = bpf
+        self.bpf_note = f"bpf_kallsyms: {len(bpf)} images" + (
+            "" if bk is None or whole else ", not read in full")
         text = profile.text
         self.lookup = OwnerLookup(
-            text.addr + slide, text.addr + text.size + slide, profile.symbolize, slide, ml,
-            lambda m: read_module_symbols(self.mem, self.layouts, m), bpf, trusted)
+            profile, slide, (text.addr + slide, text.addr + text.size + slide), ml,
+            module_symbols=lambda m: read_module_symbols(self.mem, self.layouts, m),
+            bpf=bpf, trusted=trusted)
         self._ops: OpsList | None = None
         self._kprobes: KprobeTable | None = None
         self._owners: dict[int, Owner] = {}
@@ -197,6 +219,8 @@ class _Attributor:
         self._groups: dict[tuple[tuple[int | None, int], ...], OwnerSet] = {}
         self._special: frozenset[int] = frozenset()
         self._tramps: dict[int, tuple[FtraceOps | None, str]] = {}
+        self._direct: dict[int, tuple[tuple[Hook, ...], str]] = {}
+        self.direct = direct_lookup(profile, slide, read_va)
         #: id() of each hooks list cached in _ops_hooks → its owner set (None: not yet).
         self._shared: dict[int, OwnerSet | None] = {}
         self._default_key: tuple[int, ...] = ()
@@ -250,7 +274,8 @@ class _Attributor:
         if got is not None:
             return got
         hooks, why = self._ops_hooks_of(ops_addr, ip)
-        if not any(h.via == "kprobe" for h in hooks) and not why.startswith("kprobe"):
+        if (not any(h.via in ("kprobe", "direct") for h in hooks)
+                and not why.startswith(("kprobe", "direct"))):
             self._ops_hooks[ops_addr] = (hooks, why)   # the same for every site it traces
             self._shared[id(hooks)] = None             # (kept alive by _ops_hooks)
         return hooks, why
@@ -262,6 +287,25 @@ class _Attributor:
         func = o.func
         if self.sym(func).split("+", 1)[0] in _WRAPPERS and o.saved_func:
             func = o.saved_func
+        if self.sym(func) == _DIRECT_FUNCS:
+            # ftrace's direct-call ops, when the site is shared with other ops: it sends
+            # execution to the ip's direct target (6.12: ops->direct_call; 6.1: the
+            # direct_functions entry), owned like a site calling it directly.
+            # No target: the callback does nothing for this ip (a complete hash without
+            # an entry); an unknown one, or one nobody owns, is unowned code (never
+            # hidden behind the other ops' owners).
+            target, why = ((o.direct_call, "") if o.direct_call
+                           else self.direct(ip) if self.direct is not None
+                           else (None, "direct_functions cannot be read"))
+            if target is None:
+                return ([], "") if why == NO_DIRECT_ENTRY else (
+                    [Hook("direct", o.address, 0, False, Owner(OwnerKind.UNOWNED, 0))],
+                    f"direct-call ops: {why}")
+            hooks, why = self.direct_hooks(target)
+            if not hooks:
+                hooks = [Hook("direct", o.address, target, False,
+                              Owner(OwnerKind.UNOWNED, target))]
+            return hooks, why and f"direct-call ops: {why}"
         if self.sym(func) == _KPROBE_FTRACE:
             hooks = self.kprobe_hooks(ip)
             return hooks, "" if hooks else ("kprobe ftrace ops covers the site but no "
@@ -283,6 +327,8 @@ class _Attributor:
         elif v.form in _DIRECT_FORMS and v.target is not None:
             t = v.target + self.slide     # a .text target: link-time VA
             hooks = [Hook("call", None, t, False, self.owner(t))]
+        elif v.form == _DIRECT_CALL and v.target is not None:
+            hooks, why = self.direct_hooks(v.target)   # outside .text: run-time VA
         elif v.form == _TRAMP_FORM and v.target is not None:
             hooks, why = self.trampoline_hooks(v.target, ip)
             if hooks and id(hooks) in self._shared:
@@ -311,12 +357,57 @@ class _Attributor:
                 self._covering[key] = (tuple(hooks), why, self.group(hooks))
         else:
             return None   # the NOP, or text_poke_bp() from the baseline: no callee
-        if not hooks and not self.ops.complete and v.mechanism == "ftrace":
+        if (not hooks and v.mechanism == "ftrace" and v.form != _DIRECT_CALL
+                and not self.ops.complete):
             why += f" ({'; '.join(self.ops.problems[:2])})"
         if not hooks and not self.kprobes.complete and v.mechanism != "ftrace":
             why += f" ({'; '.join(self.kprobes.problems[:2])})"
         return SiteOwners(v.site, v.mechanism, func, tuple(hooks), "" if hooks else why,
                           ip, self.group(hooks) if hooks else None)
+
+    def direct_hooks(self, target: int) -> tuple[list[Hook], str]:
+        """The owners of an ftrace direct-call target (run-time address), once each."""
+        got = self._direct.get(target)
+        if got is None:
+            got = self._direct[target] = self._direct_hooks(target)
+        return list(got[0]), got[1]
+
+    def _direct_hooks(self, target: int) -> tuple[tuple[Hook, ...], str]:
+        image = next((p for p in self.bpf if p.start <= target < p.end), None)
+        if image is None:
+            o = self.owner(target)
+            if o.kind is OwnerKind.UNOWNED:
+                near = ", ".join(f"{p.name} {p.start:#x}-{p.end:#x}" for p in sorted(
+                    self.bpf, key=lambda p: abs(p.start - target))[:3])
+                return (), (f"direct-call target {target:#x} is in no listed module or "
+                            f"BPF trampoline ({self.bpf_note}" + (
+                                f"; nearest {near}" if near else "") + ")")
+            return (Hook("direct", None, target, False, o),), ""
+        if not image.name.startswith(TRAMPOLINE_PREFIX) or image.start != target:
+            return (), (f"direct call into BPF image {image.name!r} at "
+                        f"+{target - image.start:#x}: not the start of a BPF trampoline")
+        dec = trampoline_calls(self.mem.read, image.start, image.end)
+        if dec.problem:
+            return (), f"BPF trampoline {image.name}: {dec.problem}"
+        hooks: list[Hook] = []
+        progs = 0
+        for c in dict.fromkeys(dec.calls):
+            if self.lookup.in_text(c):
+                continue       # __bpf_prog_enter/exit, the traced function, the thunk
+            prog = next((p for p in self.bpf if p.start == c
+                         and not p.name.startswith(("bpf_trampoline_", "bpf_dispatcher_"))),
+                        None)
+            if prog is not None:
+                progs += 1
+                hooks.append(Hook("direct", image.start, c, False, self.owner(c)))
+            else:
+                o = self.owner(c)
+                hooks.append(Hook("direct", image.start, c, False,
+                                  o if o.kind is not OwnerKind.BPF
+                                  else Owner(OwnerKind.UNOWNED, c)))
+        if not progs:
+            return (), f"BPF trampoline {image.name} calls no BPF program"
+        return tuple(hooks), ""
 
     def group(self, hooks: list[Hook]) -> OwnerSet:
         key = tuple((h.struct, h.handler) for h in hooks)

@@ -22,18 +22,15 @@ text of a module that unlinked itself, a page made executable by hand, shellcode
 Intervals are subtracted, never iterated page by page, so a guest mapping millions of
 executable pages costs one pass over its ranges.
 
-`AddressOwners.describe` names the owner of any kernel address the same way, for
-pointer tables (`scanner.check.pointers`): `symbol+off`, `module NAME (func+off)` (the
-module's own kallsyms, `scanner.check.kernel_lists.modsyms`), `bpf NAME`, or "unowned
-memory".
+Who owns what is `scanner.check.owners.OwnerLookup` (one lookup for this, patch
+attribution and pointer tables); `address_owners` reads its lists from the guest.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kscan.addresses import hex_addr
@@ -41,25 +38,21 @@ from scanner.check.exec_fastpath import ExecTables
 from scanner.check.kernel_lists.exec_owners import (
     BPF_CHUNK,
     ExecOwner,
-    ExecOwners,
     read_exec_owners,
 )
 from scanner.check.kernel_lists.memory import KernelReader
-from scanner.check.kernel_lists.modsyms import ModuleSymbols, read_module_symbols
-from scanner.check.kernel_lists.modules import ModuleList, modules_off, read_guest_modules
+from scanner.check.kernel_lists.modules import modules_off, read_guest_modules
 from scanner.check.locate import LiveKernel
+from scanner.check.owners import OwnerLookup
 from scanner.check.patching import ReadVA
-from scanner.image.kernel_profile import KernelProfile
 from translate import GuestMemory, TranslationError, kernel_space
 from translate.exec_map import ExecMap, ExecRange, exec_map
 from translate.vcpu import VcpuState
 
-__all__ = ["AddressOwners", "ExecAccount", "ExecScan", "Unowned", "account_exec",
+__all__ = ["ExecAccount", "ExecScan", "Unowned", "account_exec",
            "address_owners", "describe_owner", "exec_findings", "scan_exec"]
 
 PAGE = 4096
-#: Bytes of the ftrace caller a trampoline must start with.
-TRAMPOLINE_PREFIX = 32
 #: Reported unowned ranges are capped (a guest can make millions).
 MAX_REPORTED = 64
 #: BPF pack pages one accounting may read to check their int3 fill (a 2 MiB pack is
@@ -68,13 +61,6 @@ MAX_FILL_CHECKS = 8192
 INT3_PAGE = b"\xcc" * PAGE
 INT3_CHUNK = b"\xcc" * BPF_CHUNK
 
-
-def _down(a: int) -> int:
-    return a & ~(PAGE - 1)
-
-
-def _up(a: int) -> int:
-    return (a + PAGE - 1) & ~(PAGE - 1)
 
 
 @dataclass(frozen=True)
@@ -123,138 +109,7 @@ class ExecAccount:
                 "problems": list(self.problems)}
 
 
-@dataclass(frozen=True)
-class _Claim:
-    base: int
-    end: int
-    kind: str
-    name: str
-
-
-@dataclass
-class AddressOwners:
-    """Every owner of kernel code kscan knows for one check: the image's text, listed
-    modules, and the run-time owners. `claims` are page-rounded and sorted."""
-
-    profile: KernelProfile
-    slide: int
-    text: tuple[int, int]
-    modules: ModuleList | None
-    owners: ExecOwners
-    claims: list[_Claim] = field(default_factory=list)
-    packs: list[ExecOwner] = field(default_factory=list)
-    rejected: list[str] = field(default_factory=list)
-    #: Reads module symbol tables for `describe` (None: names without symbols).
-    reader: ReadVA | None = None
-    _modsyms: dict[int, ModuleSymbols | None] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, profile: KernelProfile, slide: int, text: tuple[int, int],
-              modules: ModuleList | None, owners: ExecOwners,
-              read_va: ReadVA | None) -> AddressOwners:
-        self = cls(profile, slide, text, modules, owners, reader=read_va)
-        claims = [_Claim(_down(text[0]), _up(text[1]), "kernel_text", "kernel")]
-        for mod in modules or ():
-            for area in mod.text:
-                claims.append(_Claim(_down(area.base), _up(area.end), "module", mod.name))
-        prefixes = self._caller_prefixes(read_va)
-        for o in owners.owners:
-            if o.kind == "bpf_pack":
-                self.packs.append(o)
-                continue
-            if o.kind == "ftrace_trampoline":
-                got = read_va(o.base, TRAMPOLINE_PREFIX) if read_va is not None else None
-                if got is None or got not in prefixes:
-                    self.rejected.append(f"{o.name}: trampoline {o.base:#x} does not start "
-                                         "with the kernel's ftrace caller: not a trampoline")
-                    continue
-            claims.append(_Claim(_down(o.base), _up(o.end), o.kind, o.name))
-        claims.sort(key=lambda c: (c.base, c.end))
-        self.claims = claims
-        self.packs.sort(key=lambda p: p.base)
-        return self
-
-    def _caller_prefixes(self, read_va: ReadVA | None) -> set[bytes]:
-        out: set[bytes] = set()
-        if read_va is None:
-            return out
-        for name in ("ftrace_regs_caller", "ftrace_caller"):
-            at = self.profile.data_symbol(name)
-            if at is None and self.profile.kallsyms is not None:
-                at = self.profile.kallsyms.lookup(name)
-            if at is not None:
-                b = read_va(at + self.slide, TRAMPOLINE_PREFIX)
-                if b is not None:
-                    out.add(b)
-        return out
-
-    def claim_at(self, addr: int) -> _Claim | None:
-        """The (first) claim holding `addr`. Claims of a sane kernel do not overlap; a
-        hostile one's may: look back over the few that could still cover it."""
-        k = bisect.bisect_right(self.claims, addr, key=lambda c: c.base) - 1
-        for c in reversed(self.claims[max(0, k - 16):k + 1]):
-            if c.base <= addr < c.end:
-                return c
-        return None
-
-    def _next_claim_base(self, addr: int) -> int | None:
-        k = bisect.bisect_right(self.claims, addr, key=lambda c: c.base)
-        return self.claims[k].base if k < len(self.claims) else None
-
-    def _module_symbol(self, addr: int) -> str | None:
-        """`func+0xoff` from the listed module's own kallsyms, when it can be read."""
-        if self.modules is None or self.reader is None or self.profile.layouts is None:
-            return None
-        hit = self.modules.owner(addr)
-        if hit is None:
-            return None
-        mod = hit[0]
-        if mod.address not in self._modsyms:
-            self._modsyms[mod.address] = read_module_symbols(
-                KernelReader(self.reader, budget=4 << 20), self.profile.layouts, mod)
-        syms = self._modsyms[mod.address]
-        got = syms.symbolize(addr) if syms is not None else None
-        return got.rsplit(" [", 1)[0] if got else None
-
-    def pack_at(self, addr: int) -> ExecOwner | None:
-        k = bisect.bisect_right(self.packs, addr, key=lambda p: p.base) - 1
-        if k >= 0 and self.packs[k].base <= addr < self.packs[k].end:
-            return self.packs[k]
-        return None
-
-    def describe(self, addr: int) -> str:
-        """Who owns `addr`: `symbol+off` in the kernel, `module NAME+off`, `bpf NAME`,
-        an ftrace trampoline or kprobe slot page, or "unowned memory"."""
-        c = self.claim_at(addr)
-        if c is not None:
-            if c.kind == "kernel_text":
-                return self.profile.symbolize(addr - self.slide) or f"kernel text {addr:#x}"
-            if c.kind == "module":
-                sym = self._module_symbol(addr)
-                return f"module {c.name} ({sym})" if sym else f"module {c.name}"
-            if c.kind == "bpf":
-                return f"bpf {c.name}"
-            return f"{c.kind.replace('_', ' ')} ({c.name})"
-        if self.text[0] <= addr < self.text[1] + (64 << 20):
-            # Kernel data (rodata, data, bss): a data symbol, not code.
-            sym = self.profile.symbolize(addr - self.slide)
-            if sym is None and self.profile.kallsyms is not None:
-                ks = self.profile.kallsyms
-                i = ks.index_at_or_below(addr - self.slide)
-                if i >= 0:
-                    sym = ks.symbolize(addr - self.slide)
-            if sym is not None:
-                return f"kernel data {sym}"
-        if self.modules is not None:
-            hit = self.modules.owner(addr)
-            if hit is not None:
-                return f"module {hit[0].name} ({hit[1].kind})"
-        if self.pack_at(addr) is not None:
-            return "BPF prog pack (no program there)"
-        return "unowned memory"
-
-
-def describe_owner(owners: AddressOwners | None, addr: int) -> str:
+def describe_owner(owners: OwnerLookup | None, addr: int) -> str:
     return owners.describe(addr) if owners is not None else f"{addr:#x}"
 
 
@@ -278,7 +133,7 @@ def _pack_page(pack: ExecOwner, page: int, data: bytes | None) -> str | None:
     return "bpf_pack" if used else "bpf_pack_fill"
 
 
-def account_exec(ranges: Sequence[ExecRange], owners: AddressOwners,
+def account_exec(ranges: Sequence[ExecRange], owners: OwnerLookup,
                  read_va: ReadVA | None) -> ExecAccount:
     """Split every executable range into owned and unowned pieces (see the module doc)."""
     by_kind: dict[str, int] = {}
@@ -310,7 +165,7 @@ def account_exec(ranges: Sequence[ExecRange], owners: AddressOwners,
                 by_kind[c.kind] = by_kind.get(c.kind, 0) + (stop - cur) // PAGE
                 cur = stop
                 continue
-            nxt = owners._next_claim_base(cur)
+            nxt = owners.next_claim_base(cur)
             stop = min(end, nxt) if nxt is not None and nxt > cur else end
             # Unclaimed: pages of a BPF pack are the pack's when every chunk its bitmap
             # says is free is int3 fill; anything else there is no program's code.
@@ -333,7 +188,8 @@ def account_exec(ranges: Sequence[ExecRange], owners: AddressOwners,
                 add_unowned(cur, stop, r)
             cur = stop
     return ExecAccount(total, by_kind, tuple(unowned),
-                       tuple(owners.rejected + list(owners.owners.problems))[:32])
+                       tuple(owners.rejected + list(owners.exec_owners.problems
+                                                    if owners.exec_owners else ()))[:32])
 
 
 @dataclass(frozen=True)
@@ -343,7 +199,7 @@ class ExecScan:
     account: ExecAccount
     #: (root gpa, its walk) for each distinct kernel root (without table snapshots).
     maps: tuple[tuple[int, ExecMap], ...]
-    owners: AddressOwners | None = None
+    owners: OwnerLookup | None = None
     #: What the fast path compares to prove this accounting still holds.
     fingerprint: ExecTables | None = None
 
@@ -361,7 +217,7 @@ class ExecScan:
                 "tables": len(self.tables), "complete": self.complete}
 
 
-def address_owners(mem_read: ReadVA, lk: LiveKernel) -> AddressOwners:
+def address_owners(mem_read: ReadVA, lk: LiveKernel) -> OwnerLookup:
     """Everything that owns kernel code, read from the guest through `mem_read`."""
     prof = lk.profile
     modules = None
@@ -369,8 +225,8 @@ def address_owners(mem_read: ReadVA, lk: LiveKernel) -> AddressOwners:
         modules = read_guest_modules(prof, lk.slide, mem_read)
     owners = read_exec_owners(prof, lk.slide, KernelReader(mem_read))
     text = lk.regions[".text"]
-    return AddressOwners.build(prof, lk.slide, (text.va, text.va + text.size), modules,
-                               owners, mem_read)
+    return OwnerLookup.build(prof, lk.slide, (text.va, text.va + text.size), modules,
+                             owners, mem_read)
 
 
 def scan_exec(mem: GuestMemory, vcpus: Sequence[VcpuState], lk: LiveKernel,

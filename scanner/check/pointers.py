@@ -5,7 +5,7 @@ with CONFIG_KALLSYMS_ALL: `sys_call_table`, `ia32_sys_call_table`, ops tables...
 `table[index]` (8-byte words from the symbol's start); a changed IDT gate as
 `idt[0xNN]`. Its old value (the baseline's, link-time: baselines are KASLR-normalized)
 is symbolized in the kernel image; its new value (read from guest memory now) is named
-by owner through `scanner.check.execmem.AddressOwners`: a kernel function, a listed
+by owner through `scanner.check.owners.OwnerLookup`: a kernel function, a listed
 module, a BPF program, or "unowned memory".
 
 On 6.1 and 6.12 `sys_call_table` is still in `.rodata` (6.1.90+ and 6.9+ dispatch
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from kscan.addresses import hex_addr, hex_or_none
 from scanner.check.classify import ByteRange
-from scanner.check.execmem import AddressOwners
+from scanner.check.owners import OwnerLookup
 from scanner.check.patching import ReadVA
 
 __all__ = ["MAX_WORDS", "PointerChange", "idt_changes", "rodata_changes"]
@@ -55,7 +55,7 @@ def _word(buf: bytes, off: int) -> int | None:
     return None
 
 
-def rodata_changes(owners: AddressOwners, page_va: int, page_link: int,
+def rodata_changes(owners: OwnerLookup, page_va: int, page_link: int,
                    before: bytes, ranges: Sequence[ByteRange], read_va: ReadVA
                    ) -> tuple[PointerChange, ...]:
     """Name the 8-byte words a `.rodata` page's changed ranges touch. `before` is the
@@ -96,7 +96,7 @@ def gate_handler(gate: bytes) -> int:
     return int(lo | mid << 16 | hi << 32)
 
 
-def idt_changes(owners: AddressOwners, idt_va: int, page: int, before: bytes,
+def idt_changes(owners: OwnerLookup, idt_va: int, page: int, before: bytes,
                 ranges: Sequence[ByteRange], read_va: ReadVA,
                 slide: int) -> tuple[PointerChange, ...]:
     """Name the IDT gates a page's changed ranges touch, `idt[0xNN]`. The baseline IDT

@@ -31,9 +31,10 @@ import zstandard
 from kscan.addresses import hex_addr
 from scanner.check.attribution import Attribution, attribute, attribution_off
 from scanner.check.classify import ByteRange, diff_ranges
-from scanner.check.execmem import AddressOwners, ExecScan, address_owners
+from scanner.check.direct_calls import direct_lookup
+from scanner.check.execmem import ExecScan, address_owners
 from scanner.check.locate import REGIONS, LiveKernel, Region
-from scanner.check.owners import OwnerKind, Trust, judge
+from scanner.check.owners import OwnerKind, OwnerLookup, Trust, judge
 from scanner.check.patch_report import BOOT_TIME, PatchReport, split_by_page
 from scanner.check.patch_state import PatchMemory, VmFacts
 from scanner.check.patching import ReadVA, verify_text_changes
@@ -290,7 +291,7 @@ def verify(
         return golden_cache[name] or None
 
     patches: PatchReport | None = None
-    owners: AddressOwners | None = None  # built on the first changed pointer table
+    owners: OwnerLookup | None = None  # built on the first changed pointer table
     names = [n for n in REGIONS if n in normalized]
     if fresh and len(names) != len(REGIONS):
         raise ValueError("the first check of a boot needs all four regions")
@@ -442,15 +443,19 @@ def _verify_patching(lk: LiveKernel, text: bytearray, golden: bytes | None,
     if prof.patch_sites is None or golden is None or len(golden) != len(text):
         return None, None, memory
     base = prof.text.addr
+    # ftrace direct calls are verifiable only where they can be attributed too.
+    attributable = read_data is not None and attribution_off(prof) is None
+    direct = (direct_lookup(prof, lk.slide, read_data)
+              if attributable and read_data is not None else None)
     verdict = verify_text_changes(golden, text, base, lk.slide, prof.patch_sites, read_va,
                                   relocs=prof.relocs.get(".text"),
                                   optprobe_template=prof.optprobe_code or None,
-                                  facts=facts, memory=memory)
+                                  facts=facts, memory=memory, direct=direct)
     unverified = split_by_page(verdict, base)
     pages = sorted({(v.start - base) // PAGE for v in verdict.verified} - set(unverified))
     attribution: Attribution | None = None
     runtime = [v for v in verdict.verified if v.mechanism not in BOOT_TIME]
-    if runtime and read_data is not None and attribution_off(prof) is None:
+    if runtime and attributable and read_data is not None:
         attribution = attribute(prof, lk.slide, read_data, runtime, trusted)
     report = PatchReport(tuple(verdict.verified), tuple(pages), prof.symbolize, attribution)
     return (report if verdict.verified else None), unverified, verdict.memory

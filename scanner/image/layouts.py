@@ -80,7 +80,7 @@ DATA_SYMBOLS = (
     "prog_idr", "bpf_kallsyms", "bpf_tree", "__x86_return_thunk", "ftrace_ops_assist_func",
     "ftrace_regs_caller", "ftrace_caller", "ftrace_stub", "klp_patches", "init_task",
     "_stext", "_etext", "__start_rodata", "__end_rodata", "_sdata", "_edata",
-    "tainted_mask",
+    "tainted_mask", "direct_functions",
     "pack_list", "ftrace_ops_trampoline_list", "real_mode_header", "real_mode_blob",
     "real_mode_blob_end", "page_offset_base", "idt_table",
 )

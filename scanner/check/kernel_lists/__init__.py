@@ -15,18 +15,23 @@ in full is said to be incomplete rather than trusted.
   memory ranges (6.1's `core_layout`/`init_layout`, 6.4+'s `mem[]`), `sig_ok`, taints;
   `ModuleList.owner` finds the module whose memory holds an address;
 * `ftrace_ops.read_ftrace_ops` — the registered ftrace callbacks (`ftrace_ops_list`)
-  with their filters; `kprobes.read_kprobes` — the kprobes (`kprobe_table`), members
-  of aggregate probes included; `bpf.read_bpf_programs` — BPF JIT images
-  (`bpf_kallsyms`);
+  with their filters, and `read_direct_calls` the ftrace direct calls
+  (`direct_functions`: ip → the trampoline its site calls); `kprobes.read_kprobes` —
+  the kprobes (`kprobe_table`), members of aggregate probes included;
+  `bpf.read_bpf_programs` — BPF JIT images (`bpf_kallsyms`);
 * `modsyms.read_module_symbols` — a listed module's own symbols (its kallsyms copy), to
   name an address inside it ``func+0xoff [module]``.
 """
 
 from scanner.check.kernel_lists.bpf import BpfProgram, read_bpf_programs
 from scanner.check.kernel_lists.ftrace_ops import (
+    NO_DIRECT_ENTRY,
+    DirectCalls,
     FtraceOps,
     OpsList,
+    direct_off,
     ftrace_off,
+    read_direct_calls,
     read_ftrace_ops,
 )
 from scanner.check.kernel_lists.kprobes import Kprobe, KprobeTable, kprobes_off, read_kprobes
@@ -44,7 +49,9 @@ from scanner.check.kernel_lists.modules import (
 )
 
 __all__ = [
+    "NO_DIRECT_ENTRY",
     "BpfProgram",
+    "DirectCalls",
     "FtraceOps",
     "KernelReader",
     "Kprobe",
@@ -55,10 +62,12 @@ __all__ = [
     "ModuleMemory",
     "ModuleSymbols",
     "OpsList",
+    "direct_off",
     "ftrace_off",
     "kprobes_off",
     "modules_off",
     "read_bpf_programs",
+    "read_direct_calls",
     "read_ftrace_ops",
     "read_guest_modules",
     "read_kprobes",

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scanner.check.kernel_lists.lists import walk_list
+from scanner.check.kernel_lists.bpf import read_bpf_programs
+from scanner.check.kernel_lists.lists import walk_chain, walk_list
 from scanner.check.kernel_lists.memory import (
     KernelReader,
-    field_cstr,
     field_int,
     is_kernel_pointer,
 )
@@ -63,8 +63,6 @@ MAX_OPS = 1024
 MAX_KPROBE_PAGES = 4096
 MAX_BPF_KSYMS = 65536
 MAX_PACKS = 256
-#: A BPF image larger than this is garbage (the JIT limits programs to 1M insns).
-MAX_BPF_IMAGE = 64 << 20
 #: The real-mode trampoline must sit below 1 MiB (it is entered in real mode).
 REALMODE_LIMIT = 1 << 20
 
@@ -110,7 +108,6 @@ def _ftrace(mem: KernelReader, lay: Layouts, sym: dict[str, int], out: list[Exec
         problems.append("no ftrace_ops layout: ftrace trampolines not read")
         return False
     complete = True
-    seen: set[int] = set()
     claimed: set[tuple[int, int]] = set()
 
     def claim(at: int) -> None:
@@ -131,24 +128,13 @@ def _ftrace(mem: KernelReader, lay: Layouts, sym: dict[str, int], out: list[Exec
 
     head, end = sym.get("ftrace_ops_list"), sym.get("ftrace_list_end")
     if head is not None and end is not None:
-        cur = mem.u64(head)
-        for _ in range(MAX_OPS + 1):
-            if cur is None or not is_kernel_pointer(cur):
-                problems.append("ftrace_ops_list: unreadable or non-kernel link")
-                complete = False
-                break
-            if cur == end:
-                break
-            if cur in seen:
-                problems.append(f"ftrace_ops_list: cycle at {cur:#x}")
-                complete = False
-                break
-            seen.add(cur)
-            claim(cur)
-            cur = mem.u64(cur + ops["next"].offset)
-        else:
-            problems.append(f"ftrace_ops_list: more than {MAX_OPS} ops")
-            complete = False
+        chain = walk_chain(mem, head, end, next_off=ops["next"].offset, limit=MAX_OPS,
+                           name="ftrace_ops_list")
+        if chain.problem:
+            problems.append(chain.problem)
+        complete &= chain.complete
+        for at in chain.nodes:
+            claim(at)
     else:
         complete = False
     tl = sym.get("ftrace_ops_trampoline_list")
@@ -201,33 +187,15 @@ def _kprobes(mem: KernelReader, lay: Layouts, sym: dict[str, int], out: list[Exe
 
 def _bpf(mem: KernelReader, lay: Layouts, sym: dict[str, int], out: list[ExecOwner],
          problems: list[str]) -> bool:
-    ksym, lh = lay.get("bpf_ksym"), lay.get("list_head")
+    lh = lay.get("list_head")
     complete = True
     head = sym.get("bpf_kallsyms")
-    if ksym is not None and lh is not None and head is not None and all(
-            f in ksym for f in ("start", "end", "name", "lnode")):
-        walk = walk_list(mem, head, limit=MAX_BPF_KSYMS, next_off=lh["next"].offset,
-                         prev_off=lh["prev"].offset)
-        if walk.problem:
-            problems.append(f"bpf_kallsyms: {walk.problem}")
-        complete &= walk.complete
-        for node in walk.nodes:
-            at = node - ksym["lnode"].offset
-            buf = mem.struct(at, ksym)
-            if buf is None:
-                problems.append(f"bpf_ksym {at:#x} cannot be read")
-                complete = False
-                continue
-            start, end = field_int(buf, ksym["start"]), field_int(buf, ksym["end"])
-            name = field_cstr(buf, ksym["name"], 128)
-            if not _sane(start, end - start, MAX_BPF_IMAGE):
-                problems.append(f"bpf_ksym {name or hex(at)}: image {start:#x}..{end:#x} "
-                                "is not plausible")
-                continue
-            out.append(ExecOwner("bpf", name, start, end - start, at))
-    elif head is not None:
-        problems.append("no bpf_ksym layout: BPF images not read")
-        complete = False
+    if head is not None:
+        progs, whole = read_bpf_programs(mem, lay, head, limit=MAX_BPF_KSYMS,
+                                         problems=problems)
+        complete &= whole
+        out.extend(ExecOwner("bpf", p.name, p.start, p.end - p.start, p.ksym)
+                   for p in progs)
     pack, packs = lay.get("bpf_prog_pack"), sym.get("pack_list")
     if pack is not None and lh is not None and packs is not None and all(
             f in pack for f in ("list", "ptr")):

@@ -6,6 +6,9 @@ that does not pass through the head), or more than `limit` nodes; it also notes 
 whose `prev` does not point back (a list being changed under us, or an entry unlinked
 by hand). It returns the node addresses (the `list_head` inside each entry), never
 the entries: `container_of` is the caller's, with the member offset from BTF.
+
+`walk_chain` follows a singly linked chain (`ftrace_ops_list`: a pointer variable, then
+each node's `next`, up to a sentinel) with the same bounds.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 from scanner.check.kernel_lists.memory import KernelReader, is_kernel_pointer
 
-__all__ = ["ListWalk", "walk_list"]
+__all__ = ["ListWalk", "walk_chain", "walk_list"]
 
 DEFAULT_LIMIT = 4096
 
@@ -59,3 +62,23 @@ def walk_list(mem: KernelReader, head: int, *, limit: int = DEFAULT_LIMIT,
         cur = nxt
     return ListWalk(tuple(nodes[:limit]), False, f"more than {limit} entries",
                     tuple(broken))
+
+
+def walk_chain(mem: KernelReader, first_va: int, end: int, *, next_off: int,
+               limit: int = DEFAULT_LIMIT, name: str = "list") -> ListWalk:
+    """The nodes of the chain whose first pointer is the variable at `first_va`, each
+    node's successor at `next_off`, ending at the sentinel address `end`."""
+    nodes: list[int] = []
+    seen: set[int] = set()
+    cur = mem.u64(first_va)
+    for _ in range(limit + 1):
+        if cur == end:
+            return ListWalk(tuple(nodes), True)
+        if cur is None or not is_kernel_pointer(cur) or cur in seen:
+            return ListWalk(tuple(nodes), False, f"{name}: " + (
+                "unreadable" if cur is None else f"cycle at {cur:#x}" if cur in seen
+                else f"pointer {cur:#x} is not a kernel address"))
+        seen.add(cur)
+        nodes.append(cur)
+        cur = mem.u64(cur + next_off)
+    return ListWalk(tuple(nodes[:limit]), False, f"{name}: more than {limit} entries")

@@ -19,7 +19,10 @@ What each mechanism accepts (x86-64, Linux 6.1 and 6.12; sources under arch/x86/
   sites inside ftrace_caller (ftrace_update_ftrace_func): a `call` to a function in
   `.text`, and
   `ftrace_graph_call` where it exists (6.1 without WITH_ARGS only): `jmp` to
-  ftrace_graph_caller or ftrace_stub.
+  ftrace_graph_caller or ftrace_stub. A site may also `call` an ftrace *direct*
+  target (a BPF trampoline, a module's direct trampoline) when the kernel's
+  `direct_functions` names exactly that target for the site's function
+  (ftrace_get_addr_new → ftrace_find_rec_direct); `verify_text_changes(direct=...)`.
 * `jump_label` — `__jump_table` code addresses (kernel/jump_label.c, __jump_label_patch):
   the size is the baseline instruction's (2: `66 90`/`eb rel8`, 5: NOP5/`e9 rel32`); live
   bytes are x86_nops[size] or the `jmp` of that size to that entry's own target. All
@@ -95,6 +98,7 @@ from scanner.check.patching.common import (
     RETINSN,
     RETURN_THUNKS,
     XOR5RAX,
+    DirectLookup,
     Limits,
     ReadVA,
 )
@@ -109,6 +113,6 @@ from scanner.check.patching.verifier import _Verifier, verify_text_changes
 
 __all__ = ["BOOT_TIME", "CALL", "CLAC", "INT3", "JMP8", "JMP32", "KERNEL_HALF",
            "KPROBE_ADDR_OFF", "MECHANISMS", "NOP2", "NOP3", "NOP5", "REGISTRY", "RET",
-           "RETINSN", "RETURN_THUNKS", "XOR5RAX", "Limits", "Mechanism", "MechanismSummary",
-           "PatchMemory", "PatchVerdict", "ReadVA", "UnverifiedRange", "VerifiedPatch",
-           "VmFacts", "_Verifier", "verify_text_changes"]
+           "RETINSN", "RETURN_THUNKS", "XOR5RAX", "DirectLookup", "Limits", "Mechanism",
+           "MechanismSummary", "PatchMemory", "PatchVerdict", "ReadVA", "UnverifiedRange",
+           "VerifiedPatch", "VmFacts", "_Verifier", "verify_text_changes"]

@@ -24,6 +24,9 @@ from scanner.image.relocs import RegionRelocs
 
 #: Reads `size` bytes of guest memory at a run-time virtual address (None: unmapped).
 ReadVA = Callable[[int, int], bytes | None]
+#: The ftrace direct-call target the kernel's bookkeeping (`direct_functions`) names for
+#: a function's run-time ip: (target, "") or (None, why not).
+DirectLookup = Callable[[int], tuple[int | None, str]]
 
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
@@ -126,6 +129,9 @@ class VerifierBase:
     """One verification of a `.text` against its baseline: the state the mechanisms
     share, and the small utilities and bulk site check they all use."""
 
+    #: Where an ftrace site may call directly (None: direct calls are not verifiable).
+    direct: DirectLookup | None = None
+
     def __init__(self, baseline: bytes | bytearray | memoryview,
                  live: bytes | bytearray | memoryview, link_base: int, slide: int,
                  sites: PatchSites, read_va: ReadVA | None, relocs: RegionRelocs | None,
@@ -153,6 +159,8 @@ class VerifierBase:
         self.fs_list: list[int] = fs.tolist()
         self.batches: list[_Batch] = []
         self.reasons: dict[int, str] = {}
+        #: ftrace sites whose out-of-text call is no direct call either: why not.
+        self.direct_why: dict[int, str] = {}
         # Fixed sites kprobes may not use: (start offsets, size) per batch of sites.
         self.reserved_parts: list[tuple[I64, int]] = []
         self.opt_reserved_parts: list[tuple[I64, int]] = []

@@ -13,6 +13,11 @@ sites inside ftrace_caller (ftrace_update_ftrace_func): a `call` to a function i
 `.text`, and
 `ftrace_graph_call` where it exists (6.1 without WITH_ARGS only): `jmp` to
 ftrace_graph_caller or ftrace_stub.
+
+`call direct` — a site calling outside `.text` something that is not an allocated
+trampoline is verified when the kernel's `direct_functions` hash names exactly that
+target for the site's function (a BPF trampoline, a module's `register_ftrace_direct`
+trampoline): what the target is and whose it is is `scanner.check.attribution`'s.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class FtraceVerifier(TextPokeVerifier):
         callers = [sym[k] for k in ("ftrace_caller", "ftrace_regs_caller") if k in sym]
         caller_arr = np.array(sorted(set(callers)), dtype=np.int64)
         forms = ["nop", "call ftrace_caller", "call ftrace_regs_caller",
-                 "call allocated trampoline"]
+                 "call allocated trampoline", "call direct"]
 
         def validate(live: U8, off: I64, aux: Mapping[str, npt.NDArray[Any]]
                      ) -> tuple[B, npt.NDArray[np.int8], I64]:
@@ -71,13 +76,19 @@ class FtraceVerifier(TextPokeVerifier):
                     checked = [self.remote("ftrace", u) for u in uniq.tolist()]
                     res = np.array([c[0] for c in checked], dtype=np.bool_)
                     rows = np.flatnonzero(out)
-                    for r in rows[~res[inv.reshape(-1)]][:1000].tolist():
-                        self.reasons.setdefault(int(off[r]), "ftrace site calls outside "
-                                                "text: " + checked[int(inv.reshape(-1)[
-                                                    np.searchsorted(rows, r)])][1])
-                    good = rows[res[inv.reshape(-1)]]
+                    inv1 = inv.reshape(-1)
+                    good = rows[res[inv1]]
                     ok[good] = True
                     form[good] = 3
+                    bad = rows[~res[inv1]]
+                    direct = self.direct_calls(off[bad], t[bad])
+                    ok[bad[direct]] = True
+                    form[bad[direct]] = 4
+                    for r in bad[~direct][:1000].tolist():
+                        why = checked[int(inv1[np.searchsorted(rows, r)])][1]
+                        self.reasons.setdefault(int(off[r]), "ftrace site calls outside "
+                                                "text: " + why + self.direct_why.get(
+                                                    int(off[r]), ""))
                 tgt = np.where(call, t, 0)
             return ok, form, tgt
 
@@ -116,6 +127,26 @@ class FtraceVerifier(TextPokeVerifier):
                              reason="ftrace_graph_call: not a jmp to ftrace_graph_caller "
                                     "or ftrace_stub")
 
+
+    # ftrace direct calls -------------------------------------------------------------
+    def direct_calls(self, off: I64, target: I64) -> B:
+        """Which of these sites (offsets, link-time call targets outside `.text`) call
+        the direct target `direct_functions` names for their function. Why not, per
+        site, in `direct_why` (appended to the site's reason)."""
+        out = np.zeros(off.size, dtype=np.bool_)
+        if self.direct is None:
+            return out
+        for i, (o, t) in enumerate(zip(off.tolist(), target.tolist(), strict=True)):
+            ip = self.runtime(self.base_s + o)
+            got, why = self.direct(ip)
+            if got is not None and got == self.runtime(t):
+                out[i] = True
+            elif len(self.direct_why) < 1000:
+                self.direct_why[o] = ("; not a direct call: " + why if got is None else
+                                      f"; not a direct call: direct_functions names "
+                                      f"{got:#x} for this function, the site calls "
+                                      f"{self.runtime(t):#x}")
+        return out
 
     # out-of-text targets --------------------------------------------------------------
     def remote(self, kind: str, link_target: int) -> tuple[bool, str]:

@@ -14,6 +14,7 @@ from scanner.check.patching.common import (
     INT3,
     JMP32,
     B,
+    DirectLookup,
     Limits,
     ReadVA,
     _Batch,
@@ -241,7 +242,8 @@ def verify_text_changes(baseline: bytes | bytearray | memoryview,
                         relocs: RegionRelocs | None = None,
                         optprobe_template: bytes | None = None,
                         limits: Limits | None = None, facts: VmFacts | None = None,
-                        memory: PatchMemory | None = None) -> PatchVerdict:
+                        memory: PatchMemory | None = None,
+                        direct: DirectLookup | None = None) -> PatchVerdict:
     """Which changed bytes of `.text` are the kernel's own patching, and which are not.
 
     `baseline` and `live` are the whole KASLR-normalized `.text` (same length, link-time
@@ -257,7 +259,12 @@ def verify_text_changes(baseline: bytes | bytearray | memoryview,
     `facts` is what the check knows of the VM besides its memory (vCPU count, paging
     mode, the time); `memory` what the previous check of this boot left (None: this is
     the first). The verdict's `memory` is what the next check of this boot needs.
+
+    `direct(ip)` names the ftrace direct-call target of a function's run-time ip from
+    the kernel's `direct_functions` (None: a site calling outside `.text` anything but
+    an ftrace trampoline is unverified).
     """
     v = _Verifier(baseline, live, link_base, slide, sites, read_va, relocs,
                   optprobe_template, limits or Limits(), facts, memory)
+    v.direct = direct
     return v.run()
