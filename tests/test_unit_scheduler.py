@@ -546,3 +546,32 @@ def test_exempt_cpu_is_not_charged_nor_steers_the_period(clock: FakeClock) -> No
     assert s.exempted == pytest.approx(5.0)
     s.exempt(-1.0)   # nonsense is ignored
     assert s.exempted == pytest.approx(5.0)
+
+
+def test_try_acquire_reserves_only_what_acquire_would_not_wait_for(clock: FakeClock) -> None:
+    """The routine scan's synchronous reservation: taken with credit and nobody queued;
+    refused (nothing reserved) in debt, or while a scan waits in `acquire` — so it never
+    overtakes the queue nor lets the budget slip."""
+    s = Scheduler(Policy(budget=0.10))
+    assert s.try_acquire(0.05) and s._tokens == pytest.approx(0.20 - 0.05)
+    s._tokens = -0.01
+    assert not s.try_acquire(0.05) and s._tokens == pytest.approx(-0.01)
+
+    async def go() -> list[str]:
+        order: list[str] = []
+
+        async def waiter() -> None:
+            await s.acquire(0.05)
+            order.append("queued")
+
+        t = asyncio.get_running_loop().create_task(waiter())
+        await asyncio.sleep(0)  # it holds the lock, sleeping off the debt
+        clock.t += 1.0  # the debt is repaid meanwhile: still, the queue goes first
+        assert not s.try_acquire(0.05)
+        order.append("refused")
+        await t
+        assert s.try_acquire(0.0)
+        return order
+
+    assert asyncio.run(go()) == ["refused", "queued"]
+    assert Scheduler(Policy(budget=None)).try_acquire(1.0)

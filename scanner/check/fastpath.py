@@ -143,6 +143,31 @@ class Reference:
         if mem.zero_copy:
             self.reached_views = [mem.view(g, n) for g, n in self.reached_runs]
     passes: int = 0  # memory passes so far (every KEYED_EVERY-th one is keyed)
+    #: Zero-copy views of `exec_tables`' tables, kept between passes like `views`
+    #: (None: not made yet, or for other tables than `exec_tables` holds now).
+    exec_views: tuple[ExecTables, list[memoryview]] | None = None
+
+    def exec_table_views(self, mem: GuestMemory) -> list[memoryview] | None:
+        """The views of the current `exec_tables`' tables over zero-copy memory, made
+        once per `exec_tables` (None: copying memory, or a table not in RAM)."""
+        tables = self.exec_tables
+        if tables is None or not mem.zero_copy:
+            return None
+        if self.exec_views is not None and self.exec_views[0] is tables:
+            return self.exec_views[1]
+        self._release_exec_views()
+        try:
+            views = tables.table_views(mem)
+        except TranslationError:
+            return None
+        self.exec_views = (tables, views)
+        return views
+
+    def _release_exec_views(self) -> None:
+        if self.exec_views is not None:
+            for v in self.exec_views[1]:
+                v.release()
+            self.exec_views = None
 
     def release(self) -> None:
         """Drop the views so the guest memory mapping can be closed."""
@@ -153,6 +178,7 @@ class Reference:
         for v in self.reached_views:
             v.release()
         self.reached_views = []
+        self._release_exec_views()
 
 
 def make_reference(mem: GuestMemory, lk: LiveKernel, vcpus: Sequence[VcpuState],
@@ -252,7 +278,8 @@ def check_memory(ref: Reference, mem: GuestMemory, keyed: bool | None = None) ->
         return FastResult(FastOutcome.TABLES_CHANGED)
     if ref.reached_runs and not ref.reached_fingerprint.unchanged(mem):
         return FastResult(FastOutcome.TABLES_CHANGED, REACHED_TABLES)
-    if ref.exec_tables is not None and not ref.exec_tables.tables_unchanged(mem):
+    if (ref.exec_tables is not None
+            and not ref.exec_tables.tables_unchanged(mem, ref.exec_table_views(mem))):
         return FastResult(FastOutcome.EXEC_CHANGED)
     if keyed:
         digest, want = keyed_digest, {n: d[_FAST:] for n, d in ref.digests.items()}

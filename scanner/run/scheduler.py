@@ -82,6 +82,7 @@ class Scheduler:
         self._tokens = (policy.budget or 0.0) * BURST_SECONDS
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()
+        self._queued = 0  # waiters in `acquire` (`try_acquire` does not overtake them)
         self.charged = 0.0  # CPU seconds charged in total
         #: EWMA of what one slow path (examine + verify) costs, to reserve before one.
         self.slow_cost = 0.05
@@ -227,6 +228,21 @@ class Scheduler:
             self._tokens = min(b * BURST_SECONDS, self._tokens + (now - self._stamp) * b)
         self._stamp = now
 
+    def try_acquire(self, expected: float) -> bool:
+        """`acquire` without waiting, when it would not wait: nobody queued and the
+        bucket not in debt — then `expected` is reserved and True returned (the common
+        case of a routine scan: no coroutine, no lock). False: nothing reserved, await
+        `acquire`."""
+        if not self.policy.budget:
+            return True
+        if self._queued or self._lock.locked():
+            return False
+        self._refill()
+        if self._tokens < 0:
+            return False
+        self._tokens -= expected
+        return True
+
     async def acquire(self, expected: float, *, urgent: bool = False) -> None:
         """Wait while the bucket is in debt, then reserve `expected` CPU seconds.
         Waiters queue on a lock, so they go one by one (FIFO), not as a herd. `urgent`
@@ -241,12 +257,16 @@ class Scheduler:
                 self._refill()
             self._tokens -= expected
             return
-        async with self._lock:
-            self._refill()
-            if self._tokens < 0:
-                await asyncio.sleep(-self._tokens / self._budget())
+        self._queued += 1
+        try:
+            async with self._lock:
                 self._refill()
-            self._tokens -= expected
+                if self._tokens < 0:
+                    await asyncio.sleep(-self._tokens / self._budget())
+                    self._refill()
+                self._tokens -= expected
+        finally:
+            self._queued -= 1
 
     def exempt(self, cpu_seconds: float) -> None:
         """CPU another thread used on something the budget must not pay for (answering
