@@ -18,9 +18,10 @@ point, once every VM has had its first check:
 * latency_p99_s — detection latency: bytes of .text flipped at a random moment in a
   random VM (through its memory file, as `tools/tamper` does) until kscan's `tamper`
   event; several tampers in flight on distinct VMs;
-* warmup_s — from the point's VMs all added (each copied into place while kscan runs)
-  until the last of them has its first verdict (under `--startup-budget`: VMs that
-  appear later open a start-up burst of their own; with `--cold`, from kscan's start);
+* warmup_s — from the point's VMs all added (each copied into place while kscan runs;
+  adding_s is how long the copying took) until the last of them has its first verdict
+  (under `--startup-budget`: VMs that appear later open a start-up burst of their own;
+  with `--cold`, from kscan's start);
 * uss_mb — kscan's private memory: USS, without the guest RAM mappings (in production
   QEMU maps those too, so they are shared, not kscan's).
 
@@ -299,9 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in points_n:
             log(f"fleet: {have} -> {n} replayed VMs")
+            t_add = time.monotonic()
             grow(have, n)
             have = n
             t0, warm_mark = time.monotonic(), k.mark()
+            adding = t0 - t_add  # copying the VMs into place (kscan checks them meanwhile)
             if args.cold:
                 t0, warm_mark = started, 0
             while k.count("vm_clean") < n:
@@ -337,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0),
                 "latency_p99_s": percentile(lat, 0.99), "latency_p50_s": percentile(lat, 0.5),
                 "latency_max_s": max(lat), "latency_samples": len(lat), "uss_mb": uss,
-                "warmup_s": warm, "cold": args.cold, "cool": args.cool,
+                "warmup_s": warm, "adding_s": 0.0 if args.cold else adding,
+                "cold": args.cold, "cool": args.cool,
                 "period_factor": stats.get("period_factor"),
             })
             log(json.dumps(points[-1]))
