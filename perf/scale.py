@@ -18,6 +18,10 @@ point, once every VM has had its first check:
 * latency_p99_s — detection latency: bytes of .text flipped at a random moment in a
   random VM (through its memory file, as `tools/tamper` does) until kscan's `tamper`
   event; several tampers in flight on distinct VMs;
+* warmup_s — from the point's VMs all added (each copied into place while kscan runs;
+  adding_s is how long the copying took) until the last of them has its first verdict
+  (under `--startup-budget`: VMs that appear later open a start-up burst of their own;
+  with `--cold`, from kscan's start);
 * uss_mb — kscan's private memory: USS, without the guest RAM mappings (in production
   QEMU maps those too, so they are shared, not kscan's).
 
@@ -296,9 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in points_n:
             log(f"fleet: {have} -> {n} replayed VMs")
+            t_add = time.monotonic()
             grow(have, n)
             have = n
             t0, warm_mark = time.monotonic(), k.mark()
+            adding = t0 - t_add  # copying the VMs into place (kscan checks them meanwhile)
             if args.cold:
                 t0, warm_mark = started, 0
             while k.count("vm_clean") < n:
@@ -334,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0),
                 "latency_p99_s": percentile(lat, 0.99), "latency_p50_s": percentile(lat, 0.5),
                 "latency_max_s": max(lat), "latency_samples": len(lat), "uss_mb": uss,
-                "warmup_s": warm, "cold": args.cold, "cool": args.cool,
+                "warmup_s": warm, "adding_s": 0.0 if args.cold else adding,
+                "cold": args.cold, "cool": args.cool,
                 "period_factor": stats.get("period_factor"),
             })
             log(json.dumps(points[-1]))
@@ -348,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                "uss_growth_mb_per_vm": growth, "plot": str(args.plot), "machine": machine()}
     rows = [(f"{p['vms']} VMs", f"sweep {p['sweep_cpu_s']:.2f} CPU-s / {p['sweep_wall_s']:.1f} s"
              f" wall, CPU {p['cpu_percent']:.1f}%, latency p50 {p['latency_p50_s']:.1f} s "
-             f"p99 {p['latency_p99_s']:.1f} s, USS {p['uss_mb']:.0f} MB") for p in points]
+             f"p99 {p['latency_p99_s']:.1f} s, USS {p['uss_mb']:.0f} MB, first verdicts of the "
+             f"point's VMs {p['warmup_s']:.0f} s") for p in points]
     rows.append(("USS growth", f"{growth:.3f} MB per VM"))
     rows.append(("note", "VMs are REPLAYED recordings of real guests (no QEMU running)"))
     emit(figures, args.json, rows)

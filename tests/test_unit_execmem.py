@@ -13,6 +13,14 @@ import pytest
 from scanner.check.classify import ByteRange
 from scanner.check.exec_fastpath import ExecTables
 from scanner.check.execmem import ExecScan, account_exec, exec_findings
+from scanner.check.fastpath import (
+    FastOutcome,
+    Reference,
+    TableFingerprint,
+    check_memory,
+    check_registers,
+    control_state,
+)
 from scanner.check.kernel_lists import KernelReader, ModuleList, ModuleMemory
 from scanner.check.kernel_lists.exec_owners import (
     BPF_PACK_SIZE,
@@ -447,6 +455,45 @@ def test_exec_tables_fingerprint(tmp_path: Path) -> None:
     ram.put(other + 400 * 8, 0x11000 | P | RW)                # a new kernel-half entry
     mem = ram.save(tmp_path / "ram")
     assert fp.roots_match(mem, [_vcpu(ram.pgd), _vcpu(other, 1)]) == 1
+
+
+def test_exec_fast_path_remembers_no_stale_verdict(tmp_path: Path) -> None:
+    """The fast path keeps the tables' views between passes and remembers raw bytes it
+    found fine (tables, roots' kernel halves): an executable mapping added afterwards,
+    in place, through the very mapping those views are of, is still seen — on every
+    pass, not once — and a root's kernel half changed from a remembered one is not
+    accepted for having been fine before."""
+    ram = SyntheticRam(8 << 20)
+    ram.map(KTEXT, 0x200000, MB2, P)
+    ram.map(MODS, 0x9000, PAGE, P)
+    path = tmp_path / "ram"
+    mem = ram.save(path)
+    fp = ExecTables.from_snapshots({ram.pgd: exec_map(mem, ram.pgd, FOUR_LEVEL).snapshot})
+    vcpus = [_vcpu(ram.pgd)]
+    ref = Reference(views={}, digests={}, fingerprint=TableFingerprint(()), top_index=(),
+                    top_values=(), control=control_state(vcpus), exec_tables=fp)
+    for _ in range(3):  # the later passes from the remembered raw bytes and kept views
+        assert check_registers(ref, mem, vcpus).ok and check_memory(ref, mem).ok
+    assert fp._raw and fp._raw_tops and ref.exec_views is not None
+    views = ref.exec_views[1]
+    ram.map(MODS + PAGE, 0xA000, PAGE, P | RW | NX)            # NX churn: still fine
+    ram.save(path)                                             # same file, same mapping
+    assert check_memory(ref, mem).ok and ref.exec_views[1] is views
+    ram.map(MODS + 2 * PAGE, 0x10000, PAGE, P)                 # a new executable page
+    ram.save(path)
+    for _ in range(2):
+        assert check_memory(ref, mem).outcome is FastOutcome.EXEC_CHANGED
+    ram.put(ram.pgd + 300 * 8, 0x11000 | P | RW)               # a new kernel-half entry
+    ram.save(path)
+    for _ in range(2):
+        assert check_registers(ref, mem, vcpus).outcome is FastOutcome.EXEC_CHANGED
+    # A new fingerprint (the next full check's) gets views of its own; release drops them.
+    ref.exec_tables = ExecTables.from_snapshots(
+        {ram.pgd: exec_map(mem, ram.pgd, FOUR_LEVEL).snapshot})
+    assert check_memory(ref, mem).ok and ref.exec_views[1] is not views
+    ref.release()
+    assert ref.exec_views is None
+    mem.close()
 
 
 def test_findings_of_a_scan(profile61: KernelProfile) -> None:

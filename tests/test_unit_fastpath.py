@@ -318,6 +318,13 @@ def test_table_fingerprint_grouping_and_outside_ram(tmp_path: Path) -> None:
         assert not TableFingerprint([(0x3008, 0x1112)]).unchanged(mem)
         assert not TableFingerprint([(0x3008, 0x1111), (64 * PAGE + 8, 0)]).unchanged(mem)
         assert TableFingerprint([]).unchanged(mem) and len(TableFingerprint([])) == 0
+        # As persisted and read back (resume): the same checks, entry by entry.
+        assert TableFingerprint.from_pages(fp.pages).unchanged(mem)
+        assert not TableFingerprint.from_pages(
+            [(0x3000, ((1, 0x1111), (511, 0x2223)))]).unchanged(mem)
+        assert not TableFingerprint.from_pages([(0x5000, ((0, 0x3334),))]).unchanged(mem)
+        assert TableFingerprint.from_pages([(0x5000, ())]).unchanged(mem)
+        assert not TableFingerprint.from_pages([(64 * PAGE, ())]).unchanged(mem)
         # Full 64-bit values (NX set) compare exactly.
         big = (1 << 63) | 0x1234_5000 | 1
         ram.put(0x3010, big)

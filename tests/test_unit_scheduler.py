@@ -382,7 +382,7 @@ def test_the_startup_burst_refills_at_its_budget_until_every_first_verdict(
         clock: FakeClock) -> None:
     s = Scheduler(Policy(budget=0.10, startup_budget=1.0, min_interval=0.01,
                          max_interval=1e9))
-    assert s.starting and "100% until every VM is verified" in s.policy.describe()
+    assert s.starting and "100% while a VM awaits its first verdict" in s.policy.describe()
     for vm in ("a", "b"):
         s.expect(vm)
         s.add(vm)
@@ -404,8 +404,58 @@ def test_the_startup_burst_refills_at_its_budget_until_every_first_verdict(
     clock.t += 1.0
     s._refill()
     assert s._tokens == pytest.approx(debt + 0.10)  # steady refill from here
-    s.expect("c")  # a VM that appears later is not a start-up
-    assert s.pending() == 0
+
+
+def test_vms_that_appear_later_get_a_burst_of_their_own(clock: FakeClock) -> None:
+    """A wave of VMs added while kscan runs (a host booting its fleet) is first checked
+    at the start-up budget too, until each of them has its first verdict; the feedback
+    of the steady state is frozen meanwhile and goes on from where it stood."""
+    s = Scheduler(Policy(budget=0.10, startup_budget=1.0, min_interval=0.01,
+                         max_interval=1e9))
+    s.expect("a")
+    s.add("a")
+    s.verdict("a")
+    assert not s.starting and s.bursts == 1
+    s.record("a", 0.001)
+    for _ in range(20):  # the steady state: over budget, so the factor moves
+        clock.t += 1.0
+        clock.cpu += 0.20
+        s.reconcile()
+    rate, factor = s.rate, s.overhead
+    assert factor > 1.0
+    s._tokens = -1.0
+    clock.t += 1.0
+    s._refill()
+    assert s._tokens == pytest.approx(-0.9)  # the steady refill
+    wave = [f"new{i}" for i in range(500)]
+    for vm in wave:
+        s.expect(vm)
+        s.add(vm)
+    assert s.starting and s.bursts == 2 and s.pending() == 500
+    assert "a" not in s._pending  # verified VMs are not waited for again
+    clock.t += 1.0
+    s._refill()
+    assert s._tokens == pytest.approx(0.1)  # one core's worth per second
+    for _ in range(5):  # first checks at one core: frozen feedback, charged CPU
+        clock.t += 1.0
+        clock.cpu += 1.0
+        s.reconcile()
+    assert (s.rate, s.overhead) == (rate, factor)
+    for vm in wave[:-1]:
+        s.verdict(vm)
+    assert s.starting and s.pending() == 1
+    s.remove(wave[-1])  # gone before its verdict: not waited for
+    assert not s.starting and s.pending() == 0
+    assert (s.rate, s.overhead) == (rate, factor)  # not afresh: from where it stood
+    assert s._tokens <= 0.10 * sched.BURST_SECONDS
+    t = s._tokens
+    clock.t += 1.0
+    s._refill()
+    assert s._tokens == pytest.approx(min(t + 0.10, 0.10 * sched.BURST_SECONDS))
+    s.expect("late")  # one more later: a third burst, over at its verdict
+    assert s.starting and s.bursts == 3
+    s.verdict("late")
+    assert not s.starting
 
 
 def test_no_burst_when_the_startup_budget_is_not_larger() -> None:
@@ -496,3 +546,32 @@ def test_exempt_cpu_is_not_charged_nor_steers_the_period(clock: FakeClock) -> No
     assert s.exempted == pytest.approx(5.0)
     s.exempt(-1.0)   # nonsense is ignored
     assert s.exempted == pytest.approx(5.0)
+
+
+def test_try_acquire_reserves_only_what_acquire_would_not_wait_for(clock: FakeClock) -> None:
+    """The routine scan's synchronous reservation: taken with credit and nobody queued;
+    refused (nothing reserved) in debt, or while a scan waits in `acquire` — so it never
+    overtakes the queue nor lets the budget slip."""
+    s = Scheduler(Policy(budget=0.10))
+    assert s.try_acquire(0.05) and s._tokens == pytest.approx(0.20 - 0.05)
+    s._tokens = -0.01
+    assert not s.try_acquire(0.05) and s._tokens == pytest.approx(-0.01)
+
+    async def go() -> list[str]:
+        order: list[str] = []
+
+        async def waiter() -> None:
+            await s.acquire(0.05)
+            order.append("queued")
+
+        t = asyncio.get_running_loop().create_task(waiter())
+        await asyncio.sleep(0)  # it holds the lock, sleeping off the debt
+        clock.t += 1.0  # the debt is repaid meanwhile: still, the queue goes first
+        assert not s.try_acquire(0.05)
+        order.append("refused")
+        await t
+        assert s.try_acquire(0.0)
+        return order
+
+    assert asyncio.run(go()) == ["refused", "queued"]
+    assert Scheduler(Policy(budget=None)).try_acquire(1.0)

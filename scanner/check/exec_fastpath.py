@@ -22,12 +22,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
+from scanner.hashing import fast_digest
 from translate import GuestMemory, TranslationError, kernel_pgd_candidates
 from translate.vcpu import VcpuState
 
 __all__ = ["ExecTables", "projection"]
 
 PAGE = 4096
+_HALF = PAGE // 2
+#: Raw kernel halves of roots remembered as accounted for (beyond this, forgotten).
+_RAW_TOPS_MAX = 64
 _P = np.uint64(1)
 _NX_SHIFT = np.uint64(63)
 #: Accessed and dirty: the CPU sets them in place, they grant nothing.
@@ -62,9 +66,13 @@ class ExecTables:
     tables: tuple[int, ...]
     digest: bytes
     nxe: bool = True
-    #: xxh3 of the tables' raw bytes when their projection was last found unchanged:
-    #: equal raw bytes need no projection (the common pass, ~20 µs instead of ~300).
+    #: The seeded xxh3 (`scanner.hashing.fast_digest`) of the tables' raw bytes when
+    #: their projection was last found unchanged: equal raw bytes need no projection
+    #: (the common pass, ~20 µs instead of ~300).
     _raw: list[bytes] = field(default_factory=list, compare=False, repr=False)
+    #: Raw kernel halves of roots whose projection is in `tops`: a root whose raw half
+    #: is one of them needs no projection either (equal bytes, equal projection).
+    _raw_tops: set[bytes] = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
     def from_snapshots(cls, roots: Mapping[int, Mapping[int, bytes]], nxe: bool = True
@@ -83,29 +91,44 @@ class ExecTables:
     def roots_match(self, mem: GuestMemory, vcpus: Sequence[VcpuState]) -> int | None:
         """None if every vCPU's kernel root has a known kernel half; else the index of
         the first vCPU whose does not."""
+        known = self._raw_tops
         for v in vcpus:
             ok = False
             for pgd in kernel_pgd_candidates(v.cr3):
                 try:
-                    if _top_half(mem.view(pgd, PAGE), self.nxe) in self.tops:
-                        ok = True
-                        break
+                    page = mem.view(pgd, PAGE)
                 except TranslationError:
                     continue
+                raw = bytes(page[_HALF:])
+                if raw in known or _top_half(page, self.nxe) in self.tops:
+                    if raw not in known:
+                        if len(known) >= _RAW_TOPS_MAX:
+                            known.clear()
+                        known.add(raw)
+                    ok = True
+                    break
             if not ok:
                 return v.index
         return None
 
-    def tables_unchanged(self, mem: GuestMemory) -> bool:
-        try:
-            views = [mem.view(g, PAGE) for g in self.tables]
-        except TranslationError:
-            return False
-        blob = b"".join(views)     # one copy: the raw digest and the projection agree
-        raw = xxhash.xxh3_128_digest(blob)
-        if self._raw and self._raw[0] == raw:
+    def table_views(self, mem: GuestMemory) -> list[memoryview]:
+        """Views of the tables in order (TranslationError if one is not in RAM). Over
+        zero-copy memory they stay current: the fast path keeps them between passes."""
+        return [mem.view(g, PAGE) for g in self.tables]
+
+    def tables_unchanged(self, mem: GuestMemory,
+                         views: Sequence[memoryview] | None = None) -> bool:
+        """Whether the tables' executable projection is the one accounted for. `views`:
+        `table_views(mem)` kept from an earlier pass (zero-copy memory only)."""
+        if views is None:
+            try:
+                views = self.table_views(mem)
+            except TranslationError:
+                return False
+        if self._raw and self._raw[0] == fast_digest(views):  # streamed: no copy
             return True
+        blob = b"".join(views)     # one copy: the raw digest and the projection agree
         if _digest((blob,), self.nxe) != self.digest:
             return False
-        self._raw[:] = [raw]       # NX churn only: remember these bytes as fine
+        self._raw[:] = [fast_digest([blob])]  # NX churn only: remember these bytes as fine
         return True

@@ -303,8 +303,9 @@ def build_parser() -> Parser:
     p.add_argument("--cpu-budget", type=percent, default=10.0, metavar="PERCENT",
                    help="CPU kscan may use, in percent of one core (default 10)")
     p.add_argument("--startup-budget", type=percent, default=100.0, metavar="PERCENT",
-                   help="CPU kscan may use until every VM has its first verdict, in "
-                        "percent of one core (default 100); then --cpu-budget holds")
+                   help="CPU kscan may use while a VM awaits its first verdict (those "
+                        "found at start, and any that appear later), in percent of one "
+                        "core (default 100); then --cpu-budget holds")
     p.add_argument("--min-interval", type=bound_seconds("--min-interval"), default=1.0,
                    metavar="SECONDS", help="shortest per-VM interval (default 1)")
     p.add_argument("--max-interval", type=bound_seconds("--max-interval"), default=300.0,

@@ -26,10 +26,13 @@ client scraping in a loop must not be able to delay scans.
 **Start-up.** At start the bucket refills at `--startup-budget` (default one core)
 instead, until every VM attached by then has had its first verdict (or turned out not
 checkable yet): first checks of a whole fleet are done in a burst, not at 10 % of a
-core. P is computed from `--cpu-budget` all along (routine scans keep their steady
-rhythm meanwhile); the feedback factor and the CPU-rate EWMA are frozen during the
-burst and start afresh when it ends — so nothing first checks cost leaks into the
-steady state. The cost EWMA c_i learns from fast passes only.
+core. VMs that appear later (a host booting its fleet, a migration wave) open such a
+burst again, until each of them has its first verdict too. P is computed from
+`--cpu-budget` all along (routine scans keep their steady rhythm meanwhile); the
+feedback factor and the CPU-rate EWMA are frozen during a burst — after the first one
+they start afresh, after a later one they go on from where they stood — so nothing
+first checks cost leaks into the steady state. The cost EWMA c_i learns from fast
+passes only.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class Policy:
         iv = "auto" if self.auto else f"{self.fixed:g}s"
         b = f"{self.budget * 100:g}% of one core" if self.budget else "no CPU cap"
         if self.budget and self.startup_budget and self.startup_budget > self.budget:
-            b += f" ({self.startup_budget * 100:g}% until every VM is verified)"
+            b += f" ({self.startup_budget * 100:g}% while a VM awaits its first verdict)"
         return f"interval {iv}, {b}, bounds {self.min_interval:g}-{self.max_interval:g}s"
 
 
@@ -79,6 +82,7 @@ class Scheduler:
         self._tokens = (policy.budget or 0.0) * BURST_SECONDS
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()
+        self._queued = 0  # waiters in `acquire` (`try_acquire` does not overtake them)
         self.charged = 0.0  # CPU seconds charged in total
         #: EWMA of what one slow path (examine + verify) costs, to reserve before one.
         self.slow_cost = 0.05
@@ -96,9 +100,13 @@ class Scheduler:
         self._wall_mark = time.monotonic()
         #: The process's CPU use, CPU seconds per second (EWMA, ~10 s).
         self.rate = policy.budget or 0.0
-        #: The start-up burst: on until every VM expected has had its first verdict.
-        self.starting = bool(policy.budget and policy.startup_budget
-                             and policy.startup_budget > policy.budget)
+        #: Whether this policy has start-up bursts at all.
+        self._bursts = bool(policy.budget and policy.startup_budget
+                            and policy.startup_budget > policy.budget)
+        #: A start-up burst: on until every VM expected has had its first verdict.
+        self.starting = self._bursts
+        #: Start-up bursts so far (the first at start, one more per later wave of VMs).
+        self.bursts = 1 if self.starting else 0
         self._pending: set[str] = set()
         self._expected_any = False
         if self.starting:
@@ -113,10 +121,16 @@ class Scheduler:
 
     # -- the start-up burst -------------------------------------------------------------
     def expect(self, vm: str) -> None:
-        """A VM was attached: during the burst, it is waited for (its first verdict)."""
-        if self.starting:
-            self._pending.add(vm)
-            self._expected_any = True
+        """A VM was attached: it is waited for (its first verdict) under the start-up
+        budget — in the burst under way, or in a new one if the last has ended."""
+        if not self._bursts:
+            return
+        if not self.starting:
+            self._refill()  # what accrued so far accrued at the steady rate
+            self.starting = True
+            self.bursts += 1
+        self._pending.add(vm)
+        self._expected_any = True
 
     def verdict(self, vm: str) -> None:
         """`vm` had its first verdict, or cannot be checked yet (booting, no profile or
@@ -130,7 +144,8 @@ class Scheduler:
 
     def end_startup(self) -> None:
         """Settle to `--cpu-budget`: the bucket keeps any debt but no credit beyond the
-        steady burst, and the CPU-rate EWMA and its feedback start from here."""
+        steady burst, and the CPU-rate EWMA and its feedback go on from here — afresh
+        after the first burst, from where they stood (frozen) after a later one."""
         if not self.starting:
             return
         self._refill()
@@ -138,7 +153,8 @@ class Scheduler:
         self._pending.clear()
         b = self.policy.budget or 0.0
         self._tokens = min(b * BURST_SECONDS, self._tokens)
-        self.rate = b
+        if self.bursts <= 1:
+            self.rate = b
         self._proc_mark, self._charged_mark = time.process_time(), self.charged
         self._exempt_mark = self.exempted
         self._wall_mark = time.monotonic()
@@ -212,6 +228,21 @@ class Scheduler:
             self._tokens = min(b * BURST_SECONDS, self._tokens + (now - self._stamp) * b)
         self._stamp = now
 
+    def try_acquire(self, expected: float) -> bool:
+        """`acquire` without waiting, when it would not wait: nobody queued and the
+        bucket not in debt — then `expected` is reserved and True returned (the common
+        case of a routine scan: no coroutine, no lock). False: nothing reserved, await
+        `acquire`."""
+        if not self.policy.budget:
+            return True
+        if self._queued or self._lock.locked():
+            return False
+        self._refill()
+        if self._tokens < 0:
+            return False
+        self._tokens -= expected
+        return True
+
     async def acquire(self, expected: float, *, urgent: bool = False) -> None:
         """Wait while the bucket is in debt, then reserve `expected` CPU seconds.
         Waiters queue on a lock, so they go one by one (FIFO), not as a herd. `urgent`
@@ -226,12 +257,16 @@ class Scheduler:
                 self._refill()
             self._tokens -= expected
             return
-        async with self._lock:
-            self._refill()
-            if self._tokens < 0:
-                await asyncio.sleep(-self._tokens / self._budget())
+        self._queued += 1
+        try:
+            async with self._lock:
                 self._refill()
-            self._tokens -= expected
+                if self._tokens < 0:
+                    await asyncio.sleep(-self._tokens / self._budget())
+                    self._refill()
+                self._tokens -= expected
+        finally:
+            self._queued -= 1
 
     def exempt(self, cpu_seconds: float) -> None:
         """CPU another thread used on something the budget must not pay for (answering

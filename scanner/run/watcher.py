@@ -521,7 +521,8 @@ class VmWatcher:
         assert self.ref is not None
         sched = self.ctx.scheduler
         expected = sched.cost(self.name)
-        await sched.acquire(expected)
+        if not sched.try_acquire(expected):
+            await sched.acquire(expected)
         now = time.monotonic()
         if now - self._state_at >= STATE_EVERY:
             self._state_at = now
