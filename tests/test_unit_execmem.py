@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from scanner.check.classify import ByteRange
@@ -524,3 +525,31 @@ def test_tamper_line_names_the_pointer() -> None:
     line = human(ev)
     assert "sys_call_table[217] = __x64_sys_getdents64 now points into module x" in line
     assert "unowned executable kernel memory at 0x1000 (1 page)" in line
+
+
+def test_exec_tables_bound_rests_on_the_keyed_hash(tmp_path: Path) -> None:
+    """The tables' executable projection is compared keyed: not with public xxh3 (the
+    guest writes the tables and knows their projection, so it could collide one), and
+    on the fast path's keyed pass not through the seeded raw-bytes shortcut either — a
+    shortcut fooled (here: told the changed bytes are fine, as a seeded collision
+    would) still sends a keyed pass to the slow path."""
+    import xxhash
+
+    from scanner.check.exec_fastpath import projection
+    from scanner.hashing import fast_digest, keyed_digest
+
+    ram = SyntheticRam(8 << 20)
+    ram.map(KTEXT, 0x200000, MB2, P)
+    ram.map(MODS, 0x9000, PAGE, P)
+    mem = ram.save(tmp_path / "ram")
+    snap = exec_map(mem, ram.pgd, FOUR_LEVEL).snapshot
+    fp = ExecTables.from_snapshots({ram.pgd: snap})
+    blob = b"".join(snap[g] for g in fp.tables)
+    proj = projection(np.frombuffer(blob, dtype="<u8")).tobytes()
+    assert fp.digest == keyed_digest([proj]) != xxhash.xxh3_128_digest(proj)
+    assert fp.tables_unchanged(mem)
+    ram.map(MODS + PAGE, 0x10000, PAGE, P)                      # a new executable page
+    mem = ram.save(tmp_path / "ram")
+    fp._raw[:] = [fast_digest(fp.table_views(mem))]            # the shortcut fooled
+    assert fp.tables_unchanged(mem)                             # seeded passes: fooled
+    assert not fp.tables_unchanged(mem, keyed=True)             # the keyed pass: not

@@ -20,9 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import xxhash
 
-from scanner.hashing import fast_digest
+from scanner.hashing import fast_digest, keyed_digest
 from translate import GuestMemory, TranslationError, kernel_pgd_candidates
 from translate.vcpu import VcpuState
 
@@ -55,7 +54,11 @@ def _digest(pages: Iterable[bytes | memoryview], nxe: bool) -> bytes:
     blob = b"".join(pages)
     if not blob:
         return b""
-    return xxhash.xxh3_128_digest(projection(np.frombuffer(blob, dtype="<u8"), nxe).tobytes())
+    # Keyed (the host key's construction, `scanner.hashing`): the guest writes these
+    # tables and knows the projection, so an unkeyed hash could be collided to hide a
+    # new executable mapping. Computed only at the slow path, on NX churn and on keyed
+    # passes (~100 KB: tens of µs).
+    return keyed_digest([projection(np.frombuffer(blob, dtype="<u8"), nxe).tobytes()])
 
 
 @dataclass(frozen=True)
@@ -117,15 +120,19 @@ class ExecTables:
         return [mem.view(g, PAGE) for g in self.tables]
 
     def tables_unchanged(self, mem: GuestMemory,
-                         views: Sequence[memoryview] | None = None) -> bool:
+                         views: Sequence[memoryview] | None = None,
+                         keyed: bool = False) -> bool:
         """Whether the tables' executable projection is the one accounted for. `views`:
-        `table_views(mem)` kept from an earlier pass (zero-copy memory only)."""
+        `table_views(mem)` kept from an earlier pass (zero-copy memory only). `keyed`:
+        compare the keyed projection digest even if the raw bytes' seeded digest is one
+        already found fine (the fast path's keyed pass: the bound does not rest on the
+        seeded hash)."""
         if views is None:
             try:
                 views = self.table_views(mem)
             except TranslationError:
                 return False
-        if self._raw and self._raw[0] == fast_digest(views):  # streamed: no copy
+        if not keyed and self._raw and self._raw[0] == fast_digest(views):  # no copy
             return True
         blob = b"".join(views)     # one copy: the raw digest and the projection agree
         if _digest((blob,), self.nxe) != self.digest:

@@ -295,7 +295,7 @@ def check_memory(ref: Reference, mem: GuestMemory, keyed: bool | None = None) ->
     if ref.reached_runs and not ref.reached_fingerprint.unchanged(mem):
         return FastResult(FastOutcome.TABLES_CHANGED, REACHED_TABLES)
     if (ref.exec_tables is not None
-            and not ref.exec_tables.tables_unchanged(mem, ref.exec_table_views(mem))):
+            and not ref.exec_tables.tables_unchanged(mem, ref.exec_table_views(mem), keyed)):
         return FastResult(FastOutcome.EXEC_CHANGED)
     if keyed:
         digest, want = keyed_digest, {n: d[_FAST:] for n, d in ref.digests.items()}
