@@ -260,7 +260,7 @@ class OwnerLookup:
             if c.kind == "bpf":
                 return f"bpf {c.name}"
             return f"{c.kind.replace('_', ' ')} ({c.name})"
-        if self.text[0] <= addr < self.text[1] + (64 << 20):
+        if self.text[0] <= addr < self._image_end():
             # Kernel data (rodata, data, bss): a data symbol, not code.
             sym = self.profile.symbolize(addr - self.slide)
             if sym is None and self.profile.kallsyms is not None:
@@ -277,6 +277,13 @@ class OwnerLookup:
         if self.pack_at(addr) is not None:
             return "BPF prog pack (no program there)"
         return "unowned memory"
+
+    def _image_end(self) -> int:
+        """Where the kernel image's data ends (`_end`, run-time VA): past it nothing is
+        kernel data, however near (a module, with KASLR, can sit a few MB above)."""
+        ks = self.profile.kallsyms
+        end = ks.lookup("_end") if ks is not None else None
+        return self.text[1] if end is None else end + self.slide
 
     # -- executable-memory claims -------------------------------------------------------
     def claim_at(self, addr: int) -> Claim | None:
