@@ -335,7 +335,7 @@ def test_accounting_owned_and_unowned(profile61: KernelProfile) -> None:
     end = profile61.kallsyms.lookup("_end")
     assert end is not None
     assert owners.describe(end - 8).startswith("kernel data ")
-    assert owners.describe(end + 0x19E7000) == "unowned memory"
+    assert owners.describe(end + 0x10_0000) == "unowned memory"
 
 
 def test_unowned_ranges_are_capped(profile61: KernelProfile) -> None:
