@@ -532,7 +532,8 @@ class Engine:
                 watching=sum(1 for w in watching if w.state is WatchState.WATCHING),
                 scans=self.scans - last_scans,
                 cpu_percent=round(100 * (cpu - last_cpu) / max(1e-9, now - last_t), 2),
-                period_s=round(self.scheduler.period(), 3),
+                period_s=round(self.scheduler.measured_or_target(), 3),
+                period_target_s=round(self.scheduler.target(), 3),
                 period_factor=round(self.scheduler.overhead, 3), dropped=self.sink.dropped)
             last_cpu, last_t, last_scans = cpu, now, self.scans
 
