@@ -32,6 +32,7 @@ from scanner.examine import Examined, GoldenSet, golden_for, load_profiles
 from scanner.examine.keying import keyed_store
 from scanner.image.kernel_profile import KernelProfile
 from scanner.qemu.discover import expand_sockets, find_qemu_processes
+from scanner.run import memtrace
 from scanner.run.actions import Action, ActionKind, prune_forensics
 from scanner.run.events import EventSink
 from scanner.run.libvirt_fleet import LibvirtFleet
@@ -581,10 +582,15 @@ async def _serve(engine: Engine, stop: asyncio.Event,
         loop.add_signal_handler(signal.SIGHUP, engine.request_reload)
         hup = True
     service = loop.create_task(run_service_tasks(engine, notifier), name="service")
+    trace = memtrace.start()  # None unless KSCAN_TRACEMALLOC is set
     try:
         await engine.run(stop)
     finally:
         notifier.send("STOPPING=1")
+        if trace is not None:
+            trace.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await trace
         service.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await service
