@@ -191,6 +191,16 @@ def floor_sweeps(vms: list[Path], layout: dict[str, Layout], source_of: dict[str
             m.close()
 
 
+def window_periods(k: Kscan, mark: int) -> dict[str, Any]:
+    """The measured and target periods kscan reported at the end of the CPU window."""
+    with k.cond:
+        stats = [e for e in k.events[mark:] if e["event"] == "stats"]
+    if not stats:
+        return {}
+    return {"period_measured_s": stats[-1]["period_s"],
+            "period_target_s": stats[-1].get("period_target_s")}
+
+
 def add_floor(points: list[dict[str, Any]], vms: list[Path], layout: dict[str, Layout],
               source_of: dict[str, str], passes: int, budget: float) -> None:
     """Each point's floor, over its own VMs (the first `vms` of the fleet), and the
@@ -456,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                 "latency_max_s": max(lat), "latency_samples": len(lat), "uss_mb": uss,
                 "warmup_s": warm, "cold": args.cold, "cool": args.cool,
                 "period_factor": stats.get("period_factor"),
+                **window_periods(k, mark),
             })
             log(json.dumps(points[-1]))
     finally:
