@@ -29,6 +29,16 @@ is first checked in one start-up burst (`--startup-budget`); the steady state me
 after it must be the one growth gives (fleet period, CPU, latency).
 
     python perf/scale.py [--points 100,300,500] [--tampers 24] [--cold] [--json]
+
+The floor, measured in the same run once kscan has stopped, over each point's VMs (their
+own files, mmap'd; the same `.text`/`.rodata`/`__ex_table`/IDT runs kscan hashes): one
+warm-up pass, then `--floor-passes` passes (median) of raw xxh3-128 over every region
+(`floor_sweep_cpu_s`) and of kscan's keyed construction over the same memory
+(`keyed_floor_sweep_cpu_s`: AES-GMAC then AES, `scanner.hashing.keyed_digest`); then
+`sweep_vs_floor` and `sweep_vs_keyed_floor` (sweep_cpu_s ÷ each), `floor_period_s` (the
+floor's CPU ÷ the budget: the shortest period the budget allows) and
+`p99_vs_floor_period`. `period_s` is what kscan's `stats` said (now the measured period;
+`period_target_s` beside it, at the end of the CPU window).
 """
 
 from __future__ import annotations
