@@ -33,6 +33,16 @@ is first checked in one start-up burst (`--startup-budget`); the steady state me
 after it must be the one growth gives (fleet period, CPU, latency).
 
     python perf/scale.py [--points 100,300,500] [--tampers 24] [--cold] [--json]
+
+The floor, measured in the same run once kscan has stopped, over each point's VMs (their
+own files, mmap'd; the same `.text`/`.rodata`/`__ex_table`/IDT runs kscan hashes): one
+warm-up pass, then `--floor-passes` passes (median) of raw xxh3-128 over every region
+(`floor_sweep_cpu_s`) and of kscan's keyed construction over the same memory
+(`keyed_floor_sweep_cpu_s`: AES-GMAC then AES, `scanner.hashing.keyed_digest`); then
+`sweep_vs_floor` and `sweep_vs_keyed_floor` (sweep_cpu_s ÷ each), `floor_period_s` (the
+floor's CPU ÷ the budget: the shortest period the budget allows) and
+`p99_vs_floor_period`. `period_s` is what kscan's `stats` said (now the measured period;
+`period_target_s` beside it, at the end of the CPU window).
 """
 
 from __future__ import annotations
@@ -109,6 +119,133 @@ async def text_targets(recs: list[Path], db: str) -> dict[str, tuple[int, int]]:
         finally:
             await vm.close()
     return out
+
+
+#: Per recording: the (file name, offset, size) of every run of every region kscan hashes.
+Layout = list[tuple[str, int, int]]
+
+
+async def region_layouts(recs: list[Path], db: str) -> dict[str, Layout]:
+    """Per recording: where each run of each protected region (`.text`, `.rodata`, ...)
+    lives in its files — the same places in each of its clones."""
+    out: dict[str, Layout] = {}
+    async with keyed_store(db) as st:
+        profiles = await load_profiles(st)
+    for rec in recs:
+        vm = await ReplayVm.open(rec)
+        try:
+            lk = locate_kernel(vm.mem, vm.walker(), vm.vcpus, profiles, vm=vm.name)
+            runs = []
+            for region in lk.regions.values():
+                for gpa, n in region.runs:
+                    path, off = vm.mem.host_range(gpa, n)
+                    runs.append((Path(path).name, off, n))
+            out[rec.name] = runs
+        finally:
+            await vm.close()
+    return out
+
+
+def floor_sweeps(vms: list[Path], layout: dict[str, Layout], source_of: dict[str, str],
+                 passes: int) -> dict[str, float]:
+    """The floor of a sweep over `vms`, kscan not running: each VM's own files mmap'd,
+    then every region hashed whole — raw xxh3-128 (`floor`) and the keyed construction
+    of kscan's keyed passes (`keyed_floor`, `scanner.hashing.keyed_digest`) — one
+    warm-up pass (maps every page, as kscan's mappings are), then `passes` measured
+    passes of each; CPU seconds of this process per pass, the median."""
+    import mmap
+    import statistics
+
+    import xxhash
+
+    from scanner import hashing
+
+    keys = hashing.current()  # the database's key, installed by region_layouts
+    maps: list[mmap.mmap] = []
+    views: list[list[memoryview]] = []
+    try:
+        for vm in vms:
+            files: dict[str, mmap.mmap] = {}
+            regions = []
+            for name, off, n in layout[source_of[vm.name]]:
+                if name not in files:
+                    with open(vm / name, "rb") as f:
+                        files[name] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+                    maps.append(files[name])
+                regions.append(memoryview(files[name])[off:off + n])
+            views.append(regions)
+
+        def raw() -> None:
+            h = xxhash.xxh3_128_digest
+            for regions in views:
+                for v in regions:
+                    h(v)
+
+        def keyed() -> None:
+            for regions in views:
+                for v in regions:
+                    keys.keyed_digest([v])
+
+        out = {}
+        for label, fn in (("floor", raw), ("keyed_floor", keyed)):
+            fn()  # warm-up
+            cpu = []
+            for _ in range(passes):
+                t0 = time.process_time()
+                fn()
+                cpu.append(time.process_time() - t0)
+            out[label] = statistics.median(cpu)
+        out["bytes"] = float(sum(len(v) for regions in views for v in regions))
+        return out
+    finally:
+        for regions in views:
+            for v in regions:
+                v.release()
+        for m in maps:
+            m.close()
+
+
+def window_periods(k: Kscan, mark: int) -> dict[str, Any]:
+    """The measured and target periods kscan reported at the end of the CPU window."""
+    with k.cond:
+        stats = [e for e in k.events[mark:] if e["event"] == "stats"]
+    if not stats:
+        return {}
+    return {"period_measured_s": stats[-1]["period_s"],
+            "period_target_s": stats[-1].get("period_target_s")}
+
+
+def add_floor(points: list[dict[str, Any]], vms: list[Path], layout: dict[str, Layout],
+              source_of: dict[str, str], passes: int, budget: float) -> None:
+    """Each point's floor, over its own VMs (the first `vms` of the fleet), and the
+    ratios of kscan's figures to it."""
+    for p in points:
+        log(f"floor: hashing the regions of {p['vms']} VMs, kscan not running")
+        f = floor_sweeps(vms[:p["vms"]], layout, source_of, passes)
+        floor, keyed = f["floor"], f["keyed_floor"]
+        period = floor / (budget / 100)
+        keyed_period = keyed / (budget / 100)
+        p.update({
+            "floor_sweep_cpu_s": floor, "keyed_floor_sweep_cpu_s": keyed,
+            "floor_bytes": int(f["bytes"]), "floor_gb_per_s": f["bytes"] / max(floor, 1e-9) / 1e9,
+            "sweep_vs_floor": p["sweep_cpu_s"] / max(floor, 1e-9),
+            "sweep_vs_keyed_floor": p["sweep_cpu_s"] / max(keyed, 1e-9),
+            "floor_period_s": period, "keyed_floor_period_s": keyed_period,
+            "p99_vs_floor_period": p["latency_p99_s"] / max(period, 1e-9),
+            "p99_vs_keyed_floor_period": p["latency_p99_s"] / max(keyed_period, 1e-9),
+        })
+        log(f"floor at {p['vms']} VMs: xxh3 {floor:.2f} CPU-s "
+            f"({p['floor_gb_per_s']:.1f} GB/s), keyed {keyed:.2f} CPU-s per sweep")
+
+
+def floor_rows(points: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(f"{p['vms']} VMs floor",
+             f"xxh3 {p['floor_sweep_cpu_s']:.2f} CPU-s ({p['floor_gb_per_s']:.1f} GB/s), "
+             f"keyed {p['keyed_floor_sweep_cpu_s']:.2f} CPU-s; sweep/floor "
+             f"{p['sweep_vs_floor']:.2f}x, sweep/keyed floor {p['sweep_vs_keyed_floor']:.2f}x; "
+             f"floor period {p['floor_period_s']:.1f} s, p99/floor period "
+             f"{p['p99_vs_floor_period']:.2f}x")
+            for p in points if "floor_sweep_cpu_s" in p]
 
 
 def flip(path: Path, offset: int, n: int) -> bytes:
@@ -245,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=OUT / "scale",
                     help="where the replayed fleet and the database go")
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
+    ap.add_argument("--floor-passes", type=int, default=3,
+                    help="measured passes of the floor (after kscan stops; 0: no floor)")
     ap.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib)")
     ap.add_argument("--cool", action="store_true",
                     help="measure each point only once no VM is hot any more (attached in "
@@ -271,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     fleet.mkdir(parents=True)
     db = database(work, recs[0])
     targets = run(text_targets(recs, db))
+    layout = run(region_layouts(recs, db))
     log(f"REPLAYED VMs: {len(recs)} real guests recorded, copied per VM; no QEMU runs")
     source_of: dict[str, str] = {}
 
@@ -343,10 +483,14 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup_s": warm, "adding_s": 0.0 if args.cold else adding,
                 "cold": args.cold, "cool": args.cool,
                 "period_factor": stats.get("period_factor"),
+                **window_periods(k, mark),
             })
             log(json.dumps(points[-1]))
     finally:
         k.stop()
+    if args.floor_passes > 0:
+        add_floor(points, sorted(fleet.glob("vm*")), layout, source_of, args.floor_passes,
+                  args.budget)
     growth = ((points[-1]["uss_mb"] - points[0]["uss_mb"])
               / max(1, points[-1]["vms"] - points[0]["vms"])) if len(points) > 1 else 0.0
     if not args.no_plot:
@@ -357,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
              f" wall, CPU {p['cpu_percent']:.1f}%, latency p50 {p['latency_p50_s']:.1f} s "
              f"p99 {p['latency_p99_s']:.1f} s, USS {p['uss_mb']:.0f} MB, first verdicts of the "
              f"point's VMs {p['warmup_s']:.0f} s") for p in points]
+    rows += floor_rows(points)
     rows.append(("USS growth", f"{growth:.3f} MB per VM"))
     rows.append(("note", "VMs are REPLAYED recordings of real guests (no QEMU running)"))
     emit(figures, args.json, rows)

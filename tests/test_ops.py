@@ -195,6 +195,9 @@ def test_metrics_move_while_run_watches_and_a_tamper_counts(fleet: dict[str, Any
             assert (value(second, "kscan_vm_last_verified_timestamp_seconds", vm=vm)
                     > value(first, "kscan_vm_last_verified_timestamp_seconds", vm=vm))
         assert value(second, "kscan_scans_total") > value(first, "kscan_scans_total")
+        # --interval 0.2: the target; the measured period is what the VMs really got.
+        assert value(second, "kscan_period_target_seconds") == pytest.approx(0.2)
+        assert 0.1 < value(second, "kscan_period_seconds") < 5
         assert value(second, "kscan_cpu_seconds_total") >= value(first, "kscan_cpu_seconds_total")
 
         mark = run.mark()

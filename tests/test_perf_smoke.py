@@ -46,7 +46,19 @@ def test_scale_runs(tmp_path: Path) -> None:
     for p in f["points"]:
         assert {"vms", "sweep_cpu_s", "latency_p99_s", "uss_mb"} <= p.keys()
         assert p["sweep_cpu_s"] > 0 and p["latency_p99_s"] > 0 and p["uss_mb"] > 10
+        assert 0 < p["floor_sweep_cpu_s"] < p["keyed_floor_sweep_cpu_s"]
+        assert p["sweep_vs_floor"] > 0 and p["sweep_vs_keyed_floor"] > 0
+        assert p["floor_period_s"] > 0 and p["p99_vs_floor_period"] > 0
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_soak_runs(tmp_path: Path) -> None:
+    f = bench("soak.py", "--minutes", "0.5", "--vms", "4", "--distinct", "2", "--every", "2",
+              "--sample", "5", "--warmup", "10", "--max-growth", "1000",
+              "--work", str(tmp_path / "soak"))
+    assert f["ok"] is True and not f["missed"] and not f["false_alarms"]
+    assert f["tampers_detected"] >= 1 and f["churn"]["reboot"] >= 1
+    assert f["uss_start_mb"] > 10 and f["uss_end_mb"] > 10 and f["gone_vm_mappings"] == 0
 
 
 def test_events_runs() -> None:

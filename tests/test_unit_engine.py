@@ -129,3 +129,30 @@ def test_a_second_vm_claiming_a_watched_name_is_not_watched(
     assert opened.count(second) >= 2  # retried (and refused again, silently)
     assert [e["source"] for e in events if e["event"] == "vm_found"] == [first]
     assert vms[second].closed
+
+
+def test_profiles_are_decoded_once_while_their_row_is_unchanged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each watcher's located kernel holds the profile object it was found with: a cache
+    refresh must hand out the same object, not a fresh ~4 MB decoding per refresh (the
+    fleet's memory grew with its age). A replaced profile is decoded anew."""
+    from tests.test_unit_watcher import make_profile
+
+    prof = make_profile()
+    monkeypatch.setattr(engine_mod, "CACHE_SECONDS", -1.0)  # every call refreshes
+
+    async def go() -> None:
+        async with Store.open(tmp_path / "k.db") as st:
+            assert await st.add_profile(prof.build_id, prof.release, prof.version,
+                                        prof.to_bytes())
+            cfg = RunConfig(policy=Policy(), forensics_dir=tmp_path, stats_every=3600)
+            engine = Engine(cfg, st, EventSink(io.BytesIO()))
+            (first,) = await engine.profiles()
+            (again,) = await engine.profiles()
+            assert again is first
+            assert await st.add_profile(prof.build_id, prof.release, prof.version,
+                                        prof.to_bytes() + b"\0", replace=True)
+            (replaced,) = await engine.profiles()
+            assert replaced is not first and replaced.build_id == prof.build_id
+
+    asyncio.run(asyncio.wait_for(go(), 20))

@@ -575,3 +575,56 @@ def test_try_acquire_reserves_only_what_acquire_would_not_wait_for(clock: FakeCl
 
     assert asyncio.run(go()) == ["refused", "queued"]
     assert Scheduler(Policy(budget=None)).try_acquire(1.0)
+# -- the measured period -----------------------------------------------------------------
+
+def test_measured_period_follows_real_scan_times_not_the_target(clock: FakeClock) -> None:
+    """Ten VMs whose fast scans cost 0.01 CPU-s: the target is P = 10 × 0.01 / 0.1 = 1 s.
+    But each scan takes 0.5 s of wall time (a slow fake scan, one at a time), so a VM is
+    really scanned every 5 s — and that is what the measured period says."""
+    s = Scheduler(Policy(budget=0.10, min_interval=0.1, max_interval=300.0))
+    vms = [f"vm{i}" for i in range(10)]
+    for vm in vms:
+        s.add(vm)
+    cool(s, clock)
+    assert s.measured_period() is None
+    assert s.measured_or_target() == s.target()
+    for _ in range(6):
+        for vm in vms:
+            clock.t += 0.5
+            s.record(vm, 0.01)
+    clock.t += 0.1  # the last pass just happened: no stall
+    assert s.target() == pytest.approx(1.0)
+    assert s.measured_period() == pytest.approx(5.0)
+    assert s.measured_or_target() == pytest.approx(5.0)
+
+
+def test_measured_period_shows_a_stall_and_forgets_removed_vms(clock: FakeClock) -> None:
+    s = Scheduler(Policy(budget=0.10, min_interval=0.1))
+    for vm in ("a", "b", "c"):
+        s.add(vm)
+        for _ in range(3):
+            s.record(vm, 0.001)
+            clock.t += 2.0
+    # Every VM's passes were 2 s apart; nothing scanned for 60 s more: each VM's
+    # figure is at least the time since its last pass.
+    clock.t += 60
+    m = s.measured_period()
+    assert m is not None and m >= 60
+    for vm in ("a", "b", "c"):
+        s.remove(vm)
+    assert s.measured_period() is None
+    assert not s._last_pass and not s._intervals
+
+
+def test_measured_period_ewma_and_fixed_target(clock: FakeClock) -> None:
+    s = Scheduler(Policy(auto=False, fixed=7.0, budget=0.10))
+    s.add("a")
+    s.record("a", 0.001)
+    clock.t += 4.0
+    s.record("a", 0.001)
+    assert s.measured_period() == pytest.approx(4.0)
+    clock.t += 14.0
+    s.record("a", 0.001)
+    assert s.measured_period() == pytest.approx((1 - sched.MEASURED_EWMA) * 4.0
+                                                + sched.MEASURED_EWMA * 14.0)
+    assert s.target() == 7.0

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import shutil
 import struct
 import sys
 import time
@@ -452,6 +453,32 @@ def test_a_vm_shut_down_while_watching_is_lost(world: dict[str, Any]) -> None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             assert ctx.kinds()[-1] == "vm_lost"
+
+    asyncio.run(asyncio.wait_for(go(), 10))
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_replayed_vm_whose_recording_goes_away_is_lost(world: dict[str, Any],
+                                                         how: str) -> None:
+    """A replayed VM's directory removed (powered off) or replaced by another recording
+    under the same name (rebooted): the watcher ends, so its old files are not mapped and
+    scanned forever, and the new recording is attached afresh (`perf/soak.py`)."""
+    async def go() -> None:
+        async with Store.open(world["db"]) as st:
+            ram = build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False)
+            ctx, vm, _, task, _ = await _start(world, st, ram)
+            await ctx.wait("vm_clean", 0)
+            d = world["tmp"] / "life"
+            if how == "removed":
+                shutil.rmtree(d)
+            else:
+                write_vm(world["tmp"] / "other", "life", ram)
+                shutil.rmtree(d)
+                (world["tmp"] / "other").rename(d)
+            await _finish(task, timeout=5.0)
+            assert ctx.kinds()[-1] == "vm_lost"
+            assert ctx.events[-1]["reason"] == "VM is shutdown"
+            assert vm.closed and vm.name not in ctx.scheduler._costs
 
     asyncio.run(asyncio.wait_for(go(), 10))
 

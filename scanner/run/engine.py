@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -28,10 +29,11 @@ from typing import Any, TypeVar
 
 from kscan import __version__
 from kscan.errors import KscanError
-from scanner.examine import Examined, GoldenSet, golden_for, load_profiles
+from scanner.examine import Examined, GoldenSet, golden_for
 from scanner.examine.keying import keyed_store
 from scanner.image.kernel_profile import KernelProfile
 from scanner.qemu.discover import expand_sockets, find_qemu_processes
+from scanner.run import memtrace
 from scanner.run.actions import Action, ActionKind, prune_forensics
 from scanner.run.events import EventSink
 from scanner.run.libvirt_fleet import LibvirtFleet
@@ -110,6 +112,8 @@ class Engine:
         #: as soon as they appear, not after the unreachable backoff.
         self._absent: set[str] = set()
         self._profiles: tuple[float, list[KernelProfile]] = (0.0, [])
+        #: Decoded profiles by their stored row's build id and content digest.
+        self._decoded: dict[tuple[str, bytes], KernelProfile] = {}
         self._golden: dict[tuple[str, str], tuple[float, GoldenSet]] = {}
         self._cache_lock = asyncio.Lock()  # single-flight refresh of the two caches
         self._tasks: set[asyncio.Task[None]] = set()
@@ -152,9 +156,27 @@ class Engine:
         if self._stale(self._profiles[0]) or not self._profiles[1]:
             async with self._cache_lock:
                 if self._stale(self._profiles[0]) or not self._profiles[1]:
-                    self._profiles = (time.monotonic(),
-                                      await load_profiles(self.store, required=False))
+                    self._profiles = (time.monotonic(), await self._load_profiles())
         return self._profiles[1]
+
+    async def _load_profiles(self) -> list[KernelProfile]:
+        """Every stored profile, each decoded once: an unchanged row keeps the object
+        decoded before. Each watcher's located kernel holds the profile it was found
+        with; decoding afresh at every cache refresh left one ~4 MB copy alive per
+        refresh epoch among the watched VMs (the fleet's USS grew with its age)."""
+        out, keep = [], {}
+        for info in await self.store.list_profiles():
+            row = await self.store.get_profile(info.build_id)
+            if row is None:
+                continue
+            key = (info.build_id, hashlib.blake2b(row.data, digest_size=16).digest())
+            prof = self._decoded.get(key)
+            if prof is None:
+                prof = KernelProfile.from_bytes(row.data)
+            keep[key] = prof
+            out.append(prof)
+        self._decoded = keep
+        return out
 
     async def golden(self, ex: Examined) -> GoldenSet:
         key = (ex.lk.profile.build_id, ex.boot.key)
@@ -532,7 +554,8 @@ class Engine:
                 watching=sum(1 for w in watching if w.state is WatchState.WATCHING),
                 scans=self.scans - last_scans,
                 cpu_percent=round(100 * (cpu - last_cpu) / max(1e-9, now - last_t), 2),
-                period_s=round(self.scheduler.period(), 3),
+                period_s=round(self.scheduler.measured_or_target(), 3),
+                period_target_s=round(self.scheduler.target(), 3),
                 period_factor=round(self.scheduler.overhead, 3), dropped=self.sink.dropped)
             last_cpu, last_t, last_scans = cpu, now, self.scans
 
@@ -580,10 +603,15 @@ async def _serve(engine: Engine, stop: asyncio.Event,
         loop.add_signal_handler(signal.SIGHUP, engine.request_reload)
         hup = True
     service = loop.create_task(run_service_tasks(engine, notifier), name="service")
+    trace = memtrace.start()  # None unless KSCAN_TRACEMALLOC is set
     try:
         await engine.run(stop)
     finally:
         notifier.send("STOPPING=1")
+        if trace is not None:
+            trace.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await trace
         service.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await service

@@ -106,6 +106,7 @@ class Snapshot:
     states: dict[str, int]
     vms: list[VmRow] = field(default_factory=list)
     metrics_cpu: float = 0.0   # CPU seconds answering scrapes (exempt from the budget)
+    period_target: float = 0.0  # the scheduler's target period (`period` is measured)
 
 
 def snapshot(engine: Observed) -> Snapshot:
@@ -130,7 +131,8 @@ def snapshot(engine: Observed) -> Snapshot:
             cost=sched.cost(w.name), interval=sched.interval(w.name),
             tampered=bool(w.reported)))
     return Snapshot(
-        taken=time.time(), start_time=engine.started_at, period=sched.period(),
+        taken=time.time(), start_time=engine.started_at, period=sched.measured_or_target(),
+        period_target=sched.target(),
         period_factor=sched.overhead, cpu_rate=sched.rate, cpu_budget=sched.policy.budget,
         cpu_seconds=time.process_time(), scans=engine.scans, dropped=engine.sink.dropped,
         reloads=engine.reloads, ready=engine.ready, states=states, vms=rows,
@@ -207,8 +209,12 @@ class EngineCollector:
                     snap.start_time)
         yield gauge("kscan_ready", "1 once every configured source was attached or "
                     "reported unreachable (systemd READY=1)", 1.0 if snap.ready else 0.0)
-        yield gauge("kscan_period_seconds", "The fleet's scan period P (each VM is "
-                    "scanned every P, or P/2 while hot)", snap.period)
+        yield gauge("kscan_period_seconds", "The period VMs are really scanned at: fleet "
+                    "median of each VM's measured interval between fast passes",
+                    snap.period)
+        yield gauge("kscan_period_target_seconds", "The scheduler's target period P (each "
+                    "VM is scanned every P, or P/2 while hot; --interval when fixed)",
+                    snap.period_target)
         yield gauge("kscan_period_factor", "Feedback factor on the period steering CPU "
                     "use to the budget", snap.period_factor)
         yield gauge("kscan_cpu_used_ratio", "CPU the process uses, in cores (EWMA over "

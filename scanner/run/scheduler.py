@@ -33,11 +33,22 @@ feedback factor and the CPU-rate EWMA are frozen during a burst — after the fi
 they start afresh, after a later one they go on from where they stood — so nothing
 first checks cost leaks into the steady state. The cost EWMA c_i learns from fast
 passes only.
+
+**The measured period.** P is a target; what the fleet gets can be longer (the bucket
+in debt, slow paths queued ahead, an event loop behind). Each fast pass of a VM (the
+`record` of its cost) also times the interval since that VM's previous one; a VM's
+measured interval is an EWMA of those (weight `MEASURED_EWMA`), and never less than the
+time since its last pass (a VM that stopped being scanned shows it). `measured_period()`
+is the fleet median of the per-VM figures — the period a typical VM is really scanned
+at (a hot VM counts once, at its P/2) — and `target()` is P (`--interval` when fixed).
+`stats.period_s` / `kscan_period_seconds` report the first, `period_target_s` /
+`kscan_period_target_seconds` the second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -52,6 +63,8 @@ BURST_SECONDS = 2.0
 EWMA = 0.2
 #: Cost assumed for a VM not yet measured (CPU seconds per fast scan).
 INITIAL_COST = 0.005
+#: Weight of the newest interval in a VM's measured scan interval (EWMA).
+MEASURED_EWMA = 0.3
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,9 @@ class Scheduler:
         self.bursts = 1 if self.starting else 0
         self._pending: set[str] = set()
         self._expected_any = False
+        #: Per VM: monotonic time of its last fast pass, and its measured interval.
+        self._last_pass: dict[str, float] = {}
+        self._intervals: dict[str, float] = {}
         if self.starting:
             self._tokens = self._budget() * BURST_SECONDS
 
@@ -172,6 +188,8 @@ class Scheduler:
         self._costs.pop(vm, None)
         self._measured.discard(vm)
         self._hot_until.pop(vm, None)
+        self._last_pass.pop(vm, None)
+        self._intervals.pop(vm, None)
         self._stale()
         if vm in self._pending:
             self.verdict(vm)
@@ -182,7 +200,14 @@ class Scheduler:
 
     def record(self, vm: str, cpu_seconds: float) -> None:
         """A fast-path scan of `vm` took `cpu_seconds` (the first one replaces the
-        initial guess outright)."""
+        initial guess outright). Also times the interval since its previous pass."""
+        now = time.monotonic()
+        last = self._last_pass.get(vm)
+        self._last_pass[vm] = now
+        if last is not None:
+            old_iv = self._intervals.get(vm)
+            self._intervals[vm] = now - last if old_iv is None else (
+                (1 - MEASURED_EWMA) * old_iv + MEASURED_EWMA * (now - last))
         if vm not in self._measured:
             self._measured.add(vm)
             self._costs[vm] = cpu_seconds
@@ -212,6 +237,26 @@ class Scheduler:
             self._period = max(p.min_interval, total * self.overhead / p.budget)
             self._period_at = now
         return self._period
+
+    def target(self) -> float:
+        """The period the scheduler aims at: P, or the fixed `--interval`."""
+        return self.period() if self.policy.auto else self.policy.fixed
+
+    def measured_period(self) -> float | None:
+        """The period VMs are really scanned at: the fleet median of each VM's measured
+        interval (at least the time since its last pass); None before any VM had two
+        fast passes."""
+        if not self._intervals:
+            return None
+        now = time.monotonic()
+        last = self._last_pass
+        return float(statistics.median(
+            max(iv, now - last.get(vm, now)) for vm, iv in self._intervals.items()))
+
+    def measured_or_target(self) -> float:
+        """`measured_period`, or the target until there is a measurement."""
+        m = self.measured_period()
+        return self.target() if m is None else m
 
     def interval(self, vm: str) -> float:
         p = self.policy

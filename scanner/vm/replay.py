@@ -42,6 +42,14 @@ class ReplayVm:
         self._boot = boot
         self._state = state
         self.uuid: str | None = None
+        self._identity = self._stat()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.directory / "vm.json")
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
 
     @classmethod
     async def open(cls, directory: str | os.PathLike[str]) -> ReplayVm:
@@ -68,6 +76,11 @@ class ReplayVm:
         return self.vcpus
 
     async def run_state(self) -> RunState:
+        """The recording's run state; shut down once its directory is gone or holds
+        another recording (a replayed VM "powered off", or "rebooted" into a new one: it
+        is attached afresh, and its old files are no longer mapped)."""
+        if self._identity is None or self._stat() != self._identity:
+            return RunState(RunStatus.SHUTDOWN, False)
         return RunState(RunStatus(self._state), self._state == "running")
 
     async def boot_profile(self) -> BootProfile:
