@@ -874,13 +874,13 @@ def _flipped(ram: SyntheticRam) -> SyntheticRam:
     return ram
 
 
-async def _patching_vm(world: dict[str, Any], st: Store
+async def _patching_vm(world: dict[str, Any], st: Store, kind: type[LosableVm] = LosableVm
                        ) -> tuple[Ctx, LosableVm, SecondLook, asyncio.Task[None], Path]:
     ram = _flipped(build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False))
     mem = write_vm(world["tmp"] / "life", "life", ram)
     ctx = Ctx(st, world["tmp"] / "forensics")
-    vm = await LosableVm.open(world["tmp"] / "life")
-    assert isinstance(vm, LosableVm)
+    vm = await kind.open(world["tmp"] / "life")
+    assert isinstance(vm, kind)
     w = SecondLook(ctx, vm, "replay:" + str(world["tmp"] / "life"))
     task = asyncio.create_task(w.run())
     await ctx.wait("vm_clean", 0)
@@ -976,14 +976,8 @@ def test_the_second_look_waits_until_the_guest_has_run(
     for the host to say every vCPU ran; the kernel then has finished."""
     async def go() -> None:
         async with Store.open(patching_world["db"]) as st:
-            ram = _flipped(build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False))
-            mem = write_vm(patching_world["tmp"] / "life", "life", ram)
-            ctx = Ctx(st, patching_world["tmp"] / "forensics")
-            vm = await StarvedVm.open(patching_world["tmp"] / "life")
+            ctx, vm, w, task, mem = await _patching_vm(patching_world, st, StarvedVm)
             assert isinstance(vm, StarvedVm)
-            w = SecondLook(ctx, vm, "replay:" + str(patching_world["tmp"] / "life"))
-            task = asyncio.create_task(w.run())
-            await ctx.wait("vm_clean", 0)
             at = 0x10_0000 + TAMPER_PAGE * PAGE + TAMPER_AT
             original = bytes(CONTENT[".text"][TAMPER_PAGE * PAGE + TAMPER_AT:][:5])
             looked_at: list[float] = []
@@ -1021,13 +1015,7 @@ def test_a_starved_guest_is_looked_at_again_after_a_bound(
 
     async def go() -> None:
         async with Store.open(patching_world["db"]) as st:
-            ram = _flipped(build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False))
-            mem = write_vm(patching_world["tmp"] / "life", "life", ram)
-            ctx = Ctx(st, patching_world["tmp"] / "forensics")
-            vm = await StarvedVm.open(patching_world["tmp"] / "life")
-            w = SecondLook(ctx, vm, "replay:" + str(patching_world["tmp"] / "life"))
-            task = asyncio.create_task(w.run())
-            await ctx.wait("vm_clean", 0)
+            ctx, vm, _w, task, mem = await _patching_vm(patching_world, st, StarvedVm)
             mark = len(ctx.events)
             t0 = time.monotonic()
             poke(mem, 0x10_0000 + TAMPER_PAGE * PAGE + TAMPER_AT, b"\xe9\x11\x22\x33\x44")
