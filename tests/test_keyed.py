@@ -167,9 +167,14 @@ def test_a_fast_collision_is_caught_by_the_keyed_pass(world: World) -> None:  # 
     ref, mem = world.ref, world.mem
     # As if the bytes had changed in a way the seeded xxh3 missed: the keyed half differs.
     ref.digests[".text"] = ref.digests[".text"][:16] + bytes(16)
+    # Every KEYED_EVERY-th pass is keyed, from the reference's random phase.
+    ref.passes = 0
     outcomes = [check_memory(ref, mem).outcome for _ in range(2 * KEYED_EVERY)]
     assert outcomes == ([FastOutcome.UNCHANGED] * (KEYED_EVERY - 1)
                         + [FastOutcome.BYTES_CHANGED]) * 2
+    ref.passes = 5
+    outcomes = [check_memory(ref, mem).outcome for _ in range(KEYED_EVERY)]
+    assert outcomes.count(FastOutcome.BYTES_CHANGED) == 1
     assert check_memory(ref, mem, keyed=True).changed == (".text",)
     assert FORMAT >= 2   # resume records of the unkeyed format (1) are not used
 
@@ -195,3 +200,23 @@ def test_a_second_change_past_the_shown_bytes_is_a_new_tampering() -> None:
     assert _change_set(report(bytes(page))) == _change_set(report(bytes(page)))
     assert _change_set(report(bytes(page))) != _change_set(report(bytes(again)))
     assert "content" not in report(bytes(page)).mismatches[0].to_json()
+
+
+def test_a_fleets_keyed_passes_are_spread_over_the_sweeps(world: World) -> None:  # noqa: F811
+    """References start at a random phase of the keyed schedule, so VMs checked at the
+    same time do not all take their (4-6x as costly) keyed pass in the same sweep; each
+    still gets one within KEYED_EVERY passes."""
+    from scanner.check.fastpath import Reference
+
+    def fresh() -> Reference:
+        r = Reference(views={}, digests={}, fingerprint=world.ref.fingerprint, top_index=(),
+                      top_values=(), control=())
+        return r
+
+    phases = [fresh().passes for _ in range(400)]
+    assert all(0 <= p < KEYED_EVERY for p in phases)
+    assert len(set(phases)) >= KEYED_EVERY // 2  # not one common phase
+    # Per sweep (one pass each), about 1/KEYED_EVERY of the fleet is keyed.
+    per_sweep = [sum((p + k + 1) % KEYED_EVERY == 0 for p in phases) for k in range(KEYED_EVERY)]
+    assert max(per_sweep) < 400 / KEYED_EVERY * 2.5
+    assert sum(per_sweep) == 400

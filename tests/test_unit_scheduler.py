@@ -548,33 +548,24 @@ def test_exempt_cpu_is_not_charged_nor_steers_the_period(clock: FakeClock) -> No
     assert s.exempted == pytest.approx(5.0)
 
 
-def test_try_acquire_reserves_only_what_acquire_would_not_wait_for(clock: FakeClock) -> None:
-    """The routine scan's synchronous reservation: taken with credit and nobody queued;
-    refused (nothing reserved) in debt, or while a scan waits in `acquire` — so it never
-    overtakes the queue nor lets the budget slip."""
+def test_reserve_takes_credit_only_out_of_debt_and_debt_seconds_say_how_long(
+        clock: FakeClock) -> None:
+    """The pacer's synchronous reservation for a routine pass: taken while the bucket is
+    not in debt (it may take it into debt), refused with nothing reserved once it is;
+    `debt_seconds` is how long the refill takes to repay it."""
     s = Scheduler(Policy(budget=0.10))
-    assert s.try_acquire(0.05) and s._tokens == pytest.approx(0.20 - 0.05)
-    s._tokens = -0.01
-    assert not s.try_acquire(0.05) and s._tokens == pytest.approx(-0.01)
+    assert s.reserve(0.15) and s._tokens == pytest.approx(0.20 - 0.15)
+    assert s.reserve(0.15) and s._tokens == pytest.approx(-0.10)
+    assert not s.reserve(0.01) and s._tokens == pytest.approx(-0.10)
+    assert s.debt_seconds() == pytest.approx(1.0)
+    clock.t += 0.4
+    assert s.debt_seconds() == pytest.approx(0.6)
+    clock.t += 0.6
+    assert s.debt_seconds() == 0.0 and s.reserve(0.01)
+    free = Scheduler(Policy(budget=None))
+    assert free.reserve(1.0) and free.debt_seconds() == 0.0
 
-    async def go() -> list[str]:
-        order: list[str] = []
 
-        async def waiter() -> None:
-            await s.acquire(0.05)
-            order.append("queued")
-
-        t = asyncio.get_running_loop().create_task(waiter())
-        await asyncio.sleep(0)  # it holds the lock, sleeping off the debt
-        clock.t += 1.0  # the debt is repaid meanwhile: still, the queue goes first
-        assert not s.try_acquire(0.05)
-        order.append("refused")
-        await t
-        assert s.try_acquire(0.0)
-        return order
-
-    assert asyncio.run(go()) == ["refused", "queued"]
-    assert Scheduler(Policy(budget=None)).try_acquire(1.0)
 # -- the measured period -----------------------------------------------------------------
 
 def test_measured_period_follows_real_scan_times_not_the_target(clock: FakeClock) -> None:

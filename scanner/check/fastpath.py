@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -158,7 +159,12 @@ class Reference:
         self.reached_fingerprint = TableFingerprint([e for r in reached for e in r.entries])
         if mem.zero_copy:
             self.reached_views = [mem.view(g, n) for g, n in self.reached_runs]
-    passes: int = 0  # memory passes so far (every KEYED_EVERY-th one is keyed)
+    #: Memory passes so far (every KEYED_EVERY-th one is keyed), from a random phase: a
+    #: fleet checked at about the same time would otherwise do its keyed passes (4-6x
+    #: the hashing of a fast one) all in the same sweep, which then takes as long as
+    #: five — the detection-latency tail. Any phase keeps the bound: a keyed comparison
+    #: within every KEYED_EVERY passes.
+    passes: int = dataclasses.field(default_factory=lambda: secrets.randbelow(KEYED_EVERY))
     #: Zero-copy views of `exec_tables`' tables, kept between passes like `views`
     #: (None: not made yet, or for other tables than `exec_tables` holds now).
     exec_views: tuple[ExecTables, list[memoryview]] | None = None

@@ -14,8 +14,11 @@
 
 On top, a token bucket is the hard cap: every scan reserves its expected cost from a
 bucket that refills at B CPU-seconds per second (at most `BURST_SECONDS` of credit),
-and waits when the bucket is in debt. Slow-path work (first checks, changes) is charged
-to the same bucket, so bursts of it delay routine scans instead of breaking the budget.
+and waits when the bucket is in debt. Routine fast passes get their turns from the
+pacer (`scanner.run.pacer`): VMs due at about the same time are released together, oldest
+first, while the bucket has credit — a few wake-ups per second for the whole fleet, not
+one per VM. Slow-path work (first checks, changes) is charged to the same bucket (and
+waits in `acquire`), so bursts of it delay routine scans instead of breaking the budget.
 Once a second the whole process's CPU time is reconciled with what was charged: the
 rest (event loop, database thread, event writer) is charged too, and a feedback factor
 on P steers the process's measured CPU rate to the budget — so the budget holds for the
@@ -52,6 +55,8 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
+
+from scanner.run.pacer import Pacer
 
 __all__ = ["Policy", "Scheduler"]
 
@@ -125,6 +130,8 @@ class Scheduler:
         #: Per VM: monotonic time of its last fast pass, and its measured interval.
         self._last_pass: dict[str, float] = {}
         self._intervals: dict[str, float] = {}
+        #: Releases routine fast passes in batches (`scanner.run.pacer`).
+        self.pacer = Pacer(self)
         if self.starting:
             self._tokens = self._budget() * BURST_SECONDS
 
@@ -259,10 +266,18 @@ class Scheduler:
         return self.target() if m is None else m
 
     def interval(self, vm: str) -> float:
+        return self.turn_interval(self.is_hot(vm, time.monotonic()))
+
+    def is_hot(self, vm: str, now: float) -> bool:
+        return self._hot_until.get(vm, 0.0) > now
+
+    def turn_interval(self, hot: bool) -> float:
+        """The interval of a hot or cool VM: P·w clamped to the bounds, or the fixed
+        `--interval`."""
         p = self.policy
         if not p.auto:
             return p.fixed
-        iv = self.period() * self._weight(vm, time.monotonic())
+        iv = self.period() * (0.5 if hot else 1.0)
         return min(p.max_interval, max(p.min_interval, iv))
 
     # -- the hard cap ----------------------------------------------------------------
@@ -273,20 +288,29 @@ class Scheduler:
             self._tokens = min(b * BURST_SECONDS, self._tokens + (now - self._stamp) * b)
         self._stamp = now
 
-    def try_acquire(self, expected: float) -> bool:
-        """`acquire` without waiting, when it would not wait: nobody queued and the
-        bucket not in debt — then `expected` is reserved and True returned (the common
-        case of a routine scan: no coroutine, no lock). False: nothing reserved, await
-        `acquire`."""
+    def reserve(self, expected: float) -> bool:
+        """Reserve `expected` CPU seconds unless the bucket is in debt (then nothing is
+        reserved and False returned): the pacer's synchronous take for a routine pass."""
         if not self.policy.budget:
             return True
-        if self._queued or self._lock.locked():
-            return False
         self._refill()
         if self._tokens < 0:
             return False
         self._tokens -= expected
         return True
+
+    def debt_seconds(self) -> float:
+        """Seconds until the bucket is out of debt at the refill rate now (0: it is not)."""
+        b = self._budget()
+        if not b:
+            return 0.0
+        self._refill()
+        return max(0.0, -self._tokens) / b
+
+    def turn(self, vm: str) -> asyncio.Future[float]:
+        """`vm`'s next routine fast pass: a future set, once the VM is due and the bucket
+        has credit, to the CPU seconds reserved for it (`scanner.run.pacer`)."""
+        return self.pacer.turn(vm)
 
     async def acquire(self, expected: float, *, urgent: bool = False) -> None:
         """Wait while the bucket is in debt, then reserve `expected` CPU seconds.

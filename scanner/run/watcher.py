@@ -169,8 +169,9 @@ class VmWatcher:
         while True:
             await self._until_checked()
             while self.ref is not None:
-                await asyncio.sleep(self.ctx.scheduler.interval(self.name))
-                await self._scan()
+                # The pacer releases due VMs in batches, oldest first, with the pass's
+                # expected cost already reserved from the budget.
+                await self._scan(await self.ctx.scheduler.turn(self.name))
 
     async def _until_checked(self) -> None:
         """Wait until the kernel has booted, is identified, and has a baseline; then
@@ -517,12 +518,10 @@ class VmWatcher:
                             **report.patches.to_json())
         self.patched_set = fp
 
-    async def _scan(self) -> None:
+    async def _scan(self, expected: float) -> None:
+        """One routine fast pass; `expected` CPU seconds were reserved for it."""
         assert self.ref is not None
         sched = self.ctx.scheduler
-        expected = sched.cost(self.name)
-        if not sched.try_acquire(expected):
-            await sched.acquire(expected)
         now = time.monotonic()
         if now - self._state_at >= STATE_EVERY:
             self._state_at = now
