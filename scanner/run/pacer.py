@@ -32,12 +32,9 @@ import asyncio
 import heapq
 import itertools
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from scanner.run.scheduler import Scheduler
-
-__all__ = ["BATCH_CPU", "SLACK", "TICK", "Pacer"]
+__all__ = ["BATCH_CPU", "SLACK", "TICK", "Pacer", "Schedule"]
 
 #: Longest wait for the bucket's credit to build up to a batch (seconds).
 TICK = 0.25
@@ -53,8 +50,22 @@ LONGEST_SLEEP = 1.0
 _Entry = tuple[float, int, str, "asyncio.Future[float]"]
 
 
+class Schedule(Protocol):
+    """What the pacer needs of `scanner.run.scheduler.Scheduler`."""
+
+    def is_hot(self, vm: str, now: float) -> bool: ...
+
+    def turn_interval(self, hot: bool) -> float: ...
+
+    def cost(self, vm: str) -> float: ...
+
+    def reserve(self, expected: float) -> bool: ...
+
+    def debt_seconds(self) -> float: ...
+
+
 class Pacer:
-    def __init__(self, sched: Scheduler) -> None:
+    def __init__(self, sched: Schedule) -> None:
         self.sched = sched
         #: Waiting turns: hot VMs (interval P/2) and cool ones, by when they asked.
         self._heaps: dict[bool, list[_Entry]] = {True: [], False: []}
