@@ -364,7 +364,22 @@ class Guest:
             done, _ = os.waitpid(self.pid, os.WNOHANG)
             if done == self.pid:
                 return False
-        return True
+        return self._is_our_qemu()
+
+    def _is_our_qemu(self) -> bool:
+        """Whether `pid` is still the QEMU this directory started: a pid saved by an
+        earlier run may belong to another process by now (pid_max is 32768 on small
+        hosts), and `stop` must never signal a stranger (a CI run once lost its `kscan
+        run` to a SIGTERM meant for a guest long gone)."""
+        try:
+            want = (self.dir / "cmdline").read_bytes()
+        except OSError:
+            return True  # started by an older version: nothing to compare with
+        try:
+            have = Path(f"/proc/{self.pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return have.rstrip(b"\0") == want.rstrip(b"\0")
 
     def ready(self) -> bool:
         try:

@@ -104,7 +104,15 @@ def ensure_user() -> None:
               "-g", "libvirt-qemu", "libvirt-qemu"])
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int, name: str | None = None) -> bool:
+    """Whether `pid` runs (not a zombie) — and, with `name`, is still that program: a
+    saved pid may belong to another process by now, which must not be signalled."""
+    if name is not None:
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() != name[:15]:
+                return False
+        except OSError:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -229,12 +237,12 @@ def down() -> None:
             destroy(name)
     for daemon in ("libvirtd", "virtlogd"):
         pid = host.started.get(daemon)
-        if pid and _pid_alive(pid):
+        if pid and _pid_alive(pid, daemon):
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 15
-            while _pid_alive(pid) and time.monotonic() < deadline:
+            while _pid_alive(pid, daemon) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _pid_alive(pid):
+            if _pid_alive(pid, daemon):
                 os.kill(pid, signal.SIGKILL)
     if host.hugepages_before is not None:
         with contextlib.suppress(OSError):
