@@ -25,14 +25,14 @@ def test_a_guest_record_whose_pid_is_now_another_process_does_not_stop_it(
         gdir.mkdir()
         (gdir / "cmdline").write_text("\0".join(["qemu-system-x86_64", "-name", "g"]))
         guest = Guest(spec=GuestSpec("g"), dir=gdir, pid=proc.pid)
-        assert not guest.is_running()
+        assert not guest._is_our_qemu()
         guest.stop(remove=False)
         time.sleep(0.2)
         assert proc.poll() is None, "the stranger was signalled"
         # The same record naming the process as it really runs is stopped.
         cmd = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         (gdir / "cmdline").write_bytes(cmd)
-        assert guest.is_running()
+        assert guest.is_running() and guest._is_our_qemu()
         guest.stop(remove=False)
         assert proc.wait(10) is not None
     finally:

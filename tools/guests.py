@@ -364,7 +364,7 @@ class Guest:
             done, _ = os.waitpid(self.pid, os.WNOHANG)
             if done == self.pid:
                 return False
-        return self._is_our_qemu()
+        return True
 
     def _is_our_qemu(self) -> bool:
         """Whether `pid` is still the QEMU this directory started: a pid saved by an
@@ -388,13 +388,15 @@ class Guest:
             return False
 
     def stop(self, remove: bool = True) -> None:
-        if self.is_running():
+        # Only what still runs this guest's command line is signalled (not checked in
+        # `is_running`: between fork and exec a fresh child still shows its parent's).
+        if self.is_running() and self._is_our_qemu():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
             while self.is_running() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if self.is_running():
+            if self.is_running() and self._is_our_qemu():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
         if remove:
