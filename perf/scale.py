@@ -106,45 +106,45 @@ class Kscan(KscanRun):
         return total / 1024
 
 
-async def text_targets(recs: list[Path], db: str) -> dict[str, tuple[int, int]]:
-    """Per recording: (file offset, size) of its .text in its memory file."""
-    out = {}
-    async with keyed_store(db) as st:
-        profiles = await load_profiles(st)
-    for rec in recs:
-        vm = await ReplayVm.open(rec)
-        try:
-            lk = locate_kernel(vm.mem, vm.walker(), vm.vcpus, profiles, vm=vm.name)
-            gpa, n = lk.regions[".text"].runs[0]
-            out[rec.name] = (vm.mem.host_range(gpa, n)[1], n)
-        finally:
-            await vm.close()
-    return out
-
-
 #: Per recording: the (file name, offset, size) of every run of every region kscan hashes.
 Layout = list[tuple[str, int, int]]
 
 
-async def region_layouts(recs: list[Path], db: str) -> dict[str, Layout]:
-    """Per recording: where each run of each protected region (`.text`, `.rodata`, ...)
-    lives in its files — the same places in each of its clones."""
-    out: dict[str, Layout] = {}
+async def region_runs(recs: list[Path], db: str) -> dict[str, dict[str, Layout]]:
+    """Per recording, per protected region (`.text`, `.rodata`, ...): where each of its
+    runs lives in the recording's files — the same places in each of its clones."""
+    out: dict[str, dict[str, Layout]] = {}
     async with keyed_store(db) as st:
         profiles = await load_profiles(st)
     for rec in recs:
         vm = await ReplayVm.open(rec)
         try:
             lk = locate_kernel(vm.mem, vm.walker(), vm.vcpus, profiles, vm=vm.name)
-            runs = []
-            for region in lk.regions.values():
+            regions: dict[str, Layout] = {}
+            for name, region in lk.regions.items():
+                regions[name] = []
                 for gpa, n in region.runs:
                     path, off = vm.mem.host_range(gpa, n)
-                    runs.append((Path(path).name, off, n))
-            out[rec.name] = runs
+                    regions[name].append((Path(path).name, off, n))
+            out[rec.name] = regions
         finally:
             await vm.close()
     return out
+
+
+def text_of(runs: dict[str, dict[str, Layout]]) -> dict[str, tuple[int, int]]:
+    """Per recording: (file offset, size) of its .text's first run in its memory file."""
+    return {rec: (regions[".text"][0][1], regions[".text"][0][2])
+            for rec, regions in runs.items()}
+
+
+def layout_of(runs: dict[str, dict[str, Layout]]) -> dict[str, Layout]:
+    """Per recording: every run of every protected region, in one list."""
+    return {rec: [r for rr in regions.values() for r in rr] for rec, regions in runs.items()}
+
+
+async def text_targets(recs: list[Path], db: str) -> dict[str, tuple[int, int]]:
+    return text_of(await region_runs(recs, db))
 
 
 def floor_sweeps(vms: list[Path], layout: dict[str, Layout], source_of: dict[str, str],
@@ -161,7 +161,7 @@ def floor_sweeps(vms: list[Path], layout: dict[str, Layout], source_of: dict[str
 
     from scanner import hashing
 
-    keys = hashing.current()  # the database's key, installed by region_layouts
+    keys = hashing.current()  # the database's key, installed by region_runs
     maps: list[mmap.mmap] = []
     views: list[list[memoryview]] = []
     try:
@@ -391,6 +391,32 @@ def plot(points: list[dict[str, Any]], path: Path, budget: float) -> None:
     fig.savefig(path)
 
 
+def fleet_fits(recs: list[Path], n: int, work: Path) -> str | None:
+    """Why a fleet of `n` clones of `recs` under `work` would measure something else than
+    kscan (None: it fits). Every VM's memory is its own, so the fleet needs n × a
+    recording's populated bytes of RAM. On a disk-backed `work` the kernel may evict
+    pages a VM leaves idle between passes (kswapd, or this machine's DAMON pageout of
+    memory idle ≥ 60 s): each sweep would then re-read the fleet from disk. On tmpfs
+    (like the shared memory QEMU's guest RAM lives in) nothing is evicted, but what
+    does not fit is an out-of-memory kill."""
+    need = n * max(sum(f.stat().st_blocks * 512 for f in r.iterdir() if f.is_file())
+                   for r in recs)
+    avail = psutil.virtual_memory().available
+    on_tmpfs = any(p.fstype == "tmpfs" and str(work).startswith(p.mountpoint.rstrip("/") + "/")
+                   for p in psutil.disk_partitions(all=True))
+    gib = 1 << 30
+    if on_tmpfs and need > avail - 2 * gib:
+        return (f"{n} VMs need {need / gib:.1f} GiB of tmpfs under {work}, and only "
+                f"{avail / gib:.1f} GiB of memory is available (2 GiB kept for the rest): "
+                "use fewer VMs, or free memory")
+    if not on_tmpfs and need > avail * 0.6:
+        return (f"{n} VMs need {need / gib:.1f} GiB of page cache ({avail / gib:.1f} GiB "
+                f"available) under a disk-backed {work}: pages idle between passes may be "
+                "evicted and re-read from disk. Put --work on tmpfs (e.g. /dev/shm/kscan-"
+                "scale), as guest RAM is in production")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -409,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=OUT / "scale",
                     help="where the replayed fleet and the database go")
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
+    ap.add_argument("--force", action="store_true",
+                    help="run even if the fleet does not fit in memory (see fleet_fits)")
     ap.add_argument("--floor-passes", type=int, default=3,
                     help="measured passes of the floor (after kscan stops; 0: no floor)")
     ap.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib)")
@@ -433,11 +461,17 @@ def main(argv: list[str] | None = None) -> int:
     recs = recordings(args.distinct)
     work = args.work.resolve()
     fleet = work / "vms"
-    shutil.rmtree(fleet, ignore_errors=True)
+    shutil.rmtree(fleet, ignore_errors=True)  # before measuring what memory is free
     fleet.mkdir(parents=True)
+    unfit = fleet_fits(recs, max(points_n), work)
+    if unfit is not None:
+        print(f"perf/scale.py: {unfit}" + ("" if args.force else " (--force: run anyway)"),
+              file=sys.stderr)
+        if not args.force:
+            return 2
     db = database(work, recs[0])
-    targets = run(text_targets(recs, db))
-    layout = run(region_layouts(recs, db))
+    runs = run(region_runs(recs, db))
+    targets, layout = text_of(runs), layout_of(runs)
     log(f"REPLAYED VMs: {len(recs)} real guests recorded, copied per VM; no QEMU runs")
     source_of: dict[str, str] = {}
 

@@ -70,3 +70,24 @@ def test_startup_runs(tmp_path: Path) -> None:
     f = bench("startup.py", "--vms", "4", "--distinct", "2", "--work", str(tmp_path / "st"))
     assert f["vms"] == 4 and f["cold_s"] > 0 and f["warm_s"] > 0
     assert f["warm_resumed"] == 4  # the restart resumed every VM from its persisted state
+
+
+def test_scale_refuses_a_fleet_the_memory_cannot_hold(tmp_path: Path) -> None:
+    """A fleet that does not fit would measure the disk (or the OOM killer), not kscan:
+    perf/scale.py says so before it copies anything, and a fleet that fits passes."""
+    import psutil
+
+    from perf.scale import fleet_fits
+
+    rec = tmp_path / "rec0"
+    rec.mkdir()
+    (rec / "mem").write_bytes(b"\1" * (1 << 20))   # 1 MiB populated
+    (rec / "vm.json").write_text("{}")
+    avail = psutil.virtual_memory().available
+    too_many = int(avail / (1 << 20)) + 10
+    assert fleet_fits([rec], 4, tmp_path / "work") is None
+    disk = fleet_fits([rec], too_many, tmp_path / "work")
+    assert disk is not None and f"{too_many} VMs" in disk  # (tmpfs or disk, as /tmp is)
+    if Path("/dev/shm").is_dir():
+        shm = fleet_fits([rec], too_many, Path("/dev/shm/kscan-test-fits"))
+        assert shm is not None and "available" in shm and "page cache" not in shm

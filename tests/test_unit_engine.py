@@ -156,3 +156,37 @@ def test_profiles_are_decoded_once_while_their_row_is_unchanged(
             assert replaced is not first and replaced.build_id == prof.build_id
 
     asyncio.run(asyncio.wait_for(go(), 20))
+
+
+def test_what_is_kept_of_gone_vms_is_forgotten_after_a_while(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host that churns through VMs for months: the totals, event counts and labels of
+    a VM gone for FORGET_AFTER, and its source's retry/error state, are dropped — but not
+    those of a VM that came back, nor of a source discovery still sees."""
+    from types import SimpleNamespace
+
+    async def go() -> None:
+        async with Store.open(tmp_path / "k.db") as st:
+            sink = EventSink(io.BytesIO())
+            eng = Engine(RunConfig(qmp=(), policy=Policy(), forensics_dir=tmp_path), st, sink)
+            for name in ("gone", "back"):
+                eng.vm_events[name] = {"tamper": 1}
+                sink.labels[name] = {"uuid": name}
+                eng._retire(SimpleNamespace(name=name, scans=7, verified_at=1.0))  # type: ignore[arg-type]
+                eng._retry_at[f"/run/{name}.sock"] = 0.0
+                eng._said[f"/run/{name}.sock"] = "lost"
+            eng._said["pid:4242"] = "skipped"
+            eng._present = {"/run/back.sock"}   # still discovered (failing, say)
+            eng.watchers["/run/again.sock"] = SimpleNamespace(name="back")  # type: ignore[assignment]
+            now = engine_mod.time.monotonic()
+            eng._forget_gone(now + 10)  # not yet
+            assert set(eng.vm_totals) == {"gone", "back"} and "gone" in sink.labels
+            assert "/run/gone.sock" in eng._retry_at and "pid:4242" in eng._said
+            eng._forget_gone(now + engine_mod.FORGET_AFTER + 20)
+            assert set(eng.vm_totals) == set(eng.vm_events) == {"back"}  # watched again
+            assert set(sink.labels) == {"back"}
+            assert set(eng._retry_at) == {"/run/back.sock"}   # discovery still sees it
+            assert set(eng._said) == {"/run/back.sock"}
+            assert not eng._absent_since and not eng._gone_since
+
+    asyncio.run(asyncio.wait_for(go(), 20))

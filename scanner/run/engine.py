@@ -55,6 +55,11 @@ RELOST_BACKOFF = 2.0
 #: A source that keeps failing is retried later and later, up to this.
 MAX_BACKOFF = 300.0
 PRUNE_EVERY = 3600.0
+#: What kscan keeps of a VM that went away — its scan totals and event counts (for
+#: --metrics, should it come back), its event labels, its source's retry and error
+#: state — is forgotten once it has been gone this long: a host that churns through
+#: VMs for months must not grow with every VM it ever saw.
+FORGET_AFTER = 3600.0
 #: With --stats-every 0, how often the stats task looks whether a reload turned them on.
 NO_STATS_POLL = 60.0
 #: Events counted per VM (for --metrics).
@@ -131,6 +136,9 @@ class Engine:
         self.started_at = time.time()
         self.vm_totals: dict[str, VmTotals] = {}
         self.vm_events: dict[str, dict[str, int]] = {}  # vm → event type → count
+        self._gone_since: dict[str, float] = {}  # VM name → when its watcher ended
+        self._absent_since: dict[str, float] = {}  # source key → when discovery lost it
+        self._present: set[str] = set()  # source keys the last discovery pass saw
         self.first_pass = asyncio.Event()  # the first discovery pass is done
         self.first_sources: frozenset[str] = frozenset()
         self.ready = False
@@ -258,6 +266,8 @@ class Engine:
                 log.exception("discovery failed")
                 await self._say_error("discovery", err)
                 sources = []
+            else:
+                self._forget_gone(time.monotonic())
             for src in sources:
                 if src.path in self.watchers:
                     continue
@@ -286,12 +296,14 @@ class Engine:
     def _sources(self) -> list[VmSource]:
         """The VMs to watch now (runs in a thread: globs and /proc reads block)."""
         out = [VmSource(SourceKind.QMP, s) for s in sorted(expand_sockets(self.cfg.qmp))]
+        skipped: set[str] = set()
         if self.cfg.discover:
             for p in find_qemu_processes(uids=self.cfg.discover_uids):
                 if p.qmp is None:
                     continue
                 if not p.file_backed:
                     key = f"pid:{p.pid}"
+                    skipped.add(key)
                     if key not in self._said:
                         self._said[key] = "skipped"
                         self._loop.call_soon_threadsafe(self._spawn_emit, dict(
@@ -303,7 +315,31 @@ class Engine:
                    for d in sorted(expand_sockets(self.cfg.replay)))
         if self.fleet is not None:
             out.extend(self.fleet.sources())
+        self._present = {s.path for s in out} | skipped  # read on the loop after the await
         return out
+
+    def _forget_gone(self, now: float) -> None:
+        """Forget what is kept of sources and VMs gone for FORGET_AFTER seconds."""
+        kept = self._retry_at.keys() | self._failures.keys() | self._said.keys() | self._absent
+        for key in kept - self._present - self.watchers.keys():
+            since = self._absent_since.setdefault(key, now)
+            if now - since >= FORGET_AFTER:
+                self._retry_at.pop(key, None)
+                self._failures.pop(key, None)
+                self._said.pop(key, None)
+                self._absent_since.pop(key, None)
+                self._absent.discard(key)
+        for key in self._absent_since.keys() & (self._present | self.watchers.keys()):
+            del self._absent_since[key]
+        watched = {w.name for w in self.watchers.values() if w is not None}
+        for name, since in list(self._gone_since.items()):
+            if name in watched:
+                del self._gone_since[name]
+            elif now - since >= FORGET_AFTER:
+                del self._gone_since[name]
+                self.vm_totals.pop(name, None)
+                self.vm_events.pop(name, None)
+                self.sink.labels.pop(name, None)
 
     def _spawn_emit(self, fields: dict[str, Any]) -> None:
         async def emit() -> None:
@@ -331,6 +367,7 @@ class Engine:
     def _retire(self, w: VmWatcher) -> None:
         """Keep what a watcher that ends counted (its VM may be attached again)."""
         totals = self.vm_totals.setdefault(w.name, VmTotals())
+        self._gone_since[w.name] = time.monotonic()
         totals.scans += w.scans
         w.scans = 0  # counted once, whichever of forget() and _watch() comes last
         if w.verified_at is not None:
