@@ -41,8 +41,15 @@ warm-up pass, then `--floor-passes` passes (median) of raw xxh3-128 over every r
 (`keyed_floor_sweep_cpu_s`: AES-GMAC then AES, `scanner.hashing.keyed_digest`); then
 `sweep_vs_floor` and `sweep_vs_keyed_floor` (sweep_cpu_s ÷ each), `floor_period_s` (the
 floor's CPU ÷ the budget: the shortest period the budget allows) and
-`p99_vs_floor_period`. `period_s` is what kscan's `stats` said (now the measured period;
-`period_target_s` beside it, at the end of the CPU window).
+`p99_vs_floor_period`. `period_s` is the period kscan's `stats` measured at the end of
+the CPU window (`period_target_s` beside it; `period_at_settle_s`: what it said when the
+window began, which after a start-up burst still counts the burst's long waits).
+
+At 1,000 VMs the fleet needs ~18 GB of memory of its own: put `--work` on tmpfs
+(`/dev/shm/...`, as QEMU's guest RAM is in production). On a disk-backed `--work` this
+machine's kernel evicts pages idle between passes and every sweep re-reads the fleet
+from disk; `fleet_fits` refuses that (and a tmpfs fleet larger than free memory) unless
+`--force`.
 """
 
 from __future__ import annotations
@@ -523,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             period = stats["period_s"]
             window = args.window or max(20.0, 2 * period)
             log(f"{n} VMs verified after {warm:.0f}s, settled after "
-                f"{time.monotonic() - t0 - warm:.0f}s more; period {period:.1f}s; "
+                f"{time.monotonic() - t0 - warm:.0f}s more (kscan's period then {period:.1f}s); "
                 f"measuring CPU over {window:.0f}s")
             mark, cpu0, t0 = k.mark(), k.cpu(), time.monotonic()
             time.sleep(window)
@@ -532,19 +539,24 @@ def main(argv: list[str] | None = None) -> int:
                 scans = sum(e["scans"] for e in k.events[mark:] if e["event"] == "stats")
             uss = k.uss_mb(fleet)
             sweeps = max(scans / n, 1e-9)
+            periods = window_periods(k, mark)
+            # The period kscan measured at the end of the window (just after a start-up
+            # burst, the one it said at settling still counts the burst's long waits).
+            settled_period, period = period, periods.get("period_measured_s") or period
             log(f"measuring detection latency: {args.tampers} tampers")
             lat = latencies(k, sorted(fleet.glob("vm*")), source_of, targets, args.tampers,
                             period, args.in_flight, rng)
             points.append({
                 "vms": n, "sweep_cpu_s": (cpu1 - cpu0) / sweeps,
                 "sweep_wall_s": (t1 - t0) / sweeps, "period_s": period,
+                "period_at_settle_s": settled_period,
                 "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0),
                 "latency_p99_s": percentile(lat, 0.99), "latency_p50_s": percentile(lat, 0.5),
                 "latency_max_s": max(lat), "latency_samples": len(lat), "uss_mb": uss,
                 "warmup_s": warm, "adding_s": 0.0 if args.cold else adding,
                 "cold": args.cold, "cool": args.cool,
                 "period_factor": stats.get("period_factor"),
-                **window_periods(k, mark),
+                **periods,
             })
             log(json.dumps(points[-1]))
     finally:

@@ -90,6 +90,45 @@ def test_expand_sockets_glob_and_paths(tmp_path: Path, monkeypatch: pytest.Monke
     assert expand_sockets([str(tmp_path / "nomatch*")]) == set()
 
 
+def test_a_last_component_glob_is_listed_again_only_when_its_directory_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--replay /fleet/vm*` over hundreds of VMs every 2 s: the directory is listed
+    again only when its mtime says an entry came, went or was renamed — and never
+    trusted while that mtime is recent (a coarse clock could stamp two changes alike)."""
+    import glob as glob_mod
+    import time
+
+    import scanner.qemu.discover as discover
+
+    for i in range(3):
+        (tmp_path / f"vm{i}").mkdir()
+    calls: list[str] = []
+    real = glob_mod.glob
+    monkeypatch.setattr(discover.glob, "glob", lambda spec: calls.append(spec) or real(spec))
+    spec = str(tmp_path / "vm*")
+    old = time.time() - 60
+    os.utime(tmp_path, (old, old))
+    want = {str(tmp_path / f"vm{i}") for i in range(3)}
+    assert expand_sockets([spec]) == want and len(calls) == 1
+    assert expand_sockets([spec]) == want and len(calls) == 1   # unchanged: not listed
+    (tmp_path / "vm3").mkdir()                                    # mtime now: listed,
+    assert expand_sockets([spec]) == want | {str(tmp_path / "vm3")} and len(calls) == 2
+    assert expand_sockets([spec]) == want | {str(tmp_path / "vm3")} and len(calls) == 3
+    os.utime(tmp_path, (old, old + 1))                            # and cached once settled
+    (tmp_path / "vm3").rename(tmp_path / "gone")
+    os.utime(tmp_path, (old, old + 2))                            # a change in the past
+    assert expand_sockets([spec]) == want and len(calls) == 4
+    assert expand_sockets([spec]) == want and len(calls) == 4
+    # A wildcard in a directory component: always listed (a change below it does not
+    # touch the top directory's mtime).
+    deep = str(tmp_path / "*" / "qmp.sock")
+    expand_sockets([deep])
+    expand_sockets([deep])
+    assert calls.count(deep) == 2
+    # A spec no longer asked for is forgotten.
+    assert spec not in discover._listings
+
+
 @pytest.fixture
 def fake_qemus(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], ...]]:
     """Two processes whose executable is a copy of Python named qemu-system-x86_64-fake

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,12 @@ import psutil
 __all__ = ["QemuProcess", "expand_sockets", "find_qemu_processes", "qmp_socket_of"]
 
 _GLOB_CHARS = set("*?[")
+#: A directory whose mtime is at least this old when it is listed is taken as listed
+#: completely (file systems stamp mtimes with a clock that may lag by a tick).
+_SETTLED_NS = 1_000_000_000
+#: Per glob whose wildcards are all in its last component: the directory's identity
+#: and mtime at its last listing, and the matches then.
+_listings: dict[str, tuple[tuple[int, int, int], list[str]]] = {}
 
 
 def expand_sockets(specs: Sequence[str]) -> set[str]:
@@ -36,10 +43,37 @@ def expand_sockets(specs: Sequence[str]) -> set[str]:
     out: set[str] = set()
     for spec in specs:
         if _GLOB_CHARS & set(spec):
-            out.update(os.path.abspath(p) for p in glob.glob(spec))
+            out.update(_matches(spec))
         else:
             out.add(os.path.abspath(spec))
+    for gone in _listings.keys() - set(specs):
+        _listings.pop(gone, None)
     return out
+
+
+def _matches(spec: str) -> list[str]:
+    """A glob's matches, as absolute paths. Discovery runs every couple of seconds over
+    directories of hundreds of VMs, so a glob whose wildcards are all in its last
+    component (`/run/vms/vm*`) is listed again only when its directory changed: an
+    entry created, removed or renamed there changes the directory's mtime."""
+    head = os.path.dirname(spec)
+    if _GLOB_CHARS & set(head):  # matches in several directories: list them all
+        return [os.path.abspath(p) for p in glob.glob(spec)]
+    try:
+        st = os.stat(head or ".")
+    except OSError:
+        _listings.pop(spec, None)
+        return []
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    hit = _listings.get(spec)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    found = [os.path.abspath(p) for p in glob.glob(spec)]
+    if time.time_ns() - st.st_mtime_ns >= _SETTLED_NS:
+        _listings[spec] = (key, found)
+    else:  # changed just now: it may change again within the same mtime tick
+        _listings.pop(spec, None)
+    return found
 
 
 @dataclass(frozen=True)
