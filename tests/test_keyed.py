@@ -165,6 +165,8 @@ def test_a_bundle_carries_content_and_no_hash_nor_key(tmp_path: Path,
 
 def test_a_fast_collision_is_caught_by_the_keyed_pass(world: World) -> None:  # noqa: F811
     ref, mem = world.ref, world.mem
+    clean = check_memory(ref, mem, keyed=True)
+    assert clean.ok and clean.keyed and not check_memory(ref, mem, keyed=False).keyed
     # As if the bytes had changed in a way the seeded xxh3 missed: the keyed half differs.
     ref.digests[".text"] = ref.digests[".text"][:16] + bytes(16)
     # Every KEYED_EVERY-th pass is keyed, from the reference's random phase.
@@ -175,7 +177,9 @@ def test_a_fast_collision_is_caught_by_the_keyed_pass(world: World) -> None:  # 
     ref.passes = 5
     outcomes = [check_memory(ref, mem).outcome for _ in range(KEYED_EVERY)]
     assert outcomes.count(FastOutcome.BYTES_CHANGED) == 1
-    assert check_memory(ref, mem, keyed=True).changed == (".text",)
+    keyed = check_memory(ref, mem, keyed=True)
+    assert keyed.changed == (".text",) and keyed.keyed   # (the scheduler is told)
+    assert not check_memory(ref, mem, keyed=False).keyed
     assert FORMAT >= 2   # resume records of the unkeyed format (1) are not used
 
 

@@ -168,6 +168,27 @@ def test_costs_ewma(clock: FakeClock) -> None:
     assert s.cost("a") == pytest.approx(0.04, rel=1e-6)
 
 
+def test_keyed_passes_do_not_teach_the_plain_pass_estimate(clock: FakeClock) -> None:
+    """A keyed pass (the resume pass after a restart, one pass in KEYED_EVERY) costs ~5x
+    a plain one. Taught, it made every resumed VM's estimate 5x too high, and a warm
+    restart ran at half its budget for minutes: it only guesses a first estimate."""
+    from scanner.run.scheduler import KEYED_COST_RATIO
+
+    s = Scheduler(Policy())
+    s.add("a")
+    s.record("a", 0.05, keyed=True)          # the resume pass: a guess, not a measure
+    assert s.cost("a") == pytest.approx(0.05 / KEYED_COST_RATIO)
+    clock.t += 3.0
+    s.record("a", 0.012)                      # the first plain pass replaces it outright
+    assert s.cost("a") == pytest.approx(0.012)
+    clock.t += 3.0
+    s.record("a", 0.06, keyed=True)           # later keyed passes leave it alone,
+    assert s.cost("a") == pytest.approx(0.012)
+    clock.t += 3.0
+    s.record("a", 0.012)                      # and are timed like any pass
+    assert s.measured_period() == pytest.approx(3.0, rel=0.01)
+
+
 def test_recorded_costs_drive_the_period(clock: FakeClock) -> None:
     s = Scheduler(Policy(budget=0.05, min_interval=0.01, max_interval=1e9))
     s.add("a")

@@ -278,7 +278,7 @@ class VmWatcher:
             t0 = time.thread_time()
             ref, why = resume_check(saved, self.vm.mem, vcpus, boot.key)
             cpu += time.thread_time() - t0
-            sched.record(name, cpu)  # a fast pass: it teaches the scan-cost estimate
+            sched.record(name, cpu, keyed=True)  # a keyed fast pass
             self.scans += 1
             self.ctx.count_scan()
         sched.settle(expected, cpu)
@@ -548,7 +548,7 @@ class VmWatcher:
         if res.ok:
             res = check_memory(self.ref, self.vm.mem)
         cost = time.thread_time() - t0
-        sched.record(self.name, cost)
+        sched.record(self.name, cost, keyed=res.keyed)
         sched.settle(expected, cost)
         self.scans += 1
         self.ctx.count_scan()
