@@ -4,7 +4,9 @@ Tests, the demo and `perf/` all boot their guests through this module, so there 
 one place that knows how a kscan test guest looks:
 
 * QEMU under TCG (KVM does not run nested on these hosts; kscan does not care),
-* RAM in a `memory-backend-file` on /dev/shm with share=on (what kscan maps),
+* RAM in a `memory-backend-file` on /dev/shm with share=on (what kscan maps); a run
+  killed before it could clean up leaves those files behind, so `start` first removes
+  the ones no process maps or holds open after STALE_RAM_AGE (`sweep_stale_ram`),
 * two QMP unix sockets (QEMU serves one client per monitor: `qmp` for kscan,
   `qmp_aux` for tools and test oracles), the serial console in a log file,
 * a Debian cloud kernel (packages pinned in `KERNELS`: "6.1", the default, and Debian's
@@ -29,6 +31,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import stat
@@ -437,9 +440,64 @@ def qemu_command(spec: GuestSpec, guest: Guest, kernel: KernelFiles, initrd: Pat
     ]
 
 
+#: A guest RAM file this old that no process maps or holds open is left over from a run
+#: that was killed (its guests died with it, their files did not).
+STALE_RAM_AGE = 600.0
+#: `Guest.mem_path`'s names: kscan-<8 hex digits of the run directory>-<guest>.
+_RAM_NAME = re.compile(r"kscan-[0-9a-f]{8}-[^/]+")
+
+
+def _in_use(prefix: str) -> set[str]:
+    """Every path starting with `prefix` a process maps or holds open. Processes whose
+    maps cannot be read are passed over (a sandbox's init here, even for root): the
+    guests a test run starts are its own processes, and readable."""
+    used: set[str] = set()
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                used.update(line.split(None, 5)[5].strip() for line in f
+                            if prefix in line)
+            fds = f"/proc/{pid}/fd"
+            for fd in os.listdir(fds):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"{fds}/{fd}")
+                    if target.startswith(prefix):
+                        used.add(target)
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+            continue  # ended meanwhile, or not ours to read
+    return used
+
+
+def sweep_stale_ram(now: float | None = None, root: Path = Path("/dev/shm")) -> list[Path]:
+    """Remove guest RAM files (`kscan-<run>-<guest>`) that runs killed before they could
+    clean up left behind: older than STALE_RAM_AGE and neither mapped nor open by any
+    process. Each is as large as its guest's RAM. Returns what was removed."""
+    now = time.time() if now is None else now
+    old = []
+    for path in root.glob("kscan-*-*"):
+        if not _RAM_NAME.fullmatch(path.name):
+            continue
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            if (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+                    and now - max(st.st_mtime, st.st_ctime) > STALE_RAM_AGE):
+                old.append(path)
+    if not old:
+        return []
+    used = _in_use(str(root / "kscan-"))
+    removed = []
+    for path in old:
+        if str(path) not in used:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def start(specs: Sequence[GuestSpec], run_dir: Path | None = None) -> list[Guest]:
     """Start guests without waiting for them (see `wait_ready`)."""
     run_dir = run_dir or default_run_dir()
+    sweep_stale_ram()
     ensure_host_packages()
     kernels = {k: ensure_kernel(k) for k in {s.kernel for s in specs}}
     initrd = ensure_initramfs()
