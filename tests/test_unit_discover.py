@@ -125,8 +125,14 @@ def test_a_last_component_glob_is_listed_again_only_when_its_directory_changed(
     expand_sockets([deep])
     expand_sockets([deep])
     assert calls.count(deep) == 2
-    # A spec no longer asked for is forgotten.
-    assert spec not in discover._listings
+    # Callers pass their own specs (`kscan run` expands --qmp, often empty, then
+    # --replay): one call must not forget the other's listing.
+    assert expand_sockets([]) == set()
+    assert expand_sockets([spec]) == want and calls.count(spec) == 4
+    # Bounded: specs beyond _LISTINGS_MAX (reloads) start the memory afresh.
+    for i in range(discover._LISTINGS_MAX + 1):
+        expand_sockets([str(tmp_path / f"none{i}*")])
+    assert len(discover._listings) <= discover._LISTINGS_MAX
 
 
 @pytest.fixture

@@ -32,8 +32,11 @@ _GLOB_CHARS = set("*?[")
 #: completely (file systems stamp mtimes with a clock that may lag by a tick).
 _SETTLED_NS = 1_000_000_000
 #: Per glob whose wildcards are all in its last component: the directory's identity
-#: and mtime at its last listing, and the matches then.
+#: and mtime at its last listing, and the matches then. Not pruned per call (each
+#: caller passes its own specs: `--qmp`'s and `--replay`'s), only bounded: specs come
+#: from the configuration, so more than this means reloads, and it starts afresh.
 _listings: dict[str, tuple[tuple[int, int, int], list[str]]] = {}
+_LISTINGS_MAX = 64
 
 
 def expand_sockets(specs: Sequence[str]) -> set[str]:
@@ -46,8 +49,6 @@ def expand_sockets(specs: Sequence[str]) -> set[str]:
             out.update(_matches(spec))
         else:
             out.add(os.path.abspath(spec))
-    for gone in _listings.keys() - set(specs):
-        _listings.pop(gone, None)
     return out
 
 
@@ -70,6 +71,8 @@ def _matches(spec: str) -> list[str]:
         return hit[1]
     found = [os.path.abspath(p) for p in glob.glob(spec)]
     if time.time_ns() - st.st_mtime_ns >= _SETTLED_NS:
+        if spec not in _listings and len(_listings) >= _LISTINGS_MAX:
+            _listings.clear()
         _listings[spec] = (key, found)
     else:  # changed just now: it may change again within the same mtime tick
         _listings.pop(spec, None)
