@@ -409,8 +409,10 @@ def fleet_fits(recs: list[Path], n: int, work: Path) -> str | None:
     need = n * max(sum(f.stat().st_blocks * 512 for f in r.iterdir() if f.is_file())
                    for r in recs)
     avail = psutil.virtual_memory().available
-    on_tmpfs = any(p.fstype == "tmpfs" and str(work).startswith(p.mountpoint.rstrip("/") + "/")
-                   for p in psutil.disk_partitions(all=True))
+    # The file system `work` is on: the longest mount point above it.
+    mounts = [p for p in psutil.disk_partitions(all=True)
+              if str(work).startswith(p.mountpoint.rstrip("/") + "/")]
+    on_tmpfs = bool(mounts) and max(mounts, key=lambda p: len(p.mountpoint)).fstype == "tmpfs"
     gib = 1 << 30
     if on_tmpfs and need > avail - 2 * gib:
         return (f"{n} VMs need {need / gib:.1f} GiB of tmpfs under {work}, and only "
