@@ -70,7 +70,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perf.common import OUT, ROOT, database, emit, log, machine, recordings, run
-from scanner.check.fastpath import KEYED_EVERY
+from scanner.check.fastpath import KEYED_EVERY_S
 from scanner.check.locate import locate_kernel
 from scanner.examine import load_profiles
 from scanner.examine.keying import keyed_store
@@ -240,9 +240,10 @@ def add_floor(points: list[dict[str, Any]], vms: list[Path], layout: dict[str, L
         idle = float(p.get("period_measured_s") or p.get("period_s") or 0.0)
         f = floor_sweeps(vms[:p["vms"]], layout, source_of, passes, idle)
         floor, keyed = f["floor"], f["keyed_floor"]
-        # The floor of what the fast path hashes with: seeded xxh3 (as costly as raw) at
-        # KEYED_EVERY - 1 passes in KEYED_EVERY, the keyed construction at the last.
-        fast_floor = ((KEYED_EVERY - 1) * floor + keyed) / KEYED_EVERY
+        # The floor of what the fast path hashes with: seeded xxh3 (as costly as raw),
+        # and the keyed construction at the share of passes kscan keyed in the window.
+        share = float(p.get("keyed_fraction") or 0.0)
+        fast_floor = floor + share * (keyed - floor)
         if "floor_paced" in f:
             paced = f["floor_paced"]
             p.update({"floor_paced_sweep_cpu_s": paced, "floor_paced_idle_s": idle,
@@ -274,7 +275,8 @@ def floor_rows(points: list[dict[str, Any]]) -> list[tuple[str, str]]:
              f"{p['sweep_vs_floor']:.2f}x, sweep/keyed floor {p['sweep_vs_keyed_floor']:.2f}x; "
              f"floor period {p['floor_period_s']:.1f} s, p99/floor period "
              f"{p['p99_vs_floor_period']:.2f}x; sweep/fast-path floor "
-             f"{p['sweep_vs_fast_path_floor']:.2f}x"
+             f"{p['sweep_vs_fast_path_floor']:.2f}x (keyed "
+             f"{100 * p.get('keyed_fraction', 0):.1f}% of passes)"
              + (f"; floor after {p['floor_paced_idle_s']:.1f} s idle "
                 f"{p['floor_paced_sweep_cpu_s']:.2f} CPU-s ({p['paced_vs_floor']:.2f}x), "
                 f"sweep/it {p['sweep_vs_paced_floor']:.2f}x" if "floor_paced_sweep_cpu_s" in p
@@ -439,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU window seconds (default: 2 periods, at least 20 s)")
     ap.add_argument("--plot", type=Path, default=ROOT / "perf" / "scale.png")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--keyed-every", type=float, default=KEYED_EVERY_S,
+                    help="kscan run --keyed-every (default kscan's)")
     ap.add_argument("--settle", type=float, default=180.0,
                     help="longest wait for the steady state after a warm-up (seconds)")
     ap.add_argument("--work", type=Path, default=OUT / "scale",
@@ -505,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     k = Kscan(["--replay", str(fleet / "vm*"), "--db", db, "--interval", "auto",
                "--cpu-budget", str(args.budget), "--stats-every", "5",
+               "--keyed-every", str(args.keyed_every),
                "--forensics-dir", str(work / "forensics")], work / "run.err")
     points = []
     try:
@@ -538,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(window)
             cpu1, t1 = k.cpu(), time.monotonic()
             with k.cond:
-                scans = sum(e["scans"] for e in k.events[mark:] if e["event"] == "stats")
+                window_stats = [e for e in k.events[mark:] if e["event"] == "stats"]
+            scans = sum(e["scans"] for e in window_stats)
+            keyed_scans = sum(e.get("keyed_scans", 0) for e in window_stats)
             uss = k.uss_mb(fleet)
             sweeps = max(scans / n, 1e-9)
             periods = window_periods(k, mark)
@@ -558,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup_s": warm, "adding_s": 0.0 if args.cold else adding,
                 "cold": args.cold, "cool": args.cool,
                 "period_factor": stats.get("period_factor"),
+                "keyed_fraction": keyed_scans / max(scans, 1), "keyed_every_s": args.keyed_every,
                 **periods,
             })
             log(json.dumps(points[-1]))

@@ -4,6 +4,7 @@ a database predates it, bundles without hashes, and the keyed fast pass's schedu
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import sqlite3
 import stat
@@ -16,7 +17,7 @@ import zstandard
 
 import store.schema
 from scanner import hashing
-from scanner.check.fastpath import KEYED_EVERY, FastOutcome, check_memory
+from scanner.check.fastpath import KEYED_EVERY_S, FastOutcome, check_memory, keyed_due
 from scanner.check.resume import FORMAT
 from scanner.check.state import BootIdentity, PageRecord, VmState
 from scanner.commands.cli import main
@@ -169,14 +170,20 @@ def test_a_fast_collision_is_caught_by_the_keyed_pass(world: World) -> None:  # 
     assert clean.ok and clean.keyed and not check_memory(ref, mem, keyed=False).keyed
     # As if the bytes had changed in a way the seeded xxh3 missed: the keyed half differs.
     ref.digests[".text"] = ref.digests[".text"][:16] + bytes(16)
-    # Every KEYED_EVERY-th pass is keyed, from the reference's random phase.
-    ref.passes = 0
-    outcomes = [check_memory(ref, mem).outcome for _ in range(2 * KEYED_EVERY)]
-    assert outcomes == ([FastOutcome.UNCHANGED] * (KEYED_EVERY - 1)
-                        + [FastOutcome.BYTES_CHANGED]) * 2
-    ref.passes = 5
-    outcomes = [check_memory(ref, mem).outcome for _ in range(KEYED_EVERY)]
-    assert outcomes.count(FastOutcome.BYTES_CHANGED) == 1
+    # A pass is keyed once `every` seconds have gone by since the last keyed one: at a
+    # 10 s period and every=60, passes 6 and 12 (the first from a phase set at t=0).
+    ref.keyed_due = 60.0
+    outcomes = [check_memory(ref, mem, every=60, now=10.0 * k).outcome for k in range(1, 13)]
+    assert outcomes == ([FastOutcome.UNCHANGED] * 5 + [FastOutcome.BYTES_CHANGED]) * 2
+    # A keyed pass that found the change does not postpone the next one: the slow path
+    # makes a new reference; were it not made, the schedule would still hold.
+    assert ref.keyed_due == 120.0 + 60
+    # The default bound holds at any period: at 1 s, one keyed pass per KEYED_EVERY_S.
+    ref.keyed_due = None
+    outcomes = [check_memory(ref, mem, now=float(t)).outcome
+                for t in range(1, int(2 * KEYED_EVERY_S) + 2)]
+    assert outcomes.count(FastOutcome.BYTES_CHANGED) in (2, 3)
+    assert FastOutcome.BYTES_CHANGED in outcomes[:int(KEYED_EVERY_S) + 1]
     keyed = check_memory(ref, mem, keyed=True)
     assert keyed.changed == (".text",) and keyed.keyed   # (the scheduler is told)
     assert not check_memory(ref, mem, keyed=False).keyed
@@ -209,18 +216,35 @@ def test_a_second_change_past_the_shown_bytes_is_a_new_tampering() -> None:
 def test_a_fleets_keyed_passes_are_spread_over_the_sweeps(world: World) -> None:  # noqa: F811
     """References start at a random phase of the keyed schedule, so VMs checked at the
     same time do not all take their (4-6x as costly) keyed pass in the same sweep; each
-    still gets one within KEYED_EVERY passes."""
+    still gets one within `every` seconds (plus one period)."""
     from scanner.check.fastpath import Reference
 
     def fresh() -> Reference:
-        r = Reference(views={}, digests={}, fingerprint=world.ref.fingerprint, top_index=(),
-                      top_values=(), control=())
-        return r
+        return Reference(views={}, digests={}, fingerprint=world.ref.fingerprint,
+                         top_index=(), top_values=(), control=())
 
-    phases = [fresh().passes for _ in range(400)]
-    assert all(0 <= p < KEYED_EVERY for p in phases)
-    assert len(set(phases)) >= KEYED_EVERY // 2  # not one common phase
-    # Per sweep (one pass each), about 1/KEYED_EVERY of the fleet is keyed.
-    per_sweep = [sum((p + k + 1) % KEYED_EVERY == 0 for p in phases) for k in range(KEYED_EVERY)]
-    assert max(per_sweep) < 400 / KEYED_EVERY * 2.5
-    assert sum(per_sweep) == 400
+    every, period, n = 64.0, 4.0, 400
+    fleet = [fresh() for _ in range(n)]
+    # Sweeps of the fleet at a 4 s period from t=0 (all checked then): 16 sweeps span
+    # `every`; each VM's keyed passes fall in distinct sweeps, spread.
+    keyed_at: list[list[int]] = [[] for _ in range(n)]
+    per_sweep = []
+    for k in range(1, 49):
+        now = k * period
+        hits = 0
+        for i, r in enumerate(fleet):
+            if keyed_due(r, every, now):
+                r.keyed_due = now + every   # as check_memory does after comparing keyed
+                keyed_at[i].append(k)
+                hits += 1
+        per_sweep.append(hits)
+    assert max(per_sweep) < n / (every / period) * 2.5     # no sweep ~all keyed
+    for ks in keyed_at:   # each VM keyed within every + one period, then every `every`
+        assert ks and ks[0] * period <= every + period
+        assert all(b - a == every / period for a, b in itertools.pairwise(ks))
+    # A reload that shortens `every` takes effect at once (not after the old due time).
+    r = fresh()
+    assert not keyed_due(r, 3600.0, now=0.0)
+    r.keyed_due = 3000.0
+    keyed_due(r, 10.0, now=0.0)
+    assert r.keyed_due <= 10.0

@@ -130,6 +130,7 @@ BAD_OPTIONS = [
     (["--min-interval", "-1"], "--min-interval"),
     (["--min-interval", "10", "--max-interval", "5"], "--min-interval 10 is above"),
     (["--workers", "0"], "--workers 0"),
+    (["--keyed-every", "0"], "--keyed-every 0: must be"),
     (["--duration", "-1"], "--duration"),
     (["--on-tamper", "exec:/nonexistent/hook --sev 1"], "--on-tamper exec:/nonexistent"),
     (["--on-tamper", "exec:no-such-program-kscan"], "not found on PATH"),
@@ -154,6 +155,7 @@ CONFIG_BAD = [
     ("stats_every = -1", "stats_every"), ("min_interval = -1", "min_interval"),
     ("min_interval = 10\nmax_interval = 5", "--min-interval 10 is above"),
     ("workers = 0", "workers"), ("duration = -1", "duration"),
+    ("keyed_every = -5", "keyed_every"),
     ('on_tamper = "exec:/nonexistent/hook"', "--on-tamper"),
     ('forensics_dir = "{tmp}/afile/x"', "--forensics-dir"),
 ]

@@ -29,6 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kscan.shipped import contrib_path
+from scanner.check.fastpath import KEYED_EVERY_S
 from scanner.commands.cli import build_parser
 from scanner.commands.config import (
     NOT_KEYS,
@@ -38,6 +39,7 @@ from scanner.commands.config import (
     parse_with_config,
     subparser,
 )
+from scanner.commands.run_policy import run_config
 from scanner.run.metrics import MetricsError, parse_address
 from scanner.run.service import Notifier
 from tests.kscan_proc import RunProc, kscan
@@ -374,18 +376,21 @@ def test_config_values_and_command_line_override(tmp_path: Path) -> None:
     conf.write_text('qmp = ["/run/a/*.sock", "/run/b.sock"]\ncpu_budget = 25\n'
                     'interval = "auto"\non_tamper = "pause"\nstrict = true\nworkers = 3\n'
                     'min_interval = 2\ndb = "/var/lib/kscan/kscan.db"\n'
-                    'metrics = "127.0.0.1:9464"\n')
+                    'metrics = "127.0.0.1:9464"\nkeyed_every = 60\n')
     a = _args(["run", "--config", str(conf)])
     assert a.qmp == ["/run/a/*.sock", "/run/b.sock"] and a.cpu_budget == 25.0
     assert a.on_tamper == "pause" and a.strict is True and a.workers == 3
     assert a.min_interval == 2.0 and a.db == "/var/lib/kscan/kscan.db"
     assert a.metrics == "127.0.0.1:9464" and a.config_file == str(conf)
+    assert a.keyed_every == 60.0
     b = _args(["run", "--config", str(conf), "--cpu-budget", "5", "--qmp", "/x.sock",
                "--interval", "7", "--db", "/tmp/other.db"])
     assert b.cpu_budget == 5.0 and b.qmp == ["/x.sock"]  # the list is replaced
     assert b.interval == 7.0 and b.db == "/tmp/other.db" and b.on_tamper == "pause"
+    assert run_config(b).policy.keyed_every == 60.0   # the file's, into the policy
     c = _args(["run", "--config", "", "--qmp", "/x.sock"])  # no file at all
     assert c.config_file is None and c.cpu_budget == 10.0
+    assert c.keyed_every == KEYED_EVERY_S   # the parser's default is the fast path's
 
 
 @pytest.mark.parametrize(("text", "message"), [

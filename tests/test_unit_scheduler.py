@@ -199,9 +199,10 @@ def test_recorded_costs_drive_the_period(clock: FakeClock) -> None:
 
 
 def test_describe() -> None:
-    assert Policy().describe() == "interval auto, 10% of one core, bounds 1-300s"
-    assert Policy(auto=False, fixed=2.5, budget=None).describe() == \
-        "interval 2.5s, no CPU cap, bounds 1-300s"
+    assert Policy().describe() == \
+        "interval auto, 10% of one core, bounds 1-300s, keyed every 300s"
+    assert Policy(auto=False, fixed=2.5, budget=None, keyed_every=60).describe() == \
+        "interval 2.5s, no CPU cap, bounds 1-300s, keyed every 60s"
 
 
 # -- token bucket: exact amounts with a fake clock ----------------------------------------

@@ -223,7 +223,7 @@ class Ctx:
         async with self._slots:
             yield
 
-    def count_scan(self) -> None:
+    def count_scan(self, keyed: bool = False) -> None:
         self.scans += 1
 
     def kinds(self) -> list[str]:

@@ -14,11 +14,14 @@ After a full check (slow path) the watcher keeps a `Reference` per VM:
   straight from zero-copy views of the guest's memory (memory that copies — anonymous
   RAM read from /proc/PID/mem, see `translate.procmem` — is read afresh at each pass
   instead: its views are snapshots): the fast one (xxh3_128 seeded from the host key),
-  compared at every pass but one in KEYED_EVERY, and the keyed one (AES-GMAC under the
-  host key, then a block cipher: `scanner.hashing`), compared at that one. So every VM
-  gets a keyed comparison of all its protected bytes at least once per KEYED_EVERY
-  passes, and a change that kept the seeded xxh3 is still caught then (README "Keyed
-  comparison" has the bound); the keyed pass costs 4-6× the hashing of a fast one;
+  compared at every pass but the keyed ones, and the keyed one (AES-GMAC under the host
+  key, then a block cipher: `scanner.hashing`), compared at the first pass once
+  `keyed_every` seconds (KEYED_EVERY_S, `kscan run --keyed-every`) have gone by since the
+  last keyed comparison. So every VM gets a keyed comparison of all its protected bytes
+  at least every `keyed_every` seconds plus one scan period, and a change that kept the
+  seeded xxh3 is still caught then (docs/design.md "Keyed comparison" has the bound). A
+  keyed pass costs 4-6× the hashing of a fast one: a bound in time, not in passes, keeps
+  that share small however short the period (P/`keyed_every` of the passes);
 * the same for the code outside `.text` that verified patching reaches (allocated
   ftrace trampolines, optprobe slots: `scanner.check.reached`) — its bytes (both
   digests, compared like the regions') and the page-table entries mapping it. A change
@@ -33,7 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import secrets
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -47,13 +51,14 @@ from translate import GuestMemory, TranslationError, kernel_pgd_candidates
 from translate.vcpu import VcpuState
 from translate.x86 import CR0_WP, CR4_SMAP, CR4_SMEP
 
-__all__ = ["KEYED_EVERY", "REACHED_BYTES", "REACHED_TABLES", "FastOutcome", "FastResult",
+__all__ = ["KEYED_EVERY_S", "REACHED_BYTES", "REACHED_TABLES", "FastOutcome", "FastResult",
            "Reference", "TableFingerprint", "check_memory", "check_registers",
-           "control_state", "fast_scan", "make_reference"]
+           "control_state", "fast_scan", "keyed_due", "make_reference"]
 
 _CR4_BITS = CR4_SMEP | CR4_SMAP
-#: One memory pass in this many compares the keyed digests instead of the fast ones.
-KEYED_EVERY = 16
+#: Seconds between two keyed comparisons of a VM's memory, by default (the first fast
+#: pass after them compares the keyed digests instead of the fast ones).
+KEYED_EVERY_S = 300.0
 _FAST = 16  # bytes of the fast digest at the start of a digest pair
 
 
@@ -159,12 +164,13 @@ class Reference:
         self.reached_fingerprint = TableFingerprint([e for r in reached for e in r.entries])
         if mem.zero_copy:
             self.reached_views = [mem.view(g, n) for g, n in self.reached_runs]
-    #: Memory passes so far (every KEYED_EVERY-th one is keyed), from a random phase: a
-    #: fleet checked at about the same time would otherwise do its keyed passes (4-6x
-    #: the hashing of a fast one) all in the same sweep, which then takes as long as
-    #: five — the detection-latency tail. Any phase keeps the bound: a keyed comparison
-    #: within every KEYED_EVERY passes.
-    passes: int = dataclasses.field(default_factory=lambda: secrets.randbelow(KEYED_EVERY))
+    #: When (time.monotonic) the next pass is keyed; None: not scheduled yet. The first
+    #: is set at a random phase of the schedule, because the full check (or resume pass)
+    #: that made the reference was itself a keyed comparison: a fleet checked at about
+    #: the same time would otherwise do its keyed passes (4-6x the hashing of a fast
+    #: one) all in the same sweep, which then takes as long as five — the
+    #: detection-latency tail. Any phase keeps the bound.
+    keyed_due: float | None = None
     #: Zero-copy views of `exec_tables`' tables, kept between passes like `views`
     #: (None: not made yet, or for other tables than `exec_tables` holds now).
     exec_views: tuple[ExecTables, list[memoryview]] | None = None
@@ -292,12 +298,23 @@ def check_registers(ref: Reference, mem: GuestMemory,
     return _UNCHANGED
 
 
-def check_memory(ref: Reference, mem: GuestMemory, keyed: bool | None = None) -> FastResult:
+def keyed_due(ref: Reference, every: float = KEYED_EVERY_S, now: float | None = None) -> bool:
+    """Whether this pass of `ref` is a keyed one: `every` seconds since its last keyed
+    comparison (the first from a random phase in (0, every])."""
+    now = time.monotonic() if now is None else now
+    due = ref.keyed_due
+    if due is None or due > now + every:  # new, or `every` shortened by a reload
+        due = ref.keyed_due = now + every * (1.0 - random.random())
+    return now >= due
+
+
+def check_memory(ref: Reference, mem: GuestMemory, keyed: bool | None = None, *,
+                 every: float = KEYED_EVERY_S, now: float | None = None) -> FastResult:
     """The memory part: translations unchanged, region bytes unchanged. `keyed`: compare
-    the keyed digests (None: at every KEYED_EVERY-th pass of this reference)."""
+    the keyed digests (None: when `keyed_due`, every `every` seconds; `now`:
+    time.monotonic())."""
     if keyed is None:
-        ref.passes += 1
-        keyed = ref.passes % KEYED_EVERY == 0
+        keyed = keyed_due(ref, every, now)
     if not ref.fingerprint.unchanged(mem):
         return FastResult(FastOutcome.TABLES_CHANGED)
     if ref.reached_runs and not ref.reached_fingerprint.unchanged(mem):
@@ -319,6 +336,8 @@ def check_memory(ref: Reference, mem: GuestMemory, keyed: bool | None = None) ->
         changed = tuple(name for name, runs in ref.runs.items()
                         if digest([mem.view(g, n) for g, n in runs]) != want[name])
         reached = [mem.view(g, n) for g, n in ref.reached_runs]
+    if keyed:  # compared keyed: the next is `every` seconds from now
+        ref.keyed_due = (time.monotonic() if now is None else now) + every
     detail = ""
     if ref.reached_runs and digest(reached) != want_reached:
         # The .text verdict rested on these bytes: re-verify .text (which reads them).
@@ -330,10 +349,13 @@ def check_memory(ref: Reference, mem: GuestMemory, keyed: bool | None = None) ->
     return _UNCHANGED_KEYED if keyed else _UNCHANGED
 
 
-def fast_scan(ref: Reference, mem: GuestMemory, vcpus: Sequence[VcpuState] | None) -> FastResult:
-    """Compare the VM with its reference. `vcpus` None: registers not refreshed."""
+def fast_scan(ref: Reference, mem: GuestMemory, vcpus: Sequence[VcpuState] | None,
+              keyed: bool | None = None, *, every: float = KEYED_EVERY_S,
+              now: float | None = None) -> FastResult:
+    """Compare the VM with its reference. `vcpus` None: registers not refreshed;
+    `keyed`, `every`, `now`: as `check_memory`'s."""
     if vcpus is not None:
         res = check_registers(ref, mem, vcpus)
         if not res.ok:
             return res
-    return check_memory(ref, mem)
+    return check_memory(ref, mem, keyed, every=every, now=now)

@@ -310,6 +310,12 @@ def build_parser() -> Parser:
                    metavar="SECONDS", help="shortest per-VM interval (default 1)")
     p.add_argument("--max-interval", type=bound_seconds("--max-interval"), default=300.0,
                    metavar="SECONDS", help="longest per-VM interval (default 300)")
+    # The default is scanner.check.fastpath.KEYED_EVERY_S (not imported: --help stays light).
+    p.add_argument("--keyed-every", type=bound_seconds("--keyed-every"), default=300.0,
+                   metavar="SECONDS",
+                   help="compare each VM's memory under the keyed construction at least this "
+                        "often; the passes between use seeded xxh3, ~5x cheaper "
+                        "(default 300: docs/design.md, Keyed comparison)")
     p.add_argument("--on-tamper", default="report", metavar="report|pause|exec:CMD",
                    help="what to do on tampering besides reporting (default report); "
                         "pause stops the VM; exec runs CMD with the event JSON on stdin")

@@ -144,7 +144,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     policy = Policy(auto=auto, fixed=0.0 if auto else float(args.interval),
                     budget=args.cpu_budget / 100 if args.cpu_budget else None,
                     min_interval=args.min_interval, max_interval=args.max_interval,
-                    startup_budget=args.startup_budget / 100)
+                    startup_budget=args.startup_budget / 100,
+                    keyed_every=args.keyed_every)
     forensics = Path(args.forensics_dir) if args.forensics_dir else \
         _default_forensics(args.db)
     why = _uncreatable(forensics)

@@ -56,6 +56,6 @@ class WatchContext(Protocol):
         """Hold one of the few slow-path slots (each slow path holds ~19 MB of copies)."""
         ...
 
-    def count_scan(self) -> None:
-        """One fast scan done (for the stats event)."""
+    def count_scan(self, keyed: bool = False) -> None:
+        """One fast scan done (for the stats event); `keyed`: a keyed one."""
         ...

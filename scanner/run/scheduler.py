@@ -56,6 +56,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from scanner.check.fastpath import KEYED_EVERY_S
 from scanner.run.pacer import Pacer
 
 __all__ = ["Policy", "Scheduler"]
@@ -85,13 +86,17 @@ class Policy:
     #: Fraction of one core until every VM has its first verdict (None: no burst;
     #: `kscan run --startup-budget`, default 100 %).
     startup_budget: float | None = None
+    #: Seconds between two keyed comparisons of a VM (`kscan run --keyed-every`;
+    #: `scanner.check.fastpath.keyed_due`).
+    keyed_every: float = KEYED_EVERY_S
 
     def describe(self) -> str:
         iv = "auto" if self.auto else f"{self.fixed:g}s"
         b = f"{self.budget * 100:g}% of one core" if self.budget else "no CPU cap"
         if self.budget and self.startup_budget and self.startup_budget > self.budget:
             b += f" ({self.startup_budget * 100:g}% while a VM awaits its first verdict)"
-        return f"interval {iv}, {b}, bounds {self.min_interval:g}-{self.max_interval:g}s"
+        return (f"interval {iv}, {b}, bounds {self.min_interval:g}-{self.max_interval:g}s, "
+                f"keyed every {self.keyed_every:g}s")
 
 
 class Scheduler:
@@ -212,7 +217,7 @@ class Scheduler:
         """A fast-path scan of `vm` took `cpu_seconds` (the first one replaces the
         initial guess outright). Also times the interval since its previous pass.
 
-        A keyed pass (one in KEYED_EVERY, and the resume pass after a restart) costs
+        A keyed pass (one every `keyed_every` seconds, and the resume pass after a restart) costs
         4-6x a plain one: it does not teach the estimate, which prices the plain
         passes the pacer reserves for (the keyed extra is a share of the process's CPU
         like any overhead, which `reconcile` steers P by). Taught, the resume pass made

@@ -280,7 +280,7 @@ class VmWatcher:
             cpu += time.thread_time() - t0
             sched.record(name, cpu, keyed=True)  # a keyed fast pass
             self.scans += 1
-            self.ctx.count_scan()
+            self.ctx.count_scan(keyed=True)
         sched.settle(expected, cpu)
         if ref is None:
             log.info("%s: not resumed (%s): full check", name, why)
@@ -546,12 +546,12 @@ class VmWatcher:
         t0 = time.thread_time()
         res = check_registers(self.ref, self.vm.mem, vcpus)
         if res.ok:
-            res = check_memory(self.ref, self.vm.mem)
+            res = check_memory(self.ref, self.vm.mem, every=sched.policy.keyed_every)
         cost = time.thread_time() - t0
         sched.record(self.name, cost, keyed=res.keyed)
         sched.settle(expected, cost)
         self.scans += 1
-        self.ctx.count_scan()
+        self.ctx.count_scan(res.keyed)
         due = res.ok and self._half_state_due()
         if due and not await self._guest_ran_since_check():
             due = False  # the guest has not run since: its half-state proves nothing yet
