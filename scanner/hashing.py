@@ -17,11 +17,11 @@ secret) lets root in the guest solve for a change that keeps every hash: see
   keeps all 128: <= (l+1)/2^128 + 2^-128, about 2^-108 for a 15 MB `.text`. The outer
   permutation also hides GHASH's key: unlike a bare fixed-nonce GMAC tag, hashes that did
   leak would not let anyone solve for H and forge.
-* **Fast digests** (the fast path's every pass but one in `scanner.check.fastpath`'s
-  KEYED_EVERY): xxh3_128 seeded with 64 secret bits derived from the key — the same cost
-  as unseeded, and not open to the published attack (the secret words are unknown), but
-  not claimed to be a cryptographic bound: the keyed pass that follows within
-  KEYED_EVERY passes is (README "Keyed comparison").
+* **Fast digests** (the fast path's passes but the keyed ones, `scanner.check.fastpath`):
+  xxh3_128 seeded with 64 secret bits derived from the key — the same cost as unseeded,
+  and not open to the published attack (the secret words are unknown), but not claimed
+  to be a cryptographic bound: the keyed pass that follows within `--keyed-every`
+  seconds (default 300) plus one period is (docs/design.md "Keyed comparison").
 * **Identifiers** a collision would be exploited through (the distinct patch-set
   fingerprint): keyed BLAKE2b-64, a PRF.
 

@@ -171,6 +171,7 @@ def test_metrics_move_while_run_watches_and_a_tamper_counts(fleet: dict[str, Any
     port = free_port()
     run = RunProc(["--replay", str(fleet["tmp"] / "vms" / "*"), "--interval", "0.2",
                    "--cpu-budget", "100", "--metrics", f"127.0.0.1:{port}",
+                   "--keyed-every", "1",
                    "--db", str(fleet["db"])], fleet["tmp"] / "stderr")
     try:
         for vm in ("ops0", "ops1"):
@@ -197,6 +198,10 @@ def test_metrics_move_while_run_watches_and_a_tamper_counts(fleet: dict[str, Any
             assert (value(second, "kscan_vm_last_verified_timestamp_seconds", vm=vm)
                     > value(first, "kscan_vm_last_verified_timestamp_seconds", vm=vm))
         assert value(second, "kscan_scans_total") > value(first, "kscan_scans_total")
+        # --keyed-every 1 at --interval 0.2: each VM's pass keyed about once a second.
+        keyed = value(second, "kscan_keyed_scans_total") - value(first, "kscan_keyed_scans_total")
+        scans = value(second, "kscan_scans_total") - value(first, "kscan_scans_total")
+        assert 2 <= keyed <= scans
         # --interval 0.2: the target; the measured period is what the VMs really got.
         assert value(second, "kscan_period_target_seconds") == pytest.approx(0.2)
         assert 0.1 < value(second, "kscan_period_seconds") < 5

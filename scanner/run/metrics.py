@@ -72,6 +72,8 @@ class Observed(Protocol):
     @property
     def scans(self) -> int: ...
     @property
+    def keyed_scans(self) -> int: ...
+    @property
     def reloads(self) -> int: ...
     @property
     def ready(self) -> bool: ...
@@ -107,6 +109,7 @@ class Snapshot:
     vms: list[VmRow] = field(default_factory=list)
     metrics_cpu: float = 0.0   # CPU seconds answering scrapes (exempt from the budget)
     period_target: float = 0.0  # the scheduler's target period (`period` is measured)
+    keyed_scans: int = 0  # of `scans`, the keyed ones
 
 
 def snapshot(engine: Observed) -> Snapshot:
@@ -136,7 +139,7 @@ def snapshot(engine: Observed) -> Snapshot:
         period_factor=sched.overhead, cpu_rate=sched.rate, cpu_budget=sched.policy.budget,
         cpu_seconds=time.process_time(), scans=engine.scans, dropped=engine.sink.dropped,
         reloads=engine.reloads, ready=engine.ready, states=states, vms=rows,
-        metrics_cpu=sched.exempted)
+        metrics_cpu=sched.exempted, keyed_scans=engine.keyed_scans)
 
 
 class EngineCollector:
@@ -228,6 +231,9 @@ class EngineCollector:
                       "(part of kscan_cpu_seconds, exempt from the scan budget)",
                       snap.metrics_cpu)
         yield counter("kscan_scans", "Fast scans done, all VMs", snap.scans)
+        yield counter("kscan_keyed_scans", "Of the fast scans, those compared under the "
+                      "keyed construction (one per VM every --keyed-every seconds, and "
+                      "resume passes)", snap.keyed_scans)
         yield counter("kscan_events_dropped", "Events left out of stdout (stats first; "
                       "all but stats are in the database)", snap.dropped)
         yield counter("kscan_reloads", "Configuration reloads (SIGHUP) applied",

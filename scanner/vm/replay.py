@@ -36,6 +36,7 @@ class ReplayVm:
     def __init__(self, directory: Path, name: str, mem: GuestMemory, vcpus: list[VcpuState],
                  boot: BootProfile, state: str) -> None:
         self.directory = directory
+        self._doc = os.fspath(directory / "vm.json")  # stat'ed at every run-state look
         self.name = name
         self.mem = mem
         self.vcpus = vcpus
@@ -46,7 +47,7 @@ class ReplayVm:
 
     def _stat(self) -> tuple[int, int] | None:
         try:
-            st = os.stat(self.directory / "vm.json")
+            st = os.stat(self._doc)
         except OSError:
             return None
         return st.st_dev, st.st_ino
