@@ -64,7 +64,7 @@ EXAMPLES: list[tuple[str, str | None, dict[str, Any]]] = [
     ("error", "vm1", {"source": "/run/vm1/qmp.sock", "message": "boom", "hint": "retried",
                       "retry_s": 2.0}),
     ("pruned", None, {"events": 10, "forensic_copies": 1}),
-    ("stats", None, {"vms": 1, "watching": 1, "scans": 10, "cpu_percent": 9.9,
+    ("stats", None, {"vms": 1, "watching": 1, "scans": 10, "keyed_scans": 1, "cpu_percent": 9.9,
                      "period_s": 5.0, "period_factor": 1.0, "dropped": 0}),
     ("tamper_transient", "vm1", {"build_id": "3b43fad5", "slide": "0x1e000000", "seen_at": 1.0,
                                  "confirm_delay": 0.3, "second_look": "clean",
