@@ -169,7 +169,7 @@ def test_costs_ewma(clock: FakeClock) -> None:
 
 
 def test_keyed_passes_do_not_teach_the_plain_pass_estimate(clock: FakeClock) -> None:
-    """A keyed pass (the resume pass after a restart, one pass in KEYED_EVERY) costs ~5x
+    """A keyed pass (the resume pass after a restart, one per keyed_every) costs ~5x
     a plain one. Taught, it made every resumed VM's estimate 5x too high, and a warm
     restart ran at half its budget for minutes: it only guesses a first estimate."""
     from scanner.run.scheduler import KEYED_COST_RATIO
@@ -196,6 +196,41 @@ def test_recorded_costs_drive_the_period(clock: FakeClock) -> None:
     for _ in range(300):
         s.record("a", 0.2)
     assert s.period() == pytest.approx(0.2 / 0.05, rel=1e-6)
+
+
+def test_keyed_passes_use_room_in_the_budget_and_a_bound_in_time_without(
+        clock: FakeClock) -> None:
+    """A fleet the budget binds is keyed every `--keyed-every` seconds (a share of
+    P / keyed_every of its passes). A fleet held by --min-interval or a fixed --interval
+    has room in the budget: keyed every KEYED_PASSES periods, if that is sooner."""
+    from scanner.run.scheduler import KEYED_PASSES
+
+    small = Scheduler(Policy(budget=0.10, min_interval=1.0))   # 3 VMs, 1 ms passes
+    for vm in "abc":
+        small.add(vm)
+        small.record(vm, 0.001)
+    cool(small, clock)
+    assert small.period() == 1.0 and small.keyed_every() == KEYED_PASSES * 1.0
+    big = Scheduler(Policy(budget=0.10, min_interval=1.0))     # 500 VMs: P = 5 s
+    for i in range(500):
+        big.add(f"vm{i}")
+        big.record(f"vm{i}", 0.001)
+    cool(big, clock)
+    assert big.period() == pytest.approx(5.0) and big.keyed_every() == 300.0
+    # Just under the budget without keyed passes, over it with them: the bound in time.
+    edge = Scheduler(Policy(budget=0.10, min_interval=1.0))
+    for i in range(90):                    # 90 ms per 1 s period, 9 % of the 10 %
+        edge.add(f"vm{i}")
+        edge.record(f"vm{i}", 0.001)
+    cool(edge, clock)
+    assert edge.period() == 1.0 and edge.keyed_every() == 300.0
+    # A fixed --interval with room: KEYED_PASSES of it; never later than the policy's.
+    fixed = Scheduler(Policy(auto=False, fixed=2.0, budget=0.10))
+    fixed.add("a")
+    fixed.record("a", 0.001)
+    assert fixed.keyed_every() == KEYED_PASSES * 2.0
+    assert Scheduler(Policy(budget=None, keyed_every=10.0)).keyed_every() == 10.0
+    assert Scheduler(Policy(budget=None)).keyed_every() == KEYED_PASSES * 1.0
 
 
 def test_describe() -> None:

@@ -16,7 +16,8 @@ After a full check (slow path) the watcher keeps a `Reference` per VM:
   instead: its views are snapshots): the fast one (xxh3_128 seeded from the host key),
   compared at every pass but the keyed ones, and the keyed one (AES-GMAC under the host
   key, then a block cipher: `scanner.hashing`), compared at the first pass once
-  `keyed_every` seconds (KEYED_EVERY_S, `kscan run --keyed-every`) have gone by since the
+  `keyed_every` seconds (KEYED_EVERY_S, `kscan run --keyed-every`; sooner when the
+  budget has room: `scanner.run.scheduler.Scheduler.keyed_every`) have gone by since the
   last keyed comparison. So every VM gets a keyed comparison of all its protected bytes
   at least every `keyed_every` seconds plus one scan period, and a change that kept the
   seeded xxh3 is still caught then (docs/design.md "Keyed comparison" has the bound). A

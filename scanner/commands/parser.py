@@ -314,8 +314,9 @@ def build_parser() -> Parser:
     p.add_argument("--keyed-every", type=bound_seconds("--keyed-every"), default=300.0,
                    metavar="SECONDS",
                    help="compare each VM's memory under the keyed construction at least this "
-                        "often; the passes between use seeded xxh3, ~5x cheaper "
-                        "(default 300: docs/design.md, Keyed comparison)")
+                        "often (every 16 periods when sooner and the budget has room); "
+                        "the passes between use seeded xxh3, ~5x cheaper (default 300: "
+                        "docs/design.md, Keyed comparison)")
     p.add_argument("--on-tamper", default="report", metavar="report|pause|exec:CMD",
                    help="what to do on tampering besides reporting (default report); "
                         "pause stops the VM; exec runs CMD with the event JSON on stdin")

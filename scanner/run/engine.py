@@ -594,6 +594,7 @@ class Engine:
                 "stats", None, vms=len(watching),
                 watching=sum(1 for w in watching if w.state is WatchState.WATCHING),
                 scans=self.scans - last_scans, keyed_scans=self.keyed_scans - last_keyed,
+                keyed_every_s=round(self.scheduler.keyed_every(), 3),
                 cpu_percent=round(100 * (cpu - last_cpu) / max(1e-9, now - last_t), 2),
                 period_s=round(self.scheduler.measured_or_target(), 3),
                 period_target_s=round(self.scheduler.target(), 3),

@@ -72,6 +72,12 @@ INITIAL_COST = 0.005
 #: A keyed pass's cost over a plain one's (AES-GMAC vs seeded xxh3 over guest memory:
 #: 4.8-5.7 measured here): how a VM's first estimate is guessed from a keyed pass.
 KEYED_COST_RATIO = 5.0
+#: With room in the budget, a VM's keyed pass comes at least every this many of its
+#: periods, sooner than `Policy.keyed_every` (see `Scheduler.keyed_every`).
+KEYED_PASSES = 16
+#: The budget has room for keyed passes every KEYED_PASSES periods when the fleet's fast
+#: passes, keyed ones included, would fit it with this much to spare.
+KEYED_ROOM_MARGIN = 1.25
 #: Weight of the newest interval in a VM's measured scan interval (EWMA).
 MEASURED_EWMA = 0.3
 
@@ -116,6 +122,7 @@ class Scheduler:
         #: events, slow paths included) runs at its budget (see `reconcile`).
         self.overhead = 1.0
         self._period, self._period_at = policy.min_interval, -1e9
+        self._total_cost = 0.0  # the fleet's fast passes per period, at the last refresh
         self._proc_mark = time.process_time()
         self._charged_mark = 0.0
         #: CPU seconds spent outside the scan work and never charged to the budget
@@ -261,8 +268,29 @@ class Scheduler:
         if now - self._period_at > PERIOD_REFRESH:
             total = sum(c / self._weight(vm, now) for vm, c in self._costs.items())
             self._period = max(p.min_interval, total * self.overhead / p.budget)
-            self._period_at = now
+            self._period_at, self._total_cost = now, total
         return self._period
+
+    def keyed_every(self) -> float:
+        """Seconds between two keyed passes of a VM: `Policy.keyed_every`, or every
+        KEYED_PASSES periods if that is sooner and the budget has room for it — the
+        period is then held by `--min-interval` or a fixed `--interval`, not by the
+        budget, and keying one pass in KEYED_PASSES (KEYED_COST_RATIO times a plain one)
+        would not lengthen it. So a small fleet keeps a bound of seconds that costs it
+        nothing, and a fleet the budget binds keeps the bound in time, at a share of
+        P / keyed_every of its passes (docs/design.md, Keyed comparison)."""
+        p = self.policy
+        base = p.min_interval if p.auto else p.fixed
+        sooner = KEYED_PASSES * base
+        if sooner >= p.keyed_every:
+            return p.keyed_every
+        if p.budget:
+            self.period()  # refreshes the fleet's cost
+            load = self._total_cost * max(1.0, self.overhead) * KEYED_ROOM_MARGIN * (
+                1 + (KEYED_COST_RATIO - 1) / KEYED_PASSES)
+            if load / p.budget > base:
+                return p.keyed_every
+        return sooner
 
     def target(self) -> float:
         """The period the scheduler aims at: P, or the fixed `--interval`."""

@@ -546,7 +546,7 @@ class VmWatcher:
         t0 = time.thread_time()
         res = check_registers(self.ref, self.vm.mem, vcpus)
         if res.ok:
-            res = check_memory(self.ref, self.vm.mem, every=sched.policy.keyed_every)
+            res = check_memory(self.ref, self.vm.mem, every=sched.keyed_every())
         cost = time.thread_time() - t0
         sched.record(self.name, cost, keyed=res.keyed)
         sched.settle(expected, cost)
