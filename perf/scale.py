@@ -154,71 +154,116 @@ async def text_targets(recs: list[Path], db: str) -> dict[str, tuple[int, int]]:
     return text_of(await region_runs(recs, db))
 
 
-def floor_sweeps(vms: list[Path], layout: dict[str, Layout], source_of: dict[str, str],
-                 passes: int, idle: float = 0.0) -> dict[str, float]:
-    """The floor of a sweep over `vms`, kscan not running: each VM's own files mmap'd,
-    then every region hashed whole — raw xxh3-128 (`floor`) and the keyed construction
-    of kscan's keyed passes (`keyed_floor`, `scanner.hashing.keyed_digest`) — one
-    warm-up pass (maps every page, as kscan's mappings are), then `passes` measured
-    passes of each; CPU seconds of this process per pass, the median."""
-    import mmap
-    import statistics
+class FleetMemory:
+    """Every VM's region runs, mmap'd read-only from its own files (as kscan maps them):
+    the floor's memory."""
 
-    import xxhash
+    def __init__(self, vms: list[Path], layout: dict[str, Layout],
+                 source_of: dict[str, str]) -> None:
+        import mmap
 
-    from scanner import hashing
+        self.maps: list[mmap.mmap] = []
+        self.views: list[list[memoryview]] = []
+        try:
+            for vm in vms:
+                files: dict[str, mmap.mmap] = {}
+                regions = []
+                for name, off, n in layout[source_of[vm.name]]:
+                    if name not in files:
+                        with open(vm / name, "rb") as f:
+                            files[name] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+                        self.maps.append(files[name])
+                    regions.append(memoryview(files[name])[off:off + n])
+                self.views.append(regions)
+        except BaseException:
+            self.close()
+            raise
 
-    keys = hashing.current()  # the database's key, installed by region_runs
-    maps: list[mmap.mmap] = []
-    views: list[list[memoryview]] = []
-    try:
-        for vm in vms:
-            files: dict[str, mmap.mmap] = {}
-            regions = []
-            for name, off, n in layout[source_of[vm.name]]:
-                if name not in files:
-                    with open(vm / name, "rb") as f:
-                        files[name] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-                    maps.append(files[name])
-                regions.append(memoryview(files[name])[off:off + n])
-            views.append(regions)
+    @property
+    def bytes(self) -> int:
+        return sum(len(v) for regions in self.views for v in regions)
 
-        def raw() -> None:
-            h = xxhash.xxh3_128_digest
-            for regions in views:
+    def raw(self, interval: float = 0.0, batch: int = 0) -> float:
+        """CPU seconds of one raw xxh3-128 pass over every VM's regions: back to back, or
+        `batch` VMs at a time with the batches spread evenly over `interval` seconds (as
+        kscan's pacer runs a fleet under a budget)."""
+        import xxhash
+
+        h = xxhash.xxh3_128_digest
+        size = batch if batch > 0 else max(1, len(self.views))
+        groups = [self.views[i:i + size] for i in range(0, len(self.views), size)]
+        gap = interval / max(1, len(groups))
+        cpu, due = 0.0, time.monotonic()
+        for group in groups:
+            t0 = time.thread_time()
+            for regions in group:
                 for v in regions:
                     h(v)
+            cpu += time.thread_time() - t0
+            due += gap
+            left = due - time.monotonic()
+            if left > 0:
+                time.sleep(left)
+        return cpu
 
-        def keyed() -> None:
-            for regions in views:
-                for v in regions:
-                    keys.keyed_digest([v])
+    def keyed(self) -> float:
+        """CPU seconds of one pass of kscan's keyed construction over every VM's regions
+        (`scanner.hashing.keyed_digest`, under the key installed in this process)."""
+        from scanner import hashing
 
-        out = {}
-        for label, fn in (("floor", raw), ("keyed_floor", keyed)):
-            fn()  # warm-up
-            cpu = []
-            for _ in range(passes):
-                t0 = time.process_time()
-                fn()
-                cpu.append(time.process_time() - t0)
-            out[label] = statistics.median(cpu)
-        if idle > 0:
-            # The same raw xxh3 pass with every VM's memory left alone for `idle` s first,
-            # as a scanner at that period finds it (on this machine memory untouched for
-            # seconds costs more to read again: see perf/README "The floor at the period").
-            time.sleep(idle)
-            t0 = time.process_time()
-            raw()
-            out["floor_paced"] = time.process_time() - t0
-        out["bytes"] = float(sum(len(v) for regions in views for v in regions))
-        return out
-    finally:
-        for regions in views:
+        keys = hashing.current()
+        t0 = time.thread_time()
+        for regions in self.views:
+            for v in regions:
+                keys.keyed_digest([v])
+        return time.thread_time() - t0
+
+    def close(self) -> None:
+        for regions in self.views:
             for v in regions:
                 v.release()
-        for m in maps:
+        self.views = []
+        for m in self.maps:
             m.close()
+        self.maps = []
+
+
+def pacer_batch(budget: float, per_vm_cpu: float) -> int:
+    """VMs kscan's pacer releases at one wake-up under `budget` percent once the bucket
+    binds: it sleeps until its debt is repaid plus TICK of credit and releases that
+    much work, at most BATCH_CPU."""
+    from scanner.run.pacer import BATCH_CPU, TICK
+
+    return max(1, round(min(BATCH_CPU, TICK * budget / 100) / max(per_vm_cpu, 1e-6)))
+
+
+def floor_sweeps(vms: list[Path], layout: dict[str, Layout], source_of: dict[str, str],
+                 passes: int, interval: float = 0.0, budget: float = 0.0) -> dict[str, float]:
+    """The floor of a sweep over `vms`, kscan not running: each VM's own files mmap'd,
+    then every region hashed whole — raw xxh3-128 (`floor`) and the keyed construction
+    of kscan's keyed passes (`keyed_floor`) — one warm-up pass (maps every page, as
+    kscan's mappings are), then `passes` measured passes of each, back to back; CPU
+    seconds per pass, the median. With `interval` and `budget`: also `floor_budget`, the
+    raw pass run as kscan's pacer runs the fleet at that budget — batches of what it
+    releases at once, spread over `interval` (each VM's period in kscan's window). On
+    this machine memory read at a low duty cycle costs more per byte than back to back
+    (perf/README, "The floor at the budget")."""
+    import statistics
+
+    mem = FleetMemory(vms, layout, source_of)
+    try:
+        out: dict[str, float] = {}
+        for label, fn in (("floor", mem.raw), ("keyed_floor", mem.keyed)):
+            fn()  # warm-up
+            out[label] = statistics.median(fn() for _ in range(passes))
+        if interval > 0 and budget > 0:
+            batch = pacer_batch(budget, out["floor"] / max(1, len(vms)))
+            out["floor_budget"] = mem.raw(interval, batch)
+            out["floor_budget_batch"] = float(batch)
+        out["bytes"] = float(mem.bytes)
+        return out
+    finally:
+        mem.close()
 
 
 def window_periods(k: Kscan, mark: int) -> dict[str, Any]:
@@ -237,18 +282,22 @@ def add_floor(points: list[dict[str, Any]], vms: list[Path], layout: dict[str, L
     ratios of kscan's figures to it."""
     for p in points:
         log(f"floor: hashing the regions of {p['vms']} VMs, kscan not running")
-        idle = float(p.get("period_measured_s") or p.get("period_s") or 0.0)
-        f = floor_sweeps(vms[:p["vms"]], layout, source_of, passes, idle)
+        interval = float(p.get("period_measured_s") or p.get("period_s") or 0.0)
+        f = floor_sweeps(vms[:p["vms"]], layout, source_of, passes, interval, budget)
         floor, keyed = f["floor"], f["keyed_floor"]
         # The floor of what the fast path hashes with: seeded xxh3 (as costly as raw),
         # and the keyed construction at the share of passes kscan keyed in the window.
         share = float(p.get("keyed_fraction") or 0.0)
         fast_floor = floor + share * (keyed - floor)
-        if "floor_paced" in f:
-            paced = f["floor_paced"]
-            p.update({"floor_paced_sweep_cpu_s": paced, "floor_paced_idle_s": idle,
-                      "sweep_vs_paced_floor": p["sweep_cpu_s"] / max(paced, 1e-9),
-                      "paced_vs_floor": paced / max(floor, 1e-9)})
+        if "floor_budget" in f:
+            # The floor run as the budget runs kscan, with kscan's keyed share priced in.
+            at = f["floor_budget"] * fast_floor / max(floor, 1e-9)
+            p.update({"floor_budget_sweep_cpu_s": f["floor_budget"],
+                      "floor_budget_interval_s": interval,
+                      "floor_budget_batch": int(f["floor_budget_batch"]),
+                      "budget_floor_vs_floor": f["floor_budget"] / max(floor, 1e-9),
+                      "fast_path_budget_floor_sweep_cpu_s": at,
+                      "sweep_vs_budget_floor": p["sweep_cpu_s"] / max(at, 1e-9)})
         period = floor / (budget / 100)
         keyed_period = keyed / (budget / 100)
         p.update({
@@ -277,9 +326,10 @@ def floor_rows(points: list[dict[str, Any]]) -> list[tuple[str, str]]:
              f"{p['p99_vs_floor_period']:.2f}x; sweep/fast-path floor "
              f"{p['sweep_vs_fast_path_floor']:.2f}x (keyed "
              f"{100 * p.get('keyed_fraction', 0):.1f}% of passes)"
-             + (f"; floor after {p['floor_paced_idle_s']:.1f} s idle "
-                f"{p['floor_paced_sweep_cpu_s']:.2f} CPU-s ({p['paced_vs_floor']:.2f}x), "
-                f"sweep/it {p['sweep_vs_paced_floor']:.2f}x" if "floor_paced_sweep_cpu_s" in p
+             + (f"; floor at the budget (batches of {p['floor_budget_batch']} VMs over "
+                f"{p['floor_budget_interval_s']:.1f} s) {p['floor_budget_sweep_cpu_s']:.2f} "
+                f"CPU-s ({p['budget_floor_vs_floor']:.2f}x), sweep/it with the keyed share "
+                f"{p['sweep_vs_budget_floor']:.2f}x" if "floor_budget_sweep_cpu_s" in p
                 else ""))
             for p in points if "floor_sweep_cpu_s" in p]
 
@@ -400,6 +450,24 @@ def plot(points: list[dict[str, Any]], path: Path, budget: float) -> None:
     fig.savefig(path)
 
 
+def add_clones(recs: list[Path], work: Path, have: int, n: int,
+               source_of: dict[str, str]) -> None:
+    """VMs `have`..`n`-1 of the fleet under `work`/vms: copies of `recs` in turn, each
+    renamed into place whole (kscan may be watching the directory); `source_of` learns
+    which recording each is."""
+    fleet, staging = work / "vms", work / "staging"
+    for i in range(have, n):
+        src = recs[i % len(recs)]
+        shutil.rmtree(staging, ignore_errors=True)
+        (d,) = clone(src, str(staging / "vm"), 1, i)
+        final = fleet / f"vm{i:04d}"
+        d.rename(final)  # appears complete, or not at all
+        data = json.loads((final / "vm.json").read_text())
+        data["name"] = final.name
+        (final / "vm.json").write_text(json.dumps(data))
+        source_of[final.name] = src.name
+
+
 def fleet_fits(recs: list[Path], n: int, work: Path) -> str | None:
     """Why a fleet of `n` clones of `recs` under `work` would measure something else than
     kscan (None: it fits). Every VM's memory is its own, so the fleet needs n × a
@@ -489,17 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     source_of: dict[str, str] = {}
 
     def grow(have: int, n: int) -> None:
-        staging = work / "staging"
-        for i in range(have, n):
-            src = recs[i % len(recs)]
-            shutil.rmtree(staging, ignore_errors=True)
-            (d,) = clone(src, str(staging / "vm"), 1, i)
-            final = fleet / f"vm{i:04d}"
-            d.rename(final)  # appears complete, or not at all
-            data = json.loads((final / "vm.json").read_text())
-            data["name"] = final.name
-            (final / "vm.json").write_text(json.dumps(data))
-            source_of[final.name] = src.name
+        add_clones(recs, work, have, n, source_of)
 
     have = 0
     if args.cold:

@@ -50,7 +50,34 @@ def test_scale_runs(tmp_path: Path) -> None:
         assert 0 < p["floor_sweep_cpu_s"] < p["keyed_floor_sweep_cpu_s"]
         assert p["sweep_vs_floor"] > 0 and p["sweep_vs_keyed_floor"] > 0
         assert p["floor_period_s"] > 0 and p["p99_vs_floor_period"] > 0
+        # The floor at the budget: the same raw pass, paced over kscan's period.
+        assert p["floor_budget_interval_s"] == p["period_s"] > 0
+        assert p["floor_budget_batch"] >= 1 and p["floor_budget_sweep_cpu_s"] > 0
+        assert p["sweep_vs_budget_floor"] > 0
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_overhead_runs(tmp_path: Path) -> None:
+    """kscan and the floor take turns: kscan stopped while the floor runs, and its
+    passes counted between stats events."""
+    f = bench("overhead.py", "--vms", "4", "--distinct", "2", "--rounds", "2",
+              "--window", "4", "--settle", "20", "--work", str(tmp_path / "ov"))
+    assert f["replayed"] is True and f["vms"] == 4 and len(f["rounds"]) == 2
+    for r in f["rounds"]:
+        assert r["passes"] > 0 and r["kscan_ms"] > 0 and r["interval_s"] > 0
+        assert r["floor_ms"] > 0 and r["floor_paced_ms"] > 0 and r["batch"] >= 1
+    assert f["keyed_vs_raw"] > 1  # the keyed construction costs more than raw xxh3
+    assert f["overhead"] > 0 and f["pacing"] > 0 and f["kscan_vs_floor"] > 0
+    assert not (tmp_path / "ov").exists()  # the fleet is removed unless --keep
+
+
+def test_pacer_batch_follows_the_budget() -> None:
+    from perf.scale import pacer_batch
+    from scanner.run.pacer import BATCH_CPU, TICK
+
+    assert pacer_batch(10, 0.001) == round(TICK * 0.1 / 0.001)
+    assert pacer_batch(100, 0.001) == round(BATCH_CPU / 0.001)  # at most BATCH_CPU
+    assert pacer_batch(10, 1.0) == 1
 
 
 def test_soak_runs(tmp_path: Path) -> None:
