@@ -4,11 +4,11 @@
 Issue 17's floor is raw xxh3-128 over every VM's regions, back to back (`perf/scale.py`
 measures it after kscan stops). Held to a budget, kscan does not run back to back: at
 10 % of a core it hashes a batch of VMs, sleeps, and comes back to memory it left a
-period ago. On this machine the raw hash itself costs more per byte run that way, so
-`scale.py`'s `sweep_vs_floor` mixes two things: what kscan does beyond the hash, and
-what the machine charges for hashing at a low duty cycle. This benchmark tells them
-apart. With one fleet of replayed VMs and one `kscan run --cpu-budget B`, it takes
-turns (`--rounds` of them):
+period ago. On this machine the raw hash itself sometimes costs more per byte run that
+way (it comes and goes with the host), so `scale.py`'s `sweep_vs_floor` can mix two
+things: what kscan does beyond the hash, and what the machine charges for hashing at a
+low duty cycle. This benchmark tells them apart. With one fleet of replayed VMs and
+one `kscan run --cpu-budget B`, it takes turns (`--rounds` of them):
 
 * **kscan** — a window of at least `--window` seconds between two `stats` events: the
   process's CPU seconds ÷ the fast passes `stats` counted (and the share of them that
@@ -134,7 +134,7 @@ def measure(args: argparse.Namespace, recs: list[Path], work: Path, fleet: Path)
             time.sleep(1)
         log(f"{args.vms} VMs verified; waiting for the steady state")
         settle(k, args.settle)
-        keyed_cpu = raw_cpu = 0.0
+        keyed_ratio = 1.0  # the keyed construction's CPU over raw xxh3's, from round 1
         for i in range(args.rounds):
             w = kscan_window(k, args.window)
             interval = args.vms * w["wall_s"] / max(w["passes"], 1)
@@ -146,7 +146,7 @@ def measure(args: argparse.Namespace, recs: list[Path], work: Path, fleet: Path)
                 batch = pacer_batch(args.budget, raw_cpu / args.vms)
                 paced_cpu = mem.raw(interval, batch)
                 if i == 0:
-                    keyed_cpu = mem.keyed()
+                    keyed_ratio = mem.keyed() / max(raw_cpu, 1e-9)
             finally:
                 os.kill(k.proc.pid, signal.SIGCONT)
             rounds.append({"kscan_ms": 1000 * per_pass, "keyed_fraction":
@@ -165,7 +165,6 @@ def measure(args: argparse.Namespace, recs: list[Path], work: Path, fleet: Path)
     def med(key: str) -> float:
         return float(statistics.median(r[key] for r in rounds))
 
-    keyed_ratio = keyed_cpu / max(rounds[0]["floor_ms"] * args.vms / 1000, 1e-9)
     share = med("keyed_fraction")
     fast_paced = med("floor_paced_ms") * (1 + share * (keyed_ratio - 1))
     figures: dict[str, Any] = {

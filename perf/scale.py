@@ -246,8 +246,9 @@ def floor_sweeps(vms: list[Path], layout: dict[str, Layout], source_of: dict[str
     seconds per pass, the median. With `interval` and `budget`: also `floor_budget`, the
     raw pass run as kscan's pacer runs the fleet at that budget — batches of what it
     releases at once, spread over `interval` (each VM's period in kscan's window). On
-    this machine memory read at a low duty cycle costs more per byte than back to back
-    (perf/README, "The floor at the budget")."""
+    this machine memory read at a low duty cycle sometimes costs more per byte than back
+    to back, and sometimes not (perf/README, "2026-12-04 (late): kscan and the floor in
+    turns")."""
     import statistics
 
     mem = FleetMemory(vms, layout, source_of)
