@@ -145,8 +145,10 @@ def measure(args: argparse.Namespace, recs: list[Path], work: Path, fleet: Path)
                 raw_cpu = mem.raw()
                 batch = pacer_batch(args.budget, raw_cpu / args.vms)
                 paced_cpu = mem.raw(interval, batch)
-                if i == 0:
-                    keyed_ratio = mem.keyed() / max(raw_cpu, 1e-9)
+                if i == 0:  # medians of 3 back to back each, as scale.py's floors
+                    keyed_ratio = (statistics.median(mem.keyed() for _ in range(3))
+                                   / max(statistics.median(mem.raw() for _ in range(3)),
+                                         1e-9))
             finally:
                 os.kill(k.proc.pid, signal.SIGCONT)
             rounds.append({"kscan_ms": 1000 * per_pass, "keyed_fraction":
