@@ -69,7 +69,17 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf.common import OUT, ROOT, database, emit, log, machine, recordings, run
+from perf.common import (
+    OUT,
+    ROOT,
+    database,
+    emit,
+    log,
+    machine,
+    process_cpu_s,
+    recordings,
+    run,
+)
 from scanner.check.fastpath import KEYED_EVERY_S
 from scanner.check.locate import locate_kernel
 from scanner.examine import load_profiles
@@ -85,17 +95,12 @@ PAGE = 4096
 class Kscan(KscanRun):
     """`kscan run` plus what the benchmark reads of its process."""
 
-    def __init__(self, args: list[str], err: Path) -> None:
-        super().__init__(args, err)
-        self.ps = psutil.Process(self.proc.pid)
-
     def count(self, kind: str) -> int:
         with self.cond:
             return len({e["vm"] for e in self.events if e["event"] == kind})
 
     def cpu(self) -> float:
-        t = self.ps.cpu_times()
-        return float(t.user + t.system)
+        return process_cpu_s(self.proc.pid)
 
     def uss_mb(self, exclude: Path) -> float:
         """Private memory, not counting mappings of files under `exclude`."""

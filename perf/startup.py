@@ -30,11 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf.common import OUT, database, emit, log, machine, recordings
+from perf.common import OUT, database, emit, log, machine, process_cpu_s, recordings
 from tools.kscan_run import KscanRun
 from tools.record import clone
 
@@ -66,7 +64,6 @@ def first_verdicts(args: list[str], err: Path, n: int, limit: float) -> dict[str
     """Start `kscan run args`; seconds until `n` VMs have a first verdict; then stop it."""
     t0 = time.monotonic()
     k = KscanRun(args, err)
-    ps = psutil.Process(k.proc.pid)
     try:
         verdicts: set[str] = set()
         resumed = 0
@@ -87,8 +84,7 @@ def first_verdicts(args: list[str], err: Path, n: int, limit: float) -> dict[str
                     verdicts.add(e["vm"])
                     resumed += bool(e.get("resumed"))
         elapsed = time.monotonic() - t0
-        t = ps.cpu_times()
-        cpu = float(t.user + t.system)
+        cpu = process_cpu_s(k.proc.pid)
         periods = [e["period_s"] for e in k.of("stats")]
     finally:
         k.stop()

@@ -28,7 +28,10 @@ def test_ceiling_runs() -> None:
     f = bench("ceiling.py", "--rounds", "3", "--per-round", "3")
     assert 15e6 < f["region_bytes"] < 30e6
     assert 0 < f["fast_vs_raw"] <= 2 and f["slow_path_ms"] > 0
-    assert f["keyed_gbps"] > 0 and f["floor_vs_raw"] >= 1 and f["keyed_every_s"] == 300
+    assert f["keyed_gbps"] > 0 and f["keyed_every_s"] == 300
+    # The fast path's floor is its seeded passes and its keyed share, weighted: it lies
+    # between the two. (Seeded xxh3 costs what raw does, so the floor may read < 1.)
+    assert f["seeded_vs_raw"] < f["floor_vs_raw"] < f["keyed_vs_raw"]
     assert f["keyed_share"] == 6 / 300 and f["keyed_pass_ms"] > f["plain_pass_ms"] > 0
 
 
