@@ -169,7 +169,7 @@ def test_a_fast_collision_is_caught_by_the_keyed_pass(world: World) -> None:  # 
     clean = check_memory(ref, mem, keyed=True)
     assert clean.ok and clean.keyed and not check_memory(ref, mem, keyed=False).keyed
     # As if the bytes had changed in a way the seeded xxh3 missed: the keyed half differs.
-    ref.digests[".text"] = ref.digests[".text"][:16] + bytes(16)
+    ref.set_digests({".text": ref.digests[".text"][:16] + bytes(16)})
     # A pass is keyed once `every` seconds have gone by since the last keyed one: at a
     # 10 s period and every=60, passes 6 and 12 (the first from a phase set at t=0).
     ref.keyed_due = 60.0

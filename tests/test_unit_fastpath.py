@@ -356,3 +356,18 @@ def test_pti_is_read_from_the_pgd_pair(tmp_path: Path) -> None:
     assert pti_active(mem, ram.pgd, 39)
     assert not pti_active(mem, ram.pgd + 0x1000, 39)  # not an 8 KiB-aligned pair
     mem.close()
+
+
+def test_reference_digests_change_only_through_set_digests(world: World) -> None:
+    """A pass compares against digests it prepared once per reference: so they are
+    read-only, and `set_digests` (a partial re-check) is seen by the very next pass."""
+    ref = world.ref
+    assert scan(world).ok  # the comparison list is made
+    with pytest.raises(TypeError):
+        ref.digests[".text"] = bytes(32)  # type: ignore[index]
+    old = ref.digests[".rodata"]
+    ref.set_digests({".rodata": bytes(16) + old[16:]})
+    r = scan(world)
+    assert r.outcome is FastOutcome.BYTES_CHANGED and r.changed == (".rodata",)
+    ref.set_digests({".rodata": old})
+    assert scan(world).ok

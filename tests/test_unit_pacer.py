@@ -166,6 +166,25 @@ def test_cancelled_waiters_are_skipped_and_the_pacer_ends_without_waiters() -> N
     asyncio.run(go())
 
 
+def test_a_turn_cancelled_behind_others_is_counted_down_and_the_pacer_still_ends() -> None:
+    """Turns are counted down when they leave the heap (no done-callback per turn): one
+    cancelled behind others leaves when it comes to the top, and the pacer ends."""
+    s = scheduler(None, {"a": 0.001, "b": 0.001, "c": 0.001}, fixed=0.05)
+
+    async def go() -> None:
+        fa, fb, fc = s.turn("a"), s.turn("b"), s.turn("c")
+        assert s.pacer.waiting() == 3
+        fb.cancel()
+        await asyncio.wait_for(asyncio.gather(fa, fc), 2.0)
+        assert s.pacer.waiting() == 0 and s.pacer.released == 2
+        task = s.pacer._task
+        assert task is not None
+        await asyncio.wait_for(task, 3.0)
+        assert task.exception() is None
+
+    asyncio.run(go())
+
+
 def test_a_fleet_due_together_is_released_in_a_few_wake_ups_not_one_each() -> None:
     """200 VMs asking for turns within a few ms, on a real loop: one wake-up (plus the
     hops between batches of BATCH_CPU) releases them all, once due — not before."""

@@ -79,6 +79,7 @@ class Pacer:
         self.released = 0
 
     def waiting(self) -> int:
+        """Turns awaited (a cancelled one counts until it comes to the top)."""
         return self._waiting
 
     def turn(self, vm: str) -> asyncio.Future[float]:
@@ -89,17 +90,16 @@ class Pacer:
         now = time.monotonic()
         hot = self.sched.is_hot(vm, now)
         heapq.heappush(self._heaps[hot], (now, next(self._seq), vm, fut))
+        # Counted down when the turn leaves its heap (released, or a cancelled one
+        # skipped at the top), not by a done-callback: that was one more loop callback
+        # per fast pass.
         self._waiting += 1
-        fut.add_done_callback(self._gone)
         task = self._task
         if task is None or task.done() or task.get_loop() is not loop:
             self._task = loop.create_task(self._run(), name="pacer")
         elif now + self.sched.turn_interval(hot) < self._wake_at:
             self._poke()
         return fut
-
-    def _gone(self, _fut: asyncio.Future[float]) -> None:
-        self._waiting -= 1
 
     def _poke(self) -> None:
         w = self._wakeup
@@ -110,15 +110,19 @@ class Pacer:
         heap = self._heaps[hot]
         while heap and heap[0][3].done():  # cancelled while waiting
             heapq.heappop(heap)
+            self._waiting -= 1
         return heap[0] if heap else None
 
-    def _next(self) -> tuple[float, bool] | None:
-        """(due time, hot) of the turn due first."""
+    def _next(self, intervals: tuple[float, float] | None = None
+              ) -> tuple[float, bool] | None:
+        """(due time, hot) of the turn due first. `intervals`: the (cool, hot) turn
+        intervals, if the caller has them already."""
         best: tuple[float, bool] | None = None
         for hot in (True, False):
             e = self._head(hot)
             if e is not None:
-                due = e[0] + self.sched.turn_interval(hot)
+                due = e[0] + (intervals[hot] if intervals is not None
+                              else self.sched.turn_interval(hot))
                 if best is None or due < best[0]:
                     best = (due, hot)
         return best
@@ -128,18 +132,21 @@ class Pacer:
         bucket has credit — at most `BATCH_CPU` of expected work. True: more could go
         right away."""
         budget = 0.0
+        # The intervals cannot change within one release: asked once, not per turn.
+        intervals = (self.sched.turn_interval(False), self.sched.turn_interval(True))
         while True:
-            nxt = self._next()
+            nxt = self._next(intervals)
             if nxt is None:
                 return False
             due, hot = nxt
-            if due > now + min(SLACK, 0.1 * self.sched.turn_interval(hot)):
+            if due > now + min(SLACK, 0.1 * intervals[hot]):
                 return False
             vm = self._heaps[hot][0][2]
             cost = self.sched.cost(vm)
             if not self.sched.reserve(cost):
                 return False
             _, _, _, fut = heapq.heappop(self._heaps[hot])
+            self._waiting -= 1
             fut.set_result(cost)
             self.released += 1
             budget += cost

@@ -414,7 +414,7 @@ class VmWatcher:
                 report, regions=tuple(verdicts[n] for n in REGIONS), per_vm_baseline_taken=False,
                 patches=(report.patches if ".text" in ex.normalized
                          else self.last_report.patches))
-            self.ref.digests.update(ex.raw_digests)
+            self.ref.set_digests(ex.raw_digests)
             if ".text" in ex.normalized:  # what its patching reached was read again
                 self.ref.set_reached(self.vm.mem, checked.reached, ex.space.pgd,
                                      ex.space.top_shift)
