@@ -19,6 +19,11 @@ one `kscan run --cpu-budget B`, it takes turns (`--rounds` of them):
   scanner that did nothing but hash would pay, paced the same way;
 * **floor back to back** — the same passes with no sleep (the issue's floor).
 
+Inside kscan's own process, the `stats` events' `scan_cpu_percent` splits each pass's
+CPU into the pass's own checks (hashing and comparing) and the engine around them
+(`in_pass_ms_per_pass`, `around_ms_per_pass`): both sides measured in the same process at
+the same time, so host drift does not move the split.
+
 The medians are compared. `overhead` = kscan ÷ the floor at the budget, with kscan's keyed
 share priced into the floor (the keyed construction's cost over raw xxh3, measured back to
 back): kscan's own work beyond the hash. `pacing` = the floor at the budget ÷ the floor
@@ -27,6 +32,7 @@ their product. VMs are REPLAYED recordings of real guests, as in `scale.py`.
 
     python perf/overhead.py [--vms 500] [--budget 10] [--rounds 6] [--window 30] [--json]
     python perf/overhead.py --budget 90     # kscan nearly flat out: little pacing left
+    python perf/overhead.py --cool          # the steady state: once no VM is hot
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from perf.scale import (
     region_runs,
     settle,
 )
+from scanner.run.scheduler import HOT_SECONDS
 
 
 def kscan_window(k: Kscan, seconds: float) -> dict[str, float]:
@@ -66,8 +73,13 @@ def kscan_window(k: Kscan, seconds: float) -> dict[str, float]:
     cpu1, t1 = k.cpu(), time.monotonic()
     with k.cond:
         stats = [e for e in k.events[mark:] if e["event"] == "stats"]
+    # The scans' own checks (hashing, comparisons) as a share of the process's CPU, from
+    # the stats events (equal intervals): the rest is kscan's engine around the passes —
+    # a figure measured in kscan's own process, so host drift moves both sides alike.
+    total = sum(e["cpu_percent"] for e in stats)
+    share = sum(e.get("scan_cpu_percent", 0.0) for e in stats) / total if total > 0 else 0.0
     return {"cpu_s": cpu1 - cpu0, "wall_s": t1 - t0, "passes": sum(e["scans"] for e in stats),
-            "keyed": sum(e.get("keyed_scans", 0) for e in stats)}
+            "keyed": sum(e.get("keyed_scans", 0) for e in stats), "scan_share": share}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="longest wait for kscan's steady state after the first verdicts")
     ap.add_argument("--work", type=Path, default=Path("/dev/shm/kscan-overhead"),
                     help="where the fleet goes: tmpfs, as guest RAM is (default %(default)s)")
+    ap.add_argument("--cool", action="store_true",
+                    help="measure once no VM is hot any more (HOT_SECONDS after the first "
+                         "verdicts), as scale.py --cool: the steady state, without the "
+                         "cold start's tail in the first rounds")
     ap.add_argument("--keep", action="store_true", help="leave the fleet in --work")
     ap.add_argument("--force", action="store_true", help="run even if the fleet won't fit")
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
@@ -132,6 +148,9 @@ def measure(args: argparse.Namespace, recs: list[Path], work: Path, fleet: Path)
             if k.proc.poll() is not None:
                 raise SystemExit((work / "run.err").read_text()[-3000:])
             time.sleep(1)
+        if args.cool:  # a VM is hot for HOT_SECONDS after its first check
+            log(f"{args.vms} VMs verified; {HOT_SECONDS + 5:.0f}s more until none is hot")
+            time.sleep(HOT_SECONDS + 5)
         log(f"{args.vms} VMs verified; waiting for the steady state")
         settle(k, args.settle)
         keyed_ratio = 1.0  # the keyed construction's CPU over raw xxh3's, from round 1
@@ -155,6 +174,8 @@ def measure(args: argparse.Namespace, recs: list[Path], work: Path, fleet: Path)
                            w["keyed"] / max(w["passes"], 1), "interval_s": interval,
                            "batch": batch, "floor_paced_ms": 1000 * paced_cpu / args.vms,
                            "floor_ms": 1000 * raw_cpu / args.vms,
+                           "in_pass_ms": 1000 * per_pass * w["scan_share"],
+                           "around_ms": 1000 * per_pass * (1 - w["scan_share"]),
                            "passes": w["passes"]})
             log(f"round {i + 1}: " + json.dumps(rounds[-1]))
             # kscan was stopped: let its bucket and pacer find their pace again.
@@ -171,7 +192,7 @@ def measure(args: argparse.Namespace, recs: list[Path], work: Path, fleet: Path)
     fast_paced = med("floor_paced_ms") * (1 + share * (keyed_ratio - 1))
     figures: dict[str, Any] = {
         "replayed": True, "vms": args.vms, "budget_percent": args.budget,
-        "rounds": rounds, "window_s": args.window,
+        "rounds": rounds, "window_s": args.window, "cool": args.cool,
         "kscan_ms_per_pass": med("kscan_ms"), "keyed_fraction": share,
         "keyed_vs_raw": keyed_ratio, "interval_s": med("interval_s"),
         "floor_ms_per_vm": med("floor_ms"), "floor_paced_ms_per_vm": med("floor_paced_ms"),
@@ -179,6 +200,8 @@ def measure(args: argparse.Namespace, recs: list[Path], work: Path, fleet: Path)
         "overhead": med("kscan_ms") / max(fast_paced, 1e-9),
         "pacing": med("floor_paced_ms") / max(med("floor_ms"), 1e-9),
         "kscan_vs_floor": med("kscan_ms") / max(med("floor_ms"), 1e-9),
+        # Inside kscan's process: the passes' own checks, and the engine around them.
+        "in_pass_ms_per_pass": med("in_pass_ms"), "around_ms_per_pass": med("around_ms"),
         "machine": machine(),
     }
     f = figures
@@ -187,6 +210,9 @@ def measure(args: argparse.Namespace, recs: list[Path], work: Path, fleet: Path)
                 f"of ≥{args.window:g} s (medians)"),
         ("kscan", f"{f['kscan_ms_per_pass']:.3f} ms CPU per fast pass "
                   f"({100 * share:.1f}% keyed), each VM every {f['interval_s']:.1f} s"),
+        ("inside kscan", f"{f['in_pass_ms_per_pass']:.3f} ms in the pass's own checks "
+                         f"(hash, compare), {f['around_ms_per_pass']:.3f} ms around them "
+                         "(stats scan_cpu_percent)"),
         ("floor back to back", f"{f['floor_ms_per_vm']:.3f} ms per VM (raw xxh3-128)"),
         ("floor at the budget", f"{f['floor_paced_ms_per_vm']:.3f} ms per VM "
                                 f"({f['pacing']:.2f}x back to back: the machine's pacing cost); "

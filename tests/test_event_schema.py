@@ -65,7 +65,7 @@ EXAMPLES: list[tuple[str, str | None, dict[str, Any]]] = [
                       "retry_s": 2.0}),
     ("pruned", None, {"events": 10, "forensic_copies": 1}),
     ("stats", None, {"vms": 1, "watching": 1, "scans": 10, "keyed_scans": 1,
-                     "keyed_every_s": 300.0, "cpu_percent": 9.9,
+                     "keyed_every_s": 300.0, "cpu_percent": 9.9, "scan_cpu_percent": 8.5,
                      "period_s": 5.0, "period_factor": 1.0, "dropped": 0}),
     ("tamper_transient", "vm1", {"build_id": "3b43fad5", "slide": "0x1e000000", "seen_at": 1.0,
                                  "confirm_delay": 0.3, "second_look": "clean",

@@ -65,6 +65,9 @@ def test_hostile_peer_among_real_guests(guests: GuestPool, kernel_profile: Kerne
             # 2 VMs every 2 s over the last three 2 s periods: ~6 scans expected.
             assert sum(s["scans"] for s in stats[1:]) >= 4, stats
             assert all(s["watching"] == 2 for s in stats), stats
+            # Of the process's CPU, the scans' own checks: some, never more than all.
+            assert sum(s["scan_cpu_percent"] for s in stats[1:]) > 0, stats
+            assert all(s["scan_cpu_percent"] <= s["cpu_percent"] + 0.01 for s in stats), stats
             # A tamper on one of them is found within two intervals (+ slow path).
             mark = proc.mark()
             offset = quiet_offset(kernel_profile, ".text", 0x600010)

@@ -71,6 +71,8 @@ def test_overhead_runs(tmp_path: Path) -> None:
         assert r["floor_ms"] > 0 and r["floor_paced_ms"] > 0 and r["batch"] >= 1
     assert f["keyed_vs_raw"] > 1  # the keyed construction costs more than raw xxh3
     assert f["overhead"] > 0 and f["pacing"] > 0 and f["kscan_vs_floor"] > 0
+    assert f["cool"] is False and f["around_ms_per_pass"] >= 0
+    assert 0 < f["in_pass_ms_per_pass"] <= f["kscan_ms_per_pass"]
     assert not (tmp_path / "ov").exists()  # the fleet is removed unless --keep
 
 

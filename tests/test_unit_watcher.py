@@ -223,7 +223,7 @@ class Ctx:
         async with self._slots:
             yield
 
-    def count_scan(self, keyed: bool = False) -> None:
+    def count_scan(self, keyed: bool = False, cpu_seconds: float = 0.0) -> None:
         self.scans += 1
 
     def kinds(self) -> list[str]:

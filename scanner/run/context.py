@@ -56,6 +56,7 @@ class WatchContext(Protocol):
         """Hold one of the few slow-path slots (each slow path holds ~19 MB of copies)."""
         ...
 
-    def count_scan(self, keyed: bool = False) -> None:
-        """One fast scan done (for the stats event); `keyed`: a keyed one."""
+    def count_scan(self, keyed: bool = False, cpu_seconds: float = 0.0) -> None:
+        """One fast scan done (for the stats event); `keyed`: a keyed one; `cpu_seconds`:
+        the CPU the scan's own checks took (its hashing and comparisons)."""
         ...

@@ -129,6 +129,8 @@ class Engine:
         self._slow_slots = asyncio.Semaphore(max(1, cfg.workers))
         self.scans = 0
         self.keyed_scans = 0  # of which keyed (the stats event's keyed_scans)
+        #: CPU seconds inside the fast scans' checks (the stats event's scan_cpu_percent).
+        self.scan_cpu = 0.0
         self._swept = False  # the first discovery pass has spawned its watchers
         self.fleet: LibvirtFleet | None = None
         if cfg.libvirt:
@@ -207,9 +209,10 @@ class Engine:
         async with self._slow_slots:
             yield
 
-    def count_scan(self, keyed: bool = False) -> None:
+    def count_scan(self, keyed: bool = False, cpu_seconds: float = 0.0) -> None:
         self.scans += 1
         self.keyed_scans += keyed
+        self.scan_cpu += cpu_seconds
 
     def charge(self, cpu_seconds: float) -> None:
         self.scheduler.settle(0.0, cpu_seconds)
@@ -580,14 +583,14 @@ class Engine:
 
     async def _stats(self) -> None:
         last_cpu, last_t, last_scans = time.process_time(), time.monotonic(), self.scans
-        last_keyed = self.keyed_scans
+        last_keyed, last_scan_cpu = self.keyed_scans, self.scan_cpu
         while True:
             # --stats-every 0: no stats events (a reload may turn them on again).
             await asyncio.sleep(self.cfg.stats_every or NO_STATS_POLL)
             cpu, now = time.process_time(), time.monotonic()
             if not self.cfg.stats_every:
                 last_cpu, last_t, last_scans = cpu, now, self.scans
-                last_keyed = self.keyed_scans
+                last_keyed, last_scan_cpu = self.keyed_scans, self.scan_cpu
                 continue
             watching = [w for w in self.watchers.values() if w is not None]
             await self.sink.emit(
@@ -596,11 +599,13 @@ class Engine:
                 scans=self.scans - last_scans, keyed_scans=self.keyed_scans - last_keyed,
                 keyed_every_s=round(self.scheduler.keyed_every(), 3),
                 cpu_percent=round(100 * (cpu - last_cpu) / max(1e-9, now - last_t), 2),
+                scan_cpu_percent=round(
+                    100 * (self.scan_cpu - last_scan_cpu) / max(1e-9, now - last_t), 2),
                 period_s=round(self.scheduler.measured_or_target(), 3),
                 period_target_s=round(self.scheduler.target(), 3),
                 period_factor=round(self.scheduler.overhead, 3), dropped=self.sink.dropped)
             last_cpu, last_t, last_scans = cpu, now, self.scans
-            last_keyed = self.keyed_scans
+            last_keyed, last_scan_cpu = self.keyed_scans, self.scan_cpu
 
 
 async def run_engine(cfg: RunConfig, db: str | None, stop: asyncio.Event,

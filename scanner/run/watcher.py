@@ -280,7 +280,7 @@ class VmWatcher:
             cpu += time.thread_time() - t0
             sched.record(name, cpu, keyed=True)  # a keyed fast pass
             self.scans += 1
-            self.ctx.count_scan(keyed=True)
+            self.ctx.count_scan(keyed=True, cpu_seconds=cpu)
         sched.settle(expected, cpu)
         if ref is None:
             log.info("%s: not resumed (%s): full check", name, why)
@@ -551,7 +551,7 @@ class VmWatcher:
         sched.record(self.name, cost, keyed=res.keyed)
         sched.settle(expected, cost)
         self.scans += 1
-        self.ctx.count_scan(res.keyed)
+        self.ctx.count_scan(res.keyed, cost)
         due = res.ok and self._half_state_due()
         if due and not await self._guest_ran_since_check():
             due = False  # the guest has not run since: its half-state proves nothing yet
