@@ -50,6 +50,7 @@ def test_scale_runs(tmp_path: Path) -> None:
     for p in f["points"]:
         assert {"vms", "sweep_cpu_s", "latency_p99_s", "uss_mb"} <= p.keys()
         assert p["sweep_cpu_s"] > 0 and p["latency_p99_s"] > 0 and p["uss_mb"] > 10
+        assert 0 < p["sweep_in_scans_cpu_s"] <= p["sweep_cpu_s"]
         assert 0 < p["floor_sweep_cpu_s"] < p["keyed_floor_sweep_cpu_s"]
         assert p["sweep_vs_floor"] > 0 and p["sweep_vs_keyed_floor"] > 0
         assert p["floor_period_s"] > 0 and p["p99_vs_floor_period"] > 0
