@@ -184,9 +184,11 @@ class Reference:
     #: objects touched per pass is what makes it cheaper.
     _compare: list[tuple[str, list[memoryview], bytes, bytes]] | None = dataclasses.field(
         default=None, init=False, repr=False, compare=False)
-    #: (top_index, a getter of those entries from a `Q`-cast table, what it must return).
-    _top: tuple[tuple[int, ...], Callable[[memoryview], object], object] | None = \
-        dataclasses.field(default=None, init=False, repr=False, compare=False)
+    #: ((top_index, top_values) it was made for, a getter of those entries from a
+    #: `Q`-cast table, what the getter must return).
+    _top: tuple[tuple[tuple[int, ...], tuple[int, ...]], Callable[[memoryview], object],
+                object] | None = dataclasses.field(default=None, init=False, repr=False,
+                                                   compare=False)
 
     def __post_init__(self) -> None:
         self.digests = MappingProxyType(dict(self.digests))
@@ -207,14 +209,14 @@ class Reference:
 
     def top_check(self) -> tuple[Callable[[memoryview], object], object]:
         """A getter of the top-level entries `top_index` names, and what it must return
-        (made again when `set_reached` adds indices)."""
+        (made again when either tuple is replaced, as `set_reached` does)."""
         t = self._top
-        if t is None or t[0] is not self.top_index:
-            idx, want = self.top_index, self.top_values
+        idx, want = self.top_index, self.top_values
+        if t is None or t[0][0] is not idx or t[0][1] is not want:
             if len(idx) == 1:   # itemgetter of one index returns the value itself
-                t = (idx, itemgetter(idx[0]), want[0])
+                t = ((idx, want), itemgetter(idx[0]), want[0])
             else:
-                t = (idx, itemgetter(*idx) if idx else _nothing, want)
+                t = ((idx, want), itemgetter(*idx) if idx else _nothing, want)
             self._top = t
         return t[1], t[2]
 
