@@ -627,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
                             period, args.in_flight, rng)
             points.append({
                 "vms": n, "sweep_cpu_s": (cpu1 - cpu0) / sweeps,
-                "sweep_in_scans_cpu_s": (cpu1 - cpu0) / sweeps * scan_share,
+                # None: no stats event in the window (a window shorter than --stats-every).
+                "sweep_in_scans_cpu_s": ((cpu1 - cpu0) / sweeps * scan_share
+                                         if window_stats else None),
                 "sweep_wall_s": (t1 - t0) / sweeps, "period_s": period,
                 "period_at_settle_s": settled_period,
                 "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0),
@@ -652,8 +654,9 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"replayed": True, "budget_percent": args.budget, "points": points,
                "uss_growth_mb_per_vm": growth, "plot": str(args.plot), "machine": machine()}
     rows = [(f"{p['vms']} VMs", f"sweep {p['sweep_cpu_s']:.2f} CPU-s / {p['sweep_wall_s']:.1f} s"
-             f" wall ({p['sweep_in_scans_cpu_s']:.2f} in the scans' own checks)"
-             f", CPU {p['cpu_percent']:.1f}%, latency p50 {p['latency_p50_s']:.1f} s "
+             + (f" wall ({p['sweep_in_scans_cpu_s']:.2f} in the scans' own checks)"
+                if p["sweep_in_scans_cpu_s"] is not None else " wall")
+             + f", CPU {p['cpu_percent']:.1f}%, latency p50 {p['latency_p50_s']:.1f} s "
              f"p99 {p['latency_p99_s']:.1f} s, USS {p['uss_mb']:.0f} MB, first verdicts of the "
              f"point's VMs {p['warmup_s']:.0f} s") for p in points]
     rows += floor_rows(points)
