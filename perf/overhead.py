@@ -59,6 +59,7 @@ from perf.scale import (
     layout_of,
     pacer_batch,
     region_runs,
+    scan_share,
     settle,
 )
 from scanner.run.scheduler import HOT_SECONDS
@@ -73,13 +74,9 @@ def kscan_window(k: Kscan, seconds: float) -> dict[str, float]:
     cpu1, t1 = k.cpu(), time.monotonic()
     with k.cond:
         stats = [e for e in k.events[mark:] if e["event"] == "stats"]
-    # The scans' own checks (hashing, comparisons) as a share of the process's CPU, from
-    # the stats events (equal intervals): the rest is kscan's engine around the passes —
-    # a figure measured in kscan's own process, so host drift moves both sides alike.
-    total = sum(e["cpu_percent"] for e in stats)
-    share = sum(e.get("scan_cpu_percent", 0.0) for e in stats) / total if total > 0 else 0.0
     return {"cpu_s": cpu1 - cpu0, "wall_s": t1 - t0, "passes": sum(e["scans"] for e in stats),
-            "keyed": sum(e.get("keyed_scans", 0) for e in stats), "scan_share": share}
+            "keyed": sum(e.get("keyed_scans", 0) for e in stats),
+            "scan_share": scan_share(stats)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -274,6 +274,14 @@ def floor_sweeps(vms: list[Path], layout: dict[str, Layout], source_of: dict[str
         mem.close()
 
 
+def scan_share(stats: list[dict[str, Any]]) -> float:
+    """Of kscan's CPU over these stats events (equal intervals), the share its fast scans'
+    own checks took (hashing, comparing: `scan_cpu_percent`); the rest is the engine
+    around them. Both come from kscan's own process, so host drift moves them alike."""
+    total = sum(e["cpu_percent"] for e in stats)
+    return sum(e.get("scan_cpu_percent", 0.0) for e in stats) / total if total > 0 else 0.0
+
+
 def window_periods(k: Kscan, mark: int) -> dict[str, Any]:
     """The measured and target periods kscan reported at the end of the CPU window."""
     with k.cond:
@@ -611,10 +619,6 @@ def main(argv: list[str] | None = None) -> int:
             with k.cond:
                 window_stats = [e for e in k.events[mark:] if e["event"] == "stats"]
             scans = sum(e["scans"] for e in window_stats)
-            # Of kscan's CPU, its fast scans' own checks (stats scan_cpu_percent).
-            total_pct = sum(e["cpu_percent"] for e in window_stats)
-            scan_share = (sum(e.get("scan_cpu_percent", 0.0) for e in window_stats)
-                          / total_pct) if total_pct > 0 else 0.0
             keyed_scans = sum(e.get("keyed_scans", 0) for e in window_stats)
             uss = k.uss_mb(fleet)
             sweeps = max(scans / n, 1e-9)
@@ -628,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             points.append({
                 "vms": n, "sweep_cpu_s": (cpu1 - cpu0) / sweeps,
                 # None: no stats event in the window (a window shorter than --stats-every).
-                "sweep_in_scans_cpu_s": ((cpu1 - cpu0) / sweeps * scan_share
+                "sweep_in_scans_cpu_s": ((cpu1 - cpu0) / sweeps * scan_share(window_stats)
                                          if window_stats else None),
                 "sweep_wall_s": (t1 - t0) / sweeps, "period_s": period,
                 "period_at_settle_s": settled_period,

@@ -368,29 +368,23 @@ def check_memory(ref: Reference, mem: GuestMemory, keyed: bool | None = None, *,
     if (ref.exec_tables is not None
             and not ref.exec_tables.tables_unchanged(mem, ref.exec_table_views(mem), keyed)):
         return FastResult(FastOutcome.EXEC_CHANGED)
+    digest = keyed_digest if keyed else fast_digest
+    half = slice(_FAST, None) if keyed else slice(None, _FAST)  # of each digest pair
     changed: tuple[str, ...] = ()
     if mem.zero_copy:
-        if keyed:
-            for name, views, _, want in ref.compare_list():
-                if keyed_digest(views) != want:
-                    changed += (name,)
-        else:
-            for name, views, want, _ in ref.compare_list():
-                if fast_digest(views) != want:
-                    changed += (name,)
+        for name, views, fast_want, keyed_want in ref.compare_list():
+            if digest(views) != (keyed_want if keyed else fast_want):
+                changed += (name,)
         reached = ref.reached_views
     else:  # copies are snapshots: read the regions again
         for name, runs in ref.runs.items():
-            d = ref.digests[name]
-            now_d = (keyed_digest if keyed else fast_digest)([mem.view(g, n) for g, n in runs])
-            if now_d != (d[_FAST:] if keyed else d[:_FAST]):
+            if digest([mem.view(g, n) for g, n in runs]) != ref.digests[name][half]:
                 changed += (name,)
         reached = [mem.view(g, n) for g, n in ref.reached_runs]
     if keyed:  # compared keyed: the next is `every` seconds from now
         ref.keyed_due = (time.monotonic() if now is None else now) + every
     detail = ""
-    if ref.reached_runs and (keyed_digest(reached) != ref.reached_digest[_FAST:] if keyed
-                             else fast_digest(reached) != ref.reached_digest[:_FAST]):
+    if ref.reached_runs and digest(reached) != ref.reached_digest[half]:
         # The .text verdict rested on these bytes: re-verify .text (which reads them).
         detail = REACHED_BYTES
         if ".text" not in changed:
