@@ -82,3 +82,93 @@ def test_flatview_errors() -> None:
         parse_flatview("garbage")
     with pytest.raises(ParseError, match="address space"):
         parse_flatview(FLAT.replace('AS "memory"', 'AS "other"'))
+
+
+# -- the fast parser against the regex grammar it replaced -------------------------------
+# `parse_registers` finds each key with str.find (it runs at every fast pass of a live
+# VM); the regex form below is the grammar it must keep: same values, same refusals.
+_O_HDR = re.compile(r"^CPU#(\d{1,5})\s*$", re.M)
+_O_HEX = r"([0-9a-fA-F]{1,16})\b"
+_O_REG = {k: re.compile(r"\b" + k.upper() + "=" + _O_HEX) for k in ("cr0", "cr3", "cr4")}
+_O_EFER = re.compile(r"\bEFER=" + _O_HEX)
+_O_IP = re.compile(r"\b[RE]IP=" + _O_HEX)
+_O_TABLE = {k: re.compile(r"^" + k.upper() + r"=\s*" + _O_HEX + r"\s+" + _O_HEX, re.M)
+            for k in ("idt", "gdt")}
+_O_CPL = re.compile(r"\bCPL=(\d)")
+_O_HLT = re.compile(r"\bHLT=(\d)")
+
+
+def _oracle(text: str) -> list[tuple[int, ...]] | None:
+    """The regex parser's result as tuples (None: it refused the text)."""
+    heads = list(_O_HDR.finditer(text))
+    blocks = ([(int(h.group(1)), text[h.end(): heads[i + 1].start() if i + 1 < len(heads)
+                                        else None]) for i, h in enumerate(heads)]
+              if heads else [(0, text)])
+    out = []
+    for idx, block in blocks:
+        ms = [rx.search(block) for rx in (*_O_REG.values(), _O_IP, *_O_TABLE.values())]
+        if not all(ms):
+            return None
+        cr0, cr3, cr4, ip, idt, gdt = ms
+        efer, cpl, hlt = _O_EFER.search(block), _O_CPL.search(block), _O_HLT.search(block)
+        out.append((idx, *(int(m.group(1), 16) for m in (cr0, cr3, cr4, ip) if m),
+                    int(efer.group(1), 16) if efer else 0,
+                    *(int(g, 16) for m in (idt, gdt) if m for g in m.groups()),
+                    int(cpl.group(1)) if cpl else 0, bool(hlt and hlt.group(1) == "1")))
+    return out
+
+
+def _fast(text: str) -> list[tuple[int, ...]] | None:
+    try:
+        cpus = parse_registers(text)
+    except ParseError:
+        return None
+    return [(c.index, c.cr0, c.cr3, c.cr4, c.rip, c.efer, c.idtr_base, c.idtr_limit,
+             c.gdtr_base, c.gdtr_limit, c.cpl, c.halted) for c in cpus]
+
+
+REAL_TAIL = """ES =0000 0000000000000000 00000000 00000000
+TR =0040 fffffe0000003000 00004087 00008900 DPL=0 TSS64-avl
+DR6=00000000ffff0ff0 DR7=0000000000000400
+FCW=037f FSW=0000 [ST=0] FTW=00 MXCSR=00001f80
+XMM00=0000000000000000 0000000000000000 XMM01=0000000000000000 4014000000000000
+"""
+# What a mutation inserts: the keys, their look-alikes, separators, digits, word
+# characters beyond ASCII (both grammars use Unicode word boundaries).
+PIECES = ["CR0=", "XCR0=", "CR3=", "CR4=", "EFER=", "RIP=", "EIP=", "xRIP=", "IDT=", "GDT=",
+          "CPL=", "HLT=", "CPU#", "CPU#1", "\n", " ", "\t", "=", "0", "1", "f", "F", "g",
+          "_", "é", "٣", "0123456789abcdef0", "ffffffff81000000", "\nIDT= 1 2",
+          "\nCPU#7\n", "CPU#123456\n"]
+
+
+@pytest.mark.parametrize("text", [
+    CPU.format(n=0, cpl=0, idt=0xFFFFFE0000000000, cr3=0x1000) + REAL_TAIL,
+    "".join(CPU.format(n=i, cpl=3, idt=i, cr3=i) + REAL_TAIL for i in range(4)),
+])
+def test_registers_fast_parser_matches_the_regex_grammar(text: str) -> None:
+    assert _fast(text) == _oracle(text) is not None
+
+
+def test_registers_fast_parser_matches_under_mutation() -> None:
+    """Hostile shapes: keys without values, values too long, look-alike keys before the
+    real ones, keys glued to words, headers that are not headers — the fast parser takes
+    the same value or refuses the same text as the regex grammar."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base = "".join(CPU.format(n=i, cpl=i, idt=0xFFFFFE0000000000 + i, cr3=0x2000 * i)
+                   + REAL_TAIL for i in range(2))
+    edits = st.lists(st.tuples(st.integers(0, len(base)), st.integers(0, 12),
+                               st.lists(st.sampled_from(PIECES), max_size=4)), max_size=6)
+
+    @settings(max_examples=600, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(edits)
+    def check(ops: list[tuple[int, int, list[str]]]) -> None:
+        text = base
+        for at, cut, ins in ops:
+            at = min(at, len(text))
+            text = text[:at] + "".join(ins) + text[at + cut:]
+        assert _fast(text) == _oracle(text)
+
+    check()
