@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -161,6 +162,34 @@ def test_one_deadline_over_a_whole_operation(tmp_path: Path,
             return time.monotonic() - t0
 
         assert asyncio.run(go()) < 3
+
+
+def test_replies_are_not_formatted_for_a_debug_log_that_is_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """qemu.qmp formats every message as indented JSON for its debug log, on or off
+    (~70 us a command, and a peer's large reply formatted for nothing): kscan's client
+    formats them only when that log is on."""
+    from qemu.qmp import Message
+
+    made: list[int] = []
+    real_str = Message.__str__
+    monkeypatch.setattr(Message, "__str__", lambda m: made.append(1) or real_str(m))
+    big = "x" * 200_000
+    with FakeQmp(tmp_path / "q.sock", tmp_path / "ram", hmp={"info big": big}) as f:
+        async def go() -> list[str]:
+            vm = await QmpVm.connect(f.path)
+            try:
+                out = [await vm.hmp("info big")]
+                assert not made  # off: nothing formatted, however large the reply
+                with caplog.at_level(logging.DEBUG, logger="qemu.qmp"):
+                    out.append(await vm.hmp("info big"))
+                return out
+            finally:
+                await vm.close()
+
+        assert asyncio.run(go()) == [big, big]
+    assert len(made) == 2  # on: the request and the reply, as qemu.qmp logs them
+    assert any("<--" in r.getMessage() for r in caplog.records)
 
 
 # -- kscan run ------------------------------------------------------------------------------
