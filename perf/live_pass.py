@@ -22,7 +22,6 @@ figure sees the same machine:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import uvloop
 import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         kscan("profile", "add", str(ensure_kernel().vmlinuz), "--db", str(db))
         kscan("baseline", "--qmp", str(g.qmp_aux), "--db", str(db))
         log(f"measuring ({args.rounds} alternating blocks of {args.per_block} calls)")
-        f = asyncio.run(measure(g.qmp, str(db), args.rounds, args.per_block))
+        # On uvloop, as `kscan run` is.
+        f = uvloop.run(measure(g.qmp, str(db), args.rounds, args.per_block))
     finally:
         for g in guests:
             g.stop()
