@@ -43,6 +43,15 @@ def test_vs_qemu_runs() -> None:
     assert f["dump_ms"] > f["kscan_fast_ms"] > 0
 
 
+def test_live_pass_runs() -> None:
+    f = bench("live_pass.py", "--smp", "2", "--rounds", "2", "--per-block", "5")
+    assert f["vcpus"] == 2 and 15e6 < f["region_bytes"] < 30e6
+    # The parts add up: the register refresh holds the parse, the pass holds both parts.
+    assert 0 < f["parse_us"] < f["registers_us"] < f["live_pass_us"]
+    assert f["live_pass_us"] == pytest.approx(f["registers_us"] + f["check_us"])
+    assert f["pass_vs_hash"] > f["check_vs_hash"] > 0 and 0 < f["registers_share"] < 1
+
+
 def test_scale_runs(tmp_path: Path) -> None:
     f = bench("scale.py", "--points", "3,6", "--distinct", "2", "--tampers", "2",
               "--in-flight", "2", "--window", "6", "--plot", str(tmp_path / "s.png"),
