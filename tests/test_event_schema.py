@@ -85,6 +85,9 @@ EXAMPLES: list[tuple[str, str | None, dict[str, Any]]] = [
     ("module_unloaded", "vm1", {"name": "kscan_benign", "address": "0xffffffffc03d2000"}),
     ("module_list_broken", "vm1", {"problems": ["cycle: node 0xffffffffc0002008 seen twice"],
                                    "modules_read": 2, "reads": 3}),
+    ("slow_paced", "vm1", {"wait_s": 12.5, "level_cpu_s": 1.06, "allowance_cpu_s": 0.75,
+                           "share": 0.25, "pending": "the check of a change it made (.text)",
+                           "message": "this VM's checks used more than their share"}),
 ]
 #: Event types only the database's log holds (written by one-shot commands).
 LOGGED_ONLY = {"baseline", "check", "accepted", "exported", "imported"}

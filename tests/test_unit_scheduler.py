@@ -676,3 +676,57 @@ def test_measured_period_ewma_and_fixed_target(clock: FakeClock) -> None:
     assert s.measured_period() == pytest.approx((1 - sched.MEASURED_EWMA) * 4.0
                                                 + sched.MEASURED_EWMA * 14.0)
     assert s.target() == 7.0
+
+
+# -- one VM's share of slow-path CPU ---------------------------------------------------------
+
+def test_a_vms_slow_paths_run_at_once_within_their_allowance_then_at_their_share(
+        clock: FakeClock, sleeps: list[float]) -> None:
+    """A guest that changes its kernel in a loop makes kscan re-check it in a loop. Up to
+    the allowance (SLOW_SHARE of the budget for SLOW_ALLOWANCE_S) its checks go at once;
+    beyond it, each waits until its level has drained back, at SLOW_SHARE of the budget:
+    in the long run it spends no more than that share."""
+    s = Scheduler(Policy(budget=0.10))
+    rate = sched.SLOW_SHARE * 0.10
+    allowance = rate * sched.SLOW_ALLOWANCE_S
+    assert s.slow_allowance() == pytest.approx(allowance)  # 0.75 CPU-s at 10 %
+
+    s.charge_vm("loop", allowance - 0.01)
+    assert s.slow_wait("loop") == 0 and s.slow_wait("other") == 0
+    assert asyncio.run(s.slow_turn("loop")) is False and sleeps == []
+
+    s.charge_vm("loop", 0.26)  # one expensive check (the function tracer on): 0.25 over
+    assert s.slow_wait("loop") == pytest.approx(0.25 / rate)  # 10 s at a 2.5 % drain
+    assert s.slow_wait("other") == 0  # another VM is not held back
+    clock.t += 4.0
+    assert s.slow_level("loop") == pytest.approx(allowance + 0.25 - 4.0 * rate)
+    assert s.slow_wait("loop") == pytest.approx(6.0)
+
+    assert asyncio.run(s.slow_turn("loop")) is True
+    assert sleeps == [pytest.approx(6.0)] and s.slow_paced == 1
+    assert s.slow_wait("loop") == pytest.approx(0.0, abs=1e-9)
+
+    # The long run: a VM re-checked in a loop at 0.1 CPU-s each, waiting its turn every
+    # time, spends SLOW_SHARE of the budget (within its allowance, spent once).
+    start, spent = clock.t, 0.0
+    for _ in range(200):
+        asyncio.run(s.slow_turn("loop"))
+        s.charge_vm("loop", 0.1)
+        spent += 0.1
+    assert spent / (clock.t - start) == pytest.approx(rate, rel=0.05)
+
+
+def test_slow_path_shares_need_a_budget_and_drained_levels_are_forgotten(
+        clock: FakeClock, sleeps: list[float]) -> None:
+    free = Scheduler(Policy(budget=None))
+    free.charge_vm("vm", 100.0)
+    assert free.slow_wait("vm") == 0 and free.slow_level("vm") == 0
+    assert asyncio.run(free.slow_turn("vm")) is False and sleeps == []
+
+    s = Scheduler(Policy(budget=0.10))
+    for i in range(50):  # VMs that come and go: their levels do not pile up
+        s.charge_vm(f"vm{i}", 0.5)
+    assert len(s._slow_levels) == 50
+    clock.t += 0.5 / (sched.SLOW_SHARE * 0.10) + 1
+    s.reconcile()
+    assert s._slow_levels == {}

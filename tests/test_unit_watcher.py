@@ -215,7 +215,7 @@ class Ctx:
     async def golden(self, ex: Examined) -> GoldenSet:
         return await golden_for(self.store, ex)
 
-    async def timed_in_worker(self, fn: Callable[[], T]) -> T:
+    async def timed_in_worker(self, fn: Callable[[], T], vm: str | None = None) -> T:
         return fn()
 
     @contextlib.asynccontextmanager
@@ -819,6 +819,83 @@ def test_qemu_is_asked_before_a_slow_path_slot_is_taken(world: dict[str, Any],
 
     asyncio.run(asyncio.wait_for(go(), 10))
     assert asked_while_held == []
+
+
+class BudgetCtx(Ctx):
+    """A context with a CPU budget, charging worker CPU to the VM that caused it (as the
+    engine does)."""
+
+    def __init__(self, store: Store, forensics_dir: Path) -> None:
+        super().__init__(store, forensics_dir)
+        self.scheduler = Scheduler(Policy(auto=False, fixed=POLL, budget=1.0,
+                                          min_interval=0.01))
+
+    async def timed_in_worker(self, fn: Callable[[], T], vm: str | None = None) -> T:
+        t0 = time.thread_time()
+        try:
+            return fn()
+        finally:
+            if vm is not None:
+                self.scheduler.charge_vm(vm, time.thread_time() - t0)
+
+
+def test_a_vm_past_its_slow_path_share_waits_says_so_and_holds_no_slot(
+        world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest that changes its kernel in a loop must not spend the fleet's budget: once
+    its checks have used their allowance, its next one waits for its share. It says so
+    first (`slow_paced`, naming what waits), waits without a slow-path slot (other VMs'
+    checks go on), and the change is still found and reported after the wait."""
+    held = [False]
+    turns_while_held: list[bool] = []
+    plain_slot = BudgetCtx.slow_slot
+    plain_turn = Scheduler.slow_turn
+
+    @contextlib.asynccontextmanager
+    async def slot(self: Ctx) -> AsyncIterator[None]:
+        async with plain_slot(self):
+            held[0] = True
+            try:
+                yield
+            finally:
+                held[0] = False
+
+    async def turn(self: Scheduler, vm: str) -> bool:
+        turns_while_held.append(held[0])
+        return await plain_turn(self, vm)
+
+    monkeypatch.setattr(BudgetCtx, "slow_slot", slot)
+    monkeypatch.setattr(Scheduler, "slow_turn", turn)
+
+    async def go() -> None:
+        async with Store.open(world["db"]) as st:
+            ram = build_ram(SLIDE, 0x10_0000, 0x2222, text_writable=False)
+            mem = write_vm(world["tmp"] / "loop", "loop", ram)
+            ctx = BudgetCtx(st, world["tmp"] / "forensics")
+            vm = await LosableVm.open(world["tmp"] / "loop")
+            assert isinstance(vm, LosableVm)
+            task = asyncio.create_task(VmWatcher(ctx, vm, "replay:loop").run())
+            await ctx.wait("vm_clean", 0)
+            sched = ctx.scheduler
+            assert sched.slow_level(vm.name) > 0  # its first check was charged to it
+            # Its checks have spent the allowance and 0.1 CPU-s more: 0.4 s to drain.
+            sched.charge_vm(vm.name, sched.slow_allowance() - sched.slow_level(vm.name)
+                            + 0.1)
+            mark = len(ctx.events)
+            poke(mem, 0x10_0000 + 3 * PAGE + 0x40, b"\xcc\xcc")
+            paced = await ctx.wait("slow_paced", mark)
+            assert ".text" in paced["pending"] and paced["share"] == 0.25
+            assert paced["wait_s"] == pytest.approx(0.4, abs=0.1)
+            assert paced["level_cpu_s"] > paced["allowance_cpu_s"] == 7.5
+            tamper = await ctx.wait("tamper", mark)
+            assert tamper["ts"] - paced["ts"] >= 0.3  # it waited before looking
+            assert sched.slow_paced == 1
+            vm.lost = "done"
+            await _finish(task)
+            kinds = ctx.kinds()[mark:]
+            assert kinds.index("slow_paced") < kinds.index("tamper")
+
+    asyncio.run(asyncio.wait_for(go(), 15))
+    assert turns_while_held == [False]
 
 
 def idt_gpa(ram: SyntheticRam) -> int:

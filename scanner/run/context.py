@@ -48,8 +48,9 @@ class WatchContext(Protocol):
         """The golden baseline of an examined VM (cached); BaselineMissing if none."""
         ...
 
-    async def timed_in_worker(self, fn: Callable[[], T]) -> T:
-        """Run CPU-bound work off the event loop, charging its CPU time to the budget."""
+    async def timed_in_worker(self, fn: Callable[[], T], vm: str | None = None) -> T:
+        """Run CPU-bound work off the event loop, charging its CPU time to the budget
+        (and to `vm`'s share of slow-path CPU: `Scheduler.charge_vm`)."""
         ...
 
     def slow_slot(self) -> AbstractAsyncContextManager[None]:

@@ -220,14 +220,17 @@ class Engine:
     async def in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    async def timed_in_worker(self, fn: Callable[[], T]) -> T:
-        """Run CPU-bound work in the pool and charge its CPU time to the budget."""
+    async def timed_in_worker(self, fn: Callable[[], T], vm: str | None = None) -> T:
+        """Run CPU-bound work in the pool and charge its CPU time to the budget (and to
+        `vm`'s share of slow-path CPU)."""
         def timed() -> tuple[T, float]:
             t0 = time.thread_time()
             return fn(), time.thread_time() - t0
 
         result, cpu = await self.in_worker(timed)
         self.charge(cpu)
+        if vm is not None:
+            self.scheduler.charge_vm(vm, cpu)
         return result
 
     # -- main ------------------------------------------------------------------------

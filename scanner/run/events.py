@@ -72,7 +72,7 @@ SEVERITY: dict[str, str] = {
     "tamper": "critical", "tamper_transient": "critical",
     "vm_lost": "warning", "vm_unreachable": "warning", "error": "warning",
     "forensics_failed": "warning", "profile_missing": "warning",
-    "baseline_missing": "warning", "module_list_broken": "warning",
+    "baseline_missing": "warning", "module_list_broken": "warning", "slow_paced": "warning",
     "tamper_cleared": "notice", "kernel_patched": "notice", "vm_rebooted": "notice",
     "vm_found": "notice", "vm_skipped": "notice", "pruned": "notice", "action": "notice",
     "reloaded": "notice", "module_loaded": "notice", "module_unloaded": "notice",

@@ -37,6 +37,20 @@ they start afresh, after a later one they go on from where they stood — so not
 first checks cost leaks into the steady state. The cost EWMA c_i learns from fast
 passes only.
 
+**One VM's slow paths have a share.** A guest's root can make its kernel change in
+a loop: flip bytes, or switch the function tracer on and off (every switch is a `.text`
+re-check of ~35,000 ftrace sites). Each change is a slow path charged to the one
+bucket, so without a limit one guest could spend the budget of the whole fleet and
+stretch every other VM's period without bound. So the worker CPU each VM's watcher
+causes (examine, verify, module-list reads: `charge_vm`) fills a per-VM level that
+drains at `SLOW_SHARE` of the budget. Up to an allowance of `SLOW_ALLOWANCE_S` seconds of
+that share, a VM's slow paths run as before (a change is localized at once, ahead of
+routine scans). Beyond it, its next slow path waits until the level is back at the
+allowance (`slow_wait`), and then queues like routine work instead of skipping ahead.
+So in the long run, one VM's re-checks use at most `SLOW_SHARE` of the budget, and the
+rest of the fleet keeps its period. The waiting VM's change is not hidden: the watcher
+reports it (`slow_paced`) before it waits.
+
 **The measured period.** P is a target; what the fleet gets can be longer (the bucket
 in debt, slow paths queued ahead, an event loop behind). Each fast pass of a VM (the
 `record` of its cost) also times the interval since that VM's previous one; a VM's
@@ -80,6 +94,12 @@ KEYED_PASSES = 16
 KEYED_ROOM_MARGIN = 1.25
 #: Weight of the newest interval in a VM's measured scan interval (EWMA).
 MEASURED_EWMA = 0.3
+#: In the long run, one VM's slow paths (the worker CPU its watcher causes) may use this
+#: share of the budget once they have spent their allowance...
+SLOW_SHARE = 0.25
+#: ... which is this many seconds of that share, spent at once (at a 10 % budget,
+#: 0.75 CPU-s: ~10 tamper cycles, or a check of a kernel with the function tracer on).
+SLOW_ALLOWANCE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +165,11 @@ class Scheduler:
         #: Per VM: monotonic time of its last fast pass, and its measured interval.
         self._last_pass: dict[str, float] = {}
         self._intervals: dict[str, float] = {}
+        #: Per VM: (level, monotonic time) of its slow paths' CPU, draining at
+        #: SLOW_SHARE of the budget (see the module docstring).
+        self._slow_levels: dict[str, tuple[float, float]] = {}
+        #: Slow paths that waited for their VM's share, in total.
+        self.slow_paced = 0
         #: Releases routine fast passes in batches (`scanner.run.pacer`).
         self.pacer = Pacer(self)
         if self.starting:
@@ -250,6 +275,56 @@ class Scheduler:
 
     def record_slow(self, cpu_seconds: float) -> None:
         self.slow_cost = (1 - EWMA) * self.slow_cost + EWMA * cpu_seconds
+
+    # -- one VM's share of slow-path CPU ---------------------------------------------
+    def _slow_rate(self) -> float:
+        """CPU seconds per second one VM's slow-path level drains at."""
+        return SLOW_SHARE * self._budget()
+
+    def slow_allowance(self) -> float:
+        """CPU seconds of slow paths a VM may spend at once before they are paced."""
+        return SLOW_SHARE * (self.policy.budget or 0.0) * SLOW_ALLOWANCE_S
+
+    def slow_level(self, vm: str, now: float | None = None) -> float:
+        """The VM's slow-path CPU not yet drained (CPU seconds)."""
+        got = self._slow_levels.get(vm)
+        if got is None:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        level, at = got
+        return max(0.0, level - self._slow_rate() * max(0.0, now - at))
+
+    def charge_vm(self, vm: str, cpu_seconds: float) -> None:
+        """Worker CPU `vm`'s watcher caused (already charged to the bucket): it fills
+        the VM's slow-path level."""
+        if cpu_seconds > 0 and self.policy.budget:
+            now = time.monotonic()
+            self._slow_levels[vm] = (self.slow_level(vm, now) + cpu_seconds, now)
+
+    def slow_wait(self, vm: str) -> float:
+        """Seconds `vm`'s next slow path must wait for its level to drain back to the
+        allowance (0: within it; always 0 without a budget)."""
+        if not self.policy.budget:
+            return 0.0
+        over = self.slow_level(vm) - self.slow_allowance()
+        return over / self._slow_rate() if over > 0 else 0.0
+
+    async def slow_turn(self, vm: str) -> bool:
+        """Wait until `vm` may start a slow path; True if it had to wait (it is over its
+        allowance: its slow path then queues instead of skipping ahead)."""
+        wait = self.slow_wait(vm)
+        if wait <= 0:
+            return False
+        self.slow_paced += 1
+        while wait > 0:  # the budget (so the drain rate) may change meanwhile
+            await asyncio.sleep(wait)
+            wait = self.slow_wait(vm)
+        return True
+
+    def _prune_slow(self, now: float) -> None:
+        """Forget the levels that have drained (VMs that come and go stay bounded)."""
+        for vm in [v for v in self._slow_levels if self.slow_level(v, now) <= 0]:
+            del self._slow_levels[vm]
 
     def cost(self, vm: str) -> float:
         return self._costs.get(vm, INITIAL_COST)
@@ -411,6 +486,7 @@ class Scheduler:
         b = self.policy.budget
         if not b:
             return
+        self._prune_slow(now)
         uncounted = used - counted
         if uncounted > 0:
             self._refill()

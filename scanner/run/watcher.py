@@ -62,6 +62,7 @@ from scanner.run.actions import (
 )
 from scanner.run.context import WatchContext
 from scanner.run.modwatch import ModuleWatch
+from scanner.run.scheduler import SLOW_SHARE
 from scanner.vm import VmHandle, pti_active
 from scanner.vm.progress import Sample, progressed, wait_for_progress
 from store import StoreError
@@ -185,6 +186,7 @@ class VmWatcher:
                 return
         while True:
             wait = BOOT_POLL
+            await self._share("the check of its kernel")
             try:
                 # QMP first, without a slow-path slot: a peer that answers slowly must
                 # not hold one of the few slots every VM's slow path needs.
@@ -348,7 +350,7 @@ class VmWatcher:
     async def _examine(self, snap: Snapshot) -> Examined:
         profiles = await self.ctx.profiles()
         self._check_backing()
-        return await examine(self.vm, profiles, self.ctx.timed_in_worker, snap)
+        return await examine(self.vm, profiles, self._in_worker, snap)
 
     def _check_backing(self) -> None:
         """A memory file that shrank would fault the next read with SIGBUS and kill
@@ -357,6 +359,30 @@ class VmWatcher:
         why = self.vm.mem.shrunk()
         if why is not None:
             raise VmGone(f"guest memory file shrank: {why}; re-attaching")
+
+    async def _in_worker(self, fn: Callable[[], T]) -> T:
+        """CPU-bound work in the engine's workers, charged to the budget and to this
+        VM's share of slow-path CPU."""
+        return await self.ctx.timed_in_worker(fn, self.name)
+
+    async def _share(self, pending: str) -> bool:
+        """Wait, if this VM's slow paths have spent their allowance, for its share of
+        the budget (`Scheduler.slow_wait`), said first in a `slow_paced` event
+        (`pending`: what waits for the check). True if it waited: the slow path then
+        queues behind other work instead of skipping ahead. Called before taking a
+        slow-path slot, so a waiting VM holds none."""
+        sched = self.ctx.scheduler
+        wait = sched.slow_wait(self.name)
+        if wait <= 0:
+            return False
+        await self.emit("slow_paced", wait_s=round(wait, 1),
+                        level_cpu_s=round(sched.slow_level(self.name), 3),
+                        allowance_cpu_s=round(sched.slow_allowance(), 3), share=SLOW_SHARE,
+                        pending=pending,
+                        message=f"this VM's checks used more than their share of the CPU "
+                                f"budget: {pending} waits {wait:.0f}s, so the other VMs "
+                                "keep their scans")
+        return await sched.slow_turn(self.name)
 
     async def _slow(self, work: Callable[[], Awaitable[T]], urgent: bool = False) -> T:
         """Slow-path work waits for the budget like scans do: it reserves the usual
@@ -377,7 +403,7 @@ class VmWatcher:
                           confirm: bool = True) -> CheckReport:
         """Verify an examined VM (holding a slow-path slot), then report and act."""
         checked = await verify_and_record(self.ctx.store, ex, self.key, golden,
-                                          self.ctx.timed_in_worker, mem=self.vm.mem,
+                                          self._in_worker, mem=self.vm.mem,
                                           strict=self.ctx.strict,
                                           trusted_modules=self.ctx.trusted_modules)
         report = checked.report
@@ -461,7 +487,7 @@ class VmWatcher:
         """Read the guest's module list off the event loop; report what came and went
         (scanner.run.modwatch). Said once per VM when the kernel's list cannot be read."""
         was_off = self.modwatch.off
-        events = await self.ctx.timed_in_worker(
+        events = await self._in_worker(
             lambda: self.modwatch.read(profile, slide, walker))
         if self.modwatch.off is not None and was_off is None:
             log.info("%s: %s", self.name, self.modwatch.off)
@@ -564,11 +590,15 @@ class VmWatcher:
         self.seen_at = time.time()
         sched.mark_hot(self.name)
         last = self.last
+        # Past its allowance, the VM waits for its share of the budget (no slot held).
+        waited = await self._share("the check of a change it made ("
+                                   + (", ".join(res.changed) or res.reason) + ")")
         # Translations and registers proven unchanged: re-read just what changed, with
         # the registers this scan read. (An IDT change takes the full path: its gates
-        # must be decoded again.) Otherwise ask QEMU first, before taking a slot.
+        # must be decoded again; so does a change that waited, its proof gone stale.)
+        # Otherwise ask QEMU first, before taking a slot.
         partial = (res.outcome is FastOutcome.BYTES_CHANGED and last is not None
-                   and "idt" not in res.changed)
+                   and "idt" not in res.changed and not waited)
         try:
             prep = None if partial else await self._prepare()
         except VmStateError as err:
@@ -582,11 +612,11 @@ class VmWatcher:
                     async def reread() -> Examined:
                         self._check_backing()
                         return await reexamine(self.vm, last, res.changed,
-                                               self.ctx.timed_in_worker, tuple(vcpus))
+                                               self._in_worker, tuple(vcpus))
 
                     ex = await self._slow(reread, urgent=True)
                 else:
-                    ex = await self._slow(lambda: self._examine(prep), urgent=True)
+                    ex = await self._slow(lambda: self._examine(prep), urgent=not waited)
                 golden = await self.ctx.golden(ex)
             except (VmStateError, TranslationError, ProfileError) as err:
                 await self._kernel_gone(err)
