@@ -775,6 +775,20 @@ def test_a_qemu_reset_drops_the_persisted_state(world: dict[str, Any]) -> None:
     asyncio.run(asyncio.wait_for(go(), 10))
 
 
+def tracked_slot(plain: Callable[[Ctx], contextlib.AbstractAsyncContextManager[None]],
+                 held: list[bool]) -> Callable[[Ctx], contextlib.AbstractAsyncContextManager[None]]:
+    """`plain` (a context's `slow_slot`), with `held[0]` True while a slot is held."""
+    @contextlib.asynccontextmanager
+    async def slot(self: Ctx) -> AsyncIterator[None]:
+        async with plain(self):
+            held[0] = True
+            try:
+                yield
+            finally:
+                held[0] = False
+    return slot
+
+
 def test_qemu_is_asked_before_a_slow_path_slot_is_taken(world: dict[str, Any],
                                                         monkeypatch: pytest.MonkeyPatch
                                                         ) -> None:
@@ -783,16 +797,7 @@ def test_qemu_is_asked_before_a_slow_path_slot_is_taken(world: dict[str, Any],
     (first checks, and full re-checks after a change)."""
     held = [False]
     asked_while_held: list[str] = []
-    plain_slot = Ctx.slow_slot
-
-    @contextlib.asynccontextmanager
-    async def slot(self: Ctx) -> AsyncIterator[None]:
-        async with plain_slot(self):
-            held[0] = True
-            try:
-                yield
-            finally:
-                held[0] = False
+    slot = tracked_slot(Ctx.slow_slot, held)
 
     def watch(name: str, fn: Any) -> Any:
         async def asked(self: LosableVm, *a: Any) -> Any:
@@ -847,17 +852,8 @@ def test_a_vm_past_its_slow_path_share_waits_says_so_and_holds_no_slot(
     checks go on), and the change is still found and reported after the wait."""
     held = [False]
     turns_while_held: list[bool] = []
-    plain_slot = BudgetCtx.slow_slot
+    slot = tracked_slot(BudgetCtx.slow_slot, held)
     plain_turn = Scheduler.slow_turn
-
-    @contextlib.asynccontextmanager
-    async def slot(self: Ctx) -> AsyncIterator[None]:
-        async with plain_slot(self):
-            held[0] = True
-            try:
-                yield
-            finally:
-                held[0] = False
 
     async def turn(self: Scheduler, vm: str) -> bool:
         turns_while_held.append(held[0])
