@@ -21,15 +21,23 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "perf" / "out"
 sys.path.insert(0, str(ROOT))
 
 from tools.guests import Guest, GuestSpec, boot, ensure_kernel  # noqa: E402
+
+if TYPE_CHECKING:
+    from scanner.check.fastpath import Reference
+    from scanner.examine import Examined
+    from scanner.image.kernel_profile import KernelProfile
+    from scanner.vm import AttachedVm
+    from store import Store
 
 
 def log(msg: str) -> None:
@@ -53,6 +61,42 @@ def live_guests(n: int, prefix: str = "perf") -> Iterator[list[Guest]]:
     finally:
         for g in guests:
             g.stop()
+
+
+@dataclass
+class LiveReference:
+    """A live guest attached and examined, with its fast-path reference and the store
+    (and profiles) it was examined against."""
+
+    st: Store
+    profiles: list[KernelProfile]
+    vm: AttachedVm
+    ex: Examined
+    ref: Reference
+
+
+@contextlib.asynccontextmanager
+async def live_reference(sock: Path, db: str) -> AsyncIterator[LiveReference]:
+    """Attach the guest behind QMP socket `sock`, examine it and make its fast-path
+    reference, as the watcher does after a full check; released and detached on exit."""
+    from scanner.check.fastpath import make_reference
+    from scanner.examine import examine, load_profiles
+    from scanner.examine.keying import keyed_store
+    from scanner.vm import AttachedVm
+
+    async with keyed_store(db) as st:
+        profiles = await load_profiles(st)
+        vm = await AttachedVm.attach(sock)
+        try:
+            ex = await examine(vm, profiles)
+            ref = make_reference(vm.mem, ex.lk, ex.vcpus, ex.space.pgd,
+                                 ex.space.top_shift, ex.raw_digests)
+            try:
+                yield LiveReference(st, profiles, vm, ex, ref)
+            finally:
+                ref.release()
+        finally:
+            await vm.close()
 
 
 def recordings(k: int) -> list[Path]:

@@ -34,12 +34,9 @@ import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf.common import OUT, emit, kscan, log, machine
-from scanner.check.fastpath import check_memory, check_registers, make_reference
-from scanner.examine import examine, load_profiles
-from scanner.examine.keying import keyed_store
+from perf.common import OUT, emit, kscan, live_reference, log, machine
+from scanner.check.fastpath import check_memory, check_registers
 from scanner.qemu.hmp import parse_registers
-from scanner.vm import AttachedVm
 from tools.guests import GuestSpec, boot, ensure_kernel
 
 
@@ -52,53 +49,45 @@ async def _cpu_per_call(fn: Callable[[], Awaitable[Any]], n: int) -> float:
 
 
 async def measure(sock: Path, db: str, rounds: int, per_block: int) -> dict[str, Any]:
-    async with keyed_store(db) as st:
-        profiles = await load_profiles(st)
-        vm = await AttachedVm.attach(sock)
-        try:
-            ex = await examine(vm, profiles)
-            ref = make_reference(vm.mem, ex.lk, ex.vcpus, ex.space.pgd,
-                                 ex.space.top_shift, ex.raw_digests)
-            views = [v for _, views, _, _ in ref.compare_list() for v in views]
-            text = await vm.qmp.hmp("info registers -a")
-            vcpus = len(parse_registers(text))
-            nbytes = sum(len(v) for v in views)
+    async with live_reference(sock, db) as live:
+        vm, ref = live.vm, live.ref
+        views = [v for _, views, _, _ in ref.compare_list() for v in views]
+        text = await vm.qmp.hmp("info registers -a")
+        vcpus = len(parse_registers(text))
+        nbytes = sum(len(v) for v in views)
 
-            async def registers() -> None:
-                await vm.refresh_vcpus()
+        async def registers() -> None:
+            await vm.refresh_vcpus()
 
-            async def parse() -> None:
-                parse_registers(text)
+        async def parse() -> None:
+            parse_registers(text)
 
-            async def check() -> None:
-                res = check_registers(ref, vm.mem, vm.vcpus)
-                if not (res.ok and check_memory(ref, vm.mem, keyed=False).ok):
-                    raise SystemExit("fast pass failed on an unchanged VM")
+        async def check() -> None:
+            res = check_registers(ref, vm.mem, vm.vcpus)
+            if not (res.ok and check_memory(ref, vm.mem, keyed=False).ok):
+                raise SystemExit("fast pass failed on an unchanged VM")
 
-            async def raw() -> None:
-                for v in views:
-                    xxhash.xxh3_128_digest(v)
+        async def raw() -> None:
+            for v in views:
+                xxhash.xxh3_128_digest(v)
 
-            parts: dict[str, Callable[[], Awaitable[Any]]] = {
-                "registers": registers, "parse": parse, "check": check, "hash": raw}
-            got: dict[str, list[float]] = {k: [] for k in parts}
-            for fn in parts.values():  # warm-up
-                await _cpu_per_call(fn, 5)
-            for _ in range(rounds):
-                for name, fn in parts.items():
-                    got[name].append(await _cpu_per_call(fn, per_block))
-            ref.release()
-        finally:
-            await vm.close()
+        parts: dict[str, Callable[[], Awaitable[Any]]] = {
+            "registers": registers, "parse": parse, "check": check, "hash": raw}
+        got: dict[str, list[float]] = {k: [] for k in parts}
+        for fn in parts.values():  # warm-up
+            await _cpu_per_call(fn, 5)
+        for _ in range(rounds):
+            for name, fn in parts.items():
+                got[name].append(await _cpu_per_call(fn, per_block))
     us = {k: statistics.median(v) * 1e6 for k, v in got.items()}
-    live = us["registers"] + us["check"]
+    live_us = us["registers"] + us["check"]
     return {
         "vcpus": vcpus, "region_bytes": nbytes,
         "registers_us": us["registers"], "parse_us": us["parse"],
         "parse_us_per_vcpu": us["parse"] / vcpus, "qmp_us": us["registers"] - us["parse"],
-        "check_us": us["check"], "hash_us": us["hash"], "live_pass_us": live,
-        "pass_vs_hash": live / us["hash"], "check_vs_hash": us["check"] / us["hash"],
-        "registers_share": us["registers"] / live,
+        "check_us": us["check"], "hash_us": us["hash"], "live_pass_us": live_us,
+        "pass_vs_hash": live_us / us["hash"], "check_vs_hash": us["check"] / us["hash"],
+        "registers_share": us["registers"] / live_us,
     }
 
 

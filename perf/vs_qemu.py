@@ -32,11 +32,9 @@ from elftools.elf.elffile import ELFFile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perf.common import OUT, emit, kscan, live_guests, log, machine, run
-from scanner.check.fastpath import check_memory, check_registers, make_reference
-from scanner.examine import check_examined, examine, golden_for, load_profiles
-from scanner.examine.keying import keyed_store
-from scanner.vm import AttachedVm
+from perf.common import OUT, emit, kscan, live_guests, live_reference, log, machine, run
+from scanner.check.fastpath import check_memory, check_registers
+from scanner.examine import check_examined, examine, golden_for
 from tools.guests import ensure_kernel
 
 
@@ -60,68 +58,61 @@ def hash_dump(path: Path, runs: list[tuple[int, int]]) -> int:
 
 
 async def measure(sock: Path, db: str, rounds: int, work: Path) -> dict[str, float]:
-    async with keyed_store(db) as st:
-        profiles = await load_profiles(st)
-        vm = await AttachedVm.attach(sock)
-        try:
-            ex = await examine(vm, profiles)
-            golden = await golden_for(st, ex)
-            ref = make_reference(vm.mem, ex.lk, ex.vcpus, ex.space.pgd,
-                                 ex.space.top_shift, ex.raw_digests)
-            runs = [r for region in ex.lk.regions.values() for r in region.runs]
-            loop = asyncio.get_running_loop()
-            nbytes = sum(n for _, n in runs)
+    async with live_reference(sock, db) as live:
+        st, profiles, vm, ex, ref = live.st, live.profiles, live.vm, live.ex, live.ref
+        golden = await golden_for(st, ex)
+        ram = sum(r.size for r in vm.layout)
+        runs = [r for region in ex.lk.regions.values() for r in region.runs]
+        loop = asyncio.get_running_loop()
+        nbytes = sum(n for _, n in runs)
 
-            async def kscan_fast() -> None:
-                # As the watcher does it: the QMP round trip overlaps the hashing.
-                regs = asyncio.ensure_future(vm.refresh_vcpus())
-                mem_ok = await loop.run_in_executor(None, check_memory, ref, vm.mem)
-                ok = mem_ok.ok and check_registers(ref, vm.mem, await regs).ok
-                if not ok:
-                    raise SystemExit("fast pass failed on an unchanged VM")
+        async def kscan_fast() -> None:
+            # As the watcher does it: the QMP round trip overlaps the hashing.
+            regs = asyncio.ensure_future(vm.refresh_vcpus())
+            mem_ok = await loop.run_in_executor(None, check_memory, ref, vm.mem)
+            ok = mem_ok.ok and check_registers(ref, vm.mem, await regs).ok
+            if not ok:
+                raise SystemExit("fast pass failed on an unchanged VM")
 
-            async def kscan_slow() -> None:
-                ex2 = await examine(vm, profiles)
-                await check_examined(st, ex2, vm.name, golden)
+        async def kscan_slow() -> None:
+            ex2 = await examine(vm, profiles)
+            await check_examined(st, ex2, vm.name, golden)
 
-            async def pmemsave() -> None:
-                h = xxhash.xxh3_128()
-                for i, (gpa, n) in enumerate(runs):
-                    out = work / f"pmem{i}"
-                    await vm.qmp.execute("pmemsave", {"val": gpa, "size": n,
-                                                      "filename": str(out)}, timeout=120)
-                    h.update(out.read_bytes())
-                    out.unlink()
-
-            async def dump() -> None:
-                out = work / "dump.elf"
-                await vm.qmp.execute("dump-guest-memory", {"paging": False,
-                                                           "protocol": f"file:{out}"},
-                                     timeout=600)
-                if hash_dump(out, runs) != nbytes:
-                    raise SystemExit("regions not found in the dump")
+        async def pmemsave() -> None:
+            h = xxhash.xxh3_128()
+            for i, (gpa, n) in enumerate(runs):
+                out = work / f"pmem{i}"
+                await vm.qmp.execute("pmemsave", {"val": gpa, "size": n,
+                                                  "filename": str(out)}, timeout=120)
+                h.update(out.read_bytes())
                 out.unlink()
 
-            async def timed(fn: object, n: int) -> float:
-                ts = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    await fn()  # type: ignore[operator]
-                    ts.append(time.perf_counter() - t0)
-                return statistics.median(ts)
+        async def dump() -> None:
+            out = work / "dump.elf"
+            await vm.qmp.execute("dump-guest-memory", {"paging": False,
+                                                       "protocol": f"file:{out}"},
+                                 timeout=600)
+            if hash_dump(out, runs) != nbytes:
+                raise SystemExit("regions not found in the dump")
+            out.unlink()
 
-            await kscan_fast()
-            t_fast = await timed(kscan_fast, rounds * 20)
-            t_slow = await timed(kscan_slow, rounds * 2)
-            t_pmem = await timed(pmemsave, rounds)
-            t_dump = await timed(dump, max(2, rounds // 2))
-            t_fast2 = await timed(kscan_fast, rounds * 20)  # again, after the heavy ones
-            t_fast = statistics.median([t_fast, t_fast2])
-            ref.release()
-        finally:
-            await vm.close()
+        async def timed(fn: object, n: int) -> float:
+            ts = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await fn()  # type: ignore[operator]
+                ts.append(time.perf_counter() - t0)
+            return statistics.median(ts)
+
+        await kscan_fast()
+        t_fast = await timed(kscan_fast, rounds * 20)
+        t_slow = await timed(kscan_slow, rounds * 2)
+        t_pmem = await timed(pmemsave, rounds)
+        t_dump = await timed(dump, max(2, rounds // 2))
+        t_fast2 = await timed(kscan_fast, rounds * 20)  # again, after the heavy ones
+        t_fast = statistics.median([t_fast, t_fast2])
     return {
-        "region_bytes": nbytes, "guest_ram_bytes": sum(r.size for r in vm.layout),
+        "region_bytes": nbytes, "guest_ram_bytes": ram,
         "kscan_fast_ms": t_fast * 1e3, "kscan_slow_ms": t_slow * 1e3,
         "pmemsave_ms": t_pmem * 1e3, "dump_ms": t_dump * 1e3,
         "speedup_vs_pmemsave": t_pmem / t_fast, "speedup_vs_dump": t_dump / t_fast,
