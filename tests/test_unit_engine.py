@@ -190,3 +190,31 @@ def test_what_is_kept_of_gone_vms_is_forgotten_after_a_while(
             assert not eng._absent_since and not eng._gone_since
 
     asyncio.run(asyncio.wait_for(go(), 20))
+
+
+def test_golden_bytes_kept_for_checks_are_let_go_while_the_engine_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The golden `.text` a check decompressed (14.7 MB on Debian 6.1) is kept only while
+    checks use it: the engine's once-a-second round drops it once idle, without waiting
+    for another check to ask."""
+    import zstandard
+
+    from scanner.check.golden_bytes import GoldenBytes
+
+    kept = GoldenBytes(keep_s=0.2)
+    monkeypatch.setattr(engine_mod, "GOLDEN_BYTES", kept)
+    kept.get(zstandard.ZstdCompressor().compress(b"\x90" * 100_000), 1 << 20)
+
+    async def go() -> None:
+        async with Store.open(tmp_path / "k.db") as st:
+            eng = Engine(RunConfig(qmp=(), policy=Policy(), forensics_dir=tmp_path), st,
+                         EventSink(io.BytesIO()))
+            task = asyncio.create_task(eng._reconcile())
+            try:
+                assert kept.kept_bytes() == 100_000
+                await asyncio.sleep(1.5)
+                assert kept.kept_bytes() == 0
+            finally:
+                task.cancel()
+
+    asyncio.run(asyncio.wait_for(go(), 20))

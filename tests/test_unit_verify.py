@@ -374,3 +374,35 @@ def test_patch_report_entries_and_pages_split() -> None:
     assert {p: [(r.start, r.end) for r in rs] for p, rs in pages.items()} == {
         0: [(PAGE - 2, PAGE)], 1: [(0, 3)]}
     assert pages[1][0].after == "ffffff" and pages[0][0].kind == "not a site"
+
+
+def test_golden_text_is_decompressed_once_for_the_looks_that_follow_and_never_stale(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A changed `.text` is verified against the golden `.text` whole: the second look
+    at the same change reuses the bytes the first decompressed, and a new golden baseline
+    of the same kernel build is compared with its own bytes, never the kept ones."""
+    import scanner.check.verify as verify_mod
+    from scanner.check.golden_bytes import GoldenBytes
+
+    kept = GoldenBytes()
+    monkeypatch.setattr(verify_mod, "GOLDEN_BYTES", kept)
+    w, site, target = patched_world(world)
+    data = w.vm_bytes()
+    data[".text"][site:site + 5] = _jmp(site, target)
+    data[".text"][site + 0x200] ^= 0xFF
+    first = w.check(data, None)
+    second = w.check(data, first.state)
+    assert (kept.misses, kept.hits) == (1, 1)
+    for v in (first, second):
+        (m,) = v.report.mismatches
+        assert [(r.start, r.end) for r in m.ranges] == [(site % PAGE + 0x200,
+                                                          site % PAGE + 0x201)]
+    # Re-baselined: the same build's golden now holds the changed byte (as if a verified
+    # VM had it). Compared with the kept bytes, the byte would still be a mismatch.
+    rebased = {n: bytearray(b) for n, b in w.data.items()}
+    rebased[".text"][site + 0x200] ^= 0xFF
+    gb = build_golden(w.lk, capture(rebased), BOOT, "golden-vm-2", None)
+    v = verify("vm7", w.lk, vcpus(), BOOT, data, gb.regions, gb.contents.get, None)
+    assert kept.misses == 2
+    assert not v.report.tampered and v.report.patches is not None
+    assert v.report.patches.counts() == {"jump_label": 1}

@@ -33,6 +33,7 @@ from scanner.check.attribution import Attribution, attribute, attribution_off
 from scanner.check.classify import ByteRange, diff_ranges
 from scanner.check.direct_calls import direct_lookup
 from scanner.check.execmem import ExecScan, address_owners
+from scanner.check.golden_bytes import GOLDEN_BYTES
 from scanner.check.locate import REGIONS, LiveKernel, Region
 from scanner.check.owners import OwnerKind, OwnerLookup, Trust, judge
 from scanner.check.patch_report import BOOT_TIME, PatchReport, split_by_page
@@ -262,7 +263,8 @@ def verify(
     `normalized` holds the regions' bytes with KASLR undone — all four, or (to re-check
     only regions known to have changed, within one boot) a subset: the report then has
     verdicts for those regions only. `golden_content(region)` returns the golden
-    region's compressed bytes (only called on a mismatch).
+    region's compressed bytes (only called on a mismatch; decompressed through
+    `scanner.check.golden_bytes`, which keeps them for the checks that follow).
 
     `.text` pages that differ from the golden baseline are checked site by site against
     the kernel's own patching (`scanner.check.patching`; `read_va` reads guest memory
@@ -286,8 +288,7 @@ def verify(
     def golden_bytes(name: str) -> bytes | None:
         if name not in golden_cache:
             blob = golden_content(name)
-            golden_cache[name] = (dctx.decompress(blob, max_output_size=_ZSTD_MAX)
-                                  if blob else b"")
+            golden_cache[name] = GOLDEN_BYTES.get(blob, _ZSTD_MAX) if blob else b""
         return golden_cache[name] or None
 
     patches: PatchReport | None = None

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from kscan import __version__
 from kscan.errors import KscanError
+from scanner.check.golden_bytes import GOLDEN_BYTES
 from scanner.examine import Examined, GoldenSet, golden_for
 from scanner.examine.keying import keyed_store
 from scanner.image.kernel_profile import KernelProfile
@@ -461,6 +462,7 @@ class Engine:
         while True:
             await asyncio.sleep(1.0)
             self.scheduler.reconcile()
+            GOLDEN_BYTES.prune()   # golden bytes are kept only while checks use them
             sched = self.scheduler
             if (sched.starting and self._swept and not sched.pending()
                     and None not in self.watchers.values()):

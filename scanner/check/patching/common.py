@@ -10,6 +10,7 @@ Each mechanism is a mixin of `VerifierBase` in a module of its own (`ftrace`,
 from __future__ import annotations
 
 import bisect
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,80 @@ Validate = Callable[[U8, I64, Mapping[str, npt.NDArray[Any]]],
 
 
 
+#: Bytes compared per step by `_changed_offsets`: its temporaries stay small enough to
+#: be reused from the heap (kscan caps glibc's mmap threshold at 1 MiB: a whole-`.text`
+#: temporary would be mapped and faulted in, 14.7 MB of it, on every check).
+_CMP_STEP = 1 << 18
+
+
+def _changed_offsets(base: U8, live: U8) -> I64:
+    """The offsets where `base` and `live` (same length) differ, ascending."""
+    parts = []
+    for i in range(0, len(base), _CMP_STEP):
+        d = np.flatnonzero(base[i:i + _CMP_STEP] != live[i:i + _CMP_STEP])
+        if d.size:
+            parts.append(d + i)
+    return (np.concatenate(parts) if parts else np.zeros(0, np.intp)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SiteTables:
+    """What every verification of one kernel build derives from its `PatchSites`
+    (sorted, signed link VAs; ~4 ms to make on Debian 6.1), made once per build.
+    Shared by the checks of every VM of that build: read-only."""
+
+    fs: I64                  # function starts
+    fs_list: list[int]
+    ct: I64                  # call targets (function starts when the profile has none)
+    sym: dict[str, int]      # ftrace trampolines: name → start
+    bl: list[tuple[int, int]]   # kprobe blacklist [start, end), sorted
+    bl_starts: list[int]
+    bl_maxend: list[int]     # running maximum of the ends (ranges may nest)
+    named: dict[str, int]
+    thunks: I64              # the return thunks the kernel jumps to
+
+    @classmethod
+    def of(cls, sites: PatchSites) -> SiteTables:
+        fs = _to_signed_sorted(sites.function_starts)
+        ct = _to_signed_sorted(sites.call_targets)
+        bl = sorted((_s64(a), _s64(b)) for a, b in sites.kprobe_blacklist)
+        maxend, m = [], -(1 << 63)
+        for _, e in bl:
+            m = max(m, e)
+            maxend.append(m)
+        named = {k: _s64(v) for k, v in sites.symbols.items()}
+        thunks = np.array(sorted({named[n] for n in RETURN_THUNKS if n in named}),
+                          dtype=np.int64)
+        if not ct.size:
+            ct = fs
+        for arr in (fs, ct, thunks):
+            arr.flags.writeable = False
+        return cls(fs, fs.tolist(), ct,
+                   {k: _s64(v[0]) for k, v in sites.ftrace_trampolines.items()},
+                   bl, [a for a, _ in bl], maxend, named, thunks)
+
+
+#: The site tables of the last few builds checked, by PatchSites identity (the entry
+#: holds the PatchSites itself, so an id is never reused while its entry is here).
+_TABLES: dict[int, tuple[PatchSites, SiteTables]] = {}
+_TABLES_MAX = 4
+_TABLES_LOCK = threading.Lock()
+
+
+def site_tables(sites: PatchSites) -> SiteTables:
+    """`SiteTables.of(sites)`, made once per kernel build's PatchSites."""
+    with _TABLES_LOCK:
+        hit = _TABLES.get(id(sites))
+        if hit is not None and hit[0] is sites:
+            return hit[1]
+    tables = SiteTables.of(sites)
+    with _TABLES_LOCK:
+        while len(_TABLES) >= _TABLES_MAX:
+            del _TABLES[next(iter(_TABLES))]   # the oldest goes
+        _TABLES[id(sites)] = (sites, tables)
+    return tables
+
+
 class VerifierBase:
     """One verification of a `.text` against its baseline: the state the mechanisms
     share, and the small utilities and bulk site check they all use."""
@@ -153,10 +228,10 @@ class VerifierBase:
         self.relocs = relocs
         self.optprobe_template = optprobe_template
         self.limits = limits
-        self.idx: I64 = np.flatnonzero(self.b != self.l).astype(np.int64)
-        fs = _to_signed_sorted(sites.function_starts)
-        self.fs: I64 = fs
-        self.fs_list: list[int] = fs.tolist()
+        self.idx: I64 = _changed_offsets(self.b, self.l)
+        tables = site_tables(sites)
+        self.fs: I64 = tables.fs
+        self.fs_list: list[int] = tables.fs_list
         self.batches: list[_Batch] = []
         self.reasons: dict[int, str] = {}
         #: ftrace sites whose out-of-text call is no direct call either: why not.
@@ -175,25 +250,17 @@ class VerifierBase:
         self.md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self.mdd = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self.mdd.detail = True
-        names = sites.ftrace_trampolines
-        self.sym: dict[str, int] = {k: _s64(v[0]) for k, v in names.items()}
-        bl = sorted((_s64(a), _s64(b)) for a, b in sites.kprobe_blacklist)
-        self.bl_starts = [a for a, _ in bl]
-        self.bl = bl
-        self.bl_maxend: list[int] = []
-        m = -(1 << 63)
-        for _, e in bl:
-            m = max(m, e)
-            self.bl_maxend.append(m)
+        self.sym: dict[str, int] = tables.sym
+        self.bl_starts = tables.bl_starts
+        self.bl = tables.bl
+        self.bl_maxend: list[int] = tables.bl_maxend
         self.facts = facts or VmFacts()
         self.memory = memory or PatchMemory()
         self.now = self.facts.now
         # Branch targets the kernel writes: functions, not labels inside one.
-        ct = _to_signed_sorted(sites.call_targets)
-        self.ct: I64 = ct if ct.size else fs
-        self.named: dict[str, int] = {k: _s64(v) for k, v in sites.symbols.items()}
-        self.thunks: I64 = np.array(sorted({self.named[n] for n in RETURN_THUNKS
-                                            if n in self.named}), dtype=np.int64)
+        self.ct: I64 = tables.ct
+        self.named: dict[str, int] = tables.named
+        self.thunks: I64 = tables.thunks
         self.opt_slots: dict[int, list[int]] = {}   # optprobe slot → sites jumping to it
         #: Half-states seen by this check: key → live bytes, when first seen
         #: (see PatchMemory.half).
