@@ -13,6 +13,7 @@ import bisect
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import capstone
@@ -146,37 +147,38 @@ def _changed_offsets(base: U8, live: U8) -> I64:
 class SiteTables:
     """What every verification of one kernel build derives from its `PatchSites`
     (sorted, signed link VAs; ~4 ms to make on Debian 6.1), made once per build.
-    Shared by the checks of every VM of that build: read-only."""
+    Shared by the checks of every VM of that build, so read-only throughout."""
 
     fs: I64                  # function starts
-    fs_list: list[int]
+    fs_list: tuple[int, ...]
     ct: I64                  # call targets (function starts when the profile has none)
-    sym: dict[str, int]      # ftrace trampolines: name → start
-    bl: list[tuple[int, int]]   # kprobe blacklist [start, end), sorted
-    bl_starts: list[int]
-    bl_maxend: list[int]     # running maximum of the ends (ranges may nest)
-    named: dict[str, int]
+    sym: Mapping[str, int]   # ftrace trampolines: name → start
+    bl: tuple[tuple[int, int], ...]   # kprobe blacklist [start, end), sorted
+    bl_starts: tuple[int, ...]
+    bl_maxend: tuple[int, ...]   # running maximum of the ends (ranges may nest)
+    named: Mapping[str, int]
     thunks: I64              # the return thunks the kernel jumps to
 
     @classmethod
     def of(cls, sites: PatchSites) -> SiteTables:
         fs = _to_signed_sorted(sites.function_starts)
         ct = _to_signed_sorted(sites.call_targets)
-        bl = sorted((_s64(a), _s64(b)) for a, b in sites.kprobe_blacklist)
+        bl = tuple(sorted((_s64(a), _s64(b)) for a, b in sites.kprobe_blacklist))
         maxend, m = [], -(1 << 63)
         for _, e in bl:
             m = max(m, e)
             maxend.append(m)
-        named = {k: _s64(v) for k, v in sites.symbols.items()}
+        named = MappingProxyType({k: _s64(v) for k, v in sites.symbols.items()})
         thunks = np.array(sorted({named[n] for n in RETURN_THUNKS if n in named}),
                           dtype=np.int64)
         if not ct.size:
             ct = fs
         for arr in (fs, ct, thunks):
             arr.flags.writeable = False
-        return cls(fs, fs.tolist(), ct,
-                   {k: _s64(v[0]) for k, v in sites.ftrace_trampolines.items()},
-                   bl, [a for a, _ in bl], maxend, named, thunks)
+        return cls(fs, tuple(fs.tolist()), ct,
+                   MappingProxyType({k: _s64(v[0])
+                                     for k, v in sites.ftrace_trampolines.items()}),
+                   bl, tuple(a for a, _ in bl), tuple(maxend), named, thunks)
 
 
 #: The site tables of the last few builds checked, by PatchSites identity (the entry
@@ -231,7 +233,7 @@ class VerifierBase:
         self.idx: I64 = _changed_offsets(self.b, self.l)
         tables = site_tables(sites)
         self.fs: I64 = tables.fs
-        self.fs_list: list[int] = tables.fs_list
+        self.fs_list: Sequence[int] = tables.fs_list
         self.batches: list[_Batch] = []
         self.reasons: dict[int, str] = {}
         #: ftrace sites whose out-of-text call is no direct call either: why not.
@@ -250,16 +252,16 @@ class VerifierBase:
         self.md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self.mdd = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self.mdd.detail = True
-        self.sym: dict[str, int] = tables.sym
+        self.sym: Mapping[str, int] = tables.sym
         self.bl_starts = tables.bl_starts
         self.bl = tables.bl
-        self.bl_maxend: list[int] = tables.bl_maxend
+        self.bl_maxend: Sequence[int] = tables.bl_maxend
         self.facts = facts or VmFacts()
         self.memory = memory or PatchMemory()
         self.now = self.facts.now
         # Branch targets the kernel writes: functions, not labels inside one.
         self.ct: I64 = tables.ct
-        self.named: dict[str, int] = tables.named
+        self.named: Mapping[str, int] = tables.named
         self.thunks: I64 = tables.thunks
         self.opt_slots: dict[int, list[int]] = {}   # optprobe slot → sites jumping to it
         #: Half-states seen by this check: key → live bytes, when first seen
