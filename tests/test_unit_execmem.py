@@ -338,6 +338,56 @@ def test_accounting_owned_and_unowned(profile61: KernelProfile) -> None:
     assert owners.describe(end + 0x10_0000) == "unowned memory"
 
 
+class LoadingMemory(Memory):
+    """Guest memory in which a program is loaded into the pack while the accounting
+    runs: its code is in the pack page when that is read, after the owners (and the
+    pack's bitmap) were, and its bitmap bits were set before its code (as
+    bpf_prog_pack_alloc() does)."""
+
+    def __init__(self, pages: dict[int, bytes], bitmap_va: int, page: int,
+                 loaded: dict[int, bytes]) -> None:
+        super().__init__(pages)
+        self.bitmap_va, self.page, self.loaded = bitmap_va, page, loaded
+
+    def read(self, va: int, size: int) -> bytes | None:
+        got = super().read(va, size)
+        if va == self.page:   # the accounting reads the page: the bitmap moves on
+            self.pages.update(self.loaded)
+        return got
+
+
+@pytest.mark.parametrize("bits_now, owned", [
+    (b"\x00\x00\x01", True),    # chunk 16 of the page: allocated since the bitmap was read
+    (b"\x00\x00\x00", False),   # still free by both readings: code no program holds
+    (None, False),                 # the bitmap cannot be read again: unowned, as before
+])
+def test_a_program_loaded_while_the_pack_is_accounted_is_not_unowned_code(
+        profile61: KernelProfile, bits_now: bytes | None, owned: bool) -> None:
+    """The pack's bitmap is read with the owners, its pages later. A program loaded in
+    between (a seccomp filter at a process start, on a guest starting services) is code
+    in chunks the first reading says are free: the bitmap is read once more after the
+    page, and a chunk set in either reading is allocated. Code in chunks free by both
+    readings is still unowned, and a bitmap that cannot be read again changes nothing."""
+    pack = MODS + 0x200000
+    bitmap_va = MODS + 0x900000                        # the pack struct's bitmap (kmalloc)
+    code = bytearray(b"\xcc" * PAGE)
+    code[0x400:0x410] = b"\x48\x31\xc0\xc3" * 4        # chunk 16 of the page
+    pages = {pack: bytes(code)}
+    loaded = {} if bits_now is None else {bitmap_va: bits_now + bytes(PAGE - 3)}
+    if bits_now is not None:
+        pages[bitmap_va] = bytes(PAGE)                 # the bitmap as first read: all free
+    mem = LoadingMemory(pages, bitmap_va, pack, loaded)
+    owners = _owners(profile61, mem, [
+        ExecOwner("bpf_pack", "bpf_prog_pack", pack, BPF_PACK_SIZE, 0,
+                  bytes(BPF_PACK_SIZE // 64 // 8), bitmap_va)])
+    acc = account_exec([ExecRange(pack, 0x5000000, PAGE, False)], owners, mem.read)
+    if owned:
+        assert acc.by_kind == {"bpf_pack": 1} and acc.unowned == ()
+    else:
+        assert acc.by_kind == {} and [(u.va, u.pages) for u in acc.unowned] == [(pack, 1)]
+        assert "in a BPF prog pack" in acc.unowned[0].message
+
+
 def test_unowned_ranges_are_capped(profile61: KernelProfile) -> None:
     owners = _owners(profile61, Memory({}), [])
     ranges = [ExecRange(VMALLOC + 2 * i * PAGE, 0x100000 + 2 * i * PAGE, PAGE, False)

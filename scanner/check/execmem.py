@@ -113,24 +113,41 @@ def describe_owner(owners: OwnerLookup | None, addr: int) -> str:
     return owners.describe(addr) if owners is not None else f"{addr:#x}"
 
 
-def _pack_page(pack: ExecOwner, page: int, data: bytes | None) -> str | None:
+def _pack_page(pack: ExecOwner, page: int, data: bytes | None,
+               later: bytes | None = None) -> str | None:
     """`bpf_pack` (the page holds allocated chunks and its free chunks are int3),
     `bpf_pack_fill` (all free, all int3), or None (free chunks hold something else, or
-    the page or bitmap cannot be read)."""
+    the page or bitmap cannot be read). `later`: the page's bytes of the bitmap read
+    again after `data` (a chunk set in either reading is allocated)."""
     if data is None or len(data) != PAGE:
         return None
     per_page = PAGE // BPF_CHUNK
     first = (page - pack.base) // BPF_CHUNK
-    if not pack.bitmap:
+    if not pack.bitmap and not later:
         return "bpf_pack_fill" if data == INT3_PAGE else None
     used = False
     for k in range(per_page):
-        bit = first + k
-        if bit // 8 < len(pack.bitmap) and pack.bitmap[bit // 8] >> (bit % 8) & 1:
+        if _bit(pack.bitmap, first + k) or (later is not None and _bit(later, k)):
             used = True
         elif data[k * BPF_CHUNK:(k + 1) * BPF_CHUNK] != INT3_CHUNK:
             return None
     return "bpf_pack" if used else "bpf_pack_fill"
+
+
+def _bit(bits: bytes, i: int) -> bool:
+    return i // 8 < len(bits) and bool(bits[i // 8] >> (i % 8) & 1)
+
+
+def _bits_again(pack: ExecOwner, page: int, read_va: ReadVA | None) -> bytes | None:
+    """The bitmap bytes of a pack page, read again now (None: cannot)."""
+    if read_va is None or not pack.bitmap_va:
+        return None
+    per_page = PAGE // BPF_CHUNK
+    try:
+        got = read_va(pack.bitmap_va + (page - pack.base) // BPF_CHUNK // 8, per_page // 8)
+    except Exception:   # a reader failing on hostile addresses is "unreadable"
+        return None
+    return got if got is not None and len(got) == per_page // 8 else None
 
 
 def account_exec(ranges: Sequence[ExecRange], owners: OwnerLookup,
@@ -178,6 +195,14 @@ def account_exec(ranges: Sequence[ExecRange], owners: OwnerLookup,
                     data = (read_va(p, PAGE) if read_va is not None
                             and fill_checks <= MAX_FILL_CHECKS else None)
                     kind = _pack_page(pack, p, data)
+                    if kind is None and data is not None:
+                        # The bitmap was read before the page: a program loaded since
+                        # (a seccomp filter at a process start, say) has its bits set
+                        # before its code is copied in, and a freed one is int3 again
+                        # before its bits clear. So read the bits once more, after
+                        # the page. Setting bits gains an attacker nothing it lacked:
+                        # the bitmap is kernel data it can write anyway.
+                        kind = _pack_page(pack, p, data, _bits_again(pack, p, read_va))
                     if kind is not None:
                         by_kind[kind] = by_kind.get(kind, 0) + 1
                     else:

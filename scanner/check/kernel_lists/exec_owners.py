@@ -80,6 +80,9 @@ class ExecOwner:
     source: int = 0
     #: A BPF pack's allocation bitmap (one bit per `BPF_CHUNK` bytes; empty: unread).
     bitmap: bytes = b""
+    #: Where that bitmap lives (kernel VA; 0: unknown), to read it again: see
+    #: `scanner.check.execmem` (a chunk allocated after `bitmap` was read).
+    bitmap_va: int = 0
 
     @property
     def end(self) -> int:
@@ -210,13 +213,14 @@ def _bpf(mem: KernelReader, lay: Layouts, sym: dict[str, int], out: list[ExecOwn
             if ptr is None or ptr % PAGE or not _sane(ptr, BPF_PACK_SIZE, BPF_PACK_SIZE):
                 problems.append(f"bpf_prog_pack {at:#x}: ptr is not a pack")
                 continue
-            bitmap = (mem.read(at + pack["bitmap"].offset, BPF_PACK_SIZE // BPF_CHUNK // 8)
-                      if "bitmap" in pack else None)
+            bitmap_va = at + pack["bitmap"].offset if "bitmap" in pack else 0
+            bitmap = (mem.read(bitmap_va, BPF_PACK_SIZE // BPF_CHUNK // 8)
+                      if bitmap_va else None)
             if bitmap is None:
                 problems.append(f"bpf_prog_pack {at:#x}: bitmap cannot be read")
                 bitmap = b""
             out.append(ExecOwner("bpf_pack", "bpf_prog_pack", ptr, BPF_PACK_SIZE, at,
-                                 bitmap))
+                                 bitmap, bitmap_va))
     return complete
 
 
