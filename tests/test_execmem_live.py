@@ -27,7 +27,7 @@ from tests.kscan_proc import RunProc, kscan, live_kernel
 from tests.needs import unavailable
 from tools.guests import Guest, GuestError, GuestSpec, ensure_kernel
 from tools.tamper import write_guest
-from tools.testmodules import MODULES, build, load
+from tools.testmodules import MODULES, build, build_program, load, push
 from tools.testmodules import dmesg as tools_dmesg
 
 
@@ -116,6 +116,35 @@ def test_clean_guest_has_only_owned_executable_memory(xguest: Guest, xdb: str,
     rc, rep = check_json(xguest, xdb)
     assert rc == 0 and rep["result"] == "clean", rep["findings"]
     assert rep["execmem"]["unowned"] == [] and rep["execmem"]["pages"] == s.account.pages
+
+
+def test_bpf_programs_loaded_and_freed_during_the_checks_are_not_unowned_code(
+        xguest: Guest, xdb: str, kernel_profile: KernelProfile) -> None:
+    """A guest whose processes load BPF all the time (seccomp filters at every process
+    start; here classic socket filters, loaded and freed in a loop): the pack's chunks
+    are allocated, written and freed while kscan reads the bitmap and then the pages.
+    Every check stays clean, and the loop did run through them."""
+    try:
+        prog = build_program("kscan_sockfilter")
+    except (GuestError, OSError) as err:
+        unavailable(f"the socket-filter loader cannot be built: {err}")
+    push(xguest, prog, "/tmp/kscan_sockfilter")
+    rc, out = xguest.run("chmod +x /tmp/kscan_sockfilter && (/tmp/kscan_sockfilter "
+                         "> /tmp/sockfilter.out 2>&1 & echo $! > /tmp/sockfilter.pid) "
+                         "&& sleep 2 && cat /tmp/sockfilter.out")
+    assert rc == 0 and "attached" in out, out
+    try:
+        for _ in range(6):
+            s = scan(xguest, kernel_profile)
+            assert s.complete and not exec_findings(s), exec_findings(s)
+            assert s.account.by_kind.get("bpf_pack", 0) >= 1
+        rc, rep = check_json(xguest, xdb)
+        assert rc == 0 and rep["result"] == "clean", rep["findings"]
+        rc, out = xguest.run("cat /tmp/sockfilter.out")
+        rounds = [int(m) for m in re.findall(r"rounds (\d+)", out)]
+        assert rounds and rounds[-1] >= 1000, out   # filters came and went meanwhile
+    finally:
+        xguest.run("kill $(cat /tmp/sockfilter.pid); sleep 1")
 
 
 def test_benign_runtime_code_stays_owned(xguest: Guest, kernel_profile: KernelProfile

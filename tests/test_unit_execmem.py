@@ -388,6 +388,43 @@ def test_a_program_loaded_while_the_pack_is_accounted_is_not_unowned_code(
         assert "in a BPF prog pack" in acc.unowned[0].message
 
 
+def test_a_program_loaded_and_freed_between_two_readings_is_read_again(
+        profile61: KernelProfile) -> None:
+    """A short-lived program: loaded after the bitmap was read, its code in the page when
+    that is read, freed (int3 again, then its bits cleared) before the bits are read
+    again. The page is read once more, then its bits: int3 now, so fill, not tampering.
+    The readings are bounded: code that stays, in chunks that stay free, is unowned
+    after 1 + PACK_REREADS readings."""
+    import scanner.check.execmem as execmem_mod
+
+    pack = MODS + 0x200000
+    bitmap_va = MODS + 0x900000
+    code = bytearray(b"\xcc" * PAGE)
+    code[0x400:0x410] = b"\x48\x31\xc0\xc3" * 4
+    page_reads: list[int] = []
+
+    class Freeing(Memory):
+        def read(self, va: int, size: int) -> bytes | None:
+            if va == pack:
+                page_reads.append(va)
+                return bytes(code) if len(page_reads) == 1 or stays else b"\xcc" * PAGE
+            return super().read(va, size)
+
+    for stays in (False, True):
+        page_reads.clear()
+        mem = Freeing({bitmap_va: bytes(PAGE)})
+        owners = _owners(profile61, mem, [
+            ExecOwner("bpf_pack", "bpf_prog_pack", pack, BPF_PACK_SIZE, 0,
+                      bytes(BPF_PACK_SIZE // 64 // 8), bitmap_va)])
+        acc = account_exec([ExecRange(pack, 0x5000000, PAGE, False)], owners, mem.read)
+        if stays:
+            assert [u.va for u in acc.unowned] == [pack]
+            assert len(page_reads) == 1 + execmem_mod.PACK_REREADS
+        else:
+            assert acc.by_kind == {"bpf_pack_fill": 1} and acc.unowned == ()
+            assert len(page_reads) == 2
+
+
 def test_unowned_ranges_are_capped(profile61: KernelProfile) -> None:
     owners = _owners(profile61, Memory({}), [])
     ranges = [ExecRange(VMALLOC + 2 * i * PAGE, 0x100000 + 2 * i * PAGE, PAGE, False)

@@ -58,6 +58,9 @@ MAX_REPORTED = 64
 #: BPF pack pages one accounting may read to check their int3 fill (a 2 MiB pack is
 #: 512 pages; past this budget unclaimed pack pages count as unowned, unchecked).
 MAX_FILL_CHECKS = 8192
+#: More readings of a pack page whose free chunks hold code, past the first re-read of
+#: its bits (`_pack_page_again`): each a race with the guest's BPF loads to lose again.
+PACK_REREADS = 2
 INT3_PAGE = b"\xcc" * PAGE
 INT3_CHUNK = b"\xcc" * BPF_CHUNK
 
@@ -134,6 +137,38 @@ def _pack_page(pack: ExecOwner, page: int, data: bytes | None,
     return "bpf_pack" if used else "bpf_pack_fill"
 
 
+def _pack_page_again(pack: ExecOwner, page: int, data: bytes, read_va: ReadVA | None
+                     ) -> str | None:
+    """`_pack_page` for a pack page whose free chunks (by the bitmap read with the
+    owners) held code, with the page's bits read again after its bytes.
+
+    The bitmap was read before the page: a program loaded since (a seccomp filter at a
+    process start, say) is code in chunks that reading calls free. The kernel sets a
+    program's bits before it copies its code in, and fills a freed program with int3
+    before it clears its bits (bpf_prog_pack_alloc/_free), so code seen in a chunk had
+    its bit set then, and still has unless freed since: bits read after the bytes say
+    whether it is a program's. A program loaded and freed between the two reads looks
+    like code no program holds, so up to `PACK_REREADS` more (bytes, then bits) pairs
+    are read before the page is unowned. None of this helps an attacker: the bitmap is
+    kernel data it can set bits in anyway (design.md, *Not covered*)."""
+    for attempt in range(1 + PACK_REREADS):
+        if attempt:
+            try:
+                got = read_va(page, PAGE) if read_va is not None else None
+            except Exception:   # a reader failing on hostile addresses is "unreadable"
+                got = None
+            if got is None:
+                return None
+            data = got
+        later = _bits_again(pack, page, read_va)
+        if later is None:
+            return None
+        kind = _pack_page(pack, page, data, later)
+        if kind is not None:
+            return kind
+    return None
+
+
 def _bit(bits: bytes, i: int) -> bool:
     return i // 8 < len(bits) and bool(bits[i // 8] >> (i % 8) & 1)
 
@@ -196,13 +231,7 @@ def account_exec(ranges: Sequence[ExecRange], owners: OwnerLookup,
                             and fill_checks <= MAX_FILL_CHECKS else None)
                     kind = _pack_page(pack, p, data)
                     if kind is None and data is not None:
-                        # The bitmap was read before the page: a program loaded since
-                        # (a seccomp filter at a process start, say) has its bits set
-                        # before its code is copied in, and a freed one is int3 again
-                        # before its bits clear. So read the bits once more, after
-                        # the page. Setting bits gains an attacker nothing it lacked:
-                        # the bitmap is kernel data it can write anyway.
-                        kind = _pack_page(pack, p, data, _bits_again(pack, p, read_va))
+                        kind = _pack_page_again(pack, p, data, read_va)
                     if kind is not None:
                         by_kind[kind] = by_kind.get(kind, 0) + 1
                     else:
