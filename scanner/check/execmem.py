@@ -153,10 +153,7 @@ def _pack_page_again(pack: ExecOwner, page: int, data: bytes, read_va: ReadVA | 
     kernel data it can set bits in anyway (design.md, *Not covered*)."""
     for attempt in range(1 + PACK_REREADS):
         if attempt:
-            try:
-                got = read_va(page, PAGE) if read_va is not None else None
-            except Exception:   # a reader failing on hostile addresses is "unreadable"
-                got = None
+            got = _read(read_va, page, PAGE)
             if got is None:
                 return None
             data = got
@@ -175,14 +172,22 @@ def _bit(bits: bytes, i: int) -> bool:
 
 def _bits_again(pack: ExecOwner, page: int, read_va: ReadVA | None) -> bytes | None:
     """The bitmap bytes of a pack page, read again now (None: cannot)."""
-    if read_va is None or not pack.bitmap_va:
+    if not pack.bitmap_va:
         return None
     per_page = PAGE // BPF_CHUNK
+    return _read(read_va, pack.bitmap_va + (page - pack.base) // BPF_CHUNK // 8,
+                 per_page // 8)
+
+
+def _read(read_va: ReadVA | None, va: int, size: int) -> bytes | None:
+    """`size` bytes at `va`, or None: no reader, a failed or short read."""
+    if read_va is None:
+        return None
     try:
-        got = read_va(pack.bitmap_va + (page - pack.base) // BPF_CHUNK // 8, per_page // 8)
+        got = read_va(va, size)
     except Exception:   # a reader failing on hostile addresses is "unreadable"
         return None
-    return got if got is not None and len(got) == per_page // 8 else None
+    return got if got is not None and len(got) == size else None
 
 
 def account_exec(ranges: Sequence[ExecRange], owners: OwnerLookup,

@@ -89,10 +89,6 @@ class GoldenBytes:
         with self._lock:
             return sum(len(e.data) for e in self._kept.values())
 
-    def clear(self) -> None:
-        with self._lock:
-            self._kept.clear()
-
     def _drop_idle(self, now: float) -> int:
         idle = [k for k, e in self._kept.items() if now - e.used >= self.keep_s]
         for k in idle:
